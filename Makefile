@@ -1,0 +1,26 @@
+# Two commands a newcomer needs: `make demo` and `make test` (see README "Quick start").
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: venv demo test bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+demo: venv
+	$(BIN)/python cli.py search --category screw --budget 10m
+
+test: venv
+	$(BIN)/python -m pytest -q tests
+
+bench: venv
+	for script in benchmarks/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+
+clean:
+	rm -rf $(VENV) runs results models .pytest_cache

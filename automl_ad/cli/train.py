@@ -1,0 +1,134 @@
+"""``automl-ad train``: one method, one configuration, no search."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import click
+
+from automl_ad.errors import UserError
+
+
+def parse_params(pairs: tuple[str, ...]) -> dict:
+    """``("lr=1e-4", "label_mode=binary")`` -> dict, values parsed as YAML scalars."""
+    import yaml
+
+    params = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"--param expects key=value, got {pair!r}")
+        params[key.strip()] = yaml.safe_load(value)
+    return params
+
+
+@click.command("train")
+@click.option("--method", "-m", required=True, help="Method name: draem, nsa, ssae, cfa, ast.")
+@click.option("--category", "-c", required=True, help="Product (category) folder name.")
+@click.option("--data", type=click.Path(path_type=Path), help="Dataset root in MVTec AD layout. Default: built-in products.")
+@click.option("--image-size", default=128, show_default=True, type=click.IntRange(16, 2048))
+@click.option("--epochs", default=10, show_default=True, type=click.IntRange(1), help="Epochs (each ends with a validation).")
+@click.option("--steps", type=click.IntRange(1), help="Total optimizer steps, spread evenly over --epochs (default: one pass over the fit images per epoch).")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--synthesis", help="Synthetic-anomaly family (perlin, nsa, cutpaste, cutpaste_scar, corruption, none). Default: the method's.")
+@click.option("--param", "-p", "params", multiple=True, help="Method parameter key=value (repeatable), e.g. -p lr=1e-4.")
+@click.option("--synth-param", "synth_params", multiple=True, help="Synthesis parameter key=value (repeatable).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1 ...")
+@click.option("--out", type=click.Path(path_type=Path), help="Output folder. Default: runs/<category>-<method>.")
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint in --out (same options).")
+def command(method, category, data, image_size, epochs, steps, batch_size, seed, synthesis, params, synth_params, device, out, resume):
+    """Train one method on one category, validate every epoch, report test metrics.
+
+    Validation uses held-out good images and frozen synthetic anomalies from the
+    families the method does NOT train with; the test split is only reported.
+
+    \b
+    Writes to --out: checkpoint.pt (loadable with torch.load(weights_only=True)),
+    metrics.json (val per epoch, final val and test metrics), val_anomalies.safetensors.
+
+    \b
+    Examples:
+      automl-ad train --method draem --category screw --epochs 5
+      automl-ad train -m nsa -c fabric --data /data/mvtec --image-size 256 -p lr=5e-4
+      automl-ad train -m draem -c screw --out runs/x --resume
+    """
+    from automl_ad.data.dataset import load_category, resolve_data_root
+    from automl_ad.methods.base import get_method_class
+    from automl_ad.training import TrainConfig, fit, synthesis_family
+    from automl_ad.validation import build_val_anomalies, load_image_set, save_image_set, val_set_for
+
+    get_method_class(method)  # unknown method: clear error before loading data
+    root = resolve_data_root(data, category)
+    loaded = load_category(root, category, image_size, seed=seed)
+    steps_per_epoch = math.ceil(steps / epochs) if steps else None
+    cfg = TrainConfig(
+        method=method,
+        method_params=parse_params(params),
+        synthesis=synthesis,
+        synthesis_params=parse_params(synth_params),
+        image_size=image_size,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+    )
+    out = out or Path("runs") / f"{category}-{method}"
+    if resume and not (out / "checkpoint.pt").exists():
+        raise UserError(f"--resume: no checkpoint.pt in {out}")
+    if not resume and (out / "checkpoint.pt").exists():
+        raise UserError(f"{out} already holds a run: pass --resume to continue it or --out for a new folder")
+    out.mkdir(parents=True, exist_ok=True)
+
+    val_path = out / "val_anomalies.safetensors"
+    if val_path.exists():
+        anomalies = load_image_set(val_path)
+    else:
+        anomalies = build_val_anomalies(loaded, seed=seed)
+        save_image_set(anomalies, val_path)
+    family = synthesis_family(cfg, get_method_class(method))
+    val_set = val_set_for(loaded.val_good, anomalies, family)
+    click.echo(
+        f"{method} on {category}: {len(loaded.fit)} fit, {len(val_set)} val "
+        f"({int(val_set.labels.sum())} synthetic anomalies, not from {family or 'any family'}), "
+        f"{len(loaded.test)} test images at {image_size}px"
+    )
+    began = time.perf_counter()
+    result = fit(cfg, loaded, val_set, checkpoint_dir=out, resume_from=out if resume else None, progress=True)
+    summary = {
+        "category": category,
+        "method": method,
+        "config": cfg.__dict__,
+        "data_fingerprint": loaded.fingerprint,
+        "val": result.val,
+        "objective": result.objective,
+        "test": result.test,
+        "epochs": [r.__dict__ for r in result.reports],
+        "wall_s": time.perf_counter() - began,
+    }
+    _write_json(out / "metrics.json", summary)
+    click.echo(_format_summary(result.val, result.objective, result.test))
+    click.echo(f"wrote {out / 'checkpoint.pt'} and {out / 'metrics.json'}")
+
+
+def _format_summary(val: dict, objective: float, test: dict) -> str:
+    def fmt(value):
+        return "missing" if value is None else f"{value:.4f}"
+
+    keys = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
+    lines = [f"{'':12}" + "".join(f"{k:>13}" for k in keys)]
+    lines.append(f"{'val':12}" + "".join(f"{fmt(val.get(k)):>13}" for k in keys) + f"   objective {objective:.4f}")
+    lines.append(f"{'test':12}" + "".join(f"{fmt(test.get(k)):>13}" for k in keys) + "   (reported, never optimised)")
+    return "\n".join(lines)
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    import os
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    os.replace(tmp, path)

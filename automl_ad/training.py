@@ -1,0 +1,364 @@
+"""The generic training loop: one method, one configuration, no Ray.
+
+``fit`` trains a registered method on the fit images with its synthetic anomalies,
+evaluates on the validation set after every epoch, writes a checkpoint every epoch,
+calls an ``on_epoch`` hook (the search reports to Ray Tune through it), and finally
+reports test metrics. Resuming from a checkpoint continues bit-exactly on CPU: the
+checkpoint holds the model, optimizer and scheduler states and every RNG state used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from automl_ad.data.types import CategoryData, ImageSet, to_float
+from automl_ad.errors import UserError
+from automl_ad.methods.base import Batch, Method, create_method
+from automl_ad.validation import objective
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    method: str
+    method_params: dict[str, Any] = field(default_factory=dict)
+    synthesis: str | None = None  # None: the method's default family
+    synthesis_params: dict[str, Any] = field(default_factory=dict)
+    image_size: int = 128
+    epochs: int = 10
+    steps_per_epoch: int | None = None  # None: one pass over the fit images
+    batch_size: int = 8
+    seed: int = 0
+    device: str = "cpu"
+    eval_batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "epochs", "batch_size", "eval_batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise UserError(f"steps_per_epoch must be >= 1, got {self.steps_per_epoch}")
+
+
+@dataclass
+class EpochReport:
+    epoch: int  # 1-based, counted across phases
+    phase: str
+    step: int  # optimizer steps so far
+    train_loss: float
+    val: dict[str, float | None]
+    objective: float
+    elapsed_s: float
+
+
+@dataclass
+class TrainResult:
+    method: Method
+    reports: list[EpochReport]
+    val: dict[str, float | None]
+    objective: float
+    test: dict[str, float | None]
+    stopped_early: bool = False
+
+
+EpochHook = Callable[[EpochReport, "Path | None"], "bool | None"]
+
+
+def synthesis_family(cfg: TrainConfig, method_cls: type[Method]) -> str | None:
+    """The family a trial trains with: explicit, else the method's default."""
+    if cfg.synthesis in (None, ""):
+        return method_cls.synthesis
+    if cfg.synthesis == "none":
+        return None
+    return cfg.synthesis
+
+
+@torch.no_grad()
+def predict(method: Method, images: Tensor, device: torch.device, batch_size: int) -> tuple[Tensor, Tensor]:
+    """(maps N x H x W, scores N) on CPU for uint8 or float images."""
+    method.eval()
+    maps, scores = [], []
+    for start in range(0, len(images), batch_size):
+        chunk = to_float(images[start : start + batch_size]).to(device)
+        batch_maps, batch_scores = method(chunk)
+        maps.append(batch_maps.float().cpu())
+        scores.append(batch_scores.float().cpu())
+    return torch.cat(maps), torch.cat(scores)
+
+
+def evaluate(method: Method, image_set: ImageSet, device: torch.device, batch_size: int = 32) -> dict[str, float | None]:
+    """Image and pixel metrics of ``method`` on a labelled image set."""
+    from automl_ad.metrics import evaluate as compute_metrics
+
+    maps, scores = predict(method, image_set.images, device, batch_size)
+    return compute_metrics(scores, maps, image_set.labels, image_set.masks[:, 0], image_set.has_mask)
+
+
+class _BatchSampler:
+    """Seeded shuffled batches over the fit images, with its state in checkpoints."""
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        self.n, self.batch_size = n, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self._order = torch.empty(0, dtype=torch.long)
+
+    def next_indices(self) -> Tensor:
+        while len(self._order) < self.batch_size:
+            self._order = torch.cat([self._order, torch.randperm(self.n, generator=self.generator)])
+        picked, self._order = self._order[: self.batch_size], self._order[self.batch_size :]
+        return picked
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"rng": self.generator.get_state(), "order": self._order.clone()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.generator.set_state(state["rng"])
+        self._order = state["order"].clone()
+
+
+def _phase_plan(method: Method, epochs: int) -> list[str]:
+    """The phase of every epoch, in order."""
+    plan: list[str] = []
+    for phase in method.phases:
+        plan += [phase] * method.phase_epochs(phase, epochs)
+    if len(plan) != epochs:
+        raise RuntimeError(f"{method.name}.phase_epochs does not add up to {epochs}: {plan}")
+    return plan
+
+
+def fit(
+    cfg: TrainConfig,
+    data: CategoryData,
+    val_set: ImageSet,
+    *,
+    checkpoint_dir: Path | None = None,
+    resume_from: Path | None = None,
+    on_epoch: EpochHook | None = None,
+    evaluate_test: bool = True,
+    progress: bool = False,
+) -> TrainResult:
+    """Train, validate every epoch, checkpoint, and report test metrics at the end."""
+    from automl_ad.synthesis import build_synthesizer
+
+    device = torch.device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    method = create_method(cfg.method, cfg.method_params, cfg.image_size, data.category).to(device)
+    family = synthesis_family(cfg, type(method))
+    synthesizer = None
+    if family is not None:
+        params = {**cfg.synthesis_params, **method.synthesis_overrides(family)}
+        synthesizer = build_synthesizer(family, params, category=data.category)
+    if len(data.fit) == 0:
+        raise UserError(f"category {data.category!r} has no fit images")
+
+    fit_float = to_float(data.fit)
+    method.setup(fit_float.to(device))
+    steps_per_epoch = cfg.steps_per_epoch or max(1, math.ceil(len(data.fit) / cfg.batch_size))
+    plan = _phase_plan(method, cfg.epochs)
+    sampler = _BatchSampler(len(data.fit), cfg.batch_size, cfg.seed)
+    synth_generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+
+    reports: list[EpochReport] = []
+    start_epoch, step = 0, 0
+    optimizer = scheduler = None
+    checkpoint = _load_checkpoint(resume_from) if resume_from is not None else None
+    if checkpoint is not None:
+        start_epoch, step = int(checkpoint["epoch"]), int(checkpoint["step"])
+        method.load_state_dict(checkpoint["method"])
+        sampler.load_state_dict(checkpoint["sampler"])
+        synth_generator.set_state(checkpoint["synth_rng"])
+        reports = [EpochReport(**r) for r in checkpoint["reports"]]
+        torch.set_rng_state(checkpoint["torch_rng"])
+
+    bar = _ProgressBar(cfg, plan, steps_per_epoch, start_epoch) if progress else None
+    began = time.perf_counter() - (reports[-1].elapsed_s if reports else 0.0)
+    stopped_early = False
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            phase = plan[epoch]
+            if optimizer is None or plan[epoch - 1] != phase or epoch == start_epoch:
+                phase_steps = plan.count(phase) * steps_per_epoch
+                optimizer, scheduler = method.configure_optimizer(phase, phase_steps)
+                if checkpoint is not None and epoch == start_epoch and checkpoint["phase"] == phase:
+                    optimizer.load_state_dict(checkpoint["optimizer"])
+                    if scheduler is not None and checkpoint["scheduler"] is not None:
+                        scheduler.load_state_dict(checkpoint["scheduler"])
+            method.train()
+            losses = []
+            for _ in range(steps_per_epoch):
+                batch = _make_batch(fit_float, sampler.next_indices(), synthesizer, synth_generator, device)
+                optimizer.zero_grad(set_to_none=True)
+                loss = method.training_step(batch, phase)["loss"]
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"{cfg.method}: loss became {loss.item()} at step {step}")
+                loss.backward()
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                step += 1
+                losses.append(float(loss.detach()))
+                if bar is not None:
+                    bar.advance(losses[-1])
+            val = evaluate(method, val_set, device, cfg.eval_batch_size)
+            report = EpochReport(
+                epoch=epoch + 1,
+                phase=phase,
+                step=step,
+                train_loss=sum(losses) / len(losses),
+                val=val,
+                objective=objective(val),
+                elapsed_s=time.perf_counter() - began,
+            )
+            reports.append(report)
+            if bar is not None:
+                bar.epoch_done(report)
+            if checkpoint_dir is not None:
+                _save_checkpoint(
+                    Path(checkpoint_dir), cfg, method, optimizer, scheduler, phase, epoch + 1, step,
+                    sampler, synth_generator, reports,
+                )
+            if on_epoch is not None and on_epoch(report, checkpoint_dir) and epoch + 1 < cfg.epochs:
+                stopped_early = True
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+
+    if not reports:  # resumed from a finished run
+        raise UserError("nothing to train: the checkpoint already covers every epoch")
+    test = evaluate(method, data.test, device, cfg.eval_batch_size) if evaluate_test and len(data.test) else {}
+    return TrainResult(
+        method=method,
+        reports=reports,
+        val=reports[-1].val,
+        objective=reports[-1].objective,
+        test=test,
+        stopped_early=stopped_early,
+    )
+
+
+def _make_batch(
+    fit_float: Tensor,
+    indices: Tensor,
+    synthesizer: Any,
+    generator: torch.Generator,
+    device: torch.device,
+) -> Batch:
+    clean = fit_float[indices].to(device)
+    if synthesizer is None:
+        n, _, h, w = clean.shape
+        zeros = torch.zeros(n, 1, h, w, device=device)
+        return Batch(images=clean, clean=clean, masks=zeros, labels=torch.zeros(n, device=device))
+    # Patch sources are the other images of the batch (sources=None): no copy of the
+    # whole fit set to the device per step.
+    out = synthesizer(clean, generator)
+    return Batch(images=out.images, clean=clean, masks=out.masks, labels=out.labels)
+
+
+def _save_checkpoint(
+    folder: Path,
+    cfg: TrainConfig,
+    method: Method,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    phase: str,
+    epoch: int,
+    step: int,
+    sampler: _BatchSampler,
+    synth_generator: torch.Generator,
+    reports: list[EpochReport],
+) -> None:
+    import os
+    import tempfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {
+        "format": 1,
+        "config": dataclasses.asdict(cfg),
+        "method": method.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "phase": phase,
+        "epoch": epoch,
+        "step": step,
+        "sampler": sampler.state_dict(),
+        "synth_rng": synth_generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "reports": [dataclasses.asdict(r) for r in reports],
+    }
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".checkpoint.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, folder / CHECKPOINT_FILE)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load_checkpoint(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / CHECKPOINT_FILE
+    if not path.exists():
+        raise UserError(f"no checkpoint to resume from: {path}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_trained_method(folder: Path, category: str, device: str = "cpu") -> tuple[Method, TrainConfig]:
+    """Rebuild a method from a checkpoint folder (no training state needed)."""
+    checkpoint = _load_checkpoint(folder)
+    cfg = TrainConfig(**checkpoint["config"])
+    torch.manual_seed(cfg.seed)
+    method = create_method(cfg.method, cfg.method_params, cfg.image_size, category)
+    method.load_state_dict(checkpoint["method"])
+    return method.to(device).eval(), cfg
+
+
+class _ProgressBar:
+    """A rich progress bar: loss, val objective and ETA over all steps of the run."""
+
+    def __init__(self, cfg: TrainConfig, plan: list[str], steps_per_epoch: int, start_epoch: int) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total} steps"),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("val {task.fields[objective]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+        )
+        self._progress.start()
+        self._plan = plan
+        self._task = self._progress.add_task(
+            f"{cfg.method} epoch {start_epoch + 1}/{len(plan)} ({plan[min(start_epoch, len(plan) - 1)]})",
+            total=len(plan) * steps_per_epoch,
+            completed=start_epoch * steps_per_epoch,
+            loss="-",
+            objective="-",
+        )
+        self._method = cfg.method
+
+    def advance(self, loss: float) -> None:
+        self._progress.update(self._task, advance=1, loss=f"{loss:.4f}")
+
+    def epoch_done(self, report: EpochReport) -> None:
+        nxt = min(report.epoch, len(self._plan) - 1)
+        self._progress.update(
+            self._task,
+            objective=f"{report.objective:.4f}",
+            description=f"{self._method} epoch {min(report.epoch + 1, len(self._plan))}/{len(self._plan)} ({self._plan[nxt]})",
+        )
+
+    def close(self) -> None:
+        self._progress.stop()
