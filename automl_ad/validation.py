@@ -29,7 +29,7 @@ from automl_ad.errors import UserError
 
 VAL_FAMILIES: tuple[str, ...] = ("perlin", "nsa", "cutpaste", "cutpaste_scar", "corruption")
 # NSA's validation masks must be binary ground truth, not soft training targets.
-_VAL_FAMILY_PARAMS: dict[str, dict[str, Any]] = {"nsa": {"label_mode": "binary"}}
+_VAL_FAMILY_PARAMS: dict[str, dict[str, Any]] = {"nsa": {"label": "binary"}}
 
 
 def objective(metrics: Mapping[str, float | None]) -> float:

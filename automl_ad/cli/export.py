@@ -1,0 +1,128 @@
+"""``ensemble``, ``export`` and ``predict``: from a finished search to decisions on images."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from automl_ad.errors import UserError
+
+_STORAGE = click.option("--storage", default="results", show_default=True, type=click.Path(path_type=Path), help="Results folder the search wrote to.")
+_EXPERIMENT = click.option("--experiment", "-e", help="Search name (default: the newest of the category).")
+
+
+def _formats(text: str) -> list[str]:
+    return [f.strip() for f in text.split(",") if f.strip()]
+
+
+@click.command("ensemble")
+@click.option("--category", "-c", required=True)
+@_EXPERIMENT
+@_STORAGE
+@click.option("--k", default=5, show_default=True, type=click.IntRange(1), help="Most members (greedy selection with replacement).")
+@click.option("--top", default=10, show_default=True, type=click.IntRange(1), help="Candidates: the best trials by val objective.")
+@click.option("--fusion", type=click.Choice(["mean", "max"]), default="mean", show_default=True)
+@click.option("--max-latency-ms", type=float, help="Only models whose measured CPU latency (batch 1) fits.")
+def ensemble_command(category, experiment, storage, k, top, fusion, max_latency_ms):
+    """Ensemble the best trials of a search and choose single model vs ensemble on val.
+
+    The choice is stored in the `ensembles` Parquet table of the experiment.
+
+    \b
+    Example:
+      automl-ad ensemble --category screw --k 5
+    """
+    from automl_ad.deploy import choose_model, find_experiment, store_choice
+
+    folder = find_experiment(storage, category, experiment)
+    choice = choose_model(folder, k=k, top=top, fusion=fusion, max_latency_ms=max_latency_ms)
+    store_choice(folder, choice, k)
+    _print_choice(choice)
+
+
+def _print_choice(choice) -> None:
+    def fmt(v):
+        return "missing" if v is None else f"{v:.4f}"
+
+    members = ", ".join(f"{c.method}:{c.trial_id}x{choice.weights[c.trial_id]}" for c in choice.candidates)
+    click.echo(f"chosen: {choice.kind} [{members}]  val objective {choice.objective:.4f}  latency {choice.latency_ms:.1f} ms")
+    click.echo(f"  val  image AUROC {fmt(choice.val.get('image_auroc'))}  AUPRO {fmt(choice.val.get('aupro'))}  (anomaly families: {', '.join(choice.val_families)})")
+    click.echo(f"  test image AUROC {fmt(choice.test.get('image_auroc'))}  pixel AUROC {fmt(choice.test.get('pixel_auroc'))}  AUPRO {fmt(choice.test.get('aupro'))}  (reported, never optimised)")
+
+
+@click.command("export")
+@click.option("--category", "-c", required=True)
+@click.option("--out", "-o", type=click.Path(path_type=Path), help="Bundle folder. Default: models/<category>.")
+@_EXPERIMENT
+@_STORAGE
+@click.option("--format", "formats", default="onnx,torchscript", show_default=True, help="Comma-separated: onnx (required), torchscript.")
+@click.option("--k", default=5, show_default=True, type=click.IntRange(1))
+@click.option("--fpr", type=float, help="Calibrate the threshold to this false-alarm rate on val-good (default: F1-max on val).")
+@click.option("--max-latency-ms", type=float, help="Only models whose measured CPU latency (batch 1) fits.")
+def export_command(category, out, experiment, storage, formats, k, fpr, max_latency_ms):
+    """Write the deployable bundle of a category: model.onnx (+ TorchScript) and manifest.json.
+
+    \b
+    Examples:
+      automl-ad export --category screw --out models/screw
+      automl-ad export -c screw --fpr 0.01 --format onnx
+    """
+    from automl_ad.deploy import choose_model, export_choice, find_experiment, store_choice
+
+    folder = find_experiment(storage, category, experiment)
+    choice = choose_model(folder, k=k, max_latency_ms=max_latency_ms)
+    store_choice(folder, choice, k)
+    _print_choice(choice)
+    out = out or Path("models") / category
+    manifest = export_choice(folder, choice, out, formats=_formats(formats), fpr=fpr)
+    point = manifest["operating_point"]
+    click.echo(f"threshold {point['threshold']:.4f} ({point['rule']}; val false alarms {point['val_false_alarm_rate']:.3f}, recall {point['val_recall']:.3f})")
+    click.echo(f"wrote {out} ({', '.join(manifest['files'].values())}, manifest.json)")
+
+
+@click.command("predict")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", "-o", type=click.Path(path_type=Path), help="Folder for heat-map overlay PNGs.")
+@click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True)
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
+def predict_command(bundle, images, out, fmt, batch_size):
+    """Score image files (or folders) with a bundle: score, decision, overlays.
+
+    Needs only the bundle folder (ONNX Runtime): no Ray, no training code. Unreadable
+    files get an error line and the rest are scored; exit code 1 if any file failed.
+
+    \b
+    Example:
+      automl-ad predict models/screw images/*.png --out overlays
+    """
+    from automl_ad.export import load_bundle
+    from automl_ad.predict import expand_inputs, predict_files
+
+    loaded = load_bundle(bundle)
+    files = expand_inputs(images)
+    if not files:
+        raise UserError("no image files given")
+    results = predict_files(loaded, files, out_dir=out, batch_size=batch_size)
+    rows = [{"path": r.path, "score": r.score, "anomalous": r.anomalous, "error": r.error, "overlay": r.overlay} for r in results]
+    if fmt == "json":
+        click.echo(json.dumps({"threshold": loaded.threshold, "predictions": rows}, indent=1))
+    else:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+        click.echo(buffer.getvalue().rstrip())
+    failed = [r for r in results if r.error]
+    for r in failed:
+        click.echo(f"error: {r.error}", err=True)
+    if failed:
+        sys.exit(1)
+
+
+commands = [ensemble_command, export_command, predict_command]

@@ -1,0 +1,213 @@
+"""Deployable bundles: one graph (members + normalisation + fusion), a manifest, a loader.
+
+A bundle folder holds
+  model.onnx           the whole graph, input ``images`` N x 3 x S x S float in [0, 1],
+                       outputs ``maps`` N x S x S and ``scores`` N (fused, normalised)
+  model.torchscript.pt the same graph as TorchScript (optional format)
+  manifest.json        methods, parameters, preprocessing, normalisation, threshold and
+                       operating point, val/test metrics, data fingerprint, code version
+Loading for prediction uses ONNX Runtime and JSON only: no pickle is executed, and
+neither Ray nor the training code is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from automl_ad import __version__
+from automl_ad.errors import UserError
+
+MANIFEST = "manifest.json"
+ONNX_FILE = "model.onnx"
+TORCHSCRIPT_FILE = "model.torchscript.pt"
+FORMATS = ("onnx", "torchscript")
+BUNDLE_VERSION = 1
+
+
+def code_version() -> str:
+    """Package version plus the git commit when run from a checkout."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{__version__}+{commit}" if commit else __version__
+
+
+def calibrate_threshold(scores: Tensor, labels: Tensor, *, fpr: float | None = None) -> dict[str, float]:
+    """Operating point on val: F1-max over val anomalies, or a target false-alarm rate
+    on val-good (``fpr``): the threshold is the (1 - fpr) quantile of good scores."""
+    from automl_ad.metrics import f1_max
+
+    good = scores[labels == 0].double()
+    if fpr is not None:
+        if not 0.0 <= fpr < 1.0:
+            raise UserError(f"--fpr must be in [0, 1), got {fpr}")
+        if len(good) == 0:
+            raise UserError("cannot calibrate a false-alarm rate without val-good images")
+        threshold = float(torch.quantile(good, 1.0 - fpr))
+        rule = f"fpr<={fpr}"
+    else:
+        best = f1_max(scores, labels)
+        if best is None:
+            raise UserError("cannot calibrate F1-max without val anomalies; pass --fpr to use val-good only")
+        threshold = best[1]
+        rule = "f1_max"
+    predicted = scores >= threshold
+    positives = labels == 1
+    tp = int((predicted & positives).sum())
+    fp = int((predicted & ~positives).sum())
+    return {
+        "threshold": float(threshold),
+        "rule": rule,
+        "val_false_alarm_rate": fp / max(1, int((~positives).sum())),
+        "val_recall": tp / max(1, int(positives.sum())),
+    }
+
+
+def _check_traceable(model: nn.Module, example: Tensor) -> tuple[Tensor, Tensor]:
+    model.eval()
+    with torch.no_grad():
+        maps, scores = model(example)
+    if maps.dim() != 3 or scores.dim() != 1:
+        raise RuntimeError(f"model must return maps N x H x W and scores N, got {tuple(maps.shape)} and {tuple(scores.shape)}")
+    return maps, scores
+
+
+def export_bundle(
+    model: nn.Module,
+    out: Path,
+    *,
+    image_size: int,
+    manifest: dict[str, Any],
+    example_images: Tensor,
+    formats: Sequence[str] = FORMATS,
+    tolerance: float = 1e-4,
+) -> dict[str, Any]:
+    """Write the bundle atomically (temp folder, then rename) and check ONNX against
+    PyTorch on ``example_images`` (real images): max |diff| of maps <= tolerance and the
+    same decisions at the manifest's threshold. Returns the manifest as written."""
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise UserError(f"unknown export format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
+    if "onnx" not in formats:
+        raise UserError("the onnx format is required: predict runs bundles with ONNX Runtime")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        model = model.eval().cpu()
+        example = example_images.float().cpu()
+        ref_maps, ref_scores = _check_traceable(model, example)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model,
+                (example,),
+                str(staging / ONNX_FILE),
+                dynamo=False,
+                input_names=["images"],
+                output_names=["maps", "scores"],
+                dynamic_axes={"images": {0: "batch"}, "maps": {0: "batch"}, "scores": {0: "batch"}},
+                opset_version=17,
+            )
+        onnx_maps, onnx_scores = OnnxPredictor(staging / ONNX_FILE).run(example.numpy())
+        max_diff = float(np.abs(onnx_maps - ref_maps.numpy()).max())
+        threshold = manifest.get("operating_point", {}).get("threshold")
+        same_decisions = True
+        if threshold is not None:
+            same_decisions = bool(np.array_equal(onnx_scores >= threshold, ref_scores.numpy() >= threshold))
+        if max_diff > tolerance or not same_decisions:
+            raise RuntimeError(
+                f"ONNX output differs from PyTorch: max |map diff| {max_diff:.2e} (tolerance {tolerance:.0e}), "
+                f"same decisions: {same_decisions}"
+            )
+        files = {"onnx": ONNX_FILE}
+        if "torchscript" in formats:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                traced = torch.jit.trace(model, (example,), check_trace=False)
+            traced.save(str(staging / TORCHSCRIPT_FILE))
+            files["torchscript"] = TORCHSCRIPT_FILE
+        full = {
+            "bundle_version": BUNDLE_VERSION,
+            "code_version": code_version(),
+            **manifest,
+            "preprocessing": {
+                "image_size": image_size,
+                "channels": "RGB (grayscale replicated, alpha dropped)",
+                "resize": "bilinear (antialiased) to image_size x image_size",
+                "scale": "uint8 / 255 -> float32 in [0, 1]",
+                "layout": "N x 3 x H x W",
+            },
+            "files": files,
+            "export_check": {"onnx_vs_torch_max_abs_map_diff": max_diff, "same_decisions": same_decisions},
+        }
+        (staging / MANIFEST).write_text(json.dumps(full, indent=2, default=float))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+        return full
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+class OnnxPredictor:
+    """ONNX Runtime session over a bundle's graph (no pickle, no torch needed)."""
+
+    def __init__(self, onnx_path: Path, providers: Sequence[str] | None = None) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(
+            str(onnx_path), sess_options=options, providers=list(providers or ["CPUExecutionProvider"])
+        )
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        maps, scores = self.session.run(["maps", "scores"], {"images": images.astype(np.float32, copy=False)})
+        return maps, scores
+
+
+@dataclass
+class Bundle:
+    folder: Path
+    manifest: dict[str, Any]
+    predictor: OnnxPredictor
+
+    @property
+    def image_size(self) -> int:
+        return int(self.manifest["preprocessing"]["image_size"])
+
+    @property
+    def threshold(self) -> float:
+        return float(self.manifest["operating_point"]["threshold"])
+
+
+def load_bundle(folder: Path) -> Bundle:
+    folder = Path(folder)
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise UserError(f"not a model bundle (no {MANIFEST}): {folder}")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"corrupt {manifest_path}: {error}") from None
+    onnx_path = folder / manifest.get("files", {}).get("onnx", ONNX_FILE)
+    if not onnx_path.is_file():
+        raise UserError(f"bundle has no ONNX graph: {onnx_path}")
+    return Bundle(folder, manifest, OnnxPredictor(onnx_path))

@@ -1,0 +1,101 @@
+"""Bundles: ONNX equals PyTorch on real images, loading runs no pickle, predict on a folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from automl_ad.ensemble import EnsembleModel, RobustScaler
+from automl_ad.errors import UserError
+from automl_ad.export import calibrate_threshold, export_bundle, load_bundle
+from automl_ad.predict import expand_inputs, predict_files
+
+
+class _ConvScorer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 1, 3, padding=1))
+
+    def forward(self, images):
+        maps = self.net(images)[:, 0]
+        return maps, maps.flatten(1).amax(dim=1)
+
+
+def _images(n: int = 4, size: int = 32) -> torch.Tensor:
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(3))
+
+
+def _bundle(tmp_path: Path, threshold: float = 0.0) -> tuple[Path, nn.Module]:
+    model = EnsembleModel([_ConvScorer(), _ConvScorer()], [RobustScaler(0.1, 2.0, 0.0, 1.0)] * 2, [1, 1])
+    manifest = {"category": "toy", "methods": ["conv", "conv"], "operating_point": {"threshold": threshold}}
+    export_bundle(model, tmp_path / "bundle", image_size=32, manifest=manifest, example_images=_images())
+    return tmp_path / "bundle", model
+
+
+def test_bundle_round_trip_equals_pytorch(tmp_path):
+    folder, model = _bundle(tmp_path)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["export_check"]["onnx_vs_torch_max_abs_map_diff"] <= 1e-4
+    assert set(manifest["files"]) == {"onnx", "torchscript"}
+    bundle = load_bundle(folder)
+    images = _images(6)
+    maps, scores = bundle.predictor.run(images.numpy())
+    ref_maps, ref_scores = model(images)
+    assert np.abs(maps - ref_maps.detach().numpy()).max() <= 1e-4
+    assert np.array_equal(scores >= 0.0, ref_scores.detach().numpy() >= 0.0)
+    scripted = torch.jit.load(str(folder / "model.torchscript.pt"))
+    assert torch.allclose(scripted(images)[0], ref_maps, atol=1e-5)
+
+
+def test_loading_a_bundle_needs_no_pickle(tmp_path, monkeypatch):
+    folder, _ = _bundle(tmp_path)
+    import pickle
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("pickle used while loading a bundle")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    bundle = load_bundle(folder)
+    assert bundle.predictor.run(_images(1).numpy())[0].shape == (1, 32, 32)
+
+
+def test_predict_on_a_mixed_folder_reports_the_bad_file_and_scores_the_rest(tmp_path):
+    folder, _ = _bundle(tmp_path)
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(images / "a.png")
+    Image.fromarray(rng.integers(0, 255, (50, 30), dtype=np.uint8)).save(images / "b_gray.jpg")
+    (images / "c_broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    results = predict_files(load_bundle(folder), expand_inputs([images]), out_dir=tmp_path / "out", batch_size=2)
+    by_name = {Path(r.path).name: r for r in results}
+    assert by_name["c_broken.png"].error and by_name["c_broken.png"].score is None
+    for name in ("a.png", "b_gray.jpg"):
+        assert by_name[name].error is None and by_name[name].score is not None
+        assert Path(by_name[name].overlay).is_file()
+
+
+def test_export_refuses_unknown_formats_and_leaves_nothing(tmp_path):
+    model = EnsembleModel([_ConvScorer()], [RobustScaler(0, 1, 0, 1)], [1])
+    with pytest.raises(UserError, match="unknown export format"):
+        export_bundle(model, tmp_path / "b", image_size=32, manifest={}, example_images=_images(), formats=["onnx", "tflite"])
+    assert not (tmp_path / "b").exists()
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_threshold_calibration_rules():
+    scores = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.9, 0.8])
+    labels = torch.tensor([0, 0, 0, 0, 1, 1])
+    point = calibrate_threshold(scores, labels)
+    assert point["rule"] == "f1_max" and 0.4 < point["threshold"] <= 0.8 + 1e-6 and point["val_recall"] == 1.0
+    strict = calibrate_threshold(scores, labels, fpr=0.0)
+    assert strict["threshold"] == pytest.approx(0.4) and strict["val_false_alarm_rate"] <= 0.25
