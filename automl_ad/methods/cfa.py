@@ -1,0 +1,239 @@
+"""CFA: coupled-hypersphere feature adaptation (Lee, Lee, Song, IEEE Access 2022).
+
+A frozen pretrained backbone gives multi-scale patch features (3x3 average pooled,
+upsampled to the finest grid, concatenated). A trainable 1x1 CoordConv "patch
+descriptor" maps them into a space where a fixed memory bank of normal-patch centres,
+built once in ``setup`` from the fit images, is compact: each descriptor is pulled inside
+a hypersphere of radius r around its K nearest centres and pushed out of the (r^2 + alpha)
+ball of the next J centres (hard negatives). At test time a patch's score is its
+softmin-weighted distance to the nearest centre.
+
+Written from the paper (the official code has no licence). Epochs are never selected on
+test data here; the generic loop decides what "best" means on its validation set.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from automl_ad.backbones import create_backbone, default_layers
+from automl_ad.errors import UserError
+from automl_ad.methods.base import Batch, Method, register
+
+_KMEANS_SEED = 0
+_KMEANS_ITERATIONS = 25
+_SETUP_CHUNK = 16  # fit images per backbone pass in setup()
+_DISTANCE_CHUNK = 8192  # patches per block when searching nearest centres
+
+
+@dataclass
+class CFAConfig:
+    backbone: str = "efficientnet_lite0"  # the paper's is wide_resnet50_2
+    weights: str = "pretrained"  # "pretrained", "random" or a checkpoint path
+    gamma_c: int = 1  # memory bank compression: #centres = #locations / gamma_c
+    gamma_d: int = 1  # descriptor dimension = feature channels / gamma_d
+    K: int = 3  # nearest centres attracting each descriptor
+    J: int = 3  # next-nearest centres repelling it (hard negatives; 0 = none)
+    radius: float = 1e-5  # initial hypersphere radius r (learned)
+    nu: float = 1e-3  # loss weight 1/nu
+    alpha: float = 0.1  # repulsion margin
+    lr: float = 1e-3
+    weight_decay: float = 5e-4
+    smoothing_sigma: float = 4.0  # Gaussian sigma in pixels at 224 px, scaled with size
+
+    def __post_init__(self) -> None:
+        for key in ("gamma_c", "gamma_d", "K"):
+            if int(getattr(self, key)) < 1:
+                raise UserError(f"cfa: {key} must be >= 1, got {getattr(self, key)}")
+        if int(self.J) < 0:
+            raise UserError(f"cfa: J must be >= 0, got {self.J}")
+        for key in ("radius", "nu", "lr"):
+            if not float(getattr(self, key)) > 0:
+                raise UserError(f"cfa: {key} must be > 0, got {getattr(self, key)}")
+        for key in ("alpha", "weight_decay", "smoothing_sigma"):
+            if float(getattr(self, key)) < 0:
+                raise UserError(f"cfa: {key} must be >= 0, got {getattr(self, key)}")
+
+
+class CoordConv1x1(nn.Module):
+    """1x1 convolution over the features plus two coordinate channels in [-1, 1], so the
+    descriptor can depend on where a patch is (objects are roughly aligned)."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels + 2, out_channels, kernel_size=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, _, h, w = x.shape
+        ys = torch.linspace(-1.0, 1.0, h, device=x.device, dtype=x.dtype)
+        xs = torch.linspace(-1.0, 1.0, w, device=x.device, dtype=x.dtype)
+        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+        coords = torch.stack([grid_x, grid_y]).unsqueeze(0).expand(b, -1, -1, -1)
+        return self.conv(torch.cat([x, coords], dim=1))
+
+
+def gaussian_blur(maps: Tensor, sigma: float) -> Tensor:
+    """Separable Gaussian smoothing of B x H x W maps (reflect padding, 4-sigma radius)."""
+    if sigma <= 0:
+        return maps
+    h, w = maps.shape[-2:]
+    radius = max(1, min(int(math.ceil(4.0 * sigma)), h - 1, w - 1))
+    offsets = torch.arange(-radius, radius + 1, device=maps.device, dtype=maps.dtype)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    x = maps.unsqueeze(1)
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
+    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
+    return x.squeeze(1)
+
+
+def kmeans(points: Tensor, k: int, generator: torch.Generator, iterations: int) -> Tensor:
+    """k centres of ``points`` (N x D) by Lloyd's algorithm from a k-means++ start."""
+    n = points.shape[0]
+    if k >= n:
+        return points.clone()
+    first = torch.randint(n, (1,), generator=generator, device=points.device)
+    centres = [points[first]]
+    nearest = torch.cdist(points, centres[0]).squeeze(1) ** 2
+    for _ in range(1, k):
+        weights = nearest / nearest.sum() if nearest.sum() > 0 else torch.full_like(nearest, 1.0 / n)
+        pick = torch.multinomial(weights, 1, generator=generator)
+        centres.append(points[pick])
+        nearest = torch.minimum(nearest, torch.cdist(points, points[pick]).squeeze(1) ** 2)
+    centre_tensor = torch.cat(centres)
+    for _ in range(iterations):
+        assignment = torch.cdist(points, centre_tensor).argmin(dim=1)
+        sums = torch.zeros_like(centre_tensor).index_add_(0, assignment, points)
+        counts = torch.bincount(assignment, minlength=k).to(points.dtype).unsqueeze(1)
+        # An emptied cluster keeps its old centre rather than collapsing to zero.
+        centre_tensor = torch.where(counts > 0, sums / counts.clamp(min=1), centre_tensor)
+    return centre_tensor
+
+
+@register
+class CFA(Method):
+    name = "cfa"
+    phases = ("train",)
+    synthesis = None
+    Config = CFAConfig
+
+    def __init__(self, config: CFAConfig, image_size: int, category: str) -> None:
+        super().__init__(config, image_size, category)
+        self.backbone = create_backbone(
+            config.backbone, weights=config.weights, layers=default_layers(config.backbone)
+        )
+        in_channels = sum(self.backbone.channels)
+        descriptor_channels = max(1, in_channels // int(config.gamma_d))
+        self.descriptor = CoordConv1x1(in_channels, descriptor_channels)
+        self.radius = nn.Parameter(torch.tensor(float(config.radius)))
+        # Filled by setup(); its size depends on the fit grid, so loading a state dict
+        # resizes it (see _load_from_state_dict) and a reloaded model needs no setup().
+        self.register_buffer("memory_bank", torch.empty(0, descriptor_channels))
+
+    # --- features -------------------------------------------------------------------
+    @torch.no_grad()
+    def patch_features(self, images: Tensor) -> Tensor:
+        """B x C x h x w multi-scale patch features on the finest layer's grid."""
+        maps = self.backbone(images)
+        size = maps[0].shape[-2:]
+        pooled = [F.avg_pool2d(m, kernel_size=3, stride=1, padding=1) for m in maps]
+        resized = [
+            p if p.shape[-2:] == size else F.interpolate(p, size=size, mode="bilinear", align_corners=False)
+            for p in pooled
+        ]
+        return torch.cat(resized, dim=1)
+
+    def describe(self, images: Tensor) -> Tensor:
+        """B x h x w x D patch descriptors (trainable part only)."""
+        return self.descriptor(self.patch_features(images)).permute(0, 2, 3, 1)
+
+    # --- memory bank ----------------------------------------------------------------
+    @torch.no_grad()
+    def setup(self, fit_images: Tensor) -> None:
+        total: Tensor | None = None
+        for start in range(0, len(fit_images), _SETUP_CHUNK):
+            chunk = fit_images[start : start + _SETUP_CHUNK]
+            summed = self.describe(chunk).sum(dim=0)
+            total = summed if total is None else total + summed
+        if total is None:
+            raise UserError("cfa: setup() needs at least one fit image")
+        centres = (total / len(fit_images)).reshape(-1, total.shape[-1])
+        if self.config.gamma_c > 1:
+            k = max(1, centres.shape[0] // int(self.config.gamma_c))
+            generator = torch.Generator(device=centres.device).manual_seed(_KMEANS_SEED)
+            centres = kmeans(centres, k, generator, _KMEANS_ITERATIONS)
+        self.memory_bank = centres.contiguous()
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        bank = state_dict.get(prefix + "memory_bank")
+        if bank is not None and bank.shape != self.memory_bank.shape:
+            self.memory_bank = torch.empty_like(bank, device=self.memory_bank.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _check_bank(self) -> None:
+        if self.memory_bank.shape[0] == 0:
+            raise RuntimeError("cfa: call setup(fit_images) or load a state dict before use")
+
+    @torch.no_grad()
+    def _nearest_centres(self, descriptors: Tensor, count: int) -> tuple[Tensor, Tensor]:
+        """(squared distances, indices) of the ``count`` nearest centres, N x count each,
+        in blocks so the N x M distance matrix is never whole."""
+        bank = self.memory_bank
+        bank_sq = (bank * bank).sum(dim=1)
+        values, indices = [], []
+        for start in range(0, descriptors.shape[0], _DISTANCE_CHUNK):
+            block = descriptors[start : start + _DISTANCE_CHUNK]
+            d2 = (block * block).sum(dim=1, keepdim=True) - 2.0 * block @ bank.T + bank_sq
+            v, i = d2.clamp_min(0.0).topk(count, dim=1, largest=False)
+            values.append(v)
+            indices.append(i)
+        return torch.cat(values), torch.cat(indices)
+
+    # --- training -------------------------------------------------------------------
+    def configure_optimizer(self, phase: str, total_steps: int) -> tuple[torch.optim.Optimizer, None]:
+        params = list(self.descriptor.parameters()) + [self.radius]
+        optimizer = torch.optim.AdamW(
+            params, lr=self.config.lr, weight_decay=self.config.weight_decay, amsgrad=True
+        )
+        return optimizer, None
+
+    def training_step(self, batch: Batch, phase: str) -> dict[str, Tensor]:
+        self._check_bank()
+        cfg = self.config
+        descriptors = self.describe(batch.images).reshape(-1, self.memory_bank.shape[1])
+        k = min(int(cfg.K), self.memory_bank.shape[0])
+        j = min(int(cfg.J), self.memory_bank.shape[0] - k)
+        _, indices = self._nearest_centres(descriptors.detach(), k + j)
+        # Distances recomputed with gradients for the selected centres only.
+        chosen = self.memory_bank[indices]  # N x (K+J) x D
+        d2 = (descriptors.unsqueeze(1) - chosen).pow(2).sum(dim=-1)
+        r2 = self.radius**2
+        attraction = F.relu(d2[:, :k] - r2).mean() / cfg.nu
+        if j > 0:
+            repulsion = F.relu(r2 - d2[:, k:] - cfg.alpha).mean() / cfg.nu
+        else:
+            repulsion = torch.zeros((), device=d2.device)
+        return {"loss": attraction + repulsion, "attraction": attraction.detach(), "repulsion": repulsion.detach()}
+
+    # --- inference ------------------------------------------------------------------
+    def anomaly_map(self, images: Tensor) -> Tensor:
+        self._check_bank()
+        descriptors = self.describe(images)
+        b, h, w, d = descriptors.shape
+        count = min(3, self.memory_bank.shape[0])
+        d2, _ = self._nearest_centres(descriptors.reshape(-1, d), count)
+        distances = d2.sqrt()
+        # Softmin over the nearest centres: a patch near one centre but far from the next
+        # ones (an outlying region of normal space) counts as less certain.
+        weight_of_nearest = F.softmin(distances, dim=1)[:, 0]
+        patch_scores = (weight_of_nearest * distances[:, 0]).reshape(b, 1, h, w)
+        size = images.shape[-2:]
+        maps = F.interpolate(patch_scores, size=size, mode="bilinear", align_corners=False).squeeze(1)
+        sigma = self.config.smoothing_sigma * size[0] / 224.0
+        return gaussian_blur(maps, sigma)
