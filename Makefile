@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench clean chromium
 
 venv: $(VENV)/.installed
 
@@ -16,7 +16,13 @@ $(VENV)/.installed: pyproject.toml
 demo: venv
 	$(BIN)/python cli.py search --category screw --budget 10m
 
-test: venv
+# The report test renders the HTML page in Debian's headless Chromium.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "install Debian's chromium package (sudo apt-get install chromium) for the report test" >&2; exit 1; fi; }
+
+test: venv chromium
 	$(BIN)/python -m pytest -q tests
 
 bench: venv

@@ -1,0 +1,162 @@
+"""DRAEM (Zavrtanik, Kristan, Skočaj, ICCV 2021): reconstruct, then discriminate.
+
+A reconstructive encoder-decoder (no skip connections) learns to turn images with
+synthetic anomalies back into the clean image; a discriminative U-Net sees
+[reconstruction, input] and segments where they disagree (2-class softmax).
+
+Loss: L2(rec, clean) + ssim_weight * (1 - SSIM(rec, clean); window 11, sigma 1.5)
++ focal(softmax, mask; gamma 2). Map: softmax channel 1 at the input resolution.
+Image score: max of the map after a mean filter (21x21 at 256 px, scaled with size).
+Optimiser: Adam; MultiStepLR x0.2 at 80 % and 90 % of the steps (the official code).
+
+Widths: the paper uses 128 (reconstructive) and 64 (discriminative), ~97M parameters;
+the defaults here are 32/16 (~6M) so a CPU run finishes. Search up to 128/64.
+Inputs of any size are replicate-padded to a multiple of 32 and cropped back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from automl_ad.methods._layers import (
+    check_int,
+    check_range,
+    conv_bn_relu,
+    double_conv,
+    focal_loss,
+    mean_filter,
+    normal_init,
+    pad_to_multiple,
+    scaled_odd_window,
+    ssim_loss,
+)
+from automl_ad.methods.base import Batch, Method, register
+
+DISCRIMINATIVE_STRIDE = 32  # 5 max-pools in the U-Net
+
+
+class ReconstructiveNetwork(nn.Module):
+    """Encoder (5 double-conv blocks, 4 max-pools) and decoder, no skips, linear output."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        channels = [width, 2 * width, 4 * width, 8 * width, 8 * width]
+        blocks, previous = [], 3
+        for out in channels:
+            blocks.append(double_conv(previous, out))
+            previous = out
+        self.encoder = nn.ModuleList(blocks)
+        stages = []
+        for in_ch, out_ch in zip(channels[::-1][:-1], channels[::-1][1:]):
+            stages.append(
+                nn.Sequential(
+                    nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),
+                    conv_bn_relu(in_ch, in_ch),
+                    double_conv(in_ch, out_ch),
+                )
+            )
+        self.decoder = nn.Sequential(*stages)
+        self.output = nn.Conv2d(width, 3, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for index, block in enumerate(self.encoder):
+            if index:
+                x = F.max_pool2d(x, 2)
+            x = block(x)
+        return self.output(self.decoder(x))
+
+
+class DiscriminativeUNet(nn.Module):
+    """U-Net: 6 encoder blocks, 5 max-pools, 5 up-stages with skip concatenation."""
+
+    def __init__(self, in_channels: int, width: int) -> None:
+        super().__init__()
+        channels = [width, 2 * width, 4 * width, 8 * width, 8 * width, 8 * width]
+        blocks, previous = [], in_channels
+        for out in channels:
+            blocks.append(double_conv(previous, out))
+            previous = out
+        self.encoder = nn.ModuleList(blocks)
+        self.up = nn.ModuleList()
+        self.merge = nn.ModuleList()
+        for deeper, skip in zip(channels[::-1][:-1], channels[::-1][1:]):
+            self.up.append(
+                nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True), conv_bn_relu(deeper, skip))
+            )
+            self.merge.append(double_conv(2 * skip, skip))
+        self.output = nn.Conv2d(width, 2, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        skips = []
+        for index, block in enumerate(self.encoder):
+            if index:
+                x = F.max_pool2d(x, 2)
+            x = block(x)
+            skips.append(x)
+        for up, merge, skip in zip(self.up, self.merge, reversed(skips[:-1])):
+            x = merge(torch.cat([up(x), skip], dim=1))
+        return self.output(x)
+
+
+@register
+class Draem(Method):
+    name = "draem"
+    synthesis = "perlin"
+
+    @dataclass
+    class Config:
+        lr: float = 1e-4
+        rec_width: int = 32  # paper: 128
+        disc_width: int = 16  # paper: 64
+        ssim_weight: float = 1.0
+        focal_gamma: float = 2.0
+        score_window: int = 21  # mean-filter side at 256 px (paper's s_f)
+
+        def __post_init__(self) -> None:
+            check_range("draem", "lr", self.lr, 1e-6, 1e-1)
+            check_int("draem", "rec_width", self.rec_width, 4, 256)
+            check_int("draem", "disc_width", self.disc_width, 4, 128)
+            check_range("draem", "ssim_weight", self.ssim_weight, 0.0, 10.0)
+            check_range("draem", "focal_gamma", self.focal_gamma, 0.0, 5.0)
+            check_int("draem", "score_window", self.score_window, 1, 63)
+
+    def __init__(self, config: "Draem.Config", image_size: int, category: str) -> None:
+        super().__init__(config, image_size, category)
+        self.reconstructive = ReconstructiveNetwork(config.rec_width)
+        self.discriminative = DiscriminativeUNet(6, config.disc_width)
+        normal_init(self)
+
+    def _segment(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """(reconstruction B x 3 x H x W, softmax B x 2 x H x W) at the input size."""
+        padded, height, width = pad_to_multiple(images, DISCRIMINATIVE_STRIDE)
+        reconstruction = self.reconstructive(padded)
+        logits = self.discriminative(torch.cat([reconstruction, padded], dim=1))
+        return reconstruction[..., :height, :width], logits.softmax(dim=1)[..., :height, :width]
+
+    def configure_optimizer(self, phase: str, total_steps: int) -> tuple[
+        torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None
+    ]:
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.config.lr)
+        milestones = sorted({max(1, int(0.8 * total_steps)), max(1, int(0.9 * total_steps))})
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.2)
+        return optimizer, scheduler
+
+    def training_step(self, batch: Batch, phase: str) -> dict[str, Tensor]:
+        reconstruction, probabilities = self._segment(batch.images)
+        l2 = F.mse_loss(reconstruction, batch.clean)
+        structural = ssim_loss(reconstruction, batch.clean)
+        mask = batch.masks.clamp(0.0, 1.0)
+        focal = focal_loss(probabilities, torch.cat([1.0 - mask, mask], dim=1), self.config.focal_gamma)
+        loss = l2 + self.config.ssim_weight * structural + focal
+        return {"loss": loss, "l2": l2.detach(), "ssim": structural.detach(), "focal": focal.detach()}
+
+    def anomaly_map(self, images: Tensor) -> Tensor:
+        return self._segment(images)[1][:, 1]
+
+    def image_score(self, maps: Tensor) -> Tensor:
+        window = scaled_odd_window(self.config.score_window, maps.shape[-1])
+        return mean_filter(maps, window).flatten(1).amax(dim=1)
