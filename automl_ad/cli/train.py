@@ -40,7 +40,8 @@ def parse_params(pairs: tuple[str, ...]) -> dict:
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1 ...")
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder. Default: runs/<category>-<method>.")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in --out (same options).")
-def command(method, category, data, image_size, epochs, steps, batch_size, seed, synthesis, params, synth_params, device, out, resume):
+@click.option("--time-limit", type=click.FloatRange(0, min_open=True), help="Minutes: stop after the first epoch that ends past this (test metrics are still reported).")
+def command(method, category, data, image_size, epochs, steps, batch_size, seed, synthesis, params, synth_params, device, out, resume, time_limit):
     """Train one method on one category, validate every epoch, report test metrics.
 
     Validation uses held-out good images and frozen synthetic anomalies from the
@@ -61,7 +62,9 @@ def command(method, category, data, image_size, epochs, steps, batch_size, seed,
     from automl_ad.training import TrainConfig, fit, synthesis_family
     from automl_ad.validation import build_val_anomalies, load_image_set, save_image_set, val_set_for
 
-    get_method_class(method)  # unknown method: clear error before loading data
+    from automl_ad.methods.base import make_config
+
+    make_config(get_method_class(method), parse_params(params))  # bad method/params: fail before any work
     root = resolve_data_root(data, category)
     loaded = load_category(root, category, image_size, seed=seed)
     steps_per_epoch = math.ceil(steps / epochs) if steps else None
@@ -98,7 +101,12 @@ def command(method, category, data, image_size, epochs, steps, batch_size, seed,
         f"{len(loaded.test)} test images at {image_size}px"
     )
     began = time.perf_counter()
-    result = fit(cfg, loaded, val_set, checkpoint_dir=out, resume_from=out if resume else None, progress=True)
+    def out_of_time(report, _checkpoint_dir) -> bool:
+        return time_limit is not None and time.perf_counter() - began > 60 * time_limit
+
+    result = fit(
+        cfg, loaded, val_set, checkpoint_dir=out, resume_from=out if resume else None, on_epoch=out_of_time, progress=True
+    )
     summary = {
         "category": category,
         "method": method,
@@ -109,6 +117,7 @@ def command(method, category, data, image_size, epochs, steps, batch_size, seed,
         "test": result.test,
         "epochs": [r.__dict__ for r in result.reports],
         "wall_s": time.perf_counter() - began,
+        "stopped_by_time_limit": result.stopped_early,
     }
     _write_json(out / "metrics.json", summary)
     click.echo(_format_summary(result.val, result.objective, result.test))
