@@ -1,0 +1,154 @@
+"""``automl-ad search`` (the AutoML run) and ``automl-ad results`` (the leaderboard)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from automl_ad.errors import UserError
+
+DEFAULT_STORAGE = "results"
+KEY_PARAMS_SHOWN = 3
+
+
+def _methods_option(value: str | None) -> list[str] | None:
+    if not value:
+        return None
+    names = [m.strip() for m in value.split(",") if m.strip()]
+    if not names:
+        raise UserError(f"--methods {value!r}: give names separated by commas, e.g. draem,nsa")
+    return names
+
+
+@click.command("search")
+@click.option("--category", "-c", required=True, help="Product (category) to search for.")
+@click.option("--budget", "-b", required=True,
+              help="50gpu-h, 90gpu-m, 4cpu-h (devices x trial time), 20m, 2h (search time) or 30trials.")
+@click.option("--data", type=click.Path(path_type=Path), help="Dataset root in MVTec AD layout. Default: built-in products.")
+@click.option("--methods", help="Restrict to these methods, comma separated (default: every method with a search space).")
+@click.option("--space", "space_file", type=click.Path(path_type=Path), help="YAML adding to or overriding search_spaces/.")
+@click.option("--max-concurrent", type=click.IntRange(1), help="Trials running at once (default: as many as the cluster holds).")
+@click.option("--experiment", help="Experiment name (default: <category>-<date>-<time>; with --resume: the latest).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted search (same category, budget and seed).")
+@click.option("--address", help="Ray cluster address to join (default: start Ray on this machine).")
+@click.option("--storage", default=DEFAULT_STORAGE, show_default=True, help="Results folder (shared storage on a cluster).")
+@click.option("--wandb", is_flag=True, help="Log every trial to Weights & Biases (offline unless WANDB_MODE says otherwise).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--image-size", type=click.IntRange(16, 2048), help="Pin one image size (default: the choices in common.yaml).")
+@click.option("--val-defects", type=click.Path(path_type=Path), help="Real defects for validation: <dir>/<defect-type>/*.png.")
+def search_command(category, budget, data, methods, space_file, max_concurrent, experiment, resume, address,
+                   storage, wandb, seed, image_size, val_defects):
+    """Search methods, backbones and synthetic-anomaly parameters for one product.
+
+    Trials are chosen by Optuna (TPE) and stopped early by ASHA on the validation
+    objective (held-out good images + synthetic anomalies of other families); test
+    metrics are stored for every trial but never used for selection.
+
+    \b
+    Examples:
+      automl-ad search --category screw --budget 10m
+      automl-ad search -c screw --data /data/mvtec --budget 50gpu-h --methods draem,nsa
+      automl-ad search -c screw --budget 10m --resume        # after an interruption
+    """
+    from automl_ad.tuning.search import SearchOptions, run_search
+
+    summary = run_search(SearchOptions(
+        category=category, budget=budget, data=data, methods=_methods_option(methods), space_file=space_file,
+        max_concurrent=max_concurrent, experiment=experiment, resume=resume, address=address, storage=storage,
+        wandb=wandb, seed=seed, image_size=image_size, val_defects=val_defects,
+    ))
+    click.echo(f"\nexperiment {summary.experiment}: {summary.trials} trials stored in {summary.experiment_dir}; "
+               f"budget used {summary.budget.describe(summary.budget_used)}")
+    click.echo(leaderboard_text(summary.experiment_dir))
+
+
+@click.command("results")
+@click.option("--category", "-c", required=True)
+@click.option("--experiment", help="Experiment name (default: the latest of this category).")
+@click.option("--storage", default=DEFAULT_STORAGE, show_default=True)
+@click.option("--top", default=20, show_default=True, type=click.IntRange(1))
+def results_command(category, experiment, storage, top):
+    """Leaderboard of a search, and how well val objective ranks trials on test."""
+    from automl_ad import store
+
+    if experiment is None:
+        found = store.list_experiments(storage, category)
+        if not found:
+            raise UserError(f"no stored search for category {category!r} under {storage}")
+        experiment = found[0]
+    folder = store.experiment_dir(storage, experiment)
+    if not store.stored_trial_ids(folder):
+        raise UserError(f"no trials stored in {folder}")
+    click.echo(f"experiment {experiment} ({folder})")
+    click.echo(leaderboard_text(folder, top))
+
+
+def leaderboard_rows(folder: Path) -> list[dict]:
+    from automl_ad import store
+
+    rows = [r for r in store.read_table(folder).to_pylist()]
+    return sorted(rows, key=lambda r: -1.0 if r.get("objective") is None else -r["objective"])
+
+
+def spearman_val_test(rows: list[dict]) -> tuple[float | None, int]:
+    """Spearman rank correlation between val objective and test image AUROC."""
+    pairs = [(r["objective"], r["test_image_auroc"]) for r in rows
+             if r.get("objective") is not None and r.get("test_image_auroc") is not None]
+    if len(pairs) < 3:
+        return None, len(pairs)
+    from scipy.stats import spearmanr
+
+    value = spearmanr([p[0] for p in pairs], [p[1] for p in pairs]).statistic
+    return (None if value != value else float(value)), len(pairs)
+
+
+def _key_params(row: dict) -> str:
+    params = json.loads(row.get("params") or "{}")
+    method = row.get("method") or ""
+    shown = [f"{k.split('.', 1)[1]}={_fmt(v)}" for k, v in params.items()
+             if k.startswith(f"{method}.") and k != f"{method}.synthesis"]
+    return ", ".join(shown[:KEY_PARAMS_SHOWN])
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def leaderboard_text(folder: Path, top: int = 20) -> str:
+    """The leaderboard as a rich table rendered to text."""
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = leaderboard_rows(folder)
+    table = Table(title="leaderboard (val objective; test reported, never optimised)")
+    for column in ("#", "trial", "method", "backbone", "synthesis", "key params", "status", "epochs",
+                   "val obj", "test AUROC", "test AUPRO", "device-h"):
+        table.add_column(column)
+    for rank, row in enumerate(rows[:top], 1):
+        table.add_row(
+            str(rank), row["trial_id"], row.get("method") or "-", row.get("backbone") or "-",
+            row.get("synthesis") or "-", _key_params(row), row.get("status") or "-", str(row.get("epochs") or 0),
+            _num(row.get("objective")), _num(row.get("test_image_auroc")), _num(row.get("test_aupro")),
+            f"{(row.get('device_s') or 0.0) / 3600:.4f}",
+        )
+    rho, n = spearman_val_test(rows)
+    console = Console(width=160, record=True, force_terminal=False)
+    with console.capture() as capture:
+        console.print(table)
+        if rho is None:
+            console.print(f"Spearman(val objective, test image AUROC): needs >= 3 trials with both, have {n}")
+        else:
+            console.print(f"Spearman(val objective, test image AUROC) over {n} trials: {rho:+.3f}"
+                          " (near 1: val selection can be trusted)")
+    return capture.get()
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+commands = [search_command, results_command]

@@ -1,0 +1,227 @@
+"""Parquet results store: one file per finished trial, read back as one table.
+
+Layout under ``<storage>/<experiment>/``::
+
+    trials/<trial_id>.parquet    one row per finished trial (written once it has ended)
+    epochs/<trial_id>.parquet    one row per validation epoch of that trial
+    <table>/<name>.parquet       any other table (the ensemble step adds ``ensembles``)
+
+Every file is written to a temporary name in the same folder and renamed with
+``os.replace``, so a reader never sees half a file and a rewrite of the same trial
+replaces it (a resumed search stores every trial exactly once). Rows carry
+``schema_version``. Nothing from the environment (API keys, tokens) is ever stored.
+Read with :func:`read_table` (pyarrow.dataset) or :func:`query` (duckdb SQL).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from automl_ad.errors import UserError
+
+SCHEMA_VERSION = 1
+TRIALS = "trials"
+EPOCHS = "epochs"
+METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_.=-]+$")
+
+# Columns every trial row has, in this order; flattened params (param_*) follow.
+TRIAL_FIELDS: dict[str, pa.DataType] = {
+    "schema_version": pa.int32(),
+    "experiment": pa.string(),
+    "category": pa.string(),
+    "trial_id": pa.string(),
+    "method": pa.string(),
+    "backbone": pa.string(),
+    "synthesis": pa.string(),
+    "image_size": pa.int32(),
+    "params": pa.string(),
+    "status": pa.string(),
+    "epochs": pa.int32(),
+    "max_epochs": pa.int32(),
+    "wall_s": pa.float64(),
+    "devices": pa.float64(),
+    "device_kind": pa.string(),
+    "device_s": pa.float64(),
+    "budget_used": pa.float64(),
+    **{f"val_{k}": pa.float64() for k in METRIC_KEYS},
+    "objective": pa.float64(),
+    **{f"test_{k}": pa.float64() for k in METRIC_KEYS},
+    "threshold": pa.float64(),
+    "checkpoint": pa.string(),
+    "seed": pa.int64(),
+    "code_version": pa.string(),
+    "data_fingerprint": pa.string(),
+    "started": pa.timestamp("us", tz="UTC"),
+    "ended": pa.timestamp("us", tz="UTC"),
+    "error": pa.string(),
+}
+
+EPOCH_FIELDS: dict[str, pa.DataType] = {
+    "schema_version": pa.int32(),
+    "experiment": pa.string(),
+    "trial_id": pa.string(),
+    "method": pa.string(),
+    "epoch": pa.int32(),
+    "phase": pa.string(),
+    "step": pa.int64(),
+    "train_loss": pa.float64(),
+    **{f"val_{k}": pa.float64() for k in METRIC_KEYS},
+    "objective": pa.float64(),
+    "elapsed_s": pa.float64(),
+}
+
+
+def experiment_dir(storage: Path | str, experiment: str) -> Path:
+    """``<storage>/<experiment>`` after checking the experiment name is a plain name."""
+    if not _SAFE_NAME.match(experiment):
+        raise UserError(f"--experiment {experiment!r}: use letters, digits, '_', '-', '.' or '='")
+    return Path(storage) / experiment
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+        return None
+    return value
+
+
+def flatten_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"draem.lr": 1e-4}`` -> ``{"param_draem.lr": 1e-4}`` with scalar values only."""
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        if isinstance(value, (bool, int, float, str)) or value is None:
+            flat[f"param_{key}"] = _clean(value)
+        else:
+            flat[f"param_{key}"] = json.dumps(value, sort_keys=True, default=str)
+    return flat
+
+
+def _write_table(table: pa.Table, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _rows_to_table(rows: list[Mapping[str, Any]], fields: Mapping[str, pa.DataType]) -> pa.Table:
+    extra = sorted({k for row in rows for k in row} - set(fields))
+    schema_fields = [pa.field(name, kind) for name, kind in fields.items()]
+    for name in extra:
+        values = [_clean(row.get(name)) for row in rows]
+        schema_fields.append(pa.field(name, _infer_type(values)))
+    schema = pa.schema(schema_fields)
+    columns = {
+        field.name: [_clean(row.get(field.name)) for row in rows] for field in schema
+    }
+    if "schema_version" in columns:
+        columns["schema_version"] = [SCHEMA_VERSION] * len(rows)
+    return pa.table(columns, schema=schema)
+
+
+def _infer_type(values: list[Any]) -> pa.DataType:
+    present = [v for v in values if v is not None]
+    if present and all(isinstance(v, bool) for v in present):
+        return pa.bool_()
+    if present and all(isinstance(v, int) and not isinstance(v, bool) for v in present):
+        return pa.int64()
+    if present and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present):
+        return pa.float64()
+    return pa.string()
+
+
+def write_rows(folder: Path, table_name: str, name: str, rows: list[Mapping[str, Any]],
+               fields: Mapping[str, pa.DataType] | None = None) -> Path:
+    """Write ``rows`` as ``<folder>/<table_name>/<name>.parquet`` (atomic, replaces).
+
+    Columns named in ``fields`` get those types; other columns are inferred.
+    """
+    if not _SAFE_NAME.match(name):
+        raise ValueError(f"unsafe file name for the store: {name!r}")
+    table = _rows_to_table(rows, fields or {"schema_version": pa.int32()})
+    return _write_table(table, Path(folder) / table_name / f"{name}.parquet")
+
+
+def write_trial(folder: Path, row: Mapping[str, Any], epochs: Iterable[Mapping[str, Any]] = ()) -> Path:
+    """Store one finished trial and its per-epoch rows; returns the trial file path."""
+    trial_id = str(row["trial_id"])
+    params = row.get("params") or {}
+    if isinstance(params, str):
+        params = json.loads(params)
+    full = {**row, "params": json.dumps(params, sort_keys=True, default=str), **flatten_params(params)}
+    epoch_rows = [{**e, "trial_id": trial_id, "experiment": row.get("experiment"), "method": row.get("method")}
+                  for e in epochs]
+    if epoch_rows:
+        write_rows(folder, EPOCHS, trial_id, epoch_rows, EPOCH_FIELDS)
+    return write_rows(folder, TRIALS, trial_id, [full], TRIAL_FIELDS)
+
+
+def stored_trial_ids(folder: Path) -> set[str]:
+    """Trial ids that already have a row (cheap: file names only)."""
+    directory = Path(folder) / TRIALS
+    return {p.stem for p in directory.glob("*.parquet")} if directory.is_dir() else set()
+
+
+def _table_files(folder: Path, table_name: str) -> list[str]:
+    directory = Path(folder) / table_name
+    if not directory.is_dir():
+        return []
+    return sorted(str(p) for p in directory.glob("*.parquet") if not p.name.startswith("."))
+
+
+def read_table(folder: Path, table_name: str = TRIALS) -> pa.Table:
+    """All rows of a table as one pyarrow Table (columns unified across files)."""
+    files = _table_files(folder, table_name)
+    if not files:
+        return pa.table({})
+    schemas = [pq.read_schema(f) for f in files]
+    schema = pa.unify_schemas(schemas, promote_options="permissive")
+    return pads.dataset(files, schema=schema, format="parquet").to_table()
+
+
+def query(folder: Path, sql: str, table_name: str = TRIALS) -> list[tuple]:
+    """Run duckdb ``sql`` over a table exposed as the view named ``table_name``."""
+    import duckdb
+
+    files = _table_files(folder, table_name)
+    if not files:
+        return []
+    con = duckdb.connect()
+    try:
+        file_list = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
+        con.execute(f"CREATE VIEW {table_name} AS SELECT * FROM read_parquet([{file_list}], union_by_name=true)")
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+def list_experiments(storage: Path | str, category: str | None = None) -> list[str]:
+    """Experiments under ``storage`` (newest first) that hold trials, optionally of a category."""
+    root = Path(storage)
+    if not root.is_dir():
+        return []
+    found = []
+    for folder in root.iterdir():
+        if not folder.is_dir() or not _table_files(folder, TRIALS):
+            continue
+        if category is not None:
+            table = read_table(folder)
+            if "category" not in table.column_names or category not in set(table["category"].to_pylist()):
+                continue
+        found.append((folder.stat().st_mtime, folder.name))
+    return [name for _, name in sorted(found, reverse=True)]

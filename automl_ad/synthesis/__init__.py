@@ -1,0 +1,70 @@
+"""Synthetic-anomaly families, batched in torch on the images' device.
+
+Families (``FAMILIES``): perlin (DRAEM), nsa (NSA, Poisson blending), cutpaste and
+cutpaste_scar (CutPaste), corruption (SSAE). Build one with ``build_synthesizer``::
+
+    synth = build_synthesizer("nsa", {"label": "binary"}, category="screw")
+    batch = synth(images, torch.Generator(images.device).manual_seed(0))
+    batch.images, batch.masks, batch.labels   # B x C x H x W, B x 1 x H x W, B
+
+Each family's parameter names, defaults and ranges are in its module docstring and in
+``<Params>.RANGES``; ``range_doc(FAMILIES[name].Params)`` prints them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from automl_ad.errors import UserError
+from automl_ad.synthesis.base import SynthBatch, SynthParams, Synthesizer, range_doc
+from automl_ad.synthesis.corruption import CorruptionParams, CorruptionSynthesizer
+from automl_ad.synthesis.cutpaste import CutPasteParams, CutPasteSynthesizer, ScarParams, ScarSynthesizer
+from automl_ad.synthesis.perlin import PerlinParams, PerlinSynthesizer
+from automl_ad.synthesis.poisson import NSAParams, NSASynthesizer, category_defaults, poisson_blend
+
+FAMILIES: dict[str, type[Synthesizer]] = {
+    "perlin": PerlinSynthesizer,
+    "nsa": NSASynthesizer,
+    "cutpaste": CutPasteSynthesizer,
+    "cutpaste_scar": ScarSynthesizer,
+    "corruption": CorruptionSynthesizer,
+}
+
+
+def build_synthesizer(
+    family: str,
+    params: Mapping[str, Any] | None = None,
+    *,
+    category: str | None = None,
+    texture_dir: Path | None = None,
+) -> Synthesizer:
+    """Family by name with ``params`` over its (per-category, for NSA) defaults.
+
+    Unknown family, unknown key or a value outside its range raise ``UserError``.
+    ``texture_dir``: folder of anomaly-source images such as DTD (used by perlin,
+    ignored by the other families).
+    """
+    if family not in FAMILIES:
+        raise UserError(f"unknown synthesis family {family!r} (known: {', '.join(FAMILIES)})")
+    cls = FAMILIES[family]
+    defaults = category_defaults(category) if family == "nsa" else {}
+    built = cls.Params.from_mapping(params, defaults)
+    return cls(built, category=category, texture_dir=Path(texture_dir) if texture_dir is not None else None)
+
+
+__all__ = [
+    "FAMILIES",
+    "SynthBatch",
+    "SynthParams",
+    "Synthesizer",
+    "build_synthesizer",
+    "category_defaults",
+    "poisson_blend",
+    "range_doc",
+    "CorruptionParams",
+    "CutPasteParams",
+    "NSAParams",
+    "PerlinParams",
+    "ScarParams",
+]

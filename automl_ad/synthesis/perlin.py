@@ -1,0 +1,388 @@
+"""DRAEM's synthetic anomalies (Zavrtanik et al., ICCV 2021), batched in torch.
+
+Mask: 2-D gradient (Perlin) noise with 2**ky x 2**kx periods across the image,
+ky, kx drawn independently from {min_scale_exp, ..., max_scale_exp}, rotated by a random
+angle in (-rotate, rotate) degrees, thresholded at ``threshold``. The noise is generated
+for the whole batch at once: each image has its own lattice of random unit gradients and
+the rotation is applied to the sampling coordinates (so, unlike rotating the noise image,
+no corner is left empty).
+
+Anomaly source A: images from ``texture_dir`` (DTD in the paper; loaded once) when given,
+else per image either another normal image (``sources`` or the batch rolled) or, with
+probability ``noise_share``, a generated colour noise texture. A gets ``n_aug`` distinct
+augmentations out of DRAEM's ten (gamma/contrast, brightness multiply+add, sharpness,
+hue/saturation shift, solarize, posterize, invert, autocontrast, equalize, rotate),
+applied in a fixed order (imgaug applies the chosen three in random order).
+
+Blend (paper Eq. 1): I_a = (1 - M) I + (1 - beta) M A + beta M I, beta ~ U(beta_low, beta_high).
+Labels: mask M, image label 1 iff M is non-empty (as DRAEM's loader does).
+
+Params (``PerlinParams``; names used by the search):
+  normal_share  [0, 1]    0.5   share of samples left normal
+  min_scale_exp [0, 6]    0     smallest noise period exponent
+  max_scale_exp [0, 6]    5     largest noise period exponent (DRAEM: 0..5)
+  threshold     [0.1, 0.9] 0.5  Perlin threshold (noise scaled to about [-1, 1])
+  rotate        [0, 180]  90    max rotation of the noise in degrees
+  beta_low      [0, 0.95] 0.0   lowest opacity of the original image inside M (code: U(0, 0.8))
+  beta_high     [0, 0.95] 0.8   highest (the paper's 1.0 would leave pixels unchanged)
+  n_aug         [0, 10]   3     augmentations applied to the anomaly source
+  noise_share   [0, 1]    0.5   without texture_dir: share of sources that are noise textures
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from automl_ad.errors import UserError
+from automl_ad.synthesis.base import (
+    SynthBatch,
+    SynthParams,
+    Synthesizer,
+    luminance,
+    shift_hue,
+    uniform,
+)
+
+_SQRT2 = math.sqrt(2.0)
+# Rotated unit-square coordinates reach 0.5 +- sqrt(2)/2; shift them to start at 0.
+_ROT_MARGIN = _SQRT2 / 2 - 0.5
+
+
+def perlin_noise(
+    batch: int,
+    height: int,
+    width: int,
+    periods_y: Tensor,
+    periods_x: Tensor,
+    generator: torch.Generator,
+    angle: Tensor | None = None,
+    samples_per_period: int = 4,
+) -> Tensor:
+    """Batched 2-D gradient noise, B x H x W, values in about [-1, 1].
+
+    periods_y, periods_x: B integer-valued tensors (noise periods across the image).
+    angle: B radians; the sampling coordinates are rotated around the image centre.
+
+    Each image gets a lattice of random unit gradients, one cell per period. The noise is
+    evaluated exactly on a regular grid of ``samples_per_period`` to 8 samples per lattice
+    cell, with a few matrix products because Perlin's fade-weighted corner sum is
+    separable along y and x; one ``grid_sample`` then maps every output pixel, rotated and
+    scaled by its image's periods, into that grid with bilinear interpolation. No
+    per-pixel gathers, one host sync (the largest period sizes the lattice).
+    """
+    device = periods_y.device
+    span = 1.0 + 2 * _ROT_MARGIN if angle is not None else 1.0
+    longest = int(torch.maximum(periods_y, periods_x).max())  # one host sync: sizes the lattice
+    cells = int(math.ceil(span * longest)) + 1
+    if angle is None:
+        return _axis_aligned_noise(batch, height, width, periods_y, periods_x, generator, cells)
+    # 8 samples per cell keep the bilinear error near 3 % of the range (the old
+    # evaluate-coarse-then-upsample scheme had that for its highest period); small images
+    # do not need more samples than pixels per period.
+    per_cell = max(samples_per_period, min(8, min(height, width) // max(longest, 1)))
+    theta = 2 * math.pi * torch.rand((batch, cells + 1, cells + 1), generator=generator, device=device)
+    value, slope = _cell_weights(cells, per_cell, device)
+    # Perlin's sum over corners of fade_y fade_x (g_y (f_y - o_y) + g_x (f_x - o_x)) is
+    # separable: contract x with banded matrices, then y with the 4 per-sample weights.
+    along_x_y = torch.sin(theta) @ value.T  # B x (cells + 1) x N: the g_y terms
+    along_x_x = torch.cos(theta) @ slope.T  # the g_x terms
+    pairs = torch.stack((along_x_y[:, :-1], along_x_y[:, 1:], along_x_x[:, :-1], along_x_x[:, 1:]), 2)
+    weights_y = torch.stack(_fade_terms(per_cell, device), 1)  # per_cell x 4
+    grid = (weights_y @ pairs).reshape(batch, 1, cells * per_cell, cells * per_cell)
+
+    if angle is None:
+        cos = torch.ones(batch, device=device)
+        sin = torch.zeros(batch, device=device)
+    else:
+        cos, sin = torch.cos(angle), torch.sin(angle)
+    offset = 0.5 + (_ROT_MARGIN if angle is not None else 0.0)
+    # Output pixel centres in [-1, 1] (x_n, y_n) map to sample-grid coordinates in
+    # [-1, 1]; lattice coordinate l sits at 2 l / cells - 1 there.
+    scale_y = periods_y.float() / cells
+    scale_x = periods_x.float() / cells
+    y_n = (2 * torch.arange(height, device=device, dtype=torch.float32) + 1) / height - 1
+    x_n = (2 * torch.arange(width, device=device, dtype=torch.float32) + 1) / width - 1
+    coords = torch.empty(batch, height, width, 2, device=device)
+    # each coordinate is (term in x) + (term in y): one broadcast add per component
+    torch.add(
+        (scale_x * cos)[:, None, None] * x_n[None, None, :],
+        (scale_x * sin)[:, None, None] * y_n[None, :, None] + (2 * offset * scale_x - 1)[:, None, None],
+        out=coords[..., 0],
+    )
+    torch.add(
+        (-scale_y * sin)[:, None, None] * x_n[None, None, :],
+        (scale_y * cos)[:, None, None] * y_n[None, :, None] + (2 * offset * scale_y - 1)[:, None, None],
+        out=coords[..., 1],
+    )
+    noise = F.grid_sample(grid, coords, mode="bilinear", padding_mode="border", align_corners=False)
+    return _SQRT2 * noise.squeeze(1)
+
+
+def _axis_aligned_noise(
+    batch: int, height: int, width: int, periods_y: Tensor, periods_x: Tensor, generator: torch.Generator, cells: int
+) -> Tensor:
+    """Unrotated noise evaluated exactly at every pixel: with per-image banded weight
+    matrices along y and x (B x size x lattice) the corner sum is two matrix products."""
+    theta = 2 * math.pi * torch.rand((batch, cells + 1, cells + 1), generator=generator, device=periods_y.device)
+    value_y, slope_y = _pixel_weights(periods_y, height, cells + 1)
+    value_x, slope_x = _pixel_weights(periods_x, width, cells + 1)
+    noise = slope_y @ torch.sin(theta) @ value_x.transpose(1, 2) + value_y @ torch.cos(theta) @ slope_x.transpose(1, 2)
+    return _SQRT2 * noise
+
+
+def _pixel_weights(periods: Tensor, size: int, lattice: int) -> tuple[Tensor, Tensor]:
+    """B x size x lattice: for pixel k at lattice coordinate l = (k + 0.5) / size * period,
+    the fade weights of points floor(l), floor(l) + 1 (value) and those times the offset
+    to the point (slope)."""
+    coord = (torch.arange(size, device=periods.device, dtype=torch.float32) + 0.5) / size * periods.float()[:, None]
+    cell = coord.floor()
+    t = coord - cell
+    fade = t * t * t * (t * (t * 6 - 15) + 10)
+    points = torch.arange(lattice, device=periods.device, dtype=torch.float32)
+    at_near = (points == cell[..., None]).float()
+    at_far = (points == cell[..., None] + 1).float()
+    value = at_near * (1 - fade)[..., None] + at_far * fade[..., None]
+    slope = at_near * ((1 - fade) * t)[..., None] + at_far * (fade * (t - 1))[..., None]
+    return value, slope
+
+
+def _fade_terms(per_cell: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """At t = (k + 0.5) / per_cell: the weights of lattice points 0 and 1 times the offset
+    to them, (1 - fade(t)) t and fade(t) (t - 1), and the plain weights 1 - fade(t), fade(t)."""
+    t = (torch.arange(per_cell, device=device, dtype=torch.float32) + 0.5) / per_cell
+    fade = t * t * t * (t * (t * 6 - 15) + 10)
+    return (1 - fade) * t, fade * (t - 1), 1 - fade, fade
+
+
+def _cell_weights(cells: int, per_cell: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Banded (cells * per_cell) x (cells + 1) matrices: row (cell i, sample k) holds the
+    plain weights (value) or offset weights (slope) of lattice points i and i + 1."""
+    slope_near, slope_far, near, far = _fade_terms(per_cell, device)
+    value = torch.zeros(cells, per_cell, cells + 1, device=device)
+    slope = torch.zeros(cells, per_cell, cells + 1, device=device)
+    index = torch.arange(cells, device=device)
+    value[index, :, index] = near
+    value[index, :, index + 1] = far
+    slope[index, :, index] = slope_near
+    slope[index, :, index + 1] = slope_far
+    return value.view(cells * per_cell, cells + 1), slope.view(cells * per_cell, cells + 1)
+
+
+def noise_textures(batch: int, channels: int, height: int, width: int, generator: torch.Generator, device: torch.device) -> Tensor:
+    """Colour fractal-noise textures (B x C x H x W in [0, 1]) as stand-in anomaly sources."""
+    count = batch * channels
+    base = 2 ** torch.randint(1, 5, (count,), generator=generator, device=device)
+    noise = perlin_noise(count, height, width, base, base, generator)
+    noise = noise + 0.5 * perlin_noise(count, height, width, base * 2, base * 2, generator)
+    noise = noise.view(batch, channels, height, width)
+    gain = uniform(generator, (batch, channels, 1, 1), device, 0.3, 0.8)
+    offset = uniform(generator, (batch, channels, 1, 1), device, 0.2, 0.8)
+    return (offset + gain * noise).clamp(0, 1)
+
+
+# ------------------------------------------------------------ DRAEM source augmentations
+
+
+def _gamma(x: Tensor, g: torch.Generator) -> Tensor:
+    gamma = torch.exp(uniform(g, (x.shape[0], x.shape[1], 1, 1), x.device, math.log(0.5), math.log(2.0)))
+    return x.clamp_min(1e-6) ** gamma
+
+
+def _brightness(x: Tensor, g: torch.Generator) -> Tensor:
+    mul = uniform(g, (x.shape[0], 1, 1, 1), x.device, 0.8, 1.2)
+    add = uniform(g, (x.shape[0], 1, 1, 1), x.device, -30 / 255, 30 / 255)
+    return x * mul + add
+
+
+def _sharpness(x: Tensor, g: torch.Generator) -> Tensor:
+    # PIL's sharpness: extrapolate between a smoothed copy and the image.
+    # kernel [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13 = (3x3 box sum + 4 centre) / 13; the
+    # box filter is much faster on CPU than a depthwise convolution
+    box = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    smooth = (9.0 * box + 4.0 * x) / 13.0
+    factor = uniform(g, (x.shape[0], 1, 1, 1), x.device, 0.0, 2.0)
+    return smooth + factor * (x - smooth)
+
+
+def _hue_saturation(x: Tensor, g: torch.Generator) -> Tensor:
+    shift = uniform(g, (x.shape[0],), x.device, -50 / 255, 50 / 255)
+    sat = uniform(g, (x.shape[0],), x.device, -50 / 255, 50 / 255)
+    if x.shape[1] == 1:  # no hue on gray: shift the intensity a little instead
+        return x + shift[:, None, None, None]
+    return shift_hue(x.clamp(0, 1), shift, sat)
+
+
+def _solarize(x: Tensor, g: torch.Generator) -> Tensor:
+    threshold = uniform(g, (x.shape[0], 1, 1, 1), x.device, 32 / 255, 128 / 255)
+    apply = uniform(g, (x.shape[0], 1, 1, 1), x.device) < 0.5
+    return torch.where(apply & (x >= threshold), 1.0 - x, x)
+
+
+def _posterize(x: Tensor, g: torch.Generator) -> Tensor:
+    bits = torch.randint(1, 8, (x.shape[0], 1, 1, 1), generator=g, device=x.device).float()
+    levels = 2.0**bits
+    return torch.floor(x.clamp(0, 1) * 255.0 / (256.0 / levels)) * (256.0 / levels) / 255.0
+
+
+def _invert(x: Tensor, g: torch.Generator) -> Tensor:
+    return 1.0 - x
+
+
+def _autocontrast(x: Tensor, g: torch.Generator) -> Tensor:
+    low = x.amin(dim=(2, 3), keepdim=True)
+    high = x.amax(dim=(2, 3), keepdim=True)
+    return torch.where(high - low > 1e-6, (x - low) / (high - low).clamp_min(1e-6), x)
+
+
+def _equalize(x: Tensor, g: torch.Generator) -> Tensor:
+    batch, channels, height, width = x.shape
+    levels = (x.clamp(0, 1) * 255).round().long().reshape(batch * channels, -1)
+    hist = torch.zeros(batch * channels, 256, device=x.device).scatter_add_(1, levels, torch.ones_like(levels, dtype=torch.float32))
+    cdf = hist.cumsum(1)
+    cdf_min = torch.where(hist > 0, cdf, torch.full_like(cdf, float(height * width))).amin(1, keepdim=True)
+    lut = (cdf - cdf_min) / (height * width - cdf_min).clamp_min(1.0)
+    return lut.gather(1, levels).reshape(x.shape).clamp(0, 1)
+
+
+def _rotate(x: Tensor, g: torch.Generator) -> Tensor:
+    angle = uniform(g, (x.shape[0],), x.device, -math.pi / 4, math.pi / 4)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    zero = torch.zeros_like(cos)
+    theta = torch.stack((torch.stack((cos, -sin, zero), 1), torch.stack((sin, cos, zero), 1)), 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+AUGMENTATIONS = (
+    _gamma, _brightness, _sharpness, _hue_saturation, _solarize,
+    _posterize, _invert, _autocontrast, _equalize, _rotate,
+)
+
+
+def augment_sources(images: Tensor, generator: torch.Generator, n_aug: int, *, in_place: bool = False) -> Tensor:
+    """Apply ``n_aug`` distinct random augmentations per image (subsets run batched).
+    ``in_place``: write into ``images`` (the caller owns it) instead of a copy."""
+    if n_aug <= 0:
+        return images
+    batch = images.shape[0]
+    ranks = torch.rand((batch, len(AUGMENTATIONS)), generator=generator, device=images.device).argsort(1).argsort(1)
+    chosen = ranks < n_aug
+    out = images if in_place else images.clone()
+    for op_index, op in enumerate(AUGMENTATIONS):
+        rows = chosen[:, op_index].nonzero().squeeze(1)
+        if rows.numel() == batch:
+            out.copy_(op(out, generator).clamp_(0, 1))
+        elif rows.numel():
+            out.index_copy_(0, rows, op(out.index_select(0, rows), generator).clamp_(0, 1))
+    return out
+
+
+# ------------------------------------------------------------------------ family
+
+
+@dataclass
+class PerlinParams(SynthParams):
+    FAMILY: ClassVar[str] = "perlin"
+    RANGES: ClassVar[dict[str, tuple]] = {
+        "normal_share": (0.0, 1.0),
+        "min_scale_exp": (0, 6),
+        "max_scale_exp": (0, 6),
+        "threshold": (0.1, 0.9),
+        "rotate": (0.0, 180.0),
+        "beta_low": (0.0, 0.95),
+        "beta_high": (0.0, 0.95),
+        "n_aug": (0, 10),
+        "noise_share": (0.0, 1.0),
+    }
+    PAIRS: ClassVar[tuple] = (("min_scale_exp", "max_scale_exp"), ("beta_low", "beta_high"))
+
+    normal_share: float = 0.5
+    min_scale_exp: int = 0
+    max_scale_exp: int = 5
+    threshold: float = 0.5
+    rotate: float = 90.0
+    beta_low: float = 0.0
+    beta_high: float = 0.8
+    n_aug: int = 3
+    noise_share: float = 0.5
+
+
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+
+
+def load_textures(texture_dir: Path, height: int, width: int) -> Tensor:
+    """All images under ``texture_dir`` (recursive), RGB, resized: N x 3 x H x W uint8."""
+    import cv2
+    import numpy as np
+
+    texture_dir = Path(texture_dir)
+    if not texture_dir.is_dir():
+        raise UserError(f"texture_dir {texture_dir} is not a folder")
+    files = sorted(p for p in texture_dir.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
+    if not files:
+        raise UserError(f"texture_dir {texture_dir} holds no images ({', '.join(sorted(_IMAGE_SUFFIXES))})")
+    loaded = []
+    for path in files:
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if image is None:
+            raise UserError(f"texture_dir: cannot read image {path}")
+        image = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+        loaded.append(np.ascontiguousarray(image[:, :, ::-1].transpose(2, 0, 1)))
+    return torch.from_numpy(np.stack(loaded))
+
+
+class PerlinSynthesizer(Synthesizer):
+    FAMILY = "perlin"
+    Params = PerlinParams
+
+    def __init__(self, params: PerlinParams, *, category: str | None = None, texture_dir: Path | None = None) -> None:
+        super().__init__(params, category=category, texture_dir=texture_dir)
+        self._textures: dict[tuple[int, int], Tensor] = {}
+        if texture_dir is not None and not Path(texture_dir).is_dir():
+            raise UserError(f"texture_dir {texture_dir} is not a folder")
+
+    def _texture_bank(self, height: int, width: int) -> Tensor:
+        if (height, width) not in self._textures:
+            self._textures[(height, width)] = load_textures(self.texture_dir, height, width)
+        return self._textures[(height, width)]
+
+    def masks(self, batch: int, height: int, width: int, generator: torch.Generator, device: torch.device) -> Tensor:
+        p = self.params
+        exp_y = torch.randint(p.min_scale_exp, p.max_scale_exp + 1, (batch,), generator=generator, device=device)
+        exp_x = torch.randint(p.min_scale_exp, p.max_scale_exp + 1, (batch,), generator=generator, device=device)
+        angle = uniform(generator, (batch,), device, -p.rotate, p.rotate) * math.pi / 180
+        noise = perlin_noise(batch, height, width, 2**exp_y, 2**exp_x, generator, angle)
+        return (noise > p.threshold).float().unsqueeze(1)
+
+    def anomaly_sources(self, images: Tensor, donors: Tensor, generator: torch.Generator) -> Tensor:
+        batch, channels, height, width = images.shape
+        device = images.device
+        if self.texture_dir is not None:
+            bank = self._texture_bank(height, width)
+            pick = torch.randint(0, bank.shape[0], (batch,), generator=generator, device=device)
+            chosen = bank[pick.cpu()].to(device).float().div(255.0)
+            return chosen if channels == 3 else luminance(chosen)
+        use_noise = (uniform(generator, (batch,), device) < self.params.noise_share).nonzero().squeeze(1)
+        out = donors  # the family owns its donors tensor (see Synthesizer.synthesize)
+        if use_noise.numel():
+            out.index_copy_(0, use_noise, noise_textures(use_noise.numel(), channels, height, width, generator, device))
+        return out
+
+    def synthesize(self, images: Tensor, donors: Tensor, generator: torch.Generator, *, sources_given: bool) -> SynthBatch:
+        p = self.params
+        batch, _, height, width = images.shape
+        mask = self.masks(batch, height, width, generator, images.device)
+        source = augment_sources(self.anomaly_sources(images, donors, generator), generator, p.n_aug, in_place=True)
+        beta = uniform(generator, (batch, 1, 1, 1), images.device, p.beta_low, p.beta_high)
+        # (1 - M) I + (1 - beta) M A + beta M I = I + (1 - beta) M (A - I): one lerp, and
+        # exactly I where M = 0
+        blended = torch.lerp(images, source, (1 - beta) * mask)
+        labels = (mask.flatten(1).amax(1) > 0).float()
+        return SynthBatch(blended, mask, labels)

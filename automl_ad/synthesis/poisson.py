@@ -1,0 +1,483 @@
+"""NSA's natural synthetic anomalies (Schlüter et al., ECCV 2022), batched in torch.
+
+Per image: a rectangular patch is cut from a donor (another image of the batch, or of
+``sources``), half-width per dimension (0.03 + Gamma(gamma_shape, gamma_scale)) x side,
+clipped to [width_min_*, width_max_*]; rescaled by clip(N(1, 0.5), resize_min, resize_max)
+keeping its aspect ratio, moved to a new random location and blended by gradient-domain
+(Poisson) editing. The first patch is always added, each of the further ``n_patches - 1``
+with probability 0.5. Object categories (``object=True``) keep patches on the object:
+foreground = |gray*255 - fg_bright| > fg_thresh followed by a 7x7 median (majority) filter,
+fg_bright = -1 meaning "the median of the image border"; the source patch must hold at
+least ``min_object`` foreground and the destination overlap it by ``min_overlap``
+(16 candidate positions tried at once, the first passing one taken, else the best).
+
+NSA's patches go through ``paste_rectangles``, which resamples the donor and solves only
+inside each patch's window (windows grouped by size). ``poisson_blend`` (any mask) is
+solved for the whole batch on the images' device:
+the unknowns are the pixels of each mask's bounding rectangle, Dirichlet data come from
+the target just outside it, and the discrete 5-point system is diagonalised by the
+type-I discrete sine transform, done as batched matrix products with per-image DST
+matrices (the rectangles differ in size). Edge guidance: NORMAL uses the source's
+difference on every edge touching the mask, MIXED the larger-magnitude one of source and
+target (per channel); edges away from the mask keep the target's (as OpenCV's
+seamlessClone does), so for rectangular masks (NSA's) the result is the exact discrete
+Poisson solution. The outermost image ring is never blended.
+
+Labels (``label``), from d = mean over channels of |I_a - I| in 0..255 units:
+  binary:     1 where d > 1, then a 5x5 median (majority) filter;
+  continuous: 5x5 median of d, / 255 (the paper uses a disk of radius 5);
+  logistic:   patch mask / (1 + exp(-k (d - x0))), zeroed where d <= 1 (the tolerance:
+              below one grey level the pixel counts as unchanged).
+Image label 1 iff some pixel has d > 1.
+
+Params (``NSAParams``; per-category defaults in ``CATEGORY_DEFAULTS``):
+  normal_share [0, 1] 0.0; width_min_y, width_max_y, width_min_x, width_max_x [0.01, 0.5];
+  gamma_shape [0.5, 5] 2; gamma_scale [0.005, 0.2] 0.05; resize_min [0.25, 1], resize_max
+  [1, 4]; n_patches [1, 6]; mode normal|mixed; label binary|continuous|logistic;
+  k [0.01, 10]; x0 [0, 100]; object (bool); fg_bright [-1, 255]; fg_thresh [1, 200];
+  min_object [0, 1] 0.7; min_overlap [0, 1] 0.25.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from automl_ad.errors import UserError
+from automl_ad.synthesis.base import (
+    SynthBatch,
+    SynthParams,
+    Synthesizer,
+    gamma_samples,
+    majority_filter,
+    median_filter,
+    normal,
+    uniform,
+)
+
+CHANGE_TOLERANCE = 1.0  # grey levels (0..255) below which a pixel counts as unchanged
+
+
+def poisson_blend(target: Tensor, source: Tensor, mask: Tensor, mode: str = "normal") -> Tensor:
+    """Gradient-domain blend of ``source`` into ``target`` where ``mask`` > 0.5.
+
+    target, source: B x C x H x W (source already placed where it should land);
+    mask: B x 1 x H x W. mode: "normal" (source gradients) or "mixed" (per edge and
+    channel the larger-magnitude gradient). Returns B x C x H x W, not clamped.
+    """
+    if mode not in ("normal", "mixed"):
+        raise UserError(f"poisson_blend: mode={mode!r} not one of normal, mixed")
+    batch, channels, height, width = target.shape
+    inside = mask[:, 0] > 0.5
+    inside = inside.clone()
+    inside[:, 0, :] = inside[:, -1, :] = False
+    inside[:, :, 0] = inside[:, :, -1] = False
+    if not bool(inside.any()):
+        return target.clone()
+
+    rows_any, cols_any = inside.any(2), inside.any(1)
+    has = rows_any.any(1)
+    y0 = rows_any.float().argmax(1)
+    y1 = height - 1 - rows_any.flip(1).float().argmax(1)
+    x0 = cols_any.float().argmax(1)
+    x1 = width - 1 - cols_any.flip(1).float().argmax(1)
+    box_h = torch.where(has, y1 - y0 + 1, torch.zeros_like(y0))
+    box_w = torch.where(has, x1 - x0 + 1, torch.zeros_like(x0))
+    max_h, max_w = int(box_h.max()), int(box_w.max())
+
+    # Work on windows of the boxes plus their Dirichlet ring (the image border is never
+    # inside, so the ring lies in the image); pixels past a smaller box are masked out.
+    device = target.device
+    ring_rows = (y0[:, None] - 1 + torch.arange(max_h + 2, device=device)).clamp(0, height - 1)
+    ring_cols = (x0[:, None] - 1 + torch.arange(max_w + 2, device=device)).clamp(0, width - 1)
+    b_index = torch.arange(batch, device=device)[:, None, None]
+
+    def window(image: Tensor) -> Tensor:
+        return image.permute(0, 2, 3, 1)[b_index, ring_rows[:, :, None], ring_cols[:, None, :]].permute(0, 3, 1, 2)
+
+    target_w, source_w = window(target), window(source)
+    inside_w = window(inside.unsqueeze(1))
+    delta = _window_delta(target_w, source_w, inside_w, box_h, box_w, mode)
+
+    rows = ring_rows[:, 1:-1, None].expand(batch, max_h, max_w)
+    cols = ring_cols[:, None, 1:-1].expand(batch, max_h, max_w)
+    out = target.permute(0, 2, 3, 1).clone()
+    out.index_put_((b_index.expand(batch, max_h, max_w), rows, cols), delta.permute(0, 2, 3, 1), accumulate=True)
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def _window_delta(target_w: Tensor, source_w: Tensor, inside_w: Tensor, box_h: Tensor, box_w: Tensor, mode: str) -> Tensor:
+    """Poisson correction on windows: target_w, source_w N x C x (h + 2) x (w + 2) hold each
+    box (its top-left interior pixel at window (1, 1), sizes box_h x box_w) plus its
+    Dirichlet ring; inside_w N x 1 x ... marks the blended pixels. Returns the change of
+    the interior, N x C x h x w, zero outside each box."""
+    batch = target_w.shape[0]
+    max_h, max_w = target_w.shape[2] - 2, target_w.shape[3] - 2
+    device = target_w.device
+    rhs = torch.zeros_like(target_w)
+    for dim in (2, 3):
+        size = target_w.shape[dim]
+        lo = lambda t: t.narrow(dim, 0, size - 1)  # noqa: E731 - tiny slicing helpers
+        hi = lambda t: t.narrow(dim, 1, size - 1)  # noqa: E731
+        d_target = hi(target_w) - lo(target_w)
+        d_source = hi(source_w) - lo(source_w)
+        on_mask = lo(inside_w) | hi(inside_w)
+        if mode == "mixed":
+            on_mask = on_mask & (d_source.abs() > d_target.abs())
+        excess = d_target - torch.where(on_mask, d_source, d_target)
+        rhs.narrow(dim, 0, size - 1).add_(excess)
+        rhs.narrow(dim, 1, size - 1).sub_(excess)
+
+    steps_h = torch.arange(max_h, device=device)
+    steps_w = torch.arange(max_w, device=device)
+    valid_h = steps_h[None] < box_h[:, None]
+    valid_w = steps_w[None] < box_w[:, None]
+    valid = (valid_h[:, :, None] & valid_w[:, None, :]).unsqueeze(1).float()
+    interior = rhs[:, :, 1:-1, 1:-1] * valid
+
+    sine_h, eig_h = _dst_basis(box_h, max_h)
+    sine_w, eig_w = _dst_basis(box_w, max_w)
+    spectrum = sine_h.unsqueeze(1) @ interior @ sine_w.unsqueeze(1).transpose(-1, -2)
+    eigen = (eig_h[:, :, None] + eig_w[:, None, :]).unsqueeze(1)
+    spectrum = spectrum / torch.where(valid > 0, eigen, torch.ones_like(eigen))
+    norm = (4.0 / ((box_h + 1) * (box_w + 1)).float()).view(batch, 1, 1, 1)
+    return norm * (sine_h.unsqueeze(1).transpose(-1, -2) @ spectrum @ sine_w.unsqueeze(1)) * valid
+
+
+def paste_rectangles(
+    current: Tensor,
+    patch_mask: Tensor,
+    donors: Tensor,
+    active: Tensor,
+    dest_center: Tensor,
+    dest_half: Tensor,
+    src_center: Tensor,
+    scale: Tensor,
+    mode: str,
+    max_groups: int = 4,
+) -> None:
+    """Poisson-blend one rescaled donor rectangle into each active image, in place.
+
+    Same geometry as ``affine_paste`` (the strict interior of the destination rectangle,
+    centre ``dest_center``, half sizes ``dest_half``, samples the donor around
+    ``src_center`` scaled by ``scale``; all B x 2 / B) followed by ``poisson_blend``, but
+    only the rectangles' windows are touched: the donor is resampled on each window alone
+    and the DST solve runs on windows grouped by size (at most ``max_groups`` groups,
+    each padded to its largest box), so the cost follows the patch areas, not the image
+    size. Also sets ``patch_mask`` (B x 1 x H x W) to 1 on
+    the rectangles. The outermost image ring is never blended.
+    """
+    batch, channels, height, width = current.shape
+    device = current.device
+    # strict interior |y - cy| < half, as pixel index ranges, off the image border
+    top = (torch.floor(dest_center[:, 0] - dest_half[:, 0]) + 1).clamp_min(1)
+    bottom = (torch.ceil(dest_center[:, 0] + dest_half[:, 0]) - 1).clamp_max(height - 2)
+    left = (torch.floor(dest_center[:, 1] - dest_half[:, 1]) + 1).clamp_min(1)
+    right = (torch.ceil(dest_center[:, 1] + dest_half[:, 1]) - 1).clamp_max(width - 2)
+    box_h = (bottom - top + 1).clamp_min(0)
+    box_w = (right - left + 1).clamp_min(0)
+    keep = active & (box_h > 0) & (box_w > 0)
+    box_h, box_w = box_h * keep, box_w * keep
+    sizes = torch.stack((box_h, box_w), 1).long().tolist()  # one host sync: window sizes
+    for members in _size_groups(sizes, max_groups):
+        index = torch.tensor(members, device=device)
+        group_h = box_h[index].long()
+        group_w = box_w[index].long()
+        max_h, max_w = max(sizes[m][0] for m in members), max(sizes[m][1] for m in members)
+        rows = top[index, None] - 1 + torch.arange(max_h + 2, device=device)
+        cols = left[index, None] - 1 + torch.arange(max_w + 2, device=device)
+        # donor samples on the window (its ring included) only
+        src_y = src_center[index, 0, None] + (rows - dest_center[index, 0, None]) / scale[index, None]
+        src_x = src_center[index, 1, None] + (cols - dest_center[index, 1, None]) / scale[index, None]
+        grid = torch.stack(
+            (
+                ((2 * src_x + 1) / width - 1)[:, None, :].expand(-1, max_h + 2, -1),
+                ((2 * src_y + 1) / height - 1)[:, :, None].expand(-1, -1, max_w + 2),
+            ),
+            -1,
+        )
+        # one small grid_sample per member on a view of its donor: no donor copies
+        source_w = torch.cat([
+            F.grid_sample(donors[m : m + 1], grid[k : k + 1], mode="bilinear", padding_mode="reflection", align_corners=False)
+            for k, m in enumerate(members)
+        ])
+        rows_at = rows.long().clamp(0, height - 1)[:, :, None]
+        cols_at = cols.long().clamp(0, width - 1)[:, None, :]
+        image_at = index[:, None, None]
+        target_w = current[image_at, :, rows_at, cols_at].permute(0, 3, 1, 2)
+        steps_h = torch.arange(max_h + 2, device=device)
+        steps_w = torch.arange(max_w + 2, device=device)
+        inside_h = (steps_h >= 1) & (steps_h[None] <= group_h[:, None])
+        inside_w = (steps_w >= 1) & (steps_w[None] <= group_w[:, None])
+        inside = (inside_h[:, :, None] & inside_w[:, None, :]).unsqueeze(1)
+        delta = _window_delta(target_w, source_w, inside, group_h, group_w, mode)
+        # window pixels outside a box get their own values back (delta is 0 there), and
+        # never coincide with another box pixel of the same image
+        interior = (image_at, slice(None), rows_at[:, 1:-1], cols_at[:, :, 1:-1])
+        current[interior] = (target_w[:, :, 1:-1, 1:-1] + delta).permute(0, 2, 3, 1)
+        mask_at = (image_at, 0, rows_at[:, 1:-1], cols_at[:, :, 1:-1])
+        patch_mask[mask_at] = torch.maximum(patch_mask[mask_at], inside[:, 0, 1:-1, 1:-1].float())
+
+
+def _size_groups(sizes: list[list[int]], max_groups: int) -> list[list[int]]:
+    """Images with a non-empty box, sorted by solve cost and cut into at most
+    ``max_groups`` runs so that the total cost of padding each run to its largest box is
+    smallest (few groups: little per-call overhead; similar sizes: little padding)."""
+    def cost(h: int, w: int) -> int:
+        return h * w * (h + w)  # DST by matrix products along both axes
+
+    order = sorted((i for i, (h, w) in enumerate(sizes) if h > 0 and w > 0), key=lambda i: -cost(*sizes[i]))
+    count = len(order)
+    if count == 0:
+        return []
+
+    def padded(begin: int, end: int) -> int:
+        members = order[begin:end]
+        return (end - begin) * cost(max(sizes[m][0] for m in members), max(sizes[m][1] for m in members))
+
+    groups = min(max_groups, count)
+    # best[g][j]: least cost of the first j images in g runs; cut[g][j]: where the last run starts
+    best = [[math.inf] * (count + 1) for _ in range(groups + 1)]
+    cut = [[0] * (count + 1) for _ in range(groups + 1)]
+    best[0][0] = 0
+    for g in range(1, groups + 1):
+        for j in range(1, count + 1):
+            for i in range(g - 1, j):
+                total = best[g - 1][i] + padded(i, j)
+                if total < best[g][j]:
+                    best[g][j], cut[g][j] = total, i
+    g = min(range(1, groups + 1), key=lambda k: best[k][count])
+    runs, j = [], count
+    while g > 0:
+        i = cut[g][j]
+        runs.append(order[i:j])
+        j, g = i, g - 1
+    return runs[::-1]
+
+
+def _dst_basis(sizes: Tensor, max_size: int) -> tuple[Tensor, Tensor]:
+    """Per-image DST-I matrices (B x N x N, zero outside each image's size) and the
+    matching eigenvalues of the 1-D Dirichlet Laplacian, 2 - 2 cos(pi k / (n + 1))."""
+    device = sizes.device
+    k = torch.arange(1, max_size + 1, device=device, dtype=torch.float32)
+    denom = (sizes.float() + 1.0)[:, None]
+    eig = 2.0 - 2.0 * torch.cos(math.pi * k[None] / denom)
+    basis = torch.zeros(sizes.shape[0], max_size, max_size, device=device)
+    for row, size in enumerate(sizes.tolist()):
+        if size > 0:
+            basis[row, :size, :size] = _dst_matrix(int(size), device)
+    return basis, eig
+
+
+_DST_CACHE: dict[tuple[int, str], Tensor] = {}
+_DST_CACHE_LIMIT = 256
+
+
+def _dst_matrix(size: int, device: torch.device) -> Tensor:
+    """sin(pi k l / (size + 1)), k, l = 1..size, cached: patch sizes repeat across batches."""
+    key = (size, str(device))
+    if key not in _DST_CACHE:
+        if len(_DST_CACHE) >= _DST_CACHE_LIMIT:
+            _DST_CACHE.pop(next(iter(_DST_CACHE)))
+        k = torch.arange(1, size + 1, device=device, dtype=torch.float64)
+        _DST_CACHE[key] = torch.sin(math.pi * k[:, None] * k[None, :] / (size + 1)).float()
+    return _DST_CACHE[key]
+
+
+# ------------------------------------------------------------------- per category
+
+TEXTURES = ("carpet", "grid", "leather", "tile", "wood", "fabric", "marble")
+
+# NSA paper/code per-class settings (reference notes, methods.md section 2), plus the
+# built-in products: fabric and marble as textures, washer as a metal_nut-like object.
+_LOGISTIC = {
+    "screw": (1.0, 3.0),
+    "capsule": (0.5, 4.0),
+    **{c: (1 / 12, 24.0) for c in ("bottle", "cable", "hazelnut")},
+    **{c: (1 / 3, 7.0) for c in ("metal_nut", "pill", "carpet", "grid", "leather", "tile", "fabric", "marble", "washer")},
+    **{c: (1 / 6, 15.0) for c in ("toothbrush", "transistor", "zipper", "wood")},
+}
+_WIDTHS = {  # (min_y, max_y, min_x, max_x)
+    "screw": (0.03, 0.12, 0.03, 0.12),
+    "capsule": (0.03, 0.15, 0.03, 0.4),
+    "pill": (0.03, 0.2, 0.03, 0.4),
+    "toothbrush": (0.03, 0.4, 0.03, 0.2),
+    "zipper": (0.03, 0.4, 0.03, 0.2),
+    "cable": (0.05, 0.4, 0.05, 0.4),
+    "hazelnut": (0.03, 0.35, 0.03, 0.35),
+    "washer": (0.03, 0.2, 0.03, 0.2),
+}
+# (fg_bright, fg_thresh); -1 = estimate the background from the image border, used for
+# screw/washer because the built-in products share those names with unknown backgrounds.
+_FOREGROUND = {
+    **{c: (200.0, 60.0) for c in ("bottle", "capsule", "zipper")},
+    **{c: (20.0, 20.0) for c in ("hazelnut", "pill", "toothbrush", "metal_nut")},
+    "screw": (-1.0, 40.0),
+    "washer": (-1.0, 30.0),
+}
+
+
+def category_defaults(category: str | None) -> dict[str, Any]:
+    """NSA's per-class settings for ``category``; unknown names get the paper's defaults."""
+    if category is None:
+        return {}
+    name = category.lower()
+    out: dict[str, Any] = {}
+    if name in TEXTURES:
+        out.update(mode="mixed", resize_min=0.5, resize_max=2.0, n_patches=4, object=False)
+    if name in ("screw", "zipper"):
+        out["n_patches"] = 4
+    if name in _WIDTHS:
+        out.update(zip(("width_min_y", "width_max_y", "width_min_x", "width_max_x"), _WIDTHS[name]))
+    if name in _LOGISTIC:
+        out["k"], out["x0"] = _LOGISTIC[name]
+    if name in _FOREGROUND:
+        out["object"] = True
+        out["fg_bright"], out["fg_thresh"] = _FOREGROUND[name]
+        out["min_object"] = 0.5 if name == "screw" else 0.7
+    return out
+
+
+@dataclass
+class NSAParams(SynthParams):
+    FAMILY: ClassVar[str] = "nsa"
+    RANGES: ClassVar[dict[str, tuple]] = {
+        "normal_share": (0.0, 1.0),
+        "width_min_y": (0.01, 0.5),
+        "width_max_y": (0.01, 0.5),
+        "width_min_x": (0.01, 0.5),
+        "width_max_x": (0.01, 0.5),
+        "gamma_shape": (0.5, 5.0),
+        "gamma_scale": (0.005, 0.2),
+        "resize_min": (0.25, 1.0),
+        "resize_max": (1.0, 4.0),
+        "n_patches": (1, 6),
+        "mode": ("normal", "mixed"),
+        "label": ("binary", "continuous", "logistic"),
+        "k": (0.01, 10.0),
+        "x0": (0.0, 100.0),
+        "object": (False, True),
+        "fg_bright": (-1.0, 255.0),
+        "fg_thresh": (1.0, 200.0),
+        "min_object": (0.0, 1.0),
+        "min_overlap": (0.0, 1.0),
+    }
+    PAIRS: ClassVar[tuple] = (("width_min_y", "width_max_y"), ("width_min_x", "width_max_x"))
+
+    normal_share: float = 0.0
+    width_min_y: float = 0.03
+    width_max_y: float = 0.4
+    width_min_x: float = 0.03
+    width_max_x: float = 0.4
+    gamma_shape: float = 2.0
+    gamma_scale: float = 0.05
+    resize_min: float = 0.7
+    resize_max: float = 1.3
+    n_patches: int = 3
+    mode: str = "normal"
+    label: str = "logistic"
+    k: float = 1 / 3
+    x0: float = 7.0
+    object: bool = False
+    fg_bright: float = -1.0
+    fg_thresh: float = 20.0
+    min_object: float = 0.7
+    min_overlap: float = 0.25
+
+
+_CANDIDATES = 16
+
+
+def foreground(images: Tensor, bright: float, thresh: float) -> Tensor:
+    """B x 1 x H x W {0,1} object mask per NSA: |gray - background| > thresh, 7x7 median."""
+    gray = images.mean(1, keepdim=True) * 255.0
+    if bright < 0:
+        border = torch.cat((gray[:, :, 0], gray[:, :, -1], gray[:, :, :, 0], gray[:, :, :, -1]), dim=-1)
+        background = border.flatten(1).median(1).values.view(-1, 1, 1, 1)
+    else:
+        background = torch.full_like(gray[:, :, :1, :1], bright)
+    return majority_filter((gray - background).abs() > thresh, 7)
+
+
+def _rect_share(integral: Tensor, center: Tensor, half: Tensor) -> Tensor:
+    """Share of foreground in rectangles (B x T centres/halves, (y, x) px) via an integral image."""
+    height, width = integral.shape[1] - 1, integral.shape[2] - 1
+    top = (center[..., 0] - half[..., 0]).round().long().clamp(0, height)
+    bottom = (center[..., 0] + half[..., 0]).round().long().clamp(0, height)
+    left = (center[..., 1] - half[..., 1]).round().long().clamp(0, width)
+    right = (center[..., 1] + half[..., 1]).round().long().clamp(0, width)
+    flat = integral.flatten(1)
+
+    def at(y: Tensor, x: Tensor) -> Tensor:
+        return flat.gather(1, y * (width + 1) + x)
+
+    total = at(bottom, right) - at(top, right) - at(bottom, left) + at(top, left)
+    area = ((bottom - top) * (right - left)).clamp_min(1).float()
+    return total / area
+
+
+def _place(generator: torch.Generator, half: Tensor, height: int, width: int, fg: Tensor | None, min_share: float) -> Tensor:
+    """Centres (B x 2, (y, x)) keeping the rectangle inside the image with a 1 px margin;
+    with ``fg``, the first of several candidates covering at least ``min_share`` of it."""
+    batch = half.shape[0]
+    tries = _CANDIDATES if fg is not None else 1
+    low = half + 1.0
+    high = torch.stack((height - 2.0 - half[:, 0], width - 2.0 - half[:, 1]), 1)
+    high = torch.maximum(high, low)
+    draw = uniform(generator, (batch, tries, 2), half.device)
+    centers = low[:, None] + draw * (high - low)[:, None]
+    if fg is None:
+        return centers[:, 0]
+    integral = F.pad(fg[:, 0].cumsum(1).cumsum(2), (1, 0, 1, 0))
+    share = _rect_share(integral, centers, half[:, None].expand_as(centers))
+    passing = share >= min_share
+    choice = torch.where(passing.any(1), passing.float().argmax(1), share.argmax(1))
+    return centers[torch.arange(batch, device=half.device), choice]
+
+
+class NSASynthesizer(Synthesizer):
+    FAMILY = "nsa"
+    Params = NSAParams
+
+    def synthesize(self, images: Tensor, donors: Tensor, generator: torch.Generator, *, sources_given: bool) -> SynthBatch:
+        p = self.params
+        batch, _, height, width = images.shape
+        device = images.device
+        current = images.clone()
+        patch_mask = images.new_zeros(batch, 1, height, width)
+        fg_target = foreground(images, p.fg_bright, p.fg_thresh) if p.object else None
+        fg_donor = foreground(donors, p.fg_bright, p.fg_thresh) if p.object else None
+        side = images.new_tensor([height, width])
+        lower = images.new_tensor([p.width_min_y, p.width_min_x])
+        upper = images.new_tensor([p.width_max_y, p.width_max_x])
+        for patch in range(p.n_patches):
+            # every image draws every patch's numbers; inactive ones are simply not pasted
+            active = torch.ones(batch, dtype=torch.bool, device=device) if patch == 0 else uniform(generator, (batch,), device) < 0.5
+            frac = 0.03 + gamma_samples(generator, (batch, 2), device, p.gamma_shape, p.gamma_scale)
+            half_src = torch.minimum(torch.maximum(frac, lower), upper) * side
+            half_src = torch.minimum(half_src, side / 2 - 2)
+            scale = normal(generator, (batch,), device, 1.0, 0.5).clamp(p.resize_min, p.resize_max)
+            scale = torch.minimum(scale, ((side / 2 - 2) / half_src).amin(1))
+            half_dst = half_src * scale[:, None]
+            src_center = _place(generator, half_src, height, width, fg_donor, p.min_object)
+            dst_center = _place(generator, half_dst, height, width, fg_target, p.min_overlap)
+            paste_rectangles(current, patch_mask, donors, active, dst_center, half_dst, src_center, scale, p.mode)
+        current = current.clamp(0.0, 1.0)
+        return SynthBatch(current, *self._labels(images, current, patch_mask))
+
+    def _labels(self, before: Tensor, after: Tensor, patch_mask: Tensor) -> tuple[Tensor, Tensor]:
+        p = self.params
+        diff = (after - before).abs().mean(1, keepdim=True) * 255.0
+        changed = diff > CHANGE_TOLERANCE
+        if p.label == "binary":
+            masks = majority_filter(changed, 5)
+        elif p.label == "continuous":
+            masks = median_filter(diff, 5) / 255.0
+        else:
+            masks = patch_mask * torch.sigmoid(p.k * (diff - p.x0)) * changed.float()
+        return masks, changed.flatten(1).any(1).float()

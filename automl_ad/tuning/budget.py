@@ -1,0 +1,263 @@
+"""Search budgets and the ledger that enforces them across restarts.
+
+A budget is one of:
+  * device time: ``50gpu-h``, ``90gpu-m``, ``4cpu-h``, ``30cpu-s`` -- devices allocated
+    to a trial x that trial's wall seconds, summed over trials;
+  * search wall time: ``20m``, ``2h``, ``90s`` -- seconds the search was running
+    (time the search was down is never charged);
+  * a trial count: ``30trials``.
+
+The ledger is a JSON file under the experiment folder, rewritten atomically after each
+change. A trial *reserves* its estimated cost before it starts; the reservation is
+replaced by what it actually used as it runs, so the numbers survive a SIGKILL of the
+driver and a ``--resume`` carries on from them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from automl_ad.errors import UserError
+
+_UNIT_SECONDS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+_DEVICE = re.compile(r"^(?P<amount>\d+(?:\.\d+)?)\s*(?P<device>gpu|cpu)-(?P<unit>[smh])$")
+_WALL = re.compile(r"^(?P<amount>\d+(?:\.\d+)?)\s*(?P<unit>[smh])$")
+_TRIALS = re.compile(r"^(?P<amount>\d+)\s*trials?$")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """kind: "device" (device-seconds), "wall" (search seconds) or "trials" (count).
+
+    device: "gpu" or "cpu" for device budgets, None otherwise.
+    amount: device-seconds, seconds, or a number of trials.
+    """
+
+    kind: str
+    amount: float
+    device: str | None = None
+    text: str = ""
+
+    def describe(self, used: float) -> str:
+        """``used / total`` in the budget's own unit, for tables and logs."""
+        if self.kind == "trials":
+            return f"{int(used)}/{int(self.amount)} trials"
+        unit = f"{self.device}-h" if self.kind == "device" else "min"
+        scale = 3600.0 if self.kind == "device" else 60.0
+        return f"{used / scale:.3g}/{self.amount / scale:.3g} {unit}"
+
+
+def parse_budget(text: str) -> Budget:
+    """Parse ``50gpu-h``, ``90gpu-m``, ``4cpu-h``, ``20m``, ``2h``, ``30trials``."""
+    cleaned = str(text).strip().lower()
+    if match := _DEVICE.match(cleaned):
+        seconds = float(match["amount"]) * _UNIT_SECONDS[match["unit"]]
+        kind, device = "device", match["device"]
+    elif match := _WALL.match(cleaned):
+        seconds = float(match["amount"]) * _UNIT_SECONDS[match["unit"]]
+        kind, device = "wall", None
+    elif match := _TRIALS.match(cleaned):
+        seconds = float(match["amount"])
+        kind, device = "trials", None
+    else:
+        raise UserError(
+            f"--budget {text!r} not understood; use e.g. 50gpu-h, 90gpu-m, 4cpu-h, 20m, 2h or 30trials"
+        )
+    if seconds <= 0:
+        raise UserError(f"--budget {text!r} must be greater than zero")
+    return Budget(kind=kind, amount=seconds, device=device, text=cleaned)
+
+
+def check_budget_fits_cluster(budget: Budget, cluster_gpus: float) -> None:
+    """A GPU budget on a cluster with no GPU could never be spent."""
+    if budget.kind == "device" and budget.device == "gpu" and cluster_gpus <= 0:
+        cpu_text = budget.text.replace("gpu", "cpu")
+        raise UserError(
+            f"--budget {budget.text}: the Ray cluster has no GPU; use a CPU budget such as {cpu_text}"
+        )
+
+
+_SHARED: dict[str, "Ledger"] = {}
+
+
+def shared_ledger(folder: str | Path, budget: Budget) -> "Ledger":
+    """The process's one Ledger for ``folder`` (created on first use)."""
+    key = str(Path(folder).resolve())
+    ledger = _SHARED.get(key)
+    if ledger is None or ledger.budget != budget:
+        ledger = _SHARED[key] = Ledger(Path(folder), budget)
+    return ledger
+
+
+class Ledger:
+    """Budget accounting persisted as JSON (``<experiment>/budget.json``).
+
+    Each trial entry holds ``reserved`` (its estimate, counted until it reports usage),
+    ``used`` (device-seconds, seconds or 1 trial), ``devices``, ``wall_s`` and ``state``
+    (running/finished). ``search_s`` accumulates the search's own running time.
+    Thread-safe: Tune callbacks and the searcher may call it from the driver's threads.
+    """
+
+    FILE = "budget.json"
+
+    def __init__(self, folder: Path, budget: Budget) -> None:
+        self.path = Path(folder) / self.FILE
+        self.budget = budget
+        self._lock = threading.Lock()
+        self._state: dict[str, Any] = {"budget": budget.text, "search_s": 0.0, "trials": {}}
+        if self.path.exists():
+            stored = json.loads(self.path.read_text())
+            if stored.get("budget") not in (None, budget.text):
+                raise UserError(
+                    f"--budget {budget.text} differs from {stored['budget']} recorded in {self.path}; "
+                    "resume with the same budget"
+                )
+            self._state.update(stored)
+        # A trial that was running when the driver died is charged what it had used
+        # then; its reservation no longer holds anything back until it restarts.
+        for entry in self._state["trials"].values():
+            if entry.get("state") == "running":
+                entry["reserved"] = 0.0
+        self._session_mark: float | None = None
+
+    # --- state ----------------------------------------------------------------------
+    def __reduce__(self):
+        # Pickled by path: Tune pickles the searcher, stopper and callbacks that hold a
+        # ledger, and every unpickled copy in one process must be the same object, or
+        # two copies would overwrite each other's file.
+        return (shared_ledger, (str(self.path.parent), self.budget))
+
+    def _save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.FILE}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as handle:
+            json.dump(self._state, handle, indent=1, sort_keys=True)
+        os.replace(tmp, self.path)
+
+    # --- search wall clock -----------------------------------------------------------
+    def start_session(self) -> None:
+        """Begin charging search wall time (call when the search starts or resumes)."""
+        with self._lock:
+            self._session_mark = time.monotonic()
+
+    def tick(self) -> None:
+        """Add the search time since the last tick; only running sessions are charged."""
+        with self._lock:
+            if self._session_mark is None:
+                return
+            now = time.monotonic()
+            self._state["search_s"] = float(self._state["search_s"]) + (now - self._session_mark)
+            self._session_mark = now
+            self._save()
+
+    def end_session(self) -> None:
+        self.tick()
+        with self._lock:
+            self._session_mark = None
+
+    # --- trials -----------------------------------------------------------------------
+    def trial_cost(self, devices: float, wall_s: float) -> float:
+        """What a trial of ``devices`` running ``wall_s`` seconds costs in budget units."""
+        if self.budget.kind == "device":
+            return devices * wall_s
+        if self.budget.kind == "wall":
+            return wall_s
+        return 1.0
+
+    def used(self) -> float:
+        """Budget consumed (finished and running trials, or search seconds)."""
+        with self._lock:
+            return self._used_locked()
+
+    def _used_locked(self) -> float:
+        if self.budget.kind == "wall":
+            extra = time.monotonic() - self._session_mark if self._session_mark is not None else 0.0
+            return float(self._state["search_s"]) + extra
+        return sum(float(e["used"]) for e in self._state["trials"].values())
+
+    def committed(self) -> float:
+        """Used plus what running trials have reserved beyond their usage so far."""
+        with self._lock:
+            return self._committed_locked()
+
+    def _committed_locked(self) -> float:
+        held = sum(
+            max(0.0, float(e["reserved"]) - float(e["used"]))
+            for e in self._state["trials"].values()
+            if e.get("state") == "running"
+        )
+        return self._used_locked() + held
+
+    def remaining(self) -> float:
+        return max(0.0, self.budget.amount - self.used())
+
+    def exhausted(self) -> bool:
+        return self.used() >= self.budget.amount
+
+    def try_reserve(self, trial_id: str, estimate: float) -> bool:
+        """Reserve ``estimate`` for a new trial if the budget can hold it."""
+        with self._lock:
+            if trial_id in self._state["trials"]:
+                return True  # a resumed trial already holds its place
+            if self._committed_locked() + estimate > self.budget.amount + 1e-9:
+                return False
+            self._state["trials"][trial_id] = {
+                "reserved": float(estimate),
+                "used": 0.0,
+                "devices": 0.0,
+                "wall_s": 0.0,
+                "state": "running",
+            }
+            self._save()
+            return True
+
+    def record(self, trial_id: str, devices: float, wall_s: float, *, finished: bool = False) -> float:
+        """Set a trial's usage to ``devices`` x ``wall_s`` (cumulative over sessions, so
+        callers pass the wall seconds the trial has run in total). Returns the cost."""
+        with self._lock:
+            entry = self._state["trials"].setdefault(
+                trial_id, {"reserved": 0.0, "used": 0.0, "devices": 0.0, "wall_s": 0.0, "state": "running"}
+            )
+            entry["devices"] = float(devices)
+            entry["wall_s"] = float(wall_s)
+            entry["used"] = self.trial_cost(devices, wall_s) if self.budget.kind != "trials" else 1.0
+            if finished:
+                entry["state"] = "finished"
+                entry["reserved"] = entry["used"]
+            self._save()
+            return float(entry["used"])
+
+    def mark_lost(self, trial_ids: set[str]) -> None:
+        """Trials the driver reserved but Tune never saved before a crash: they will not
+        run again. Device/wall time they used stays charged (it was spent); they stop
+        counting as trials and hold no reservation."""
+        with self._lock:
+            for trial_id in trial_ids:
+                entry = self._state["trials"].get(trial_id)
+                if entry is None or entry.get("state") == "finished":
+                    continue
+                entry["state"], entry["reserved"] = "lost", 0.0
+                if self.budget.kind == "trials":
+                    entry["used"] = 0.0
+            self._save()
+
+    def trial(self, trial_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            entry = self._state["trials"].get(trial_id)
+            return dict(entry) if entry else None
+
+    def trials(self) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            return {k: dict(v) for k, v in self._state["trials"].items()}
+
+    def running(self) -> int:
+        with self._lock:
+            return sum(1 for e in self._state["trials"].values() if e.get("state") == "running")

@@ -1,0 +1,583 @@
+"""The search driver: Ray Tune + Optuna (TPE) + ASHA over methods, under a budget.
+
+``run_search`` prepares the experiment folder (frozen val anomalies, budget ledger,
+Optuna sqlite study), runs a ``Tuner`` whose trials are function trainables that each
+run a Ray Train ``TorchTrainer`` (see ``trainable.py``), writes one Parquet row per
+finished trial (test metrics included, never optimised), and resumes an interrupted
+search with ``Tuner.restore`` when ``resume=True``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from ray.tune import Callback
+from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
+from ray.tune.stopper import Stopper
+
+from automl_ad import store
+from automl_ad.errors import UserError
+from automl_ad.tuning.budget import Budget, Ledger, check_budget_fits_cluster, parse_budget, shared_ledger
+from automl_ad.tuning.progress import SearchProgress
+from automl_ad.tuning.space import SearchSpace, load_space, split_config
+from automl_ad.tuning.trainable import TrialContext, allocated_devices, make_trainable
+
+TUNE_NAME = "tune"
+_OPTIONS_FILE = "search.json"
+_ACTIVE: dict[str, SearchProgress] = {}  # driver-process live views, by experiment dir
+
+
+@dataclass
+class SearchOptions:
+    category: str
+    budget: str
+    data: Path | None = None
+    methods: list[str] | None = None
+    space_file: Path | None = None
+    max_concurrent: int | None = None
+    experiment: str | None = None
+    resume: bool = False
+    address: str | None = None
+    storage: Path | str = "results"
+    wandb: bool = False
+    seed: int = 0
+    image_size: int | None = None
+    val_defects: Path | None = None
+    use_train: bool = True
+    gpus_per_trial: float = 1.0
+    cpus_per_trial: float = 1.0
+    live: bool = True
+    space_dir: Path | None = None
+
+
+@dataclass
+class SearchSummary:
+    experiment: str
+    experiment_dir: Path
+    trials: int
+    best: dict[str, Any] | None
+    budget_used: float
+    budget: Budget
+
+
+def _trial_dirname(trial: Any) -> str:
+    """Trial folders named by trial id, so results map back to ledger and store rows."""
+    return trial.trial_id
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _code_version() -> str:
+    from automl_ad import __version__
+
+    return str(__version__)
+
+
+def _pick_experiment(opts: SearchOptions, storage: Path) -> str:
+    if opts.experiment:
+        return opts.experiment
+    if opts.resume:
+        candidates = sorted(
+            (p for p in storage.glob(f"{opts.category}-*") if (p / _OPTIONS_FILE).exists()),
+            key=lambda p: p.stat().st_mtime,
+        )
+        if not candidates:
+            raise UserError(f"--resume: no search of category {opts.category!r} under {storage}")
+        return candidates[-1].name
+    return f"{opts.category}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+# --- Ray pieces (module level so Tuner.restore can unpickle them by reference) ---------
+
+class BudgetedOptunaSearch(OptunaSearch):
+    """OptunaSearch that reserves budget before a trial starts and records
+    ASHA-stopped trials as PRUNED (Ray records them as COMPLETE)."""
+
+    def __init__(self, *args: Any, ledger: Ledger, max_epochs: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ledger = ledger
+        self.max_epochs = max_epochs
+        self._live: set[str] = set()
+
+    def _estimate(self) -> float:
+        done = [e["used"] for e in self.ledger.trials().values() if e.get("state") == "finished"]
+        if done:
+            return sum(done) / len(done)
+        if self.ledger.budget.kind == "trials":
+            return 1.0
+        return min(self.ledger.budget.amount * 0.1, self.ledger.remaining())
+
+    def suggest(self, trial_id: str):
+        if self.ledger.budget.kind != "trials" and self.ledger.exhausted():
+            return Searcher.FINISHED
+        if not self.ledger.try_reserve(trial_id, self._estimate()):
+            return None if self._live else Searcher.FINISHED
+        self._live.add(trial_id)
+        return super().suggest(trial_id)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        import optuna
+
+        try:
+            super().on_trial_result(trial_id, result)
+        except (KeyError, optuna.exceptions.UpdateFinishedTrialError):
+            # After a restore the searcher's snapshot can be older than the study in
+            # optuna.db: a trial it thinks is running may already be closed there.
+            pass
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self._live.discard(trial_id)
+        if trial_id not in self._ot_trials:
+            return  # a trial restored from before a restart that Optuna already closed
+        if result and not error and int(result.get("epoch", 0) or 0) < self.max_epochs:
+            result = None  # no value and no error -> Optuna marks it PRUNED
+        super().on_trial_complete(trial_id, result, error)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_live"] = set()
+        return state
+
+
+class BudgetStopper(Stopper):
+    """Stops a running trial at its next report once a device/wall budget is spent."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return self.ledger.budget.kind != "trials" and self.ledger.exhausted()
+
+    def stop_all(self) -> bool:
+        return False
+
+
+class LedgerAndStoreCallback(Callback):
+    """Charges each trial's allocated devices x wall time to the ledger (only while this
+    driver runs it), feeds the live table, and writes the store row when a trial ends."""
+
+    def __init__(self, experiment_dir: Path, ledger: Ledger, context: TrialContext, device_kind: str,
+                 fingerprints: dict[int, str]) -> None:
+        self.experiment_dir = Path(experiment_dir)
+        self.ledger = ledger
+        self.context = context
+        self.device_kind = device_kind
+        self.fingerprints = fingerprints
+        self._reset()
+
+    def _reset(self) -> None:
+        self._started: dict[str, float] = {}
+        self._base: dict[str, float] = {}
+        self._first_start: dict[str, dt.datetime] = {}
+        self._last_tick = 0.0
+
+    def __getstate__(self):
+        state = {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._reset()
+
+    def _progress(self) -> SearchProgress | None:
+        return _ACTIVE.get(str(self.experiment_dir))
+
+    def _begin(self, tid: str) -> None:
+        entry = self.ledger.trial(tid) or {}
+        self._base[tid] = float(entry.get("wall_s", 0.0))
+        self._started[tid] = time.monotonic()
+        self._first_start.setdefault(tid, _now())
+
+    def _charge(self, trial: Any, finished: bool = False) -> float:
+        tid = trial.trial_id
+        if tid not in self._started:
+            self._begin(tid)
+        wall = self._base[tid] + time.monotonic() - self._started[tid]
+        self.ledger.record(tid, allocated_devices(self.context, self.device_kind), wall, finished=finished)
+        return wall
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._begin(trial.trial_id)
+        if (progress := self._progress()) is not None:
+            progress.update(trial.trial_id, trial.config, "RUNNING", None)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._charge(trial)
+        if (progress := self._progress()) is not None:
+            progress.update(trial.trial_id, trial.config, "RUNNING", result)
+
+    def on_step_end(self, iteration, trials, **info):
+        now = time.monotonic()
+        if now - self._last_tick >= 1.0:
+            self._last_tick = now
+            self.ledger.tick()
+            # Charge running trials as time passes, not only at their reports: Tune asks
+            # the stopper before it calls on_trial_result, so the stopper must already
+            # see the time spent up to this report.
+            for trial in trials:
+                if trial.status == "RUNNING":
+                    self._charge(trial)
+
+    def _end(self, trial: Any, status: str) -> None:
+        wall = self._charge(trial, finished=True)
+        result = dict(trial.last_result or {})
+        checkpoint = result.get("checkpoint_path") or (trial.checkpoint.path if trial.checkpoint else None)
+        finalize_trial(self.experiment_dir, self.context, self.context.category, trial.trial_id,
+                       dict(trial.config), result, checkpoint, status, wall, self.ledger, self.device_kind,
+                       self.fingerprints, started=self._first_start.get(trial.trial_id))
+        if (progress := self._progress()) is not None:
+            progress.update(trial.trial_id, trial.config, status, result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        result = trial.last_result or {}
+        full = int(result.get("epoch", 0) or 0) >= self.context.max_epochs
+        self._end(trial, "finished" if full else "stopped")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._end(trial, "error")
+
+
+# --- finishing trials ----------------------------------------------------------------
+
+def _test_metrics_from_checkpoint(context: TrialContext, config: Mapping[str, Any], checkpoint: str) -> dict[str, Any]:
+    """Test metrics of a trial stopped before its end (ASHA or budget), from its checkpoint."""
+    import tempfile
+
+    import torch
+    from ray.train import Checkpoint
+
+    from automl_ad.training import evaluate, load_trained_method
+    from automl_ad.tuning.trainable import load_trial_data
+
+    image_size = split_config(config, context.default_image_size).image_size
+    data, _, _ = load_trial_data(context, image_size)
+    with tempfile.TemporaryDirectory() as folder:
+        Checkpoint(checkpoint).to_directory(folder)
+        method, _ = load_trained_method(Path(folder), context.category, "cpu")
+        metrics = evaluate(method, data.test, torch.device("cpu")) if len(data.test) else {}
+    return {f"test_{k}": v for k, v in metrics.items() if v is not None}
+
+
+def finalize_trial(experiment_dir: Path, context: TrialContext, category: str, trial_id: str,
+                   config: dict[str, Any], result: dict[str, Any], checkpoint: str | None, status: str,
+                   wall_s: float | None, ledger: Ledger, device_kind: str, fingerprints: dict[int, str],
+                   started: dt.datetime | None = None) -> None:
+    """Write a trial's row (and epochs) to the store; evaluates test metrics when the
+    trial was stopped before it could. Idempotent: a rewrite replaces the same file."""
+    if "method" not in config:
+        return
+    split = split_config(config, context.default_image_size)
+    error = None
+    if not result.get("test_done") and checkpoint and status != "error":
+        try:
+            result = {**result, **_test_metrics_from_checkpoint(context, config, checkpoint)}
+        except Exception as exc:  # a broken checkpoint must not lose the whole row
+            error = f"test evaluation failed: {type(exc).__name__}: {exc}"
+    entry = ledger.trial(trial_id) or {}
+    wall = float(wall_s if wall_s is not None else entry.get("wall_s", 0.0))
+    devices = allocated_devices(context, device_kind)
+    row = {
+        "experiment": context.experiment,
+        "category": category,
+        "trial_id": trial_id,
+        "method": split.method,
+        "backbone": split.method_params.get("backbone") or _default_backbone(split.method),
+        "synthesis": split.synthesis,
+        "image_size": split.image_size,
+        "params": config,
+        "status": status,
+        "epochs": int(result.get("epoch", 0) or 0),
+        "max_epochs": context.max_epochs,
+        "wall_s": wall,
+        "devices": devices,
+        "device_kind": device_kind,
+        "device_s": devices * wall,
+        "budget_used": float(entry.get("used", 0.0)),
+        **{f"val_{k}": result.get(f"val_{k}") for k in store.METRIC_KEYS},
+        "objective": result.get("objective"),
+        **{f"test_{k}": result.get(f"test_{k}") for k in store.METRIC_KEYS},
+        "threshold": result.get("test_threshold"),
+        "checkpoint": checkpoint,
+        "seed": context.seed,
+        "code_version": _code_version(),
+        "data_fingerprint": fingerprints.get(split.image_size),
+        "started": started,
+        "ended": _now(),
+        "error": error,
+    }
+    store.write_trial(experiment_dir, row, _epoch_rows(checkpoint))
+
+
+def _default_backbone(method: str) -> str | None:
+    """The backbone a method uses when the search does not choose one."""
+    from automl_ad.methods.base import get_method_class
+
+    for config_field in dataclasses.fields(get_method_class(method).Config):
+        if config_field.name == "backbone" and isinstance(config_field.default, str):
+            return config_field.default
+    return None
+
+
+def _epoch_rows(checkpoint: str | None) -> list[dict[str, Any]]:
+    """Per-epoch rows from the reports saved inside the trial's checkpoint."""
+    if not checkpoint:
+        return []
+    import tempfile
+
+    import torch
+    from ray.train import Checkpoint
+
+    from automl_ad.training import CHECKPOINT_FILE
+
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            Checkpoint(checkpoint).to_directory(folder)
+            state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    except Exception:
+        return []
+    rows = []
+    for report in state.get("reports", []):
+        val = report.get("val") or {}
+        rows.append({
+            "epoch": report["epoch"], "phase": report["phase"], "step": report["step"],
+            "train_loss": report["train_loss"], "objective": report["objective"],
+            "elapsed_s": report["elapsed_s"], **{f"val_{k}": val.get(k) for k in store.METRIC_KEYS},
+        })
+    return rows
+
+
+# --- the driver ------------------------------------------------------------------------
+
+def _init_ray(opts: SearchOptions, wandb_dir: Path) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), "WANDB_SILENT": "true"}
+    # Workers must import automl_ad even when the package is not installed.
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")] if p
+    )
+    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": False}
+    if opts.address:
+        ray.init(address=opts.address, **kwargs)
+    else:
+        ray.init(address="local", num_cpus=os.cpu_count() or 1, **kwargs)
+
+
+def _prepare_val_sets(context: TrialContext, image_sizes: tuple[int, ...], data_root: Path) -> dict[int, str]:
+    """Frozen val anomalies per image size, made once (seeded) and saved; fingerprints."""
+    from automl_ad.data.dataset import load_category
+    from automl_ad.validation import build_val_anomalies, load_val_defects, save_image_set
+
+    fingerprints = {}
+    for size in image_sizes:
+        data = load_category(data_root, context.category, size, seed=context.seed, cache_dir=context.cache_dir)
+        fingerprints[size] = data.fingerprint
+        path = context.val_anomalies_path(size)
+        if not path.exists():
+            save_image_set(build_val_anomalies(data, seed=context.seed), path)
+        if context.val_defects:
+            load_val_defects(Path(context.val_defects), size)  # bad folder: fail before the search
+    return fingerprints
+
+
+def _check_resume(folder: Path, opts: SearchOptions, record: dict[str, Any]) -> None:
+    saved = json.loads((folder / _OPTIONS_FILE).read_text())
+    for key in ("category", "budget", "seed"):
+        if saved.get(key) != record.get(key):
+            raise UserError(
+                f"--resume: {key} {record.get(key)!r} differs from {saved.get(key)!r} in {folder / _OPTIONS_FILE}"
+            )
+
+
+def run_search(opts: SearchOptions) -> SearchSummary:
+    """Run (or resume) one search; returns a summary once the budget is spent."""
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from automl_ad.data.dataset import resolve_data_root
+
+    budget = parse_budget(opts.budget)
+    space: SearchSpace = load_space(
+        opts.methods, opts.space_file, **({"space_dir": opts.space_dir} if opts.space_dir else {}),
+        image_size=opts.image_size,
+    )
+    data_root = resolve_data_root(opts.data, opts.category)
+    if opts.val_defects is not None and not Path(opts.val_defects).is_dir():
+        raise UserError(f"--val-defects folder not found: {opts.val_defects}")
+    storage = Path(opts.storage).resolve() if "://" not in str(opts.storage) else None
+    if storage is None:
+        raise UserError(f"--storage {opts.storage}: only local or mounted shared folders are supported")
+    experiment = _pick_experiment(opts, storage)
+    folder = store.experiment_dir(storage, experiment)
+    record = {"category": opts.category, "budget": budget.text, "seed": opts.seed,
+              "methods": sorted(space.methods), "image_sizes": list(space.image_sizes),
+              "data": str(data_root), "fidelity": dataclasses.asdict(space.fidelity)}
+    tune_path = folder / TUNE_NAME
+    if opts.resume:
+        if not (folder / _OPTIONS_FILE).exists():
+            raise UserError(f"--resume: no search in {folder}")
+        _check_resume(folder, opts, record)
+    elif (folder / _OPTIONS_FILE).exists():
+        raise UserError(f"experiment {experiment!r} exists in {storage}; pass --resume or a new --experiment")
+    _init_ray(opts, folder)
+    import ray
+
+    cluster_gpus = float(ray.cluster_resources().get("GPU", 0.0))
+    check_budget_fits_cluster(budget, cluster_gpus)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / _OPTIONS_FILE).write_text(json.dumps(record, indent=1))
+    use_gpu = cluster_gpus > 0 and budget.device != "cpu"
+    device_kind = "gpu" if use_gpu else "cpu"
+    fidelity = space.fidelity
+    context = TrialContext(
+        experiment=experiment,
+        experiment_dir=str(folder),
+        category=opts.category,
+        data_root=str(data_root),
+        seed=opts.seed,
+        default_image_size=space.image_sizes[0],
+        max_epochs=fidelity.max_epochs,
+        steps_per_epoch=fidelity.steps_per_epoch,
+        batch_size=fidelity.batch_size,
+        val_defects=str(Path(opts.val_defects).resolve()) if opts.val_defects else None,
+        use_train=opts.use_train,
+        num_workers=1,
+        use_gpu=use_gpu,
+        cpus_per_worker=opts.cpus_per_trial,
+        gpus_per_worker=opts.gpus_per_trial if use_gpu else 0.0,
+        wandb=opts.wandb,
+    )
+    fingerprints = _prepare_val_sets(context, space.image_sizes, data_root)
+
+    _forget_cached_ledger(folder)
+    ledger = shared_ledger(folder, budget)
+    cluster_cpus = float(ray.cluster_resources().get("CPU", 1.0))
+    per_trial_cpus = (1.0 if opts.use_train else 0.0) + opts.cpus_per_trial
+    fits = int(min(cluster_cpus // per_trial_cpus, cluster_gpus // opts.gpus_per_trial if use_gpu else 1e9))
+    max_concurrent = max(1, min(opts.max_concurrent or fits, fits if fits >= 1 else 1))
+
+    progress = SearchProgress(ledger=ledger, max_epochs=fidelity.max_epochs, used_at_start=ledger.used())
+    space_key = str(folder)
+    _ACTIVE[space_key] = progress
+    trainable = make_trainable(context)
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # resume close to where a kill hit
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    ledger.start_session()
+    live = _start_live(progress) if opts.live else None
+    try:
+        if opts.resume and tune.Tuner.can_restore(str(tune_path)):
+            tuner = tune.Tuner.restore(str(tune_path), trainable, resume_unfinished=True, resume_errored=True)
+            known = {Path(r.path).name for r in tuner.get_results()} | store.stored_trial_ids(folder)
+            ledger.mark_lost(set(ledger.trials()) - known)
+        else:
+            storage_url = f"sqlite:///{folder / 'optuna.db'}"
+            searcher = BudgetedOptunaSearch(
+                space.suggest,
+                metric="objective",
+                mode="max",
+                sampler=optuna.samplers.TPESampler(multivariate=True, seed=opts.seed, n_startup_trials=5),
+                storage=optuna.storages.RDBStorage(storage_url),
+                study_name=experiment,
+                ledger=ledger,
+                max_epochs=fidelity.max_epochs,
+            )
+            from ray.tune.search import ConcurrencyLimiter
+
+            stopper = BudgetStopper(ledger)
+            callback = LedgerAndStoreCallback(folder, ledger, context, device_kind, fingerprints)
+            num_samples = int(budget.amount) if budget.kind == "trials" else -1
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(
+                    metric="objective",
+                    mode="max",
+                    search_alg=ConcurrencyLimiter(searcher, max_concurrent=max_concurrent),
+                    scheduler=ASHAScheduler(time_attr="epoch", max_t=fidelity.max_epochs,
+                                            grace_period=fidelity.grace_period,
+                                            reduction_factor=fidelity.reduction_factor),
+                    num_samples=num_samples,
+                    trial_dirname_creator=_trial_dirname,
+                    reuse_actors=not opts.use_train,  # skips re-importing torch + methods per trial
+                ),
+                run_config=tune.RunConfig(
+                    name=TUNE_NAME,
+                    storage_path=str(folder),
+                    stop=stopper,
+                    callbacks=[callback],
+                    failure_config=tune.FailureConfig(max_failures=1),
+                    # Keep every trial checkpoint (only the Tune-function path makes them):
+                    # after a SIGKILL the restored state may point at an older one.
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
+                    verbose=0,
+                ),
+            )
+        results = tuner.fit()
+    finally:
+        ledger.end_session()
+        if live is not None:
+            live.stop()
+        _ACTIVE.pop(space_key, None)
+
+    _store_missing(folder, context, opts.category, results, ledger, device_kind, fingerprints)
+    table = store.read_table(folder)
+    best = None
+    if table.num_rows:
+        rows = [r for r in table.to_pylist() if r.get("objective") is not None]
+        best = max(rows, key=lambda r: r["objective"]) if rows else None
+    return SearchSummary(experiment, folder, table.num_rows, best, ledger.used(), budget)
+
+
+def _forget_cached_ledger(folder: Path) -> None:
+    """Forget a cached ledger so a new run re-reads the file (a resume in the same process)."""
+    from automl_ad.tuning import budget as budget_module
+
+    budget_module._SHARED.pop(str(Path(folder).resolve()), None)
+
+
+def _store_missing(folder: Path, context: TrialContext, category: str, results: Any, ledger: Ledger,
+                   device_kind: str, fingerprints: dict[int, str]) -> None:
+    """Rows for trials that ended while no callback could store them (driver killed)."""
+    stored = store.stored_trial_ids(folder)
+    for result in results:
+        metrics = dict(result.metrics or {})
+        trial_id = metrics.get("trial_id") or Path(result.path).name
+        if trial_id in stored or not result.config:
+            continue
+        checkpoint = metrics.get("checkpoint_path") or (result.checkpoint.path if result.checkpoint else None)
+        status = "error" if result.error else (
+            "finished" if int(metrics.get("epoch", 0) or 0) >= context.max_epochs else "stopped")
+        entry = ledger.trial(trial_id)
+        if entry is not None and entry.get("state") != "finished":
+            ledger.record(trial_id, entry.get("devices", 0.0), entry.get("wall_s", 0.0), finished=True)
+        finalize_trial(folder, context, category, trial_id, dict(result.config), metrics, checkpoint,
+                       status, None, ledger, device_kind, fingerprints)
+
+
+def _start_live(progress: SearchProgress):
+    from rich.live import Live
+
+    live = Live(progress.render(), refresh_per_second=1, transient=False)
+    live.start()
+
+    def refresh() -> None:
+        while live.is_started:
+            live.update(progress.render())
+            time.sleep(1.0)
+
+    threading.Thread(target=refresh, daemon=True).start()
+    return live

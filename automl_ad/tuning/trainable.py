@@ -1,0 +1,299 @@
+"""One search trial: a Ray Tune function trainable that runs a Ray Train TorchTrainer.
+
+Ray 2.60 (Train V2) no longer accepts ``Tuner(trainer)``. Each Tune trial is a Train
+*driver*: ``run_trial`` builds a ``TorchTrainer`` named ``train-<tune trial id>`` (the
+name is what lets a restarted trial resume from its last Train checkpoint) whose
+per-worker loop, ``train_worker_loop``, calls ``training.fit`` and reports val metrics
+plus a checkpoint every epoch; ``TuneReportCallback`` forwards them to Tune, where ASHA
+and the budget stopper read them.
+
+``TrialContext.use_train=False`` runs the same worker loop in the Tune function itself,
+reporting with ``tune.report`` (about 20 s faster per trial on 2 CPUs; used by tests and
+the overhead benchmark). The methods and ``training.fit`` import nothing from Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from automl_ad.tuning.space import split_config
+
+METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial of one search shares (picklable, passed to each trial)."""
+
+    experiment: str
+    experiment_dir: str
+    category: str
+    data_root: str
+    seed: int
+    default_image_size: int
+    max_epochs: int
+    steps_per_epoch: int | None
+    batch_size: int
+    val_defects: str | None = None
+    use_train: bool = True
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    wandb: bool = False
+
+    def val_anomalies_path(self, image_size: int) -> Path:
+        return Path(self.experiment_dir) / "val" / f"val_anomalies_{image_size}px.safetensors"
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.experiment_dir) / "cache"
+
+
+def train_config(context: TrialContext, flat: Mapping[str, Any], device: str = "cpu"):
+    """The ``training.TrainConfig`` of a sampled flat config."""
+    from automl_ad.training import TrainConfig
+
+    split = split_config(flat, context.default_image_size)
+    return TrainConfig(
+        method=split.method,
+        method_params=dict(split.method_params),
+        synthesis=split.synthesis,
+        synthesis_params=dict(split.synthesis_params),
+        image_size=split.image_size,
+        epochs=context.max_epochs,
+        steps_per_epoch=context.steps_per_epoch,
+        batch_size=context.batch_size,
+        seed=context.seed,
+        device=device,
+    )
+
+
+def load_trial_data(context: TrialContext, image_size: int):
+    """(CategoryData, frozen val anomalies, user val defects or None) at ``image_size``."""
+    from automl_ad.data.dataset import load_category
+    from automl_ad.validation import load_image_set, load_val_defects
+
+    data = load_category(Path(context.data_root), context.category, image_size,
+                         seed=context.seed, cache_dir=context.cache_dir)
+    anomalies = load_image_set(context.val_anomalies_path(image_size))
+    extra = load_val_defects(Path(context.val_defects), image_size) if context.val_defects else None
+    return data, anomalies, extra
+
+
+def epoch_metrics(report: Any) -> dict[str, Any]:
+    """Flat Tune metrics of one ``EpochReport`` (None metrics are left out)."""
+    metrics = {
+        "epoch": report.epoch,
+        "phase": report.phase,
+        "step": report.step,
+        "train_loss": report.train_loss,
+        "objective": report.objective,
+        "elapsed_s": report.elapsed_s,
+    }
+    metrics.update({f"val_{k}": v for k, v in report.val.items() if v is not None})
+    return metrics
+
+
+class _Reporter:
+    """Where the worker loop reports to: Ray Train (inside TorchTrainer) or Ray Tune."""
+
+    def __init__(self, use_train: bool) -> None:
+        self.use_train = use_train
+
+    @property
+    def rank(self) -> int:
+        if not self.use_train:
+            return 0
+        import ray.train
+
+        return ray.train.get_context().get_world_rank()
+
+    @property
+    def trial_id(self) -> str:
+        if self.use_train:
+            import ray.train
+
+            name = ray.train.get_context().get_experiment_name()
+            return name.removeprefix("train-")
+        from ray import tune
+
+        return tune.get_context().get_trial_id()
+
+    def get_checkpoint(self):
+        if self.use_train:
+            import ray.train
+
+            return ray.train.get_checkpoint()
+        from ray import tune
+
+        return tune.get_checkpoint()
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        if self.use_train:
+            import ray.train
+
+            checkpoint = None
+            if checkpoint_dir is not None and self.rank == 0:
+                checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir))
+            ray.train.report(metrics, checkpoint=checkpoint)
+            return
+        from ray import tune
+
+        checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        tune.report(metrics, checkpoint=checkpoint)
+
+
+def train_worker_loop(loop_config: dict[str, Any]) -> None:
+    """Per-worker loop: fit one sampled config, report every epoch, resume if restarted."""
+    from automl_ad.training import fit, synthesis_family
+    from automl_ad.methods.base import get_method_class
+    from automl_ad.validation import val_set_for
+
+    context = TrialContext(**loop_config["context"])
+    flat = loop_config["config"]
+    reporter = _Reporter(context.use_train)
+    device = "cpu"
+    if context.use_gpu:
+        import ray.train.torch
+
+        device = str(ray.train.torch.get_device())
+    cfg = train_config(context, flat, device)
+    data, anomalies, extra = load_trial_data(context, cfg.image_size)
+    family = synthesis_family(cfg, get_method_class(cfg.method))
+    val_set = val_set_for(data.val_good, anomalies, family, extra)
+
+    work = Path(tempfile.mkdtemp(prefix="automl_ad_trial_"))
+    resume_from = None
+    checkpoint = reporter.get_checkpoint()
+    if checkpoint is not None:
+        resume_from = work / "resume"
+        checkpoint.to_directory(str(resume_from))
+    tracker = _WandbRun(context, flat, reporter) if context.wandb and reporter.rank == 0 else None
+
+    def on_epoch(report: Any, checkpoint_dir: Path | None) -> bool:
+        metrics = epoch_metrics(report)
+        if report.epoch >= cfg.epochs and checkpoint_dir is not None:
+            # ASHA stops a trial as soon as it reports max_t, so the test metrics ride
+            # on the last epoch's report rather than on a report after it.
+            metrics.update(_test_metrics(checkpoint_dir, data, device))
+        if tracker is not None:
+            tracker.log(metrics)
+        reporter.report(metrics, checkpoint_dir)
+        return False
+
+    try:
+        if resume_from is not None and _checkpoint_epoch(resume_from) >= cfg.epochs:
+            # Killed after its last checkpoint but before Tune saw the report: say it again.
+            metrics = {"epoch": cfg.epochs, **_test_metrics(resume_from, data, device)}
+            reporter.report(metrics, None)
+        else:
+            fit(cfg, data, val_set, checkpoint_dir=work / "checkpoint", resume_from=resume_from,
+                on_epoch=on_epoch, evaluate_test=False)
+    finally:
+        if tracker is not None:
+            tracker.finish()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _test_metrics(folder: Path, data: Any, device: str) -> dict[str, Any]:
+    """``test_*`` metrics of the model saved in ``folder`` (never used for selection)."""
+    import torch
+
+    from automl_ad.training import evaluate, load_trained_method
+
+    method, _ = load_trained_method(Path(folder), data.category, device)
+    metrics = evaluate(method, data.test, torch.device(device)) if len(data.test) else {}
+    return {**{f"test_{k}": v for k, v in metrics.items() if v is not None}, "test_done": 1}
+
+
+def _checkpoint_epoch(folder: Path) -> int:
+    import torch
+
+    from automl_ad.training import CHECKPOINT_FILE
+
+    return int(torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)["epoch"])
+
+
+class _WandbRun:
+    """One W&B run per trial, on rank 0 only, offline unless WANDB_MODE says otherwise."""
+
+    def __init__(self, context: TrialContext, flat: Mapping[str, Any], reporter: _Reporter) -> None:
+        import wandb
+
+        trial_id = reporter.trial_id
+        self._run = wandb.init(
+            project="automl_ad",
+            group=context.experiment,
+            name=trial_id,
+            id=f"{context.experiment}-{trial_id}".replace("/", "_")[:64],
+            config={**flat, "category": context.category, "seed": context.seed},
+            dir=str(Path(context.experiment_dir)),
+            mode=os.environ.get("WANDB_MODE", "offline"),
+            resume="allow",
+            reinit="finish_previous",
+            settings=wandb.Settings(silent=True, console="off"),
+        )
+
+    def log(self, metrics: Mapping[str, Any]) -> None:
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        self._run.log(numbers, step=int(metrics.get("epoch", 0)))
+
+    def finish(self) -> None:
+        self._run.finish()
+
+
+def trial_resources(context: TrialContext) -> dict[str, float]:
+    """Resources of the Tune function itself (the Train driver)."""
+    if context.use_train:
+        return {"CPU": 1.0}
+    return {"CPU": context.cpus_per_worker, "GPU": context.gpus_per_worker if context.use_gpu else 0.0}
+
+
+def allocated_devices(context: TrialContext, device_kind: str) -> float:
+    """Devices a trial holds for budget accounting (allocation, not utilisation)."""
+    if device_kind == "gpu":
+        return context.num_workers * context.gpus_per_worker if context.use_gpu else 0.0
+    workers = context.num_workers * context.cpus_per_worker
+    return workers + (1.0 if context.use_train else 0.0)
+
+
+def make_trainable(context: TrialContext) -> Callable[[dict[str, Any]], None]:
+    """The Tune function trainable of a search (same object for fit and restore)."""
+    from ray import tune
+
+    def run_trial(config: dict[str, Any]) -> None:
+        loop_config = {"context": asdict(context), "config": dict(config)}
+        if not context.use_train:
+            train_worker_loop(loop_config)
+            return
+        import ray.train
+        from ray.train.torch import TorchTrainer
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        trial_id = tune.get_context().get_trial_id()
+        trainer = TorchTrainer(
+            train_worker_loop,
+            train_loop_config=loop_config,
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=context.num_workers,
+                use_gpu=context.use_gpu,
+                resources_per_worker={"CPU": context.cpus_per_worker,
+                                      **({"GPU": context.gpus_per_worker} if context.use_gpu else {})},
+            ),
+            run_config=ray.train.RunConfig(
+                name=f"train-{trial_id}",
+                storage_path=str(Path(context.experiment_dir) / "train"),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                failure_config=ray.train.FailureConfig(max_failures=1),
+                callbacks=[TuneReportCallback()],
+            ),
+        )
+        trainer.fit()
+
+    return tune.with_resources(run_trial, trial_resources(context))

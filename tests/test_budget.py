@@ -1,0 +1,98 @@
+"""Budget parsing and the persisted ledger."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from automl_ad.errors import UserError
+from automl_ad.tuning.budget import Ledger, check_budget_fits_cluster, parse_budget
+
+
+@pytest.mark.parametrize(
+    "text, kind, device, amount",
+    [
+        ("50gpu-h", "device", "gpu", 50 * 3600),
+        ("90gpu-m", "device", "gpu", 90 * 60),
+        ("4cpu-h", "device", "cpu", 4 * 3600),
+        ("5cpu-m", "device", "cpu", 300),
+        ("20m", "wall", None, 1200),
+        ("2h", "wall", None, 7200),
+        ("1.5h", "wall", None, 5400),
+        ("30trials", "trials", None, 30),
+        (" 1trial ", "trials", None, 1),
+    ],
+)
+def test_parse_budget(text, kind, device, amount):
+    budget = parse_budget(text)
+    assert (budget.kind, budget.device, budget.amount) == (kind, device, amount)
+
+
+@pytest.mark.parametrize("text", ["", "50", "50gpu", "gpu-h", "10x", "0m", "0trials", "-5m", "3tpu-h"])
+def test_bad_budget_is_user_error(text):
+    with pytest.raises(UserError, match="--budget"):
+        parse_budget(text)
+
+
+def test_gpu_budget_without_gpus_suggests_cpu():
+    with pytest.raises(UserError, match="4cpu-h"):
+        check_budget_fits_cluster(parse_budget("4gpu-h"), cluster_gpus=0)
+    check_budget_fits_cluster(parse_budget("4gpu-h"), cluster_gpus=1)
+    check_budget_fits_cluster(parse_budget("4cpu-h"), cluster_gpus=0)
+
+
+def test_device_ledger_reserves_records_and_persists(tmp_path):
+    ledger = Ledger(tmp_path, parse_budget("10cpu-m"))  # 600 device-seconds
+    assert ledger.try_reserve("a", 400)
+    assert not ledger.try_reserve("b", 300), "400 reserved + 300 > 600"
+    ledger.record("a", devices=2, wall_s=50)  # used 100, still holds 300 more
+    assert ledger.used() == 100
+    assert not ledger.try_reserve("b", 250)
+    ledger.record("a", devices=2, wall_s=60, finished=True)  # 120 used, reservation released
+    assert ledger.try_reserve("b", 250)
+    assert ledger.committed() == pytest.approx(370)
+
+    # The driver dies while "b" runs: the new ledger keeps usage, drops b's reservation.
+    ledger.record("b", devices=1, wall_s=30)
+    reloaded = Ledger(tmp_path, parse_budget("10cpu-m"))
+    assert reloaded.used() == pytest.approx(150)
+    assert reloaded.committed() == pytest.approx(150)
+    assert reloaded.try_reserve("b", 999), "a resumed trial keeps its place"
+    stored = json.loads((tmp_path / "budget.json").read_text())
+    assert stored["trials"]["a"]["state"] == "finished"
+    reloaded.record("b", devices=1, wall_s=500, finished=True)
+    assert reloaded.exhausted() and reloaded.remaining() == 0
+
+
+def test_ledger_refuses_other_budget_on_resume(tmp_path):
+    Ledger(tmp_path, parse_budget("10m")).start_session()
+    Ledger(tmp_path, parse_budget("10m")).tick()
+    (tmp_path / "budget.json").write_text(json.dumps({"budget": "10m", "search_s": 1.0, "trials": {}}))
+    with pytest.raises(UserError, match="budget.json"):
+        Ledger(tmp_path, parse_budget("20m"))
+
+
+def test_wall_ledger_charges_only_running_sessions(tmp_path):
+    ledger = Ledger(tmp_path, parse_budget("1h"))
+    ledger.start_session()
+    time.sleep(0.05)
+    ledger.end_session()
+    first = ledger.used()
+    assert 0.04 < first < 1.0
+    time.sleep(0.1)  # the search is "down": nothing charged
+    reloaded = Ledger(tmp_path, parse_budget("1h"))
+    assert reloaded.used() == pytest.approx(first)
+    reloaded.start_session()
+    time.sleep(0.05)
+    reloaded.tick()
+    assert reloaded.used() > first + 0.04
+
+
+def test_trials_ledger_counts_trials(tmp_path):
+    ledger = Ledger(tmp_path, parse_budget("2trials"))
+    assert ledger.try_reserve("a", 1) and ledger.try_reserve("b", 1)
+    assert not ledger.try_reserve("c", 1)
+    ledger.record("a", devices=1, wall_s=9, finished=True)
+    assert ledger.used() == 1

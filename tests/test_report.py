@@ -1,0 +1,213 @@
+"""The HTML search report, checked as a person would: a tiny real experiment (three trained
+trials, frozen val anomalies, an exported bundle), the report built from it, and the page
+rendered in headless Chromium with its plots counted and its console watched."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from automl_ad.errors import UserError
+
+CATEGORY = "washer"
+SIZE = 32
+# CFA with random backbones trains in seconds and exports cleanly; the failed DRAEM row
+# is what a crashed trial leaves (no objective, no checkpoint) and must not break the page.
+TRIALS = (
+    ("t_cfa_r18_k3", "cfa", "none", {"lr": 1e-3, "K": 3, "backbone": "resnet18", "weights": "random"}),
+    ("t_cfa_r18_k1", "cfa", "none", {"lr": 3e-3, "K": 1, "backbone": "resnet18", "weights": "random"}),
+    ("t_cfa_eff", "cfa", "none", {"lr": 2e-3, "K": 2, "backbone": "efficientnet_lite0", "weights": "random"}),
+)
+FAILED_TRIAL = "t_draem_crashed"
+
+
+def build_tiny_experiment(root: Path) -> tuple[Path, Path]:
+    """A finished search as the search writes it (without Ray), plus its bundle.
+
+    Returns (experiment folder, bundle folder)."""
+    from automl_ad import store
+    from automl_ad.data.builtin import generate_builtin
+    from automl_ad.data.dataset import load_category
+    from automl_ad.deploy import SEARCH_RECORD, choose_model, export_choice
+    from automl_ad.training import TrainConfig, fit
+    from automl_ad.validation import build_val_anomalies, save_image_set, val_set_for
+
+    data_root = generate_builtin(root / "data", [CATEGORY], n_train=16, n_test=8, image_size=SIZE)
+    folder = root / "results" / "exp1"
+    folder.mkdir(parents=True)
+    (folder / SEARCH_RECORD).write_text(json.dumps(
+        {"category": CATEGORY, "data": str(data_root), "seed": 0, "image_sizes": [SIZE], "budget": "1cpu-h"}))
+    data = load_category(data_root, CATEGORY, SIZE, seed=0, cache_dir=folder / "cache")
+    anomalies = build_val_anomalies(data, seed=0)
+    save_image_set(anomalies, folder / "val" / f"val_anomalies_{SIZE}px.safetensors")
+
+    clock = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.timezone.utc)
+    for index, (trial_id, method, family, params) in enumerate(TRIALS):
+        cfg = TrainConfig(method=method, method_params=params, synthesis=family, image_size=SIZE, epochs=1,
+                          steps_per_epoch=2, batch_size=4, seed=index, eval_batch_size=64)
+        checkpoint = folder / "checkpoints" / trial_id
+        result = fit(cfg, data, val_set_for(data.val_good, anomalies, None if family == "none" else family),
+                     checkpoint_dir=checkpoint)
+        flat = {"method": method, f"{method}.synthesis": None if family == "none" else family,
+                "image_size": SIZE, **{f"{method}.{k}": v for k, v in params.items()}}
+        started = clock + dt.timedelta(minutes=10 * index)
+        store.write_trial(folder, {
+            "experiment": folder.name, "category": CATEGORY, "trial_id": trial_id, "method": method,
+            "backbone": params.get("backbone"), "synthesis": family, "image_size": SIZE, "params": flat,
+            "status": "finished", "epochs": 1, "max_epochs": 1, "wall_s": 60.0 + index, "devices": 1.0,
+            "device_kind": "cpu", "device_s": 60.0 + index, "budget_used": 0.01 * (index + 1),
+            **{f"val_{k}": result.val.get(k) for k in store.METRIC_KEYS}, "objective": result.objective,
+            **{f"test_{k}": result.test.get(k) for k in store.METRIC_KEYS},
+            "checkpoint": str(checkpoint), "seed": index, "started": started,
+            "ended": started + dt.timedelta(minutes=5),
+        })
+    failed_start = clock + dt.timedelta(minutes=10 * len(TRIALS))
+    store.write_trial(folder, {
+        "experiment": folder.name, "category": CATEGORY, "trial_id": FAILED_TRIAL, "method": "draem",
+        "synthesis": "perlin", "image_size": SIZE, "params": {"method": "draem", "draem.lr": 1e-4},
+        "status": "error", "epochs": 0, "wall_s": 3.0, "budget_used": 0.001, "started": failed_start,
+        "ended": failed_start + dt.timedelta(seconds=3), "error": "RuntimeError: out of memory",
+    })
+    bundle = root / "models" / CATEGORY
+    choice = choose_model(folder, k=3, top=3)
+    export_choice(folder, choice, bundle, formats=["onnx"])
+    return folder, bundle
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory) -> tuple[Path, Path]:
+    return build_tiny_experiment(tmp_path_factory.mktemp("report"))
+
+
+def _artifact_dir() -> Path:
+    return Path(os.environ.get("REPORT_ARTIFACT_DIR", Path(__file__).parent / "artifacts"))
+
+
+def test_report_page_renders_offline_with_every_plot(experiment, tmp_path):
+    """The page a person opens: built through the CLI, rendered by Chromium from a file
+    URL; every plot and overlay decodes, no script error, one screenshot kept."""
+    import numpy as np
+    from click.testing import CliRunner
+    from PIL import Image
+
+    import browser
+    from automl_ad.cli import main
+    from automl_ad.data.dataset import load_category
+
+    browser.require_chromium()
+    folder, bundle = experiment
+    out = tmp_path / "page" / "report.html"
+    result = CliRunner().invoke(main, ["report", "--category", CATEGORY, "--storage", str(folder.parent),
+                                       "--bundle", str(bundle), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    page = out.read_text(encoding="utf-8")
+    assert "http://" not in page and "https://" not in page, "the page must not load anything from the network"
+    assert not list(out.parent.glob(".*.tmp")), "temporary file left behind"
+    for trial_id, *_ in TRIALS:
+        assert trial_id in page
+    assert FAILED_TRIAL in page and "out of memory" in page
+
+    test = load_category(Path(json.loads((folder / "search.json").read_text())["data"]), CATEGORY, SIZE).test
+    defect_types = [t for t, label in zip(test.defect_types, test.labels.tolist()) if label == 1]
+    expected_overlays = sum(min(4, defect_types.count(t)) for t in set(defect_types))
+    expected_overlays += min(4, int((test.labels == 0).sum()))
+    plots = 6  # progress, val-vs-test, method, backbone, importances, ROC
+
+    seen, stderr = browser.probe_page(out)
+    images = seen["images"]
+    assert len(images) == plots + expected_overlays
+    assert all(img["src"].startswith("data:image/png;base64") for img in images)
+    assert all(img["complete"] and img["width"] > 0 and img["height"] > 0 for img in images), images
+    assert seen["errors"] == [] and browser.uncaught_errors(stderr) == []
+    assert seen["headings"][:2] == ["Leaderboard", "Search progress"]
+    assert "The deployed model" in seen["headings"]
+
+    shot = browser.screenshot(out, _artifact_dir() / "report.png")
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
+    assert pixels.shape == (4000, 1280)
+    assert (pixels < 128).mean() > 0.01, "the screenshot is (nearly) blank"
+
+
+def test_deployed_model_scores_are_what_predict_says(experiment):
+    """The ROC and overlays use the bundle's ONNX graph exactly as `predict` does on files."""
+    import numpy as np
+
+    from automl_ad.export import load_bundle
+    from automl_ad.predict import predict_files
+    from automl_ad.report import scored_sets
+
+    folder, bundle_dir = experiment
+    bundle = load_bundle(bundle_dir)
+    sets, notes = scored_sets(folder, bundle)
+    assert notes == []
+    by_name = {s.name: s for s in sets}
+    assert set(by_name) == {"val", "test"}
+    test = by_name["test"]
+    from_files = predict_files(bundle, [Path(p) for p in test.paths])
+    np.testing.assert_allclose(test.scores, [p.score for p in from_files], rtol=1e-5, atol=1e-5)
+    val = by_name["val"]
+    families = set(bundle.manifest["val_anomaly_families"])
+    assert {t for t in val.defect_types if t != "good"} == families
+    # The bundle's threshold was calibrated (in PyTorch) on exactly this val set: the same
+    # recall and false alarms on it. F1-max puts the threshold exactly on a val score, and
+    # the exported graph differs from the offline fusion by ~1e-4 (z-score units), so a
+    # score at the threshold may fall either side of it.
+    point = bundle.manifest["operating_point"]
+    for label, key in ((1, "val_recall"), (0, "val_false_alarm_rate")):
+        scores = val.scores[val.labels == label]
+        strict = float((scores >= bundle.threshold + 1e-3).mean())
+        lenient = float((scores >= bundle.threshold - 1e-3).mean())
+        assert strict - 1e-9 <= point[key] <= lenient + 1e-9, (key, strict, point[key], lenient)
+
+
+def test_spearman_text_says_na_when_undefined():
+    from automl_ad.report import spearman_text
+
+    assert spearman_text([0.1, 0.2], [0.3, 0.4]) == "n/a"
+    assert spearman_text([0.1, 0.2, 0.3], [0.5, 0.5, 0.5]) == "n/a"
+    assert spearman_text([0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.9, 1.0]) == "1.00"
+    assert spearman_text([0.1, 0.2, 0.3, 0.4], [0.9, 0.6, 0.5, 0.1]) == "-1.00"
+
+
+def test_importances_find_the_parameter_that_drives_the_objective():
+    import numpy as np
+
+    from automl_ad.report import param_importances
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for index in range(16):
+        lr, width = float(10 ** rng.uniform(-5, -3)), int(rng.choice([8, 16, 32]))
+        rows.append({"trial_id": f"t{index}", "method": "draem", "status": "finished",
+                     "objective": width / 32 + 0.01 * float(rng.normal()),
+                     "params": {"method": "draem", "draem.lr": lr, "draem.rec_width": width, "image_size": 32}})
+    importances = param_importances(rows)
+    assert set(importances) == {"draem.lr", "draem.rec_width"}  # image_size never varied
+    assert importances["draem.rec_width"] > 0.8
+    assert param_importances(rows, seed=0) == importances
+    assert param_importances(rows[:2]) == {}
+
+
+def test_report_command_refuses_bad_input_in_one_line(experiment, tmp_path):
+    from click.testing import CliRunner
+
+    from automl_ad.cli import main
+
+    folder, _ = experiment
+    runner = CliRunner()
+    missing_bundle = runner.invoke(main, ["report", "-c", CATEGORY, "--storage", str(folder.parent), "-e", folder.name,
+                                          "--bundle", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r.html")])
+    assert missing_bundle.exit_code == 2 and "nowhere" in missing_bundle.output
+    assert len(missing_bundle.output.strip().splitlines()) == 1
+    missing_experiment = runner.invoke(main, ["report", "-c", CATEGORY, "--storage", str(folder.parent), "-e", "nope",
+                                              "--out", str(tmp_path / "r.html")])
+    assert missing_experiment.exit_code == 2 and "nope" in missing_experiment.output
+    assert not (tmp_path / "r.html").exists()
+    with pytest.raises(UserError, match="search.json"):
+        from automl_ad.report import build_report
+
+        build_report(tmp_path, tmp_path / "r.html")

@@ -1,0 +1,182 @@
+"""The search end to end on CPU: tiny images, 2 epochs of 2 steps.
+
+Most tests run the per-trial loop directly as a Tune function (``use_train=False``, a
+second or two per trial); one goes through Ray Train's TorchTrainer (the production
+path, ~20 s of worker start-up) with W&B offline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from automl_ad import store
+from automl_ad.errors import UserError
+from automl_ad.tuning.space import DEFAULT_SPACE_DIR
+from automl_ad.tuning.search import SearchOptions, run_search
+
+REPO = Path(__file__).resolve().parents[1]
+SPACES = {
+    "draem": {
+        "method": "draem",
+        "synthesis": ["perlin", "cutpaste"],
+        "params": {
+            "lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-3, "log": True, "default": 3.0e-4},
+            "rec_width": {"type": "int", "low": 4, "high": 8, "step": 4, "default": 4},
+            "disc_width": {"type": "categorical", "choices": [4], "default": 4},
+        },
+    },
+    "ssae": {
+        "method": "ssae",
+        "synthesis": ["corruption"],
+        "params": {
+            "lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-3, "log": True, "default": 3.0e-4},
+            "width": {"type": "categorical", "choices": [4, 8], "default": 4},
+            "depth": {"type": "int", "low": 1, "high": 2, "default": 1},
+        },
+    },
+}
+FIDELITY = {"max_epochs": 2, "grace_period": 1, "reduction_factor": 2, "steps_per_epoch": 2, "batch_size": 4}
+
+
+def tiny_space_dir(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    common = yaml.safe_load((DEFAULT_SPACE_DIR / "common.yaml").read_text())
+    common["fidelity"] = FIDELITY
+    (folder / "common.yaml").write_text(yaml.safe_dump(common))
+    for name, spec in SPACES.items():
+        (folder / f"{name}.yaml").write_text(yaml.safe_dump(spec))
+    return folder
+
+
+def options(tmp_path: Path, data: Path, **overrides) -> SearchOptions:
+    base = dict(category="screw", budget="3trials", data=data, storage=tmp_path / "results", experiment="exp",
+                image_size=32, use_train=False, live=False, seed=0, space_dir=tiny_space_dir(tmp_path / "spaces"))
+    base.update(overrides)
+    return SearchOptions(**base)
+
+
+def test_search_stores_every_trial_with_val_and_test(tmp_path, tiny_mvtec, ray_session):
+    summary = run_search(options(tmp_path, tiny_mvtec, budget="3trials"))
+    folder = summary.experiment_dir
+    table = store.read_table(folder).to_pylist()
+    assert len(table) == 3 and len({r["trial_id"] for r in table}) == 3
+    for row in table:
+        assert row["method"] in SPACES and row["category"] == "screw"
+        assert 0.0 <= row["objective"] <= 1.0
+        assert row["test_image_auroc"] is not None, "test metrics stored for stopped trials too"
+        assert row["status"] in {"finished", "stopped"}
+        assert row["epochs"] == (2 if row["status"] == "finished" else 1)
+        assert row["device_s"] > 0 and row["budget_used"] == 1.0
+        assert json.loads(row["params"])["method"] == row["method"]
+        assert row[f"param_{row['method']}.lr"] is not None
+    epochs = store.read_table(folder, store.EPOCHS).to_pylist()
+    assert {e["trial_id"] for e in epochs} == {r["trial_id"] for r in table}
+    assert store.query(folder, "SELECT count(DISTINCT trial_id) FROM trials") == [(3,)]
+    assert (folder / "val" / "val_anomalies_32px.safetensors").exists()
+    ledger = json.loads((folder / "budget.json").read_text())
+    assert sorted(ledger["trials"]) == sorted(r["trial_id"] for r in table)
+    assert all(e["state"] == "finished" for e in ledger["trials"].values())
+    # Optuna sees ASHA-stopped trials as PRUNED, full ones as COMPLETE.
+    study = optuna.load_study(study_name="exp", storage=f"sqlite:///{folder / 'optuna.db'}")
+    states = sorted(t.state.name for t in study.trials)
+    expected = sorted("PRUNED" if r["status"] == "stopped" else "COMPLETE" for r in table)
+    assert states == expected
+
+    from click.testing import CliRunner
+
+    from automl_ad.cli import main
+
+    out = CliRunner().invoke(main, ["results", "--category", "screw", "--storage", str(tmp_path / "results")])
+    assert out.exit_code == 0, out.output
+    assert "leaderboard" in out.output and "Spearman" in out.output
+    assert table[0]["trial_id"] in out.output
+
+    with pytest.raises(UserError, match="exists"):
+        run_search(options(tmp_path, tiny_mvtec))
+
+
+def test_device_budget_is_enforced_and_gpu_budget_refused(tmp_path, tiny_mvtec, ray_session):
+    with pytest.raises(UserError, match="no GPU.*cpu-m"):
+        run_search(options(tmp_path, tiny_mvtec, budget="5gpu-m", experiment="gpu"))
+    assert not (tmp_path / "results" / "gpu").exists(), "a refused search leaves nothing behind"
+    summary = run_search(options(tmp_path, tiny_mvtec, budget="6cpu-s", experiment="cpu"))
+    ledger = json.loads((summary.experiment_dir / "budget.json").read_text())
+    used = sum(e["used"] for e in ledger["trials"].values())
+    rows = store.read_table(summary.experiment_dir).to_pylist()
+    assert rows, "at least one trial ran"
+    assert used >= 6.0, "the search ran until the budget was spent"
+    # A running trial stops at its next report once the budget is gone: the overshoot
+    # is at most about one epoch of one trial.
+    longest_epoch = max(r["wall_s"] / max(r["epochs"], 1) for r in rows)
+    assert used <= 6.0 + 2 * longest_epoch + 3.0
+    assert sum(r["budget_used"] for r in rows) == pytest.approx(used)
+
+
+def test_torch_trainer_trial_with_wandb_offline(tmp_path, tiny_mvtec, ray_session, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # no network: must not matter
+    summary = run_search(options(tmp_path, tiny_mvtec, budget="1trials", use_train=True, wandb=True,
+                                 methods=["ssae"], experiment="trainer"))
+    rows = store.read_table(summary.experiment_dir).to_pylist()
+    assert len(rows) == 1 and rows[0]["status"] == "finished"
+    assert rows[0]["checkpoint"] and "/train/train-" in rows[0]["checkpoint"]
+    assert rows[0]["devices"] == 2.0, "Train driver CPU + one worker CPU"
+    runs = list((summary.experiment_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, "one W&B run, from rank 0 only"
+
+
+RESUME_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, {tests!r})
+    from test_search import options
+    from automl_ad.tuning.search import run_search
+    run_search(options(Path({tmp!r}), Path({data!r}), budget="4trials", experiment="resume"))
+    """
+)
+
+
+def test_sigkill_then_resume_stores_each_trial_once(tmp_path, tiny_mvtec, ray_session):
+    script = RESUME_SCRIPT.format(tests=str(REPO / "tests"), tmp=str(tmp_path), data=str(tiny_mvtec))
+    folder = tmp_path / "results" / "resume"
+    began = time.monotonic()
+    driver = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while len(store.stored_trial_ids(folder)) < 1 and time.monotonic() < deadline and driver.poll() is None:
+            time.sleep(0.2)
+        assert driver.poll() is None, "the driver finished before it could be killed"
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started
+        driver.wait()
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    first_session = time.monotonic() - began
+    assert 1 <= len(store.stored_trial_ids(folder)) < 4
+    time.sleep(3)  # the search is down: the ledger must not charge this
+
+    second_began = time.monotonic()
+    summary = run_search(options(tmp_path, tiny_mvtec, budget="4trials", experiment="resume", resume=True))
+    second_session = time.monotonic() - second_began
+    rows = store.read_table(summary.experiment_dir).to_pylist()
+    ids = [r["trial_id"] for r in rows]
+    assert len(ids) == len(set(ids)) == 4
+    ledger = json.loads((folder / "budget.json").read_text())
+    finished = sorted(t for t, e in ledger["trials"].items() if e["state"] == "finished")
+    assert finished == sorted(ids)
+    assert all(e["state"] == "lost" for t, e in ledger["trials"].items() if t not in ids)
+    assert ledger["search_s"] < first_session + second_session
+    assert all(r["objective"] is not None and r["test_image_auroc"] is not None for r in rows)
