@@ -52,13 +52,18 @@ def calibrate_threshold(scores: Tensor, labels: Tensor, *, fpr: float | None = N
     on val-good (``fpr``): the threshold is the (1 - fpr) quantile of good scores."""
     from automl_ad.metrics import f1_max
 
-    good = scores[labels == 0].double()
+    scores = scores.double()
+    good = scores[labels == 0]
     if fpr is not None:
         if not 0.0 <= fpr < 1.0:
             raise UserError(f"--fpr must be in [0, 1), got {fpr}")
         if len(good) == 0:
             raise UserError("cannot calibrate a false-alarm rate without val-good images")
-        threshold = float(torch.quantile(good, 1.0 - fpr))
+        # The lowest val score at which no more than `fpr` of val-good would alarm.
+        candidates = torch.unique(scores)
+        false_alarm = (good[None, :] >= candidates[:, None]).double().mean(dim=1)
+        allowed = candidates[false_alarm <= fpr]
+        threshold = float(allowed.min()) if len(allowed) else float(good.max()) + 1e-6
         rule = f"fpr<={fpr}"
     else:
         best = f1_max(scores, labels)
@@ -66,6 +71,11 @@ def calibrate_threshold(scores: Tensor, labels: Tensor, *, fpr: float | None = N
             raise UserError("cannot calibrate F1-max without val anomalies; pass --fpr to use val-good only")
         threshold = best[1]
         rule = "f1_max"
+    # Put the threshold halfway to the next lower val score: the same val decisions, but a
+    # 1e-6 difference between the ONNX and PyTorch scores can no longer flip one.
+    below = scores[scores < threshold]
+    if len(below):
+        threshold = 0.5 * (threshold + float(below.max()))
     predicted = scores >= threshold
     positives = labels == 1
     tp = int((predicted & positives).sum())
@@ -124,12 +134,16 @@ def export_bundle(
                 dynamic_axes={"images": {0: "batch"}, "maps": {0: "batch"}, "scores": {0: "batch"}},
                 opset_version=17,
             )
-        onnx_maps, onnx_scores = OnnxPredictor(staging / ONNX_FILE).run(example.numpy())
-        max_diff = float(np.abs(onnx_maps - ref_maps.numpy()).max())
+        # Check at the traced batch size and at batch 1: a shape frozen during tracing
+        # would make the bundle fail on any other batch size.
+        predictor = OnnxPredictor(staging / ONNX_FILE)
         threshold = manifest.get("operating_point", {}).get("threshold")
-        same_decisions = True
-        if threshold is not None:
-            same_decisions = bool(np.array_equal(onnx_scores >= threshold, ref_scores.numpy() >= threshold))
+        max_diff, same_decisions = 0.0, True
+        for images, maps_ref, scores_ref in ((example, ref_maps, ref_scores), (example[:1], *_check_traceable(model, example[:1]))):
+            onnx_maps, onnx_scores = predictor.run(images.numpy())
+            max_diff = max(max_diff, float(np.abs(onnx_maps - maps_ref.numpy()).max()))
+            if threshold is not None:
+                same_decisions &= bool(np.array_equal(onnx_scores >= threshold, scores_ref.numpy() >= threshold))
         if max_diff > tolerance or not same_decisions:
             raise RuntimeError(
                 f"ONNX output differs from PyTorch: max |map diff| {max_diff:.2e} (tolerance {tolerance:.0e}), "
@@ -140,6 +154,10 @@ def export_bundle(
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 traced = torch.jit.trace(model, (example,), check_trace=False)
+            with torch.no_grad():
+                script_diff = float((traced(example[:1])[0] - ref_maps[:1]).abs().max())
+            if script_diff > tolerance:
+                raise RuntimeError(f"TorchScript output differs from PyTorch at batch 1: {script_diff:.2e}")
             traced.save(str(staging / TORCHSCRIPT_FILE))
             files["torchscript"] = TORCHSCRIPT_FILE
         full = {

@@ -53,7 +53,10 @@ def bench_model(name: str, model: torch.nn.Module, folder: Path, size: int, batc
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    row["torchscript_img_s"] = batch / _time(torchscript, repeats)
+    try:  # traced graphs keep constants (e.g. filter kernels) on the device they were traced on
+        row["torchscript_img_s"] = batch / _time(torchscript, repeats)
+    except RuntimeError as error:
+        row["torchscript_error"] = str(error).strip().splitlines()[-1]
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else ["CPUExecutionProvider"]
     try:
         predictor = OnnxPredictor(folder / "model.onnx", providers=providers)
@@ -63,7 +66,7 @@ def bench_model(name: str, model: torch.nn.Module, folder: Path, size: int, batc
     except Exception as error:  # e.g. no CUDA provider in this onnxruntime build
         row["onnxruntime_error"] = f"{type(error).__name__}: {error}"
     row["ort_vs_eager"] = row.get("onnxruntime_img_s", float("nan")) / row["eager_img_s"]
-    row["torchscript_vs_eager"] = row["torchscript_img_s"] / row["eager_img_s"]
+    row["torchscript_vs_eager"] = row.get("torchscript_img_s", float("nan")) / row["eager_img_s"]
     return row
 
 
@@ -98,7 +101,7 @@ def main() -> None:
         rows.append(row)
         print(
             f"{name:6} eager {row['eager_img_s']:8.1f} img/s | onnxruntime {row.get('onnxruntime_img_s', float('nan')):8.1f} img/s "
-            f"({row['ort_vs_eager']:.2f}x) | torchscript {row['torchscript_img_s']:8.1f} img/s ({row['torchscript_vs_eager']:.2f}x)",
+            f"({row['ort_vs_eager']:.2f}x) | torchscript {row.get('torchscript_img_s', float('nan')):8.1f} img/s ({row['torchscript_vs_eager']:.2f}x)",
             flush=True,
         )
     print(json.dumps(rows, indent=1))

@@ -105,6 +105,24 @@ def test_search_stores_every_trial_with_val_and_test(tmp_path, tiny_mvtec, ray_s
     with pytest.raises(UserError, match="exists"):
         run_search(options(tmp_path, tiny_mvtec))
 
+    # The end of `search`: ensemble on val, bundle, report; then predict from the bundle alone.
+    from automl_ad.cli.search import finish_with_bundle
+
+    bundle = tmp_path / "models" / "screw"
+    finish_with_bundle(folder, "screw", bundle, k=3)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["kind"] in {"single", "ensemble"} and manifest["members"]
+    assert manifest["export_check"]["onnx_vs_torch_max_abs_map_diff"] <= 1e-4
+    assert {m["method"] for m in manifest["members"]} <= set(SPACES)
+    assert (bundle / "report.html").stat().st_size > 10_000
+    assert store.read_table(folder, "ensembles").num_rows == 1
+    images = sorted((tiny_mvtec / "screw" / "test").rglob("*.png"))[:3]
+    predicted = subprocess.run([sys.executable, str(REPO / "cli.py"), "predict", str(bundle), *map(str, images),
+                                "--format", "json"], capture_output=True, text=True, cwd=tmp_path)
+    assert predicted.returncode == 0, predicted.stderr
+    rows = json.loads(predicted.stdout)["predictions"]
+    assert len(rows) == 3 and all(r["score"] is not None and r["error"] is None for r in rows)
+
 
 def test_device_budget_is_enforced_and_gpu_budget_refused(tmp_path, tiny_mvtec, ray_session):
     with pytest.raises(UserError, match="no GPU.*cpu-m"):

@@ -42,10 +42,10 @@ def ensemble_command(category, experiment, storage, k, top, fusion, max_latency_
     folder = find_experiment(storage, category, experiment)
     choice = choose_model(folder, k=k, top=top, fusion=fusion, max_latency_ms=max_latency_ms)
     store_choice(folder, choice, k)
-    _print_choice(choice)
+    print_choice(choice)
 
 
-def _print_choice(choice) -> None:
+def print_choice(choice) -> None:
     def fmt(v):
         return "missing" if v is None else f"{v:.4f}"
 
@@ -77,7 +77,7 @@ def export_command(category, out, experiment, storage, formats, k, fpr, max_late
     folder = find_experiment(storage, category, experiment)
     choice = choose_model(folder, k=k, max_latency_ms=max_latency_ms)
     store_choice(folder, choice, k)
-    _print_choice(choice)
+    print_choice(choice)
     out = out or Path("models") / category
     manifest = export_choice(folder, choice, out, formats=_formats(formats), fpr=fpr)
     point = manifest["operating_point"]

@@ -38,8 +38,13 @@ def _methods_option(value: str | None) -> list[str] | None:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--image-size", type=click.IntRange(16, 2048), help="Pin one image size (default: the choices in common.yaml).")
 @click.option("--val-defects", type=click.Path(path_type=Path), help="Real defects for validation: <dir>/<defect-type>/*.png.")
+@click.option("--ensemble-k", default=5, show_default=True, type=click.IntRange(1),
+              help="Most members of the ensemble built from the best trials at the end (1: best single model).")
+@click.option("--models", "models_dir", default="models", show_default=True, type=click.Path(path_type=Path),
+              help="Where the deployable bundle goes: <models>/<category>.")
+@click.option("--no-export", is_flag=True, help="Stop after the leaderboard: no ensemble, bundle or report.")
 def search_command(category, budget, data, methods, space_file, max_concurrent, experiment, resume, address,
-                   storage, wandb, seed, image_size, val_defects):
+                   storage, wandb, seed, image_size, val_defects, ensemble_k, models_dir, no_export):
     """Search methods, backbones and synthetic-anomaly parameters for one product.
 
     Trials are chosen by Optuna (TPE) and stopped early by ASHA on the validation
@@ -51,6 +56,10 @@ def search_command(category, budget, data, methods, space_file, max_concurrent, 
       automl-ad search --category screw --budget 10m
       automl-ad search -c screw --data /data/mvtec --budget 50gpu-h --methods draem,nsa
       automl-ad search -c screw --budget 10m --resume        # after an interruption
+
+    At the end: leaderboard, then the best trials are ensembled (Caruana selection on
+    val), the better of ensemble and single model is exported to <models>/<category>
+    (ONNX + TorchScript + manifest.json) and report.html is written next to it.
     """
     from automl_ad.tuning.search import SearchOptions, run_search
 
@@ -62,6 +71,25 @@ def search_command(category, budget, data, methods, space_file, max_concurrent, 
     click.echo(f"\nexperiment {summary.experiment}: {summary.trials} trials stored in {summary.experiment_dir}; "
                f"budget used {summary.budget.describe(summary.budget_used)}")
     click.echo(leaderboard_text(summary.experiment_dir))
+    if not no_export:
+        finish_with_bundle(summary.experiment_dir, category, models_dir / category, ensemble_k)
+
+
+def finish_with_bundle(folder: Path, category: str, bundle_dir: Path, k: int) -> None:
+    """Ensemble, choose, export and report: the user's last step, done for them."""
+    from automl_ad.cli.export import print_choice
+    from automl_ad.deploy import choose_model, export_choice, store_choice
+    from automl_ad.report import build_report
+
+    choice = choose_model(folder, k=k)
+    store_choice(folder, choice, k)
+    print_choice(choice)
+    manifest = export_choice(folder, choice, bundle_dir, formats=("onnx", "torchscript"))
+    point = manifest["operating_point"]
+    click.echo(f"deployable bundle: {bundle_dir} (threshold {point['threshold']:.4f}, {point['rule']})")
+    report = build_report(folder, bundle_dir / "report.html", bundle_dir=bundle_dir)
+    click.echo(f"report: {report}")
+    click.echo(f"next: automl-ad predict {bundle_dir} <images...> --out overlays/")
 
 
 @click.command("results")

@@ -232,7 +232,7 @@ class CFA(Method):
         # Softmin over the nearest centres: a patch near one centre but far from the next
         # ones (an outlying region of normal space) counts as less certain.
         weight_of_nearest = F.softmin(distances, dim=1)[:, 0]
-        patch_scores = (weight_of_nearest * distances[:, 0]).reshape(b, 1, h, w)
+        patch_scores = (weight_of_nearest * distances[:, 0]).reshape(-1, 1, h, w)  # -1: batch stays dynamic in exported graphs
         size = images.shape[-2:]
         maps = F.interpolate(patch_scores, size=size, mode="bilinear", align_corners=False).squeeze(1)
         sigma = self.config.smoothing_sigma * size[0] / 224.0

@@ -158,5 +158,5 @@ class Draem(Method):
         return self._segment(images)[1][:, 1]
 
     def image_score(self, maps: Tensor) -> Tensor:
-        window = scaled_odd_window(self.config.score_window, maps.shape[-1])
+        window = scaled_odd_window(self.config.score_window, int(maps.shape[-1]))
         return mean_filter(maps, window).flatten(1).amax(dim=1)
