@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import Tensor
@@ -23,6 +23,9 @@ from automl_ad.data.types import CategoryData, ImageSet, to_float
 from automl_ad.errors import UserError
 from automl_ad.methods.base import Batch, Method, create_method
 from automl_ad.validation import objective
+
+if TYPE_CHECKING:
+    from automl_ad.distributed import DataParallel
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -145,8 +148,14 @@ def fit(
     on_epoch: EpochHook | None = None,
     evaluate_test: bool = True,
     progress: bool = False,
+    data_parallel: "DataParallel | None" = None,
 ) -> TrainResult:
-    """Train, validate every epoch, checkpoint, and report test metrics at the end."""
+    """Train, validate every epoch, checkpoint, and report test metrics at the end.
+
+    With ``data_parallel`` (several processes, one per device) every rank draws its own
+    batches and synthetic anomalies, gradients are averaged each step, and only rank 0
+    validates and writes checkpoints; other ranks report their training loss only.
+    """
     from automl_ad.synthesis import build_synthesizer
 
     device = torch.device(cfg.device)
@@ -164,8 +173,12 @@ def fit(
     method.setup(fit_float.to(device))
     steps_per_epoch = cfg.steps_per_epoch or max(1, math.ceil(len(data.fit) / cfg.batch_size))
     plan = _phase_plan(method, cfg.epochs)
-    sampler = _BatchSampler(len(data.fit), cfg.batch_size, cfg.seed)
-    synth_generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    rank = data_parallel.rank if data_parallel is not None else 0
+    # Rank 0 keeps the single-process streams, so one worker trains exactly as fit() alone.
+    rank_seed = cfg.seed + 104_729 * rank
+    sampler = _BatchSampler(len(data.fit), cfg.batch_size, rank_seed)
+    synth_generator = torch.Generator(device=device).manual_seed(rank_seed + 1)
+    lead = rank == 0
 
     reports: list[EpochReport] = []
     start_epoch, step = 0, 0
@@ -178,8 +191,13 @@ def fit(
         synth_generator.set_state(checkpoint["synth_rng"])
         reports = [EpochReport(**r) for r in checkpoint["reports"]]
         torch.set_rng_state(checkpoint["torch_rng"])
+        if not lead:  # the checkpoint holds rank 0's streams; others draw their own again
+            sampler = _BatchSampler(len(data.fit), cfg.batch_size, rank_seed + 7 * start_epoch)
+            synth_generator.manual_seed(rank_seed + 1 + 7 * start_epoch)
+    if data_parallel is not None:
+        data_parallel.broadcast_(method)
 
-    bar = _ProgressBar(cfg, plan, steps_per_epoch, start_epoch) if progress else None
+    bar = _ProgressBar(cfg, plan, steps_per_epoch, start_epoch) if progress and lead else None
     began = time.perf_counter() - (reports[-1].elapsed_s if reports else 0.0)
     stopped_early = False
     try:
@@ -201,6 +219,8 @@ def fit(
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"{cfg.method}: loss became {loss.item()} at step {step}")
                 loss.backward()
+                if data_parallel is not None:
+                    data_parallel.average_gradients_(method)
                 optimizer.step()
                 if scheduler is not None:
                     scheduler.step()
@@ -208,7 +228,7 @@ def fit(
                 losses.append(float(loss.detach()))
                 if bar is not None:
                     bar.advance(losses[-1])
-            val = evaluate(method, val_set, device, cfg.eval_batch_size)
+            val = evaluate(method, val_set, device, cfg.eval_batch_size) if lead else {}
             report = EpochReport(
                 epoch=epoch + 1,
                 phase=phase,
@@ -221,12 +241,12 @@ def fit(
             reports.append(report)
             if bar is not None:
                 bar.epoch_done(report)
-            if checkpoint_dir is not None:
+            if checkpoint_dir is not None and lead:
                 _save_checkpoint(
                     Path(checkpoint_dir), cfg, method, optimizer, scheduler, phase, epoch + 1, step,
                     sampler, synth_generator, reports,
                 )
-            if on_epoch is not None and on_epoch(report, checkpoint_dir) and epoch + 1 < cfg.epochs:
+            if on_epoch is not None and on_epoch(report, checkpoint_dir if lead else None) and epoch + 1 < cfg.epochs:
                 stopped_early = True
                 break
     finally:
@@ -235,7 +255,7 @@ def fit(
 
     if not reports:  # resumed from a finished run
         raise UserError("nothing to train: the checkpoint already covers every epoch")
-    test = evaluate(method, data.test, device, cfg.eval_batch_size) if evaluate_test and len(data.test) else {}
+    test = evaluate(method, data.test, device, cfg.eval_batch_size) if evaluate_test and lead and len(data.test) else {}
     return TrainResult(
         method=method,
         reports=reports,
