@@ -455,10 +455,12 @@ def run_search(opts: SearchOptions) -> SearchSummary:
         batch_size=fidelity.batch_size,
         val_defects=str(Path(opts.val_defects).resolve()) if opts.val_defects else None,
         use_train=opts.use_train,
-        num_workers=1,
+        # More than one GPU per trial: one Train worker per GPU, gradients averaged
+        # each step (automl_ad.distributed); fractional GPUs share one worker.
+        num_workers=int(opts.gpus_per_trial) if use_gpu and opts.gpus_per_trial >= 2 else 1,
         use_gpu=use_gpu,
         cpus_per_worker=opts.cpus_per_trial,
-        gpus_per_worker=opts.gpus_per_trial if use_gpu else 0.0,
+        gpus_per_worker=(1.0 if opts.gpus_per_trial >= 2 else opts.gpus_per_trial) if use_gpu else 0.0,
         wandb=opts.wandb,
     )
     fingerprints = _prepare_val_sets(context, space.image_sizes, data_root)

@@ -193,8 +193,13 @@ def train_worker_loop(loop_config: dict[str, Any]) -> None:
             metrics = {"epoch": cfg.epochs, **_test_metrics(resume_from, data, device)}
             reporter.report(metrics, None)
         else:
+            data_parallel = None
+            if context.num_workers > 1:  # TorchTrainer has set up the process group
+                from automl_ad.distributed import DataParallel
+
+                data_parallel = DataParallel()
             fit(cfg, data, val_set, checkpoint_dir=work / "checkpoint", resume_from=resume_from,
-                on_epoch=on_epoch, evaluate_test=False)
+                on_epoch=on_epoch, evaluate_test=False, data_parallel=data_parallel)
     finally:
         if tracker is not None:
             tracker.finish()
