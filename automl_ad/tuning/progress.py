@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,10 +31,14 @@ class SearchProgress:
     started: float = field(default_factory=time.monotonic)
     used_at_start: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Not a terminal (CI, a log file, `| tee`): the live table cannot redraw, so each
+    # finished trial gets one plain line instead.
+    plain_lines: bool = field(default_factory=lambda: not sys.stdout.isatty())
 
     def update(self, trial_id: str, config: dict[str, Any], status: str, result: dict[str, Any] | None) -> None:
         with self.lock:
             row = self.rows.setdefault(trial_id, TrialRow(trial_id, str(config.get("method", "?"))))
+            finished_now = status != row.status and status in {"TERMINATED", "ERROR"}
             row.status = status
             if result:
                 row.epoch = int(result.get("epoch", row.epoch) or row.epoch)
@@ -41,6 +46,20 @@ class SearchProgress:
                     row.objective = float(result["objective"])
                 if result.get("test_image_auroc") is not None:
                     row.test_auroc = float(result["test_image_auroc"])
+        if finished_now and self.plain_lines:
+            print(self.line(row), flush=True)
+
+    def line(self, row: TrialRow) -> str:
+        best = self.best()
+        objective = "-" if row.objective is None else f"{row.objective:.4f}"
+        parts = [
+            f"[{_fmt_duration(time.monotonic() - self.started)}] trial {row.trial_id} {row.method} {row.status.lower()} "
+            f"after {row.epoch}/{self.max_epochs} epochs, val {objective}"
+        ]
+        if best is not None:
+            parts.append(f"best {best.objective:.4f} ({best.method})")
+        parts.append(f"budget {self.ledger.budget.describe(self.ledger.used())}")
+        return " | ".join(parts)
 
     def best(self) -> TrialRow | None:
         scored = [r for r in self.rows.values() if r.objective is not None]
