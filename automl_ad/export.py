@@ -48,10 +48,8 @@ def code_version() -> str:
 
 
 def calibrate_threshold(scores: Tensor, labels: Tensor, *, fpr: float | None = None) -> dict[str, float]:
-    """Operating point on val: F1-max over val anomalies, or a target false-alarm rate
-    on val-good (``fpr``): the threshold is the (1 - fpr) quantile of good scores."""
-    from automl_ad.metrics import f1_max
-
+    """Operating point on val: F1-max with good and anomalous images weighted equally,
+    or a target false-alarm rate on val-good (``fpr``)."""
     scores = scores.double()
     good = scores[labels == 0]
     if fpr is not None:
@@ -66,11 +64,8 @@ def calibrate_threshold(scores: Tensor, labels: Tensor, *, fpr: float | None = N
         threshold = float(allowed.min()) if len(allowed) else float(good.max()) + 1e-6
         rule = f"fpr<={fpr}"
     else:
-        best = f1_max(scores, labels)
-        if best is None:
-            raise UserError("cannot calibrate F1-max without val anomalies; pass --fpr to use val-good only")
-        threshold = best[1]
-        rule = "f1_max"
+        threshold = _balanced_f1_threshold(scores, labels)
+        rule = "f1_max (val good and anomalies weighted equally)"
     # Put the threshold halfway to the next lower val score: the same val decisions, but a
     # 1e-6 difference between the ONNX and PyTorch scores can no longer flip one.
     below = scores[scores < threshold]
@@ -86,6 +81,28 @@ def calibrate_threshold(scores: Tensor, labels: Tensor, *, fpr: float | None = N
         "val_false_alarm_rate": fp / max(1, int((~positives).sum())),
         "val_recall": tp / max(1, int(positives.sum())),
     }
+
+
+def _balanced_f1_threshold(scores: Tensor, labels: Tensor) -> float:
+    """The threshold of the best F1 with good and anomalous val images weighted equally.
+
+    Plain F1 depends on prevalence: val sets hold several synthetic anomalies per good
+    image, so its optimum often flags everything. With equal class weights precision is
+    TPR / (TPR + FPR), which stays honest about false alarms.
+    """
+    positives, negatives = labels == 1, labels == 0
+    if not positives.any():
+        raise UserError("cannot calibrate F1-max without val anomalies; pass --fpr to use val-good only")
+    if not negatives.any():
+        raise UserError("cannot calibrate a threshold without val-good images")
+    candidates = torch.unique(scores)  # ascending
+    flagged = scores[None, :] >= candidates[:, None]
+    tpr = (flagged & positives).double().sum(dim=1) / positives.sum()
+    fpr = (flagged & negatives).double().sum(dim=1) / negatives.sum()
+    precision = tpr / (tpr + fpr).clamp_min(1e-12)
+    f1 = 2 * precision * tpr / (precision + tpr).clamp_min(1e-12)
+    best = torch.nonzero(f1 == f1.max()).max()  # ties: the highest threshold, fewest alarms
+    return float(candidates[best])
 
 
 def _check_traceable(model: nn.Module, example: Tensor) -> tuple[Tensor, Tensor]:
@@ -134,12 +151,15 @@ def export_bundle(
                 dynamic_axes={"images": {0: "batch"}, "maps": {0: "batch"}, "scores": {0: "batch"}},
                 opset_version=17,
             )
-        # Check at the traced batch size and at batch 1: a shape frozen during tracing
-        # would make the bundle fail on any other batch size.
+        # Check at the traced batch size, at batch 1 and at a larger odd batch: a shape or
+        # loop frozen during tracing would make the bundle wrong for other batch sizes.
         predictor = OnnxPredictor(staging / ONNX_FILE)
         threshold = manifest.get("operating_point", {}).get("threshold")
         max_diff, same_decisions = 0.0, True
-        for images, maps_ref, scores_ref in ((example, ref_maps, ref_scores), (example[:1], *_check_traceable(model, example[:1]))):
+        larger = example.repeat(3, 1, 1, 1)[: 2 * len(example) + 1]
+        checks = [(example, ref_maps, ref_scores), (example[:1], *_check_traceable(model, example[:1])),
+                  (larger, *_check_traceable(model, larger))]
+        for images, maps_ref, scores_ref in checks:
             onnx_maps, onnx_scores = predictor.run(images.numpy())
             max_diff = max(max_diff, float(np.abs(onnx_maps - maps_ref.numpy()).max()))
             if threshold is not None:

@@ -96,8 +96,17 @@ def test_threshold_calibration_rules():
     scores = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.9, 0.8])
     labels = torch.tensor([0, 0, 0, 0, 1, 1])
     point = calibrate_threshold(scores, labels)
-    assert point["rule"] == "f1_max" and 0.4 < point["threshold"] < 0.8 and point["val_recall"] == 1.0
+    assert point["rule"].startswith("f1_max") and 0.4 < point["threshold"] < 0.8 and point["val_recall"] == 1.0
     strict = calibrate_threshold(scores, labels, fpr=0.0)
     assert 0.4 < strict["threshold"] <= 0.8 and strict["val_false_alarm_rate"] == 0.0
     loose = calibrate_threshold(scores, labels, fpr=0.25)
     assert 0.3 < loose["threshold"] <= 0.4 and loose["val_false_alarm_rate"] == 0.25
+
+
+def test_balanced_f1_does_not_flag_everything_when_anomalies_outnumber_good_images():
+    # 4 good images, 40 anomalies of which half score like good ones: plain F1 would flag all.
+    good = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    anomalies = torch.cat([torch.linspace(0.05, 0.45, 20), torch.linspace(0.8, 1.0, 20)])
+    scores, labels = torch.cat([good, anomalies]), torch.cat([torch.zeros(4), torch.ones(40)]).long()
+    point = calibrate_threshold(scores, labels)
+    assert point["val_false_alarm_rate"] == 0.0 and 0.4 < point["threshold"] <= 0.8 and point["val_recall"] > 0.5

@@ -187,8 +187,11 @@ class CFA(Method):
         bank = self.memory_bank
         bank_sq = (bank * bank).sum(dim=1)
         values, indices = [], []
-        for start in range(0, descriptors.shape[0], _DISTANCE_CHUNK):
-            block = descriptors[start : start + _DISTANCE_CHUNK]
+        # An exported graph must not unroll the block loop for the traced batch size
+        # (it would silently drop the patches of larger batches): one block there.
+        chunk = descriptors.shape[0] if torch.jit.is_tracing() else _DISTANCE_CHUNK
+        for start in range(0, descriptors.shape[0], chunk):
+            block = descriptors[start : start + chunk]
             d2 = (block * block).sum(dim=1, keepdim=True) - 2.0 * block @ bank.T + bank_sq
             v, i = d2.clamp_min(0.0).topk(count, dim=1, largest=False)
             values.append(v)
