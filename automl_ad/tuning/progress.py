@@ -11,6 +11,10 @@ from typing import Any
 from automl_ad.tuning.budget import Ledger
 
 
+# What the store callback reports when a trial ends (search.LedgerAndStoreCallback._end).
+FINAL_STATES = frozenset({"finished", "stopped", "error"})
+
+
 @dataclass
 class TrialRow:
     trial_id: str
@@ -38,7 +42,7 @@ class SearchProgress:
     def update(self, trial_id: str, config: dict[str, Any], status: str, result: dict[str, Any] | None) -> None:
         with self.lock:
             row = self.rows.setdefault(trial_id, TrialRow(trial_id, str(config.get("method", "?"))))
-            finished_now = status != row.status and status in {"TERMINATED", "ERROR"}
+            finished_now = status != row.status and status in FINAL_STATES
             row.status = status
             if result:
                 row.epoch = int(result.get("epoch", row.epoch) or row.epoch)
