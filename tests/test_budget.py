@@ -96,3 +96,14 @@ def test_trials_ledger_counts_trials(tmp_path):
     assert not ledger.try_reserve("c", 1)
     ledger.record("a", devices=1, wall_s=9, finished=True)
     assert ledger.used() == 1
+
+
+def test_trial_drivers_go_to_the_driver_resource_when_the_cluster_has_it():
+    from automl_ad.tuning.trainable import TrialContext, allocated_devices, trial_resources
+
+    base = dict(experiment="e", experiment_dir="/tmp/e", category="screw", data_root="/d", seed=0,
+                default_image_size=32, max_epochs=2, steps_per_epoch=1, batch_size=2, use_train=True)
+    assert trial_resources(TrialContext(**base)) == {"CPU": 1.0}
+    on_demand = TrialContext(**base, driver_resource="TRAIN_DRIVER")
+    assert trial_resources(on_demand) == {"CPU": 0.0, "TRAIN_DRIVER": 1.0}
+    assert allocated_devices(on_demand, "cpu") == allocated_devices(TrialContext(**base), "cpu") - 1.0

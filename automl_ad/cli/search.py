@@ -43,8 +43,10 @@ def _methods_option(value: str | None) -> list[str] | None:
 @click.option("--models", "models_dir", default="models", show_default=True, type=click.Path(path_type=Path),
               help="Where the deployable bundle goes: <models>/<category>.")
 @click.option("--no-export", is_flag=True, help="Stop after the leaderboard: no ensemble, bundle or report.")
+@click.option("--gpus-per-trial", default=1.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="GPUs per trial on a GPU budget: a fraction shares a GPU; 2 or more runs one Train worker per GPU (data parallel).")
 def search_command(category, budget, data, methods, space_file, max_concurrent, experiment, resume, address,
-                   storage, wandb, seed, image_size, val_defects, ensemble_k, models_dir, no_export):
+                   storage, wandb, seed, image_size, val_defects, ensemble_k, models_dir, no_export, gpus_per_trial):
     """Search methods, backbones and synthetic-anomaly parameters for one product.
 
     Trials are chosen by Optuna (TPE) and stopped early by ASHA on the validation
@@ -66,7 +68,7 @@ def search_command(category, budget, data, methods, space_file, max_concurrent, 
     summary = run_search(SearchOptions(
         category=category, budget=budget, data=data, methods=_methods_option(methods), space_file=space_file,
         max_concurrent=max_concurrent, experiment=experiment, resume=resume, address=address, storage=storage,
-        wandb=wandb, seed=seed, image_size=image_size, val_defects=val_defects,
+        wandb=wandb, seed=seed, image_size=image_size, val_defects=val_defects, gpus_per_trial=gpus_per_trial,
     ))
     click.echo(f"\nexperiment {summary.experiment}: {summary.trials} trials stored in {summary.experiment_dir}; "
                f"budget used {summary.budget.describe(summary.budget_used)}")

@@ -32,6 +32,7 @@ from automl_ad.tuning.space import SearchSpace, load_space, split_config
 from automl_ad.tuning.trainable import TrialContext, allocated_devices, make_trainable
 
 TUNE_NAME = "tune"
+DRIVER_RESOURCE = "TRAIN_DRIVER"  # declared by the on-demand node types in cluster/
 _OPTIONS_FILE = "search.json"
 _ACTIVE: dict[str, SearchProgress] = {}  # driver-process live views, by experiment dir
 
@@ -462,13 +463,14 @@ def run_search(opts: SearchOptions) -> SearchSummary:
         cpus_per_worker=opts.cpus_per_trial,
         gpus_per_worker=(1.0 if opts.gpus_per_trial >= 2 else opts.gpus_per_trial) if use_gpu else 0.0,
         wandb=opts.wandb,
+        driver_resource=DRIVER_RESOURCE if ray.cluster_resources().get(DRIVER_RESOURCE, 0) >= 1 else None,
     )
     fingerprints = _prepare_val_sets(context, space.image_sizes, data_root)
 
     _forget_cached_ledger(folder)
     ledger = shared_ledger(folder, budget)
     cluster_cpus = float(ray.cluster_resources().get("CPU", 1.0))
-    per_trial_cpus = (1.0 if opts.use_train else 0.0) + opts.cpus_per_trial
+    per_trial_cpus = (1.0 if opts.use_train and not context.driver_resource else 0.0) + opts.cpus_per_trial
     fits = int(min(cluster_cpus // per_trial_cpus, cluster_gpus // opts.gpus_per_trial if use_gpu else 1e9))
     max_concurrent = max(1, min(opts.max_concurrent or fits, fits if fits >= 1 else 1))
 

@@ -45,6 +45,9 @@ class TrialContext:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
+    # A custom resource of on-demand nodes (cluster/*.yaml: TRAIN_DRIVER): when the
+    # cluster has it, trial drivers go there, so losing a spot node never kills one.
+    driver_resource: str | None = None
     wandb: bool = False
 
     def val_anomalies_path(self, image_size: int) -> Path:
@@ -256,6 +259,8 @@ class _WandbRun:
 def trial_resources(context: TrialContext) -> dict[str, float]:
     """Resources of the Tune function itself (the Train driver)."""
     if context.use_train:
+        if context.driver_resource:
+            return {"CPU": 0.0, context.driver_resource: 1.0}
         return {"CPU": 1.0}
     return {"CPU": context.cpus_per_worker, "GPU": context.gpus_per_worker if context.use_gpu else 0.0}
 
@@ -265,7 +270,7 @@ def allocated_devices(context: TrialContext, device_kind: str) -> float:
     if device_kind == "gpu":
         return context.num_workers * context.gpus_per_worker if context.use_gpu else 0.0
     workers = context.num_workers * context.cpus_per_worker
-    return workers + (1.0 if context.use_train else 0.0)
+    return workers + (1.0 if context.use_train and not context.driver_resource else 0.0)
 
 
 def make_trainable(context: TrialContext) -> Callable[[dict[str, Any]], None]:
