@@ -7,6 +7,7 @@ path, ~20 s of worker start-up) with W&B offline.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -198,3 +199,128 @@ def test_sigkill_then_resume_stores_each_trial_once(tmp_path, tiny_mvtec, ray_se
     assert all(e["state"] == "lost" for t, e in ledger["trials"].items() if t not in ids)
     assert ledger["search_s"] < first_session + second_session
     assert all(r["objective"] is not None and r["test_image_auroc"] is not None for r in rows)
+
+
+# --- clusters: devices, storage, many products ------------------------------------------
+
+def test_device_plan_gpu_budget_on_an_autoscaling_cluster():
+    from automl_ad.tuning.budget import parse_budget
+    from automl_ad.tuning.search import plan_devices
+
+    gpu_budget = parse_budget("8gpu-h")
+    head_only = {"CPU": 0.0, "TRAIN_DRIVER": 16.0, "memory": 1e9}
+    with pytest.raises(UserError, match="no GPU.*8cpu-h.*--max-gpus"):
+        plan_devices(gpu_budget, head_only)
+    # GPU nodes start from zero: trials ask for GPUs that do not exist yet, and the head's
+    # zero CPUs do not cap concurrency (the GPU nodes bring their own).
+    plan = plan_devices(gpu_budget, head_only, max_gpus=8)
+    assert plan.use_gpu and plan.autoscale_gpus and plan.gpus == 8
+    assert plan.max_concurrent == 8 and plan.driver_resource == "TRAIN_DRIVER"
+    assert plan_devices(gpu_budget, head_only, max_gpus=8, gpus_per_trial=2).max_concurrent == 4
+    assert plan_devices(gpu_budget, head_only, max_gpus=8, gpus_per_trial=0.5).max_concurrent == 16
+    assert plan_devices(gpu_budget, head_only, max_gpus=8, max_concurrent=3).max_concurrent == 3
+    with pytest.raises(UserError, match="--gpus-per-trial 4"):
+        plan_devices(gpu_budget, head_only, max_gpus=2, gpus_per_trial=4)
+    # GPUs already there: no autoscaling, CPUs count again; --max-gpus can also cap.
+    static = {"CPU": 16.0, "GPU": 4.0}
+    plan = plan_devices(gpu_budget, static)
+    assert plan.use_gpu and not plan.autoscale_gpus and plan.max_concurrent == 4 and plan.driver_resource is None
+    assert plan_devices(gpu_budget, static, max_gpus=2).max_concurrent == 2
+    assert plan_devices(gpu_budget, {"CPU": 3.0, "GPU": 4.0}).max_concurrent == 1, "driver CPU + worker CPU each"
+    # A CPU budget never asks for GPUs, whatever --max-gpus says.
+    cpu_plan = plan_devices(parse_budget("4cpu-h"), {"CPU": 8.0}, max_gpus=8)
+    assert not cpu_plan.use_gpu and cpu_plan.gpus == 0 and cpu_plan.max_concurrent == 4
+    # Trial drivers on TRAIN_DRIVER take no CPU, so the same CPUs hold twice the trials.
+    assert plan_devices(parse_budget("4cpu-h"), {"CPU": 8.0, "TRAIN_DRIVER": 16.0}).max_concurrent == 8
+    assert plan_devices(parse_budget("4cpu-h"), {"CPU": 8.0, "TRAIN_DRIVER": 16.0},
+                        use_train=False).driver_resource is None
+
+
+def test_storage_accepts_paths_and_file_uris_and_explains_object_stores(tmp_path):
+    from automl_ad.tuning.search import storage_folder
+
+    assert storage_folder(tmp_path / "r") == (tmp_path / "r").resolve()
+    assert storage_folder(f"file://{tmp_path}/r%20s") == (tmp_path / "r s").resolve()
+    for uri in ("s3://bucket/automl_ad", "gs://bucket/automl_ad"):
+        with pytest.raises(UserError, match=f"--storage {uri}: .*EFS.*Filestore.*NFS.*--storage /mnt/shared"):
+            storage_folder(uri)
+    with pytest.raises(UserError, match="file://host/x"):
+        storage_folder("file://host/x")
+
+
+def test_jobs_file_is_checked_before_anything_runs(tmp_path):
+    from automl_ad.tuning.search import Job, load_jobs
+
+    good = tmp_path / "jobs.yaml"
+    good.write_text("- {category: screw, budget: 8gpu-h}\n- {category: washer, budget: 20trials}\n")
+    assert load_jobs(good) == [Job("screw", "8gpu-h"), Job("washer", "20trials")]
+    cases = {
+        "- {category: screw}\n": "item 1: expected exactly the keys category and budget",
+        "- {category: screw, budget: 8gpu-h}\n- {category: washer, budget: lots}\n": "item 2 \\(washer\\)",
+        "- {category: screw, budget: 1trials}\n- {category: screw, budget: 2trials}\n": "'screw' appears twice",
+        "category: screw\n": "non-empty list",
+        "- [unclosed\n": "not valid YAML",
+    }
+    for index, (text, message) in enumerate(cases.items()):
+        path = tmp_path / f"bad{index}.yaml"
+        path.write_text(text)
+        with pytest.raises(UserError, match=message):
+            load_jobs(path)
+    with pytest.raises(UserError, match="--jobs file not found"):
+        load_jobs(tmp_path / "missing.yaml")
+
+
+def test_cli_chooses_one_search_or_many():
+    from click.testing import CliRunner
+
+    from automl_ad.cli import main
+    from automl_ad.cli.search import _jobs_of
+    from automl_ad.data.builtin import BUILTIN_CATEGORIES
+    from automl_ad.tuning.search import Job
+
+    assert _jobs_of("screw", "10m", None, None) == []
+    assert _jobs_of("all", "10m", None, None) == [Job(c, "10m") for c in BUILTIN_CATEGORIES]
+    runner = CliRunner()
+    for args, message in ((["--budget", "10m"], "give --category"), (["-c", "screw"], "--budget is required"),
+                          (["--jobs", "j.yaml", "-c", "screw"], "leave out --category")):
+        out = runner.invoke(main, ["search", *args])
+        assert out.exit_code == 2 and message in out.output, out.output
+
+
+@pytest.fixture(scope="module")
+def two_products(tmp_path_factory) -> Path:
+    from automl_ad.data.builtin import generate_builtin
+
+    root = tmp_path_factory.mktemp("two")
+    generate_builtin(root, ["screw", "washer"], n_train=12, n_test=6, image_size=32, seed=0)
+    return root
+
+
+def test_all_categories_one_search_each_with_its_own_budget_and_ledger(tmp_path, two_products, ray_session):
+    from automl_ad.cli.search import leaderboard_text
+    from automl_ad.tuning.search import Job, all_categories, run_jobs
+
+    assert all_categories(two_products) == ["screw", "washer"]
+    jobs = [Job("screw", "2trials"), Job("washer", "1trials")]
+    seen = []
+    base = options(tmp_path, two_products, storage=f"file://{tmp_path}/shared", experiment="many")
+    summaries = run_jobs(base, jobs, on_done=lambda s: seen.append((s.category, leaderboard_text(s.experiment_dir))))
+    assert [s.category for s in summaries] == ["screw", "washer"] == [c for c, _ in seen]
+    for summary, job, (_, board) in zip(summaries, jobs, seen):
+        folder = summary.experiment_dir
+        assert folder == tmp_path / "shared" / f"many-{job.category}"
+        rows = store.read_table(folder).to_pylist()
+        assert len(rows) == summary.trials == int(job.budget[0])
+        assert {r["category"] for r in rows} == {job.category}
+        ledger = json.loads((folder / "budget.json").read_text())
+        assert ledger["budget"] == job.budget
+        assert sorted(ledger["trials"]) == sorted(r["trial_id"] for r in rows)
+        study = optuna.load_study(study_name=folder.name, storage=f"sqlite:///{folder / 'optuna.db'}")
+        assert len(study.trials) == len(rows)
+        assert json.loads((folder / "search.json").read_text())["category"] == job.category
+        assert all(r["trial_id"] in board for r in rows)
+    other = {r["trial_id"] for r in store.read_table(summaries[1].experiment_dir).to_pylist()}
+    assert not any(t in seen[0][1] for t in other), "each leaderboard shows its own product only"
+    # Resuming the whole run finds each product's search; nothing is run or stored twice.
+    again = run_jobs(dataclasses.replace(base, resume=True), jobs)
+    assert [s.trials for s in again] == [2, 1]

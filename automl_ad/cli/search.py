@@ -23,9 +23,14 @@ def _methods_option(value: str | None) -> list[str] | None:
 
 
 @click.command("search")
-@click.option("--category", "-c", required=True, help="Product (category) to search for.")
-@click.option("--budget", "-b", required=True,
-              help="50gpu-h, 90gpu-m, 4cpu-h (devices x trial time), 20m, 2h (search time) or 30trials.")
+@click.option("--category", "-c",
+              help="Product (category) to search for; 'all': every category folder under --data "
+                   "(or every built-in product), one search each with the same --budget.")
+@click.option("--budget", "-b",
+              help="50gpu-h, 90gpu-m, 4cpu-h (devices x trial time), 20m, 2h (search time) or 30trials "
+                   "(per category with --category all).")
+@click.option("--jobs", "jobs_file", type=click.Path(path_type=Path),
+              help="YAML list of {category: screw, budget: 8gpu-h}: one search per item, one after the other.")
 @click.option("--data", type=click.Path(path_type=Path), help="Dataset root in MVTec AD layout. Default: built-in products.")
 @click.option("--methods", help="Restrict to these methods, comma separated (default: every method with a search space).")
 @click.option("--space", "space_file", type=click.Path(path_type=Path), help="YAML adding to or overriding search_spaces/.")
@@ -33,7 +38,8 @@ def _methods_option(value: str | None) -> list[str] | None:
 @click.option("--experiment", help="Experiment name (default: <category>-<date>-<time>; with --resume: the latest).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted search (same category, budget and seed).")
 @click.option("--address", help="Ray cluster address to join (default: start Ray on this machine).")
-@click.option("--storage", default=DEFAULT_STORAGE, show_default=True, help="Results folder (shared storage on a cluster).")
+@click.option("--storage", default=DEFAULT_STORAGE, show_default=True,
+              help="Results folder or file:// URI; on a cluster, a shared mount at the same path on every node.")
 @click.option("--wandb", is_flag=True, help="Log every trial to Weights & Biases (offline unless WANDB_MODE says otherwise).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--image-size", type=click.IntRange(16, 2048), help="Pin one image size (default: the choices in common.yaml).")
@@ -45,9 +51,14 @@ def _methods_option(value: str | None) -> list[str] | None:
 @click.option("--no-export", is_flag=True, help="Stop after the leaderboard: no ensemble, bundle or report.")
 @click.option("--gpus-per-trial", default=1.0, show_default=True, type=click.FloatRange(0, min_open=True),
               help="GPUs per trial on a GPU budget: a fraction shares a GPU; 2 or more runs one Train worker per GPU (data parallel).")
-def search_command(category, budget, data, methods, space_file, max_concurrent, experiment, resume, address,
-                   storage, wandb, seed, image_size, val_defects, ensemble_k, models_dir, no_export, gpus_per_trial):
-    """Search methods, backbones and synthetic-anomaly parameters for one product.
+@click.option("--max-gpus", type=click.FloatRange(0), default=None,
+              help="GPUs the search may hold at once (default: those in the cluster at start). On a cluster "
+                   "that starts GPU nodes from zero: the most its autoscaler provides; trials then ask for them.")
+def search_command(category, budget, jobs_file, data, methods, space_file, max_concurrent, experiment, resume,
+                   address, storage, wandb, seed, image_size, val_defects, ensemble_k, models_dir, no_export,
+                   gpus_per_trial, max_gpus):
+    """Search methods, backbones and synthetic-anomaly parameters for a product
+    (or for several, one after the other: --category all, --jobs FILE).
 
     Trials are chosen by Optuna (TPE) and stopped early by ASHA on the validation
     objective (held-out good images + synthetic anomalies of other families); test
@@ -58,23 +69,54 @@ def search_command(category, budget, data, methods, space_file, max_concurrent, 
       automl-ad search --category screw --budget 10m
       automl-ad search -c screw --data /data/mvtec --budget 50gpu-h --methods draem,nsa
       automl-ad search -c screw --budget 10m --resume        # after an interruption
+      automl-ad search -c all --data /data/mvtec --budget 4gpu-h --max-gpus 8
+      automl-ad search --jobs jobs.yaml --address auto --storage /mnt/shared/automl_ad
 
     At the end: leaderboard, then the best trials are ensembled (Caruana selection on
     val), the better of ensemble and single model is exported to <models>/<category>
     (ONNX + TorchScript + manifest.json) and report.html is written next to it.
     """
-    from automl_ad.tuning.search import SearchOptions, run_search
+    from automl_ad.tuning.search import SearchOptions, run_jobs, run_search
 
-    summary = run_search(SearchOptions(
-        category=category, budget=budget, data=data, methods=_methods_option(methods), space_file=space_file,
-        max_concurrent=max_concurrent, experiment=experiment, resume=resume, address=address, storage=storage,
-        wandb=wandb, seed=seed, image_size=image_size, val_defects=val_defects, gpus_per_trial=gpus_per_trial,
-    ))
-    click.echo(f"\nexperiment {summary.experiment}: {summary.trials} trials stored in {summary.experiment_dir}; "
-               f"budget used {summary.budget.describe(summary.budget_used)}")
-    click.echo(leaderboard_text(summary.experiment_dir))
-    if not no_export:
-        finish_with_bundle(summary.experiment_dir, category, models_dir / category, ensemble_k)
+    jobs = _jobs_of(category, budget, jobs_file, data)
+    options = SearchOptions(
+        category=jobs[0].category if jobs else category, budget=budget or "", data=data,
+        methods=_methods_option(methods), space_file=space_file, max_concurrent=max_concurrent,
+        experiment=experiment, resume=resume, address=address, storage=storage, wandb=wandb, seed=seed,
+        image_size=image_size, val_defects=val_defects, gpus_per_trial=gpus_per_trial, max_gpus=max_gpus,
+    )
+
+    def finish(summary) -> None:
+        click.echo(f"\n[{summary.category}] experiment {summary.experiment}: {summary.trials} trials stored in "
+                   f"{summary.experiment_dir}; budget used {summary.budget.describe(summary.budget_used)}")
+        click.echo(leaderboard_text(summary.experiment_dir))
+        if not no_export:
+            finish_with_bundle(summary.experiment_dir, summary.category, models_dir / summary.category, ensemble_k)
+
+    if jobs:
+        summaries = run_jobs(options, jobs, on_done=finish)
+        click.echo("\n" + "\n".join(f"{s.category}: {s.trials} trials, best "
+                                      f"{'-' if not s.best else format(s.best['objective'], '.4f')} ({s.experiment_dir})"
+                                      for s in summaries))
+    else:
+        finish(run_search(options))
+
+
+def _jobs_of(category: str | None, budget: str | None, jobs_file: Path | None, data: Path | None):
+    """The searches asked for: [] for a single --category, else one Job per product."""
+    from automl_ad.tuning.search import Job, all_categories, load_jobs
+
+    if jobs_file is not None:
+        if category or budget:
+            raise UserError("--jobs gives each category its budget: leave out --category and --budget")
+        return load_jobs(jobs_file)
+    if not category:
+        raise UserError("give --category (a product, or 'all') or --jobs FILE")
+    if not budget:
+        raise UserError(f"--category {category}: --budget is required")
+    if category == "all":
+        return [Job(name, budget) for name in all_categories(data)]
+    return []
 
 
 def finish_with_bundle(folder: Path, category: str, bundle_dir: Path, k: int) -> None:
@@ -102,7 +144,9 @@ def finish_with_bundle(folder: Path, category: str, bundle_dir: Path, k: int) ->
 def results_command(category, experiment, storage, top):
     """Leaderboard of a search, and how well val objective ranks trials on test."""
     from automl_ad import store
+    from automl_ad.tuning.search import storage_folder
 
+    storage = storage_folder(storage)
     if experiment is None:
         found = store.list_experiments(storage, category)
         if not found:

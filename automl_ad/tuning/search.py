@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from ray.tune import Callback
 from ray.tune.search import Searcher
@@ -26,7 +26,7 @@ from ray.tune.stopper import Stopper
 
 from automl_ad import store
 from automl_ad.errors import UserError
-from automl_ad.tuning.budget import Budget, Ledger, check_budget_fits_cluster, parse_budget, shared_ledger
+from automl_ad.tuning.budget import Budget, Ledger, parse_budget, shared_ledger
 from automl_ad.tuning.progress import SearchProgress
 from automl_ad.tuning.space import SearchSpace, load_space, split_config
 from automl_ad.tuning.trainable import TrialContext, allocated_devices, make_trainable
@@ -56,6 +56,9 @@ class SearchOptions:
     use_train: bool = True
     gpus_per_trial: float = 1.0
     cpus_per_trial: float = 1.0
+    # GPUs the search may hold at once; None: the GPUs in the cluster when it starts. On a
+    # cluster whose autoscaler starts GPU nodes from zero, the most it can provide.
+    max_gpus: float | None = None
     live: bool = True
     space_dir: Path | None = None
 
@@ -68,6 +71,168 @@ class SearchSummary:
     best: dict[str, Any] | None
     budget_used: float
     budget: Budget
+    category: str = ""
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """What a search asks the cluster for, decided once at its start."""
+
+    use_gpu: bool
+    gpus: float  # GPUs the search may hold at once
+    autoscale_gpus: bool  # trials ask for GPUs the cluster does not have yet
+    driver_resource: str | None  # custom resource the trial drivers ask for, if any
+    max_concurrent: int
+
+
+def plan_devices(budget: Budget, resources: Mapping[str, float], *, max_gpus: float | None = None,
+                 gpus_per_trial: float = 1.0, cpus_per_trial: float = 1.0, use_train: bool = True,
+                 max_concurrent: int | None = None) -> DevicePlan:
+    """Devices, driver placement and concurrency of a search on a cluster with ``resources``
+    (``ray.cluster_resources()``).
+
+    ``max_gpus`` above the GPUs present means the autoscaler will add GPU nodes: trials
+    then request GPUs that do not exist yet (the autoscaler's cue) and the CPUs present now
+    do not bound concurrency, since the GPU nodes bring their own.
+    """
+    present_gpus = float(resources.get("GPU", 0.0))
+    if max_gpus is not None and max_gpus < 0:
+        raise UserError(f"--max-gpus {max_gpus:g}: must be 0 or more")
+    gpus = present_gpus if max_gpus is None else float(max_gpus)
+    if budget.kind == "device" and budget.device == "gpu" and gpus <= 0:
+        cpu_text = budget.text.replace("gpu", "cpu")
+        raise UserError(
+            f"--budget {budget.text}: the Ray cluster has no GPU; use a CPU budget such as {cpu_text}, "
+            "or pass --max-gpus N if its autoscaler starts GPU nodes"
+        )
+    use_gpu = gpus > 0 and budget.device != "cpu"
+    if use_gpu and gpus_per_trial > gpus:
+        raise UserError(f"--gpus-per-trial {gpus_per_trial:g}: more than the {gpus:g} GPUs the search may use")
+    autoscale_gpus = use_gpu and gpus > present_gpus
+    driver_resource = DRIVER_RESOURCE if use_train and resources.get(DRIVER_RESOURCE, 0.0) >= 1 else None
+    limits: list[float] = []
+    if use_gpu:
+        limits.append(gpus // gpus_per_trial)
+    if not autoscale_gpus:
+        per_trial_cpus = (1.0 if use_train and not driver_resource else 0.0) + cpus_per_trial
+        limits.append(float(resources.get("CPU", 1.0)) // per_trial_cpus)
+    if driver_resource:
+        limits.append(float(resources[driver_resource]))
+    fits = max(1, int(min(limits)))
+    return DevicePlan(use_gpu=use_gpu, gpus=gpus if use_gpu else 0.0, autoscale_gpus=autoscale_gpus,
+                      driver_resource=driver_resource, max_concurrent=max(1, min(max_concurrent or fits, fits)))
+
+
+def storage_folder(storage: Path | str) -> Path:
+    """The results folder of ``--storage``: a path or a ``file://`` URI, local or a shared
+    mount. Object stores are refused with what to do instead (the ledger, the Optuna
+    sqlite and the Parquet writes need a filesystem with atomic rename)."""
+    text = str(storage)
+    if "://" not in text:
+        return Path(text).expanduser().resolve()
+    scheme = text.split("://", 1)[0].lower()
+    if scheme == "file":
+        from pyarrow.fs import FileSystem, LocalFileSystem
+
+        try:
+            filesystem, path = FileSystem.from_uri(text)
+        except (ValueError, OSError) as exc:
+            raise UserError(f"--storage {text}: not a valid file:// URI ({exc}); write file:///absolute/path") from None
+        if not isinstance(filesystem, LocalFileSystem):
+            raise UserError(f"--storage {text}: not a local file:// URI; write file:///absolute/path")
+        return Path(path).resolve()
+    raise UserError(
+        f"--storage {text}: {scheme}:// is not supported; mount one shared filesystem at the same path on "
+        "every node (EFS on AWS, Filestore on GCP, NFS or a ReadWriteMany volume on Kubernetes) and pass "
+        "that path, e.g. --storage /mnt/shared/automl_ad (see cluster/README.md)"
+    )
+
+
+@dataclass(frozen=True)
+class Job:
+    """One product's search in a many-product run."""
+
+    category: str
+    budget: str
+
+
+def load_jobs(path: Path) -> list[Job]:
+    """``--jobs FILE``: a YAML list of ``{category, budget}``, checked before anything runs."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--jobs file not found: {path}")
+    try:
+        items = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"--jobs {path}: not valid YAML ({first})") from None
+    if not isinstance(items, list) or not items:
+        raise UserError(f"--jobs {path}: expected a non-empty list of {{category, budget}} items")
+    jobs: list[Job] = []
+    for index, item in enumerate(items):
+        where = f"--jobs {path}: item {index + 1}"
+        if not isinstance(item, dict) or set(item) != {"category", "budget"}:
+            keys = sorted(item) if isinstance(item, dict) else type(item).__name__
+            raise UserError(f"{where}: expected exactly the keys category and budget, got {keys}")
+        category, budget = str(item["category"]).strip(), str(item["budget"]).strip()
+        if not category:
+            raise UserError(f"{where}: empty category")
+        try:
+            parse_budget(budget)
+        except UserError as exc:
+            raise UserError(f"{where} ({category}): {exc}") from None
+        if any(job.category == category for job in jobs):
+            raise UserError(f"{where}: category {category!r} appears twice")
+        jobs.append(Job(category, budget))
+    return jobs
+
+
+def all_categories(data: Path | None) -> list[str]:
+    """``--category all``: every category folder under ``data``, else every built-in product."""
+    if data is None:
+        from automl_ad.data.builtin import BUILTIN_CATEGORIES
+
+        return list(BUILTIN_CATEGORIES)
+    from automl_ad.data.layout import list_categories
+
+    root = Path(data).expanduser()
+    if not root.is_dir():
+        raise UserError(f"--data folder not found: {root}")
+    found = sorted(list_categories(root))
+    if not found:
+        raise UserError(f"--data {root}: no category folders (a category folder holds train/good/)")
+    return found
+
+
+def run_jobs(base: SearchOptions, jobs: Sequence[Job],
+             on_done: Callable[[SearchSummary], None] | None = None) -> list[SearchSummary]:
+    """One search per job, one after the other on the same Ray instance, each with its
+    own budget, ledger and experiment folder (``<experiment>-<category>`` when
+    ``base.experiment`` is set). ``on_done`` sees each summary as soon as it exists."""
+    if not jobs:
+        raise UserError("no categories to search")
+    storage = storage_folder(base.storage)
+    for job in jobs:  # every budget is checked before the first search starts
+        parse_budget(job.budget)
+    summaries = []
+    for job in jobs:
+        experiment = f"{base.experiment}-{job.category}" if base.experiment else None
+        # A run stopped before this product's search began: start it instead of failing.
+        resume = base.resume and _has_search(storage, job.category, experiment)
+        summary = run_search(dataclasses.replace(base, category=job.category, budget=job.budget,
+                                                 experiment=experiment, resume=resume))
+        summaries.append(summary)
+        if on_done is not None:
+            on_done(summary)
+    return summaries
+
+
+def _has_search(storage: Path, category: str, experiment: str | None) -> bool:
+    if experiment is not None:
+        return (storage / experiment / _OPTIONS_FILE).exists()
+    return any((p / _OPTIONS_FILE).exists() for p in storage.glob(f"{category}-*"))
 
 
 def _trial_dirname(trial: Any) -> str:
@@ -419,9 +584,7 @@ def run_search(opts: SearchOptions) -> SearchSummary:
     data_root = resolve_data_root(opts.data, opts.category)
     if opts.val_defects is not None and not Path(opts.val_defects).is_dir():
         raise UserError(f"--val-defects folder not found: {opts.val_defects}")
-    storage = Path(opts.storage).resolve() if "://" not in str(opts.storage) else None
-    if storage is None:
-        raise UserError(f"--storage {opts.storage}: only local or mounted shared folders are supported")
+    storage = storage_folder(opts.storage)
     experiment = _pick_experiment(opts, storage)
     folder = store.experiment_dir(storage, experiment)
     record = {"category": opts.category, "budget": budget.text, "seed": opts.seed,
@@ -437,11 +600,18 @@ def run_search(opts: SearchOptions) -> SearchSummary:
     _init_ray(opts, folder)
     import ray
 
-    cluster_gpus = float(ray.cluster_resources().get("GPU", 0.0))
-    check_budget_fits_cluster(budget, cluster_gpus)
+    resources = {k: float(v) for k, v in ray.cluster_resources().items()}
+    plan = plan_devices(budget, resources, max_gpus=opts.max_gpus, gpus_per_trial=opts.gpus_per_trial,
+                        cpus_per_trial=opts.cpus_per_trial, use_train=opts.use_train,
+                        max_concurrent=opts.max_concurrent)
+    if plan.autoscale_gpus:
+        import sys
+
+        print(f"notice: the cluster has {resources.get('GPU', 0.0):g} GPUs now; trials will ask for up to "
+              f"{plan.gpus:g} and wait while the autoscaler starts GPU nodes", file=sys.stderr)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / _OPTIONS_FILE).write_text(json.dumps(record, indent=1))
-    use_gpu = cluster_gpus > 0 and budget.device != "cpu"
+    use_gpu = plan.use_gpu
     device_kind = "gpu" if use_gpu else "cpu"
     fidelity = space.fidelity
     context = TrialContext(
@@ -463,16 +633,13 @@ def run_search(opts: SearchOptions) -> SearchSummary:
         cpus_per_worker=opts.cpus_per_trial,
         gpus_per_worker=(1.0 if opts.gpus_per_trial >= 2 else opts.gpus_per_trial) if use_gpu else 0.0,
         wandb=opts.wandb,
-        driver_resource=DRIVER_RESOURCE if ray.cluster_resources().get(DRIVER_RESOURCE, 0) >= 1 else None,
+        driver_resource=plan.driver_resource,
     )
     fingerprints = _prepare_val_sets(context, space.image_sizes, data_root)
 
     _forget_cached_ledger(folder)
     ledger = shared_ledger(folder, budget)
-    cluster_cpus = float(ray.cluster_resources().get("CPU", 1.0))
-    per_trial_cpus = (1.0 if opts.use_train and not context.driver_resource else 0.0) + opts.cpus_per_trial
-    fits = int(min(cluster_cpus // per_trial_cpus, cluster_gpus // opts.gpus_per_trial if use_gpu else 1e9))
-    max_concurrent = max(1, min(opts.max_concurrent or fits, fits if fits >= 1 else 1))
+    max_concurrent = plan.max_concurrent
 
     progress = SearchProgress(ledger=ledger, max_epochs=fidelity.max_epochs, used_at_start=ledger.used())
     space_key = str(folder)
@@ -543,7 +710,7 @@ def run_search(opts: SearchOptions) -> SearchSummary:
     if table.num_rows:
         rows = [r for r in table.to_pylist() if r.get("objective") is not None]
         best = max(rows, key=lambda r: r["objective"]) if rows else None
-    return SearchSummary(experiment, folder, table.num_rows, best, ledger.used(), budget)
+    return SearchSummary(experiment, folder, table.num_rows, best, ledger.used(), budget, opts.category)
 
 
 def _forget_cached_ledger(folder: Path) -> None:
