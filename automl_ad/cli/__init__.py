@@ -13,6 +13,7 @@ import click
 
 from automl_ad import __version__
 from automl_ad.errors import UserError
+from automl_ad.runtime import tune_cpu_allocator
 
 # Modules under automl_ad/cli that contribute commands, as `command` or `commands`.
 COMMAND_MODULES = ("data", "synth", "train", "search", "ensemble", "export", "report")
@@ -42,6 +43,7 @@ def main() -> None:
     Without --data, every command uses the built-in procedural products
     (textures: fabric, marble; objects: screw, washer).
     """
+    tune_cpu_allocator()
 
 
 def _register() -> None:

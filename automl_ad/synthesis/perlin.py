@@ -10,9 +10,8 @@ no corner is left empty).
 Anomaly source A: images from ``texture_dir`` (DTD in the paper; loaded once) when given,
 else per image either another normal image (``sources`` or the batch rolled) or, with
 probability ``noise_share``, a generated colour noise texture. A gets ``n_aug`` distinct
-augmentations out of DRAEM's ten (gamma/contrast, brightness multiply+add, sharpness,
-hue/saturation shift, solarize, posterize, invert, autocontrast, equalize, rotate),
-applied in a fixed order (imgaug applies the chosen three in random order).
+augmentations out of DRAEM's ten (``source_aug.py``: the pointwise ones as one lookup
+table per image and channel).
 
 Blend (paper Eq. 1): I_a = (1 - M) I + (1 - beta) M A + beta M I, beta ~ U(beta_low, beta_high).
 Labels: mask M, image label 1 iff M is non-empty (as DRAEM's loader does).
@@ -46,9 +45,9 @@ from automl_ad.synthesis.base import (
     SynthParams,
     Synthesizer,
     luminance,
-    shift_hue,
     uniform,
 )
+from automl_ad.synthesis.source_aug import augment_sources
 
 _SQRT2 = math.sqrt(2.0)
 # Rotated unit-square coordinates reach 0.5 +- sqrt(2)/2; shift them to start at 0.
@@ -185,103 +184,6 @@ def noise_textures(batch: int, channels: int, height: int, width: int, generator
     gain = uniform(generator, (batch, channels, 1, 1), device, 0.3, 0.8)
     offset = uniform(generator, (batch, channels, 1, 1), device, 0.2, 0.8)
     return (offset + gain * noise).clamp(0, 1)
-
-
-# ------------------------------------------------------------ DRAEM source augmentations
-
-
-def _gamma(x: Tensor, g: torch.Generator) -> Tensor:
-    gamma = torch.exp(uniform(g, (x.shape[0], x.shape[1], 1, 1), x.device, math.log(0.5), math.log(2.0)))
-    return x.clamp_min(1e-6) ** gamma
-
-
-def _brightness(x: Tensor, g: torch.Generator) -> Tensor:
-    mul = uniform(g, (x.shape[0], 1, 1, 1), x.device, 0.8, 1.2)
-    add = uniform(g, (x.shape[0], 1, 1, 1), x.device, -30 / 255, 30 / 255)
-    return x * mul + add
-
-
-def _sharpness(x: Tensor, g: torch.Generator) -> Tensor:
-    # PIL's sharpness: extrapolate between a smoothed copy and the image.
-    # kernel [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13 = (3x3 box sum + 4 centre) / 13; the
-    # box filter is much faster on CPU than a depthwise convolution
-    box = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-    smooth = (9.0 * box + 4.0 * x) / 13.0
-    factor = uniform(g, (x.shape[0], 1, 1, 1), x.device, 0.0, 2.0)
-    return smooth + factor * (x - smooth)
-
-
-def _hue_saturation(x: Tensor, g: torch.Generator) -> Tensor:
-    shift = uniform(g, (x.shape[0],), x.device, -50 / 255, 50 / 255)
-    sat = uniform(g, (x.shape[0],), x.device, -50 / 255, 50 / 255)
-    if x.shape[1] == 1:  # no hue on gray: shift the intensity a little instead
-        return x + shift[:, None, None, None]
-    return shift_hue(x.clamp(0, 1), shift, sat)
-
-
-def _solarize(x: Tensor, g: torch.Generator) -> Tensor:
-    threshold = uniform(g, (x.shape[0], 1, 1, 1), x.device, 32 / 255, 128 / 255)
-    apply = uniform(g, (x.shape[0], 1, 1, 1), x.device) < 0.5
-    return torch.where(apply & (x >= threshold), 1.0 - x, x)
-
-
-def _posterize(x: Tensor, g: torch.Generator) -> Tensor:
-    bits = torch.randint(1, 8, (x.shape[0], 1, 1, 1), generator=g, device=x.device).float()
-    levels = 2.0**bits
-    return torch.floor(x.clamp(0, 1) * 255.0 / (256.0 / levels)) * (256.0 / levels) / 255.0
-
-
-def _invert(x: Tensor, g: torch.Generator) -> Tensor:
-    return 1.0 - x
-
-
-def _autocontrast(x: Tensor, g: torch.Generator) -> Tensor:
-    low = x.amin(dim=(2, 3), keepdim=True)
-    high = x.amax(dim=(2, 3), keepdim=True)
-    return torch.where(high - low > 1e-6, (x - low) / (high - low).clamp_min(1e-6), x)
-
-
-def _equalize(x: Tensor, g: torch.Generator) -> Tensor:
-    batch, channels, height, width = x.shape
-    levels = (x.clamp(0, 1) * 255).round().long().reshape(batch * channels, -1)
-    hist = torch.zeros(batch * channels, 256, device=x.device).scatter_add_(1, levels, torch.ones_like(levels, dtype=torch.float32))
-    cdf = hist.cumsum(1)
-    cdf_min = torch.where(hist > 0, cdf, torch.full_like(cdf, float(height * width))).amin(1, keepdim=True)
-    lut = (cdf - cdf_min) / (height * width - cdf_min).clamp_min(1.0)
-    return lut.gather(1, levels).reshape(x.shape).clamp(0, 1)
-
-
-def _rotate(x: Tensor, g: torch.Generator) -> Tensor:
-    angle = uniform(g, (x.shape[0],), x.device, -math.pi / 4, math.pi / 4)
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    zero = torch.zeros_like(cos)
-    theta = torch.stack((torch.stack((cos, -sin, zero), 1), torch.stack((sin, cos, zero), 1)), 1)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-
-
-AUGMENTATIONS = (
-    _gamma, _brightness, _sharpness, _hue_saturation, _solarize,
-    _posterize, _invert, _autocontrast, _equalize, _rotate,
-)
-
-
-def augment_sources(images: Tensor, generator: torch.Generator, n_aug: int, *, in_place: bool = False) -> Tensor:
-    """Apply ``n_aug`` distinct random augmentations per image (subsets run batched).
-    ``in_place``: write into ``images`` (the caller owns it) instead of a copy."""
-    if n_aug <= 0:
-        return images
-    batch = images.shape[0]
-    ranks = torch.rand((batch, len(AUGMENTATIONS)), generator=generator, device=images.device).argsort(1).argsort(1)
-    chosen = ranks < n_aug
-    out = images if in_place else images.clone()
-    for op_index, op in enumerate(AUGMENTATIONS):
-        rows = chosen[:, op_index].nonzero().squeeze(1)
-        if rows.numel() == batch:
-            out.copy_(op(out, generator).clamp_(0, 1))
-        elif rows.numel():
-            out.index_copy_(0, rows, op(out.index_select(0, rows), generator).clamp_(0, 1))
-    return out
 
 
 # ------------------------------------------------------------------------ family
