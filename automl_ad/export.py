@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from automl_ad import __version__
 from automl_ad.errors import UserError
+from automl_ad.jsonio import read_json
 
 MANIFEST = "manifest.json"
 ONNX_FILE = "model.onnx"
@@ -238,13 +239,7 @@ class Bundle:
 
 def load_bundle(folder: Path) -> Bundle:
     folder = Path(folder)
-    manifest_path = folder / MANIFEST
-    if not manifest_path.is_file():
-        raise UserError(f"not a model bundle (no {MANIFEST}): {folder}")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as error:
-        raise UserError(f"corrupt {manifest_path}: {error}") from None
+    manifest = read_json(folder / MANIFEST, f"not a model bundle (no {MANIFEST}): {folder}")
     onnx_path = folder / manifest.get("files", {}).get("onnx", ONNX_FILE)
     if not onnx_path.is_file():
         raise UserError(f"bundle has no ONNX graph: {onnx_path}")

@@ -26,6 +26,7 @@ import numpy as np
 
 from automl_ad import store
 from automl_ad.errors import UserError
+from automl_ad.jsonio import read_json
 
 EXAMPLES_PER_GROUP = 4  # overlays shown per defect type, and false alarms
 THUMBNAIL_PX = 160  # overlays are upscaled (nearest) so 32-64 px images stay legible
@@ -554,13 +555,7 @@ def build_report(folder: Path, out: Path, *, bundle_dir: Path | None = None, bun
     from automl_ad.export import load_bundle
 
     folder = Path(folder)
-    record_path = folder / SEARCH_RECORD
-    if not record_path.is_file():
-        raise UserError(f"not an experiment folder (no {SEARCH_RECORD}): {folder}")
-    try:
-        record = json.loads(record_path.read_text())
-    except json.JSONDecodeError as error:
-        raise UserError(f"corrupt {record_path}: {error}") from None
+    record = read_json(folder / SEARCH_RECORD, f"not an experiment folder (no {SEARCH_RECORD}): {folder}")
     rows = load_trials(folder)
     bundle = None
     if bundle_dir is not None and (Path(bundle_dir) / "manifest.json").is_file():

@@ -1,5 +1,6 @@
 """Shared fixtures. ``ray_session``: one local Ray instance for the whole test run,
-started only when a test asks for it (most tests never import Ray)."""
+started only when a test asks for it (most tests never import Ray); ``one_torch_thread``
+and ``offline_weight_caches`` for the tests of pretrained backbones."""
 
 from __future__ import annotations
 
@@ -9,6 +10,27 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The machine's 2 cores are shared: two torch threads each thrash (10x slower here)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def offline_weight_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Empty torch and Hugging Face caches and no downloads: weights must come from a
+    file, a cache the test fills, or the packaged checkpoint."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.delenv("AUTOML_AD_ALLOW_DOWNLOAD", raising=False)
+    return tmp_path
 
 
 @pytest.fixture(scope="session")

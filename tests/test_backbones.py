@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
@@ -24,22 +23,7 @@ from automl_ad.errors import UserError
 TIMM_LITE0_HUB = "models--timm--tf_efficientnet_lite0.in1k"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """The machine's 2 cores are shared: two threads each thrash (10x slower here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def offline_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Empty torch and Hugging Face caches and no downloads, for every test."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
-    monkeypatch.delenv("AUTOML_AD_ALLOW_DOWNLOAD", raising=False)
-    return tmp_path
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "offline_weight_caches")
 
 
 @pytest.fixture(scope="module")
@@ -89,10 +73,10 @@ def test_explicit_files_give_the_same_features_as_the_packaged_weights(tmp_path:
     assert create_backbone("efficientnet_lite0", weights=str(as_pth)).weights_source == f"file:{as_pth}"
 
 
-def test_torchvision_cache_is_used(offline_caches: Path) -> None:
+def test_torchvision_cache_is_used(offline_weight_caches: Path) -> None:
     torch.manual_seed(11)
     reference = load_classifier("resnet18", weights="random")
-    cache = offline_caches / "torch" / "hub" / "checkpoints"
+    cache = offline_weight_caches / "torch" / "hub" / "checkpoints"
     cache.mkdir(parents=True)
     torch.save(reference.state_dict(), cache / "resnet18-f37072fd.pth")
 
@@ -103,11 +87,11 @@ def test_torchvision_cache_is_used(offline_caches: Path) -> None:
     torch.testing.assert_close(loaded.stages[3][0].conv1.weight, reference.layer3[0].conv1.weight, rtol=0, atol=0)
 
 
-def test_hugging_face_cache_is_used_before_the_packaged_file(offline_caches: Path) -> None:
+def test_hugging_face_cache_is_used_before_the_packaged_file(offline_weight_caches: Path) -> None:
     torch.manual_seed(12)
     reference = load_classifier("efficientnet_lite0", weights="random")
     commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = offline_caches / "hf" / TIMM_LITE0_HUB
+    repo = offline_weight_caches / "hf" / TIMM_LITE0_HUB
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
     snapshot = repo / "snapshots" / commit

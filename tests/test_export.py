@@ -110,3 +110,11 @@ def test_balanced_f1_does_not_flag_everything_when_anomalies_outnumber_good_imag
     scores, labels = torch.cat([good, anomalies]), torch.cat([torch.zeros(4), torch.ones(40)]).long()
     point = calibrate_threshold(scores, labels)
     assert point["val_false_alarm_rate"] == 0.0 and 0.4 < point["threshold"] <= 0.8 and point["val_recall"] > 0.5
+
+
+def test_load_bundle_names_a_missing_or_corrupt_manifest(tmp_path):
+    with pytest.raises(UserError, match="not a model bundle"):
+        load_bundle(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(UserError, match=r"corrupt .*manifest\.json"):
+        load_bundle(tmp_path)
