@@ -106,3 +106,26 @@ def test_hue_saturation_matrix_keeps_luma_and_greys():
     assert torch.allclose(luma @ (matrix @ colour), (luma @ colour), atol=1e-5)
     desaturated = hue_saturation_matrix(torch.tensor([0.0]), torch.tensor([0.0])) @ colour[:1]
     assert torch.allclose(desaturated.squeeze(), (luma @ colour[0]).expand(3), atol=1e-5)
+
+
+def test_sampling_chosen_pixels_equals_rendering_every_pixel():
+    for channels, n_aug in ((3, 3), (3, 10), (1, 4), (3, 1)):
+        g = torch.Generator().manual_seed(channels * 100 + n_aug)
+        images = torch.rand(6, channels, 20, 28, generator=g)
+        augmentation = source_aug.plan_augmentation(images.clone(), torch.Generator().manual_seed(5), n_aug)
+        full = source_aug.render(augmentation)
+        image, y, x = torch.meshgrid(torch.arange(6), torch.arange(20), torch.arange(28), indexing="ij")
+        points = source_aug.sample(augmentation, image.flatten(), y.flatten(), x.flatten())
+        expected = full.permute(0, 2, 3, 1).reshape(-1, channels)
+        assert (points - expected).abs().max() < 1e-5, (channels, n_aug)
+    assert augmentation.angle is None or bool((augmentation.angle != 0).any())
+
+
+def test_rotation_is_drawn_and_sampled_like_grid_sample():
+    # every image rotates: n_aug = 10 draws all ten ops
+    images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    augmentation = source_aug.plan_augmentation(images.clone(), torch.Generator().manual_seed(2), 10)
+    assert augmentation.angle is not None and bool((augmentation.angle != 0).all())
+    rendered = source_aug.render(augmentation)
+    picked = source_aug.sample(augmentation, torch.tensor([0, 1, 2]), torch.tensor([0, 7, 15]), torch.tensor([15, 3, 0]))
+    assert torch.allclose(picked, rendered[[0, 1, 2], :, [0, 7, 15], [15, 3, 0]], atol=1e-5)

@@ -109,6 +109,9 @@ class Synthesizer:
 
     FAMILY: ClassVar[str] = ""
     Params: ClassVar[type[SynthParams]]
+    # True when ``synthesize`` already returns images and masks in [0, 1] (saves two
+    # full passes over the batch)
+    OUTPUT_IN_RANGE: ClassVar[bool] = False
 
     def __init__(self, params: SynthParams, *, category: str | None = None, texture_dir: Path | None = None) -> None:
         self.params = params
@@ -126,6 +129,8 @@ class Synthesizer:
         if index.numel() == batch:  # every sample anomalous: no gather/scatter copies
             donors = pick_donors(images, index, generator, sources)
             result = self.synthesize(images, donors, generator, sources_given=sources is not None)
+            if self.OUTPUT_IN_RANGE:
+                return result
             return SynthBatch(result.images.clamp(0.0, 1.0), result.masks.clamp(0.0, 1.0), result.labels.clone())
         out = images.clone()
         masks = images.new_zeros(batch, 1, *images.shape[2:])

@@ -11,7 +11,7 @@ Anomaly source A: images from ``texture_dir`` (DTD in the paper; loaded once) wh
 else per image either another normal image (``sources`` or the batch rolled) or, with
 probability ``noise_share``, a generated colour noise texture. A gets ``n_aug`` distinct
 augmentations out of DRAEM's ten (``source_aug.py``: the pointwise ones as one lookup
-table per image and channel).
+table per image and channel), evaluated only inside the mask.
 
 Blend (paper Eq. 1): I_a = (1 - M) I + (1 - beta) M A + beta M I, beta ~ U(beta_low, beta_high).
 Labels: mask M, image label 1 iff M is non-empty (as DRAEM's loader does).
@@ -47,7 +47,7 @@ from automl_ad.synthesis.base import (
     luminance,
     uniform,
 )
-from automl_ad.synthesis.source_aug import augment_sources
+from automl_ad.synthesis.source_aug import plan_augmentation, sample
 
 _SQRT2 = math.sqrt(2.0)
 # Rotated unit-square coordinates reach 0.5 +- sqrt(2)/2; shift them to start at 0.
@@ -74,17 +74,37 @@ def perlin_noise(
     cell, with a few matrix products because Perlin's fade-weighted corner sum is
     separable along y and x; one ``grid_sample`` then maps every output pixel, rotated and
     scaled by its image's periods, into that grid with bilinear interpolation. No
-    per-pixel gathers, one host sync (the largest period sizes the lattice).
+    per-pixel gathers; images are grouped by their largest period so that each group's
+    lattice fits its periods.
     """
     device = periods_y.device
-    span = 1.0 + 2 * _ROT_MARGIN if angle is not None else 1.0
-    longest = int(torch.maximum(periods_y, periods_x).max())  # one host sync: sizes the lattice
-    cells = int(math.ceil(span * longest)) + 1
+    longest_each = torch.maximum(periods_y, periods_x)
     if angle is None:
+        cells = int(longest_each.max()) + 1  # one host sync: sizes the lattice
         return _axis_aligned_noise(batch, height, width, periods_y, periods_x, generator, cells)
-    # 8 samples per cell keep the bilinear error near 3 % of the range (the old
-    # evaluate-coarse-then-upsample scheme had that for its highest period); small images
-    # do not need more samples than pixels per period.
+    # Images are grouped by their largest period (rounded up to a power of two), each
+    # group on a lattice of its own size: one lattice sized by the batch's largest period
+    # would be mostly unused by images with few periods.
+    bucket = torch.exp2(torch.log2(longest_each.clamp_min(1).float()).ceil()).long()
+    groups = sorted(set(bucket.tolist()))  # one host sync
+    if len(groups) == 1:
+        return _rotated_noise(height, width, periods_y, periods_x, generator, angle, groups[0], samples_per_period)
+    noise = torch.empty(batch, height, width, device=device)
+    for group in groups:
+        rows = (bucket == group).nonzero().squeeze(1)
+        noise[rows] = _rotated_noise(
+            height, width, periods_y[rows], periods_x[rows], generator, angle[rows], group, samples_per_period
+        )
+    return noise
+
+
+def _rotated_noise(
+    height: int, width: int, periods_y: Tensor, periods_x: Tensor, generator: torch.Generator,
+    angle: Tensor, longest: int, samples_per_period: int,
+) -> Tensor:
+    """``perlin_noise`` of images whose periods are at most ``longest``."""
+    batch, device = periods_y.shape[0], periods_y.device
+    cells = int(math.ceil((1.0 + 2 * _ROT_MARGIN) * longest)) + 1
     per_cell = max(samples_per_period, min(8, min(height, width) // max(longest, 1)))
     theta = 2 * math.pi * torch.rand((batch, cells + 1, cells + 1), generator=generator, device=device)
     value, slope = _cell_weights(cells, per_cell, device)
@@ -96,12 +116,8 @@ def perlin_noise(
     weights_y = torch.stack(_fade_terms(per_cell, device), 1)  # per_cell x 4
     grid = (weights_y @ pairs).reshape(batch, 1, cells * per_cell, cells * per_cell)
 
-    if angle is None:
-        cos = torch.ones(batch, device=device)
-        sin = torch.zeros(batch, device=device)
-    else:
-        cos, sin = torch.cos(angle), torch.sin(angle)
-    offset = 0.5 + (_ROT_MARGIN if angle is not None else 0.0)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    offset = 0.5 + _ROT_MARGIN
     # Output pixel centres in [-1, 1] (x_n, y_n) map to sample-grid coordinates in
     # [-1, 1]; lattice coordinate l sits at 2 l / cells - 1 there.
     scale_y = periods_y.float() / cells
@@ -243,6 +259,7 @@ def load_textures(texture_dir: Path, height: int, width: int) -> Tensor:
 class PerlinSynthesizer(Synthesizer):
     FAMILY = "perlin"
     Params = PerlinParams
+    OUTPUT_IN_RANGE = True  # a clamped copy, lerped towards sources in [0, 1]
 
     def __init__(self, params: PerlinParams, *, category: str | None = None, texture_dir: Path | None = None) -> None:
         super().__init__(params, category=category, texture_dir=texture_dir)
@@ -281,10 +298,17 @@ class PerlinSynthesizer(Synthesizer):
         p = self.params
         batch, _, height, width = images.shape
         mask = self.masks(batch, height, width, generator, images.device)
-        source = augment_sources(self.anomaly_sources(images, donors, generator), generator, p.n_aug, in_place=True)
-        beta = uniform(generator, (batch, 1, 1, 1), images.device, p.beta_low, p.beta_high)
-        # (1 - M) I + (1 - beta) M A + beta M I = I + (1 - beta) M (A - I): one lerp, and
-        # exactly I where M = 0
-        blended = torch.lerp(images, source, (1 - beta) * mask)
-        labels = (mask.flatten(1).amax(1) > 0).float()
+        augmentation = plan_augmentation(self.anomaly_sources(images, donors, generator), generator, p.n_aug)
+        beta = uniform(generator, (batch,), images.device, p.beta_low, p.beta_high)
+        # I_a = (1 - M) I + (1 - beta) M A + beta M I changes only the masked pixels (a few
+        # per cent of them): A is evaluated there alone
+        image, y, x = mask[:, 0].nonzero(as_tuple=True)
+        blended = images.clamp(0.0, 1.0)
+        if image.numel():
+            channels = images.shape[1]
+            plane = image[:, None] * channels + torch.arange(channels, device=images.device)
+            at = plane * (height * width) + (y * width + x)[:, None]  # N x C flat indices
+            flat = blended.view(-1)
+            flat[at] = torch.lerp(flat[at], sample(augmentation, image, y, x), (1 - beta[image])[:, None])
+        labels = torch.zeros(batch, device=images.device).index_fill_(0, image, 1.0)
         return SynthBatch(blended, mask, labels)

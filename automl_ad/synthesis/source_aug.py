@@ -15,15 +15,19 @@ imgaug works on uint8 images; so does this module, which is what makes it fast:
   the hue shift and scaled by the saturation change (the usual linear approximation of
   an HSV hue rotation; exact for greys, close for moderate saturations).
 * Sharpness (PIL's 3 x 3 smoothing kernel, extrapolated) uses separable box sums;
-  rotate is one ``grid_sample`` with reflection padding.
+  rotate is ``grid_sample``'s bilinear read with reflection padding.
 
-The ops run in a fixed order (the pointwise table, then hue/saturation, sharpness,
-rotate); imgaug draws the order at random. Parameter ranges follow DRAEM's code.
+The ops run in a fixed order: sharpness, the pointwise table, hue/saturation, rotate
+(imgaug draws the order at random). Every op after sharpness is pointwise or a bilinear
+read, so the augmented source can be evaluated at chosen pixels only (``sample``): DRAEM
+blends the source only inside its Perlin mask, a few per cent of the pixels. Parameter
+ranges follow DRAEM's code.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -41,25 +45,142 @@ _RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.2
 _YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
 
 
+@dataclass
+class SourceAugmentation:
+    """One batch's draws. ``source``: B x C x H x W after sharpness (the one op that needs
+    a neighbourhood before the others); then, in this order, per image: the pointwise
+    ``table`` (B x C x 256, used on ``pointwise_rows``), the colour transform
+    ``colour @ v + offset`` (B x C x C, B x C; on ``hue_rows``, identity elsewhere) and the
+    rotation ``angle`` (B radians, 0 where rotate was not drawn; None when no image
+    rotates). ``render`` evaluates it everywhere, ``sample`` only at given pixels."""
+
+    source: Tensor
+    pointwise_rows: Tensor
+    hue_rows: Tensor
+    table: Tensor | None
+    colour: Tensor
+    offset: Tensor
+    angle: Tensor | None
+
+
+def plan_augmentation(source: Tensor, generator: torch.Generator, n_aug: int) -> SourceAugmentation:
+    """Draw ``n_aug`` distinct ops per image and their parameters. ``source`` is owned by
+    the caller and sharpened in place on the rows that drew sharpness."""
+    batch, channels = source.shape[:2]
+    device = source.device
+    ranks = torch.rand((batch, len(OPS)), generator=generator, device=device).argsort(1).argsort(1)
+    chosen = ranks < max(n_aug, 0)
+    column = {name: chosen[:, index] for index, name in enumerate(OPS)}
+    sharpen = column["sharpness"].nonzero().squeeze(1)
+    if sharpen.numel():
+        _apply_subset(source, sharpen, lambda part: _sharpness(part, generator).clamp_(0.0, 1.0))
+    pointwise = chosen[:, : len(POINTWISE_OPS)]
+    pointwise_rows = pointwise.any(1)
+    table = None
+    if bool(pointwise_rows.any()):
+        histogram = None
+        if bool((column["autocontrast"] | column["equalize"]).any()):
+            histogram = _histograms(source, column["autocontrast"] | column["equalize"])
+        table = build_table(pointwise, channels, generator, device, histogram)
+    colour, offset = _colour_transform(batch, channels, generator, device)
+    hue = column["hue_saturation"]
+    identity = torch.eye(channels, device=device).expand(batch, -1, -1)
+    colour = torch.where(hue[:, None, None], colour, identity)
+    offset = torch.where(hue[:, None], offset, torch.zeros_like(offset))
+    angle = uniform(generator, (batch,), device, -math.pi / 4, math.pi / 4)
+    angle = torch.where(column["rotate"], angle, torch.zeros_like(angle)) if bool(column["rotate"].any()) else None
+    return SourceAugmentation(source, pointwise_rows, hue, table, colour, offset, angle)
+
+
 def augment_sources(images: Tensor, generator: torch.Generator, n_aug: int, *, in_place: bool = False) -> Tensor:
     """B x C x H x W in [0, 1] -> the same with ``n_aug`` distinct random ops per image.
-    ``in_place``: write into ``images`` (the caller owns it) instead of a copy."""
+    ``in_place``: the caller owns ``images`` (it is sharpened in place) instead of a copy."""
     if n_aug <= 0:
         return images
-    batch = images.shape[0]
-    device = images.device
-    ranks = torch.rand((batch, len(OPS)), generator=generator, device=device).argsort(1).argsort(1)
-    chosen = ranks < n_aug
-    out = images if in_place else images.clone()
-    pointwise = chosen[:, : len(POINTWISE_OPS)]
-    rows = pointwise.any(1).nonzero().squeeze(1)
-    if rows.numel():
-        _apply_subset(out, rows, lambda part: _apply_pointwise(part, pointwise[rows], generator))
-    for offset, op in enumerate((_hue_saturation, _sharpness, _rotate)):
-        rows = chosen[:, len(POINTWISE_OPS) + offset].nonzero().squeeze(1)
-        if rows.numel():
-            _apply_subset(out, rows, lambda part: op(part, generator).clamp_(0.0, 1.0))
+    return render(plan_augmentation(images if in_place else images.clone(), generator, n_aug))
+
+
+def render(aug: SourceAugmentation) -> Tensor:
+    """The augmented sources at every pixel, B x C x H x W."""
+    out = aug.source
+    batch, channels = out.shape[:2]
+    if aug.table is not None:
+        rows = aug.pointwise_rows.nonzero().squeeze(1)
+        levels = quantize(out.index_select(0, rows)).view(rows.numel() * channels, -1)
+        mapped = aug.table.index_select(0, rows).view(-1, LEVELS).gather(1, levels)
+        out = out.index_copy(0, rows, mapped.view(rows.numel(), channels, *out.shape[2:]))
+    flat = out.reshape(batch, channels, -1)
+    out = (torch.bmm(aug.colour, flat) + aug.offset[:, :, None]).clamp_(0.0, 1.0).view_as(out)
+    if aug.angle is not None:
+        rows = (aug.angle != 0).nonzero().squeeze(1)
+        out = out.index_copy(0, rows, _rotate(out.index_select(0, rows), aug.angle.index_select(0, rows)))
     return out
+
+
+def sample(aug: SourceAugmentation, image: Tensor, y: Tensor, x: Tensor) -> Tensor:
+    """The augmented sources at pixels (``image``, ``y``, ``x``: N indices), N x C; equal
+    to ``render(aug)[image, :, y, x]`` up to float rounding, at a cost that follows N."""
+    height, width = aug.source.shape[2:]
+    if aug.angle is None:
+        return _evaluate(aug, image, y * width + x)
+    turned = aug.angle[image] != 0
+    out = torch.empty(image.numel(), aug.source.shape[1], device=image.device)
+    straight = (~turned).nonzero().squeeze(1)
+    out[straight] = _evaluate(aug, image[straight], y[straight] * width + x[straight])
+    turned = turned.nonzero().squeeze(1)
+    image, y, x = image[turned], y[turned], x[turned]
+    src_y, src_x = _rotated_coordinates(aug.angle[image], y, x, height, width)
+    top, left = src_y.floor(), src_x.floor()
+    weight_y, weight_x = src_y - top, src_x - left
+    top, left = top.long(), left.long()
+    value = 0.0
+    for dy, dx, weight in ((0, 0, (1 - weight_y) * (1 - weight_x)), (0, 1, (1 - weight_y) * weight_x),
+                           (1, 0, weight_y * (1 - weight_x)), (1, 1, weight_y * weight_x)):
+        row, col = top + dy, left + dx
+        # a corner past the last pixel has weight 0 (coordinates are clipped to the image)
+        weight = weight * ((row < height) & (col < width))
+        corner = row.clamp_max(height - 1) * width + col.clamp_max(width - 1)
+        value = value + weight[:, None] * _evaluate(aug, image, corner)
+    out[turned] = value
+    return out
+
+
+def _evaluate(aug: SourceAugmentation, image: Tensor, pixel: Tensor) -> Tensor:
+    """Source after table and colour at flat pixel index ``pixel`` of ``image``: N x C."""
+    channels, height, width = aug.source.shape[1:]
+    plane = image[:, None] * channels + torch.arange(channels, device=image.device)  # N x C
+    values = aug.source.reshape(-1).take(plane * (height * width) + pixel[:, None])
+    if aug.table is not None:
+        mapped = aug.table.reshape(-1).take(plane * LEVELS + quantize(values))
+        values = mapped if bool(aug.pointwise_rows.all()) else torch.where(aug.pointwise_rows[image][:, None], mapped, values)
+    coloured = aug.hue_rows[image].nonzero().squeeze(1)
+    if coloured.numel():
+        rows = image[coloured]
+        values[coloured] = (
+            torch.einsum("nij,nj->ni", aug.colour[rows], values[coloured]) + aug.offset[rows]
+        ).clamp_(0.0, 1.0)
+    return values
+
+
+def _rotated_coordinates(angle: Tensor, y: Tensor, x: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
+    """Where ``_rotate`` (affine_grid + grid_sample, align_corners=False, reflection
+    padding) reads output pixel (y, x) from, in pixels; identity rows stay exact."""
+    center_y, center_x = (height - 1) / 2, (width - 1) / 2
+    dy, dx = y.float() - center_y, x.float() - center_x
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    src_x = center_x + cos * dx - sin * dy * (width / height)
+    src_y = center_y + sin * dx * (height / width) + cos * dy
+    return _reflect(src_y, height), _reflect(src_x, width)
+
+
+def _reflect(coordinate: Tensor, size: int) -> Tensor:
+    """grid_sample's reflection padding for align_corners=False: mirror at -0.5 and
+    size - 0.5, then clip to [0, size - 1]."""
+    shifted = (coordinate + 0.5).abs()
+    flips = torch.floor(shifted / size)
+    extra = shifted - flips * size
+    mirrored = torch.where(flips % 2 == 0, extra, size - extra) - 0.5
+    return mirrored.clamp(0.0, size - 1.0)
 
 
 def _apply_subset(out: Tensor, rows: Tensor, op) -> None:
@@ -69,26 +190,23 @@ def _apply_subset(out: Tensor, rows: Tensor, op) -> None:
         out.index_copy_(0, rows, op(out.index_select(0, rows)))
 
 
+def _histograms(images: Tensor, rows: Tensor) -> Tensor:
+    """B x C x 256 level counts of the images on ``rows`` (B bool), zeros elsewhere."""
+    batch, channels = images.shape[:2]
+    histogram = torch.zeros(batch, channels, LEVELS, device=images.device)
+    index = rows.nonzero().squeeze(1)
+    levels = quantize(images.index_select(0, index)).view(index.numel(), channels, -1)
+    counts = torch.zeros(index.numel(), channels, LEVELS, device=images.device)
+    counts.scatter_add_(2, levels, torch.ones((1, 1, 1), device=images.device).expand_as(levels))
+    return histogram.index_copy_(0, index, counts)
+
+
 # ------------------------------------------------------------------ pointwise table
 
 
 def quantize(images: Tensor) -> Tensor:
     """[0, 1] floats -> int64 levels 0..255 (round half up, as a uint8 conversion would)."""
     return torch.mul(images.clamp(0.0, 1.0), LEVELS - 1).add_(0.5).long()
-
-
-def _apply_pointwise(images: Tensor, chosen: Tensor, generator: torch.Generator) -> Tensor:
-    """Compose the chosen pointwise ops (N x 7 bool) into per-channel tables and apply them."""
-    count, channels = images.shape[:2]
-    levels = quantize(images).view(count * channels, -1)
-    needs_histogram = bool(chosen[:, POINTWISE_OPS.index("autocontrast")].any() | chosen[:, POINTWISE_OPS.index("equalize")].any())
-    histogram = None
-    if needs_histogram:
-        histogram = torch.zeros(count * channels, LEVELS, device=images.device)
-        histogram.scatter_add_(1, levels, torch.ones((1, 1), device=images.device).expand_as(levels))
-        histogram = histogram.view(count, channels, LEVELS)
-    table = build_table(chosen, channels, generator, images.device, histogram)
-    return table.view(count * channels, LEVELS).gather(1, levels).view_as(images)
 
 
 def build_table(
@@ -180,16 +298,15 @@ def hue_saturation_matrix(hue_shift: Tensor, saturation_scale: Tensor) -> Tensor
     return to_rgb @ chroma @ to_yiq
 
 
-def _hue_saturation(x: Tensor, g: torch.Generator) -> Tensor:
-    count = x.shape[0]
+def _colour_transform(batch: int, channels: int, g: torch.Generator, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Per image ``colour`` (B x C x C) and ``offset`` (B x C) of the hue/saturation op."""
     # imgaug AddToHueAndSaturation((-50, 50)): hue in 0..255 units of the circle, and
     # saturation +-50 of 255, taken here as a chroma scale of 1 +- 50/127.5
-    hue = uniform(g, (count,), x.device, -50 / 255, 50 / 255)
-    saturation = 1.0 + uniform(g, (count,), x.device, -50 / 127.5, 50 / 127.5)
-    if x.shape[1] == 1:  # no hue on grey: shift the intensity a little instead
-        return x + hue[:, None, None, None]
-    matrix = hue_saturation_matrix(hue, saturation)
-    return torch.bmm(matrix, x.reshape(count, 3, -1)).view_as(x)
+    hue = uniform(g, (batch,), device, -50 / 255, 50 / 255)
+    saturation = 1.0 + uniform(g, (batch,), device, -50 / 127.5, 50 / 127.5)
+    if channels == 1:  # no hue on grey: shift the intensity a little instead
+        return torch.ones(batch, 1, 1, device=device), hue[:, None]
+    return hue_saturation_matrix(hue, saturation), torch.zeros(batch, 3, device=device)
 
 
 def _sharpness(x: Tensor, g: torch.Generator) -> Tensor:
@@ -203,8 +320,7 @@ def _sharpness(x: Tensor, g: torch.Generator) -> Tensor:
     return torch.lerp(smooth, x, factor)
 
 
-def _rotate(x: Tensor, g: torch.Generator) -> Tensor:
-    angle = uniform(g, (x.shape[0],), x.device, -math.pi / 4, math.pi / 4)
+def _rotate(x: Tensor, angle: Tensor) -> Tensor:
     cos, sin = torch.cos(angle), torch.sin(angle)
     zero = torch.zeros_like(cos)
     theta = torch.stack((torch.stack((cos, -sin, zero), 1), torch.stack((sin, cos, zero), 1)), 1)
