@@ -292,3 +292,16 @@ def test_paste_rectangles_equals_full_image_paste_and_blend() -> None:
     sizes = [[5, 9], [0, 4], [30, 2], [7, 7], [6, 8], [1, 1], [3, 0]]
     groups = _size_groups(sizes, 3)
     assert len(groups) <= 3 and sorted(i for g in groups for i in g) == [0, 2, 3, 4, 5]
+
+
+def test_nsa_logistic_labels_follow_the_formula_on_changed_pixels() -> None:
+    images = _images(3, batch=8, seed=6)
+    synth = build_synthesizer("nsa", {"normal_share": 0.3, "label": "logistic"})
+    out = synth(images, torch.Generator().manual_seed(3))
+    diff = (out.images - images).abs().mean(1, keepdim=True) * 255
+    changed = diff > CHANGE_TOLERANCE
+    expected = torch.sigmoid(synth.params.k * (diff - synth.params.x0)) * changed
+    labelled = out.masks > 0
+    assert torch.equal(out.masks[labelled], expected[labelled])
+    assert not bool((changed & ~labelled & (expected > 1e-6)).any())  # nothing changed outside the patches
+    assert torch.equal(out.labels, changed.flatten(1).any(1).float())

@@ -443,6 +443,7 @@ def _place(generator: torch.Generator, half: Tensor, height: int, width: int, fg
 class NSASynthesizer(Synthesizer):
     FAMILY = "nsa"
     Params = NSAParams
+    OUTPUT_IN_RANGE = True  # clamped blend; every label mode lies in [0, 1]
 
     def synthesize(self, images: Tensor, donors: Tensor, generator: torch.Generator, *, sources_given: bool) -> SynthBatch:
         p = self.params
@@ -467,11 +468,13 @@ class NSASynthesizer(Synthesizer):
             src_center = _place(generator, half_src, height, width, fg_donor, p.min_object)
             dst_center = _place(generator, half_dst, height, width, fg_target, p.min_overlap)
             paste_rectangles(current, patch_mask, donors, active, dst_center, half_dst, src_center, scale, p.mode)
-        current = current.clamp(0.0, 1.0)
+        current.clamp_(0.0, 1.0)
         return SynthBatch(current, *self._labels(images, current, patch_mask))
 
     def _labels(self, before: Tensor, after: Tensor, patch_mask: Tensor) -> tuple[Tensor, Tensor]:
         p = self.params
+        if p.label == "logistic":
+            return self._logistic_labels(before, after, patch_mask)
         diff = (after - before).abs().mean(1, keepdim=True) * 255.0
         changed = diff > CHANGE_TOLERANCE
         if p.label == "binary":
@@ -481,3 +484,19 @@ class NSASynthesizer(Synthesizer):
         else:
             masks = patch_mask * torch.sigmoid(p.k * (diff - p.x0)) * changed.float()
         return masks, changed.flatten(1).any(1).float()
+
+    def _logistic_labels(self, before: Tensor, after: Tensor, patch_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """The logistic label is zero outside the pasted rectangles, and pixels there are
+        unchanged (blending writes only inside them): work on the rectangles' pixels alone."""
+        p = self.params
+        batch, channels, height, width = before.shape
+        image, y, x = patch_mask[:, 0].nonzero(as_tuple=True)
+        pixel = image * (height * width) + y * width + x
+        plane = image[:, None] * channels + torch.arange(channels, device=before.device)
+        at = plane * (height * width) + (y * width + x)[:, None]
+        diff = (after.reshape(-1)[at] - before.reshape(-1)[at]).abs().mean(1) * 255.0
+        changed = diff > CHANGE_TOLERANCE
+        masks = torch.zeros(batch, 1, height, width, device=before.device)
+        masks.view(-1)[pixel] = torch.sigmoid(p.k * (diff - p.x0)) * changed
+        labels = torch.zeros(batch, device=before.device).index_fill_(0, image[changed], 1.0)
+        return masks, labels
