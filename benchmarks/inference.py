@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from automl_ad.runtime import tune_cpu_allocator
+
 
 def _time(fn, repeats: int) -> float:
     fn()  # warm-up
@@ -79,6 +81,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
+    tune_cpu_allocator()  # as the CLI and the training loop do
     if args.threads:
         torch.set_num_threads(args.threads)
 

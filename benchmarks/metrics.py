@@ -16,6 +16,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from automl_ad.metrics import aupro, evaluate, pixel_auroc
+from automl_ad.runtime import tune_cpu_allocator
 
 
 def synthetic_evaluation_set(
@@ -57,6 +58,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    tune_cpu_allocator()  # as the CLI and the training loop do
 
     device = torch.device(args.device)
     scores, maps, labels, masks = synthetic_evaluation_set(args.images, args.size, args.seed)

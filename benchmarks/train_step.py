@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from automl_ad.methods import Batch, available_methods, create_method  # noqa: E402
+from automl_ad.runtime import tune_cpu_allocator  # noqa: E402
 
 
 def random_batch(batch_size: int, size: int, device: torch.device, generator: torch.Generator) -> Batch:
@@ -121,6 +122,7 @@ def main() -> None:
     parser.add_argument("--setup-images", type=int, default=4)
     parser.add_argument("--methods", default="", help="comma-separated subset (default: all registered)")
     args = parser.parse_args()
+    tune_cpu_allocator()  # as the CLI and the training loop do
     device = torch.device(args.device)
     names = [n for n in args.methods.split(",") if n] or available_methods()
     print(
