@@ -6,6 +6,10 @@ Layout under ``<storage>/<experiment>/``::
     epochs/<trial_id>.parquet    one row per validation epoch of that trial
     <table>/<name>.parquet       any other table (the ensemble step adds ``ensembles``)
 
+A ``checkpoint`` inside the experiment folder is stored relative to it and read back
+as an absolute path under the folder being read, so an experiment can be copied
+(``rsync``, the mirror of an ``s3://``/``gs://`` store) and still find its checkpoints.
+
 Every file is written to a temporary name in the same folder and renamed with
 ``os.replace``, so a reader never sees half a file and a rewrite of the same trial
 replaces it (a resumed search stores every trial exactly once). Rows carry
@@ -160,6 +164,7 @@ def write_rows(folder: Path, table_name: str, name: str, rows: list[Mapping[str,
 def write_trial(folder: Path, row: Mapping[str, Any], epochs: Iterable[Mapping[str, Any]] = ()) -> Path:
     """Store one finished trial and its per-epoch rows; returns the trial file path."""
     trial_id = str(row["trial_id"])
+    row = {**row, "checkpoint": _relative_checkpoint(Path(folder), row.get("checkpoint"))}
     params = row.get("params") or {}
     if isinstance(params, str):
         params = json.loads(params)
@@ -169,6 +174,25 @@ def write_trial(folder: Path, row: Mapping[str, Any], epochs: Iterable[Mapping[s
     if epoch_rows:
         write_rows(folder, EPOCHS, trial_id, epoch_rows, EPOCH_FIELDS)
     return write_rows(folder, TRIALS, trial_id, [full], TRIAL_FIELDS)
+
+
+def _relative_checkpoint(folder: Path, checkpoint: Any) -> Any:
+    if not checkpoint or "://" in str(checkpoint) or not Path(str(checkpoint)).is_absolute():
+        return checkpoint
+    try:
+        return Path(str(checkpoint)).resolve().relative_to(folder.resolve()).as_posix()
+    except ValueError:
+        return checkpoint
+
+
+def _absolute_checkpoints(table: pa.Table, folder: Path) -> pa.Table:
+    if "checkpoint" not in table.column_names:
+        return table
+    base = Path(folder).resolve()
+    values = [v if not v or "://" in v or Path(v).is_absolute() else str(base / v)
+              for v in table["checkpoint"].to_pylist()]
+    index = table.column_names.index("checkpoint")
+    return table.set_column(index, "checkpoint", pa.array(values, pa.string()))
 
 
 def stored_trial_ids(folder: Path) -> set[str]:
@@ -185,13 +209,14 @@ def _table_files(folder: Path, table_name: str) -> list[str]:
 
 
 def read_table(folder: Path, table_name: str = TRIALS) -> pa.Table:
-    """All rows of a table as one pyarrow Table (columns unified across files)."""
+    """All rows of a table as one pyarrow Table (columns unified across files); stored
+    relative ``checkpoint`` values come back as absolute paths under ``folder``."""
     files = _table_files(folder, table_name)
     if not files:
         return pa.table({})
     schemas = [pq.read_schema(f) for f in files]
     schema = pa.unify_schemas(schemas, promote_options="permissive")
-    return pads.dataset(files, schema=schema, format="parquet").to_table()
+    return _absolute_checkpoints(pads.dataset(files, schema=schema, format="parquet").to_table(), Path(folder))
 
 
 def query(folder: Path, sql: str, table_name: str = TRIALS) -> list[tuple]:

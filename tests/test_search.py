@@ -236,13 +236,17 @@ def test_device_plan_gpu_budget_on_an_autoscaling_cluster():
                         use_train=False).driver_resource is None
 
 
-def test_storage_accepts_paths_and_file_uris_and_explains_object_stores(tmp_path):
+def test_storage_accepts_paths_file_and_object_store_uris_and_refuses_other_schemes(tmp_path, monkeypatch):
     from automl_ad.tuning.search import storage_folder
 
     assert storage_folder(tmp_path / "r") == (tmp_path / "r").resolve()
     assert storage_folder(f"file://{tmp_path}/r%20s") == (tmp_path / "r s").resolve()
-    for uri in ("s3://bucket/automl_ad", "gs://bucket/automl_ad"):
-        with pytest.raises(UserError, match=f"--storage {uri}: .*EFS.*Filestore.*NFS.*--storage /mnt/shared"):
+    # Object stores: the driver works in a local mirror of the bucket (tests/test_storage_s3.py).
+    monkeypatch.setenv("AUTOML_AD_STORAGE_MIRROR", str(tmp_path / "mirror"))
+    for scheme in ("s3", "gs"):
+        assert storage_folder(f"{scheme}://bucket/automl_ad") == (tmp_path / "mirror" / scheme / "bucket" / "automl_ad").resolve()
+    for uri in ("ftp://host/automl_ad", "hdfs://namenode/automl_ad"):
+        with pytest.raises(UserError, match=f"--storage {uri}: .*not supported.*s3://bucket/prefix"):
             storage_folder(uri)
     with pytest.raises(UserError, match="file://host/x"):
         storage_folder("file://host/x")

@@ -12,7 +12,24 @@ import click
 
 from automl_ad.errors import UserError
 
-_STORAGE = click.option("--storage", default="results", show_default=True, type=click.Path(path_type=Path), help="Results folder the search wrote to.")
+_STORAGE = click.option("--storage", default="results", show_default=True,
+                        help="Results folder, file:// URI, or s3:// / gs:// URI the search wrote to.")
+
+
+def _experiment_folder(storage: str, category: str, experiment: str | None):
+    """(experiment folder to read, the storage it is in): an object store is pulled into
+    its local mirror first, tables, val sets and the checkpoints its trials name."""
+    from automl_ad.deploy import find_experiment
+    from automl_ad.remote_storage import reading_view
+
+    view, experiment = reading_view(storage, category, experiment, checkpoints=True)
+    return find_experiment(view.local, category, experiment), view
+
+
+def _push_back(view, folder: Path) -> None:
+    """The new ``ensembles`` row goes back to the object store the search lives in."""
+    if view.is_remote:
+        view.push(folder.name)
 _EXPERIMENT = click.option("--experiment", "-e", help="Search name (default: the newest of the category).")
 
 
@@ -37,11 +54,12 @@ def ensemble_command(category, experiment, storage, k, top, fusion, max_latency_
     Example:
       automl-ad ensemble --category screw --k 5
     """
-    from automl_ad.deploy import choose_model, find_experiment, store_choice
+    from automl_ad.deploy import choose_model, store_choice
 
-    folder = find_experiment(storage, category, experiment)
+    folder, view = _experiment_folder(storage, category, experiment)
     choice = choose_model(folder, k=k, top=top, fusion=fusion, max_latency_ms=max_latency_ms)
     store_choice(folder, choice, k)
+    _push_back(view, folder)
     print_choice(choice)
 
 
@@ -72,11 +90,12 @@ def export_command(category, out, experiment, storage, formats, k, fpr, max_late
       automl-ad export --category screw --out models/screw
       automl-ad export -c screw --fpr 0.01 --format onnx
     """
-    from automl_ad.deploy import choose_model, export_choice, find_experiment, store_choice
+    from automl_ad.deploy import choose_model, export_choice, store_choice
 
-    folder = find_experiment(storage, category, experiment)
+    folder, view = _experiment_folder(storage, category, experiment)
     choice = choose_model(folder, k=k, max_latency_ms=max_latency_ms)
     store_choice(folder, choice, k)
+    _push_back(view, folder)
     print_choice(choice)
     out = out or Path("models") / category
     manifest = export_choice(folder, choice, out, formats=_formats(formats), fpr=fpr)

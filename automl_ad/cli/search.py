@@ -39,7 +39,8 @@ def _methods_option(value: str | None) -> list[str] | None:
 @click.option("--resume", is_flag=True, help="Continue an interrupted search (same category, budget and seed).")
 @click.option("--address", help="Ray cluster address to join (default: start Ray on this machine).")
 @click.option("--storage", default=DEFAULT_STORAGE, show_default=True,
-              help="Results folder or file:// URI; on a cluster, a shared mount at the same path on every node.")
+              help="Results folder, file:// URI, or s3://bucket/prefix / gs://bucket/prefix (credentials from the "
+                   "environment; a local mirror under ~/.cache/automl_ad/storage). On a cluster: a bucket or a shared mount.")
 @click.option("--wandb", is_flag=True, help="Log every trial to Weights & Biases (offline unless WANDB_MODE says otherwise).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--image-size", type=click.IntRange(16, 2048), help="Pin one image size (default: the choices in common.yaml).")
@@ -86,12 +87,25 @@ def search_command(category, budget, jobs_file, data, methods, space_file, max_c
         image_size=image_size, val_defects=val_defects, gpus_per_trial=gpus_per_trial, max_gpus=max_gpus,
     )
 
+    from automl_ad.remote_storage import parse_storage, reading_view
+
+    remote = parse_storage(storage)
+
     def finish(summary) -> None:
+        where = remote.experiment_uri(summary.experiment) if remote.is_remote else summary.experiment_dir
         click.echo(f"\n[{summary.category}] experiment {summary.experiment}: {summary.trials} trials stored in "
-                   f"{summary.experiment_dir}; budget used {summary.budget.describe(summary.budget_used)}")
+                   f"{where}; budget used {summary.budget.describe(summary.budget_used)}")
         click.echo(leaderboard_text(summary.experiment_dir))
-        if not no_export:
-            finish_with_bundle(summary.experiment_dir, summary.category, models_dir / summary.category, ensemble_k)
+        if no_export:
+            return
+        bundle_dir = models_dir / summary.category
+        if remote.is_remote:  # checkpoints Tune wrote straight to the bucket
+            reading_view(storage, summary.category, summary.experiment, checkpoints=True)
+        finish_with_bundle(summary.experiment_dir, summary.category, bundle_dir, ensemble_k)
+        if remote.is_remote:
+            remote.push(summary.experiment)
+            remote.push(summary.experiment, folder=bundle_dir, under="bundle")
+            click.echo(f"copied to {remote.experiment_uri(summary.experiment)}/ (ensembles/, bundle/)")
 
     if jobs:
         summaries = run_jobs(options, jobs, on_done=finish)
@@ -139,14 +153,16 @@ def finish_with_bundle(folder: Path, category: str, bundle_dir: Path, k: int) ->
 @click.command("results")
 @click.option("--category", "-c", required=True)
 @click.option("--experiment", help="Experiment name (default: the latest of this category).")
-@click.option("--storage", default=DEFAULT_STORAGE, show_default=True)
+@click.option("--storage", default=DEFAULT_STORAGE, show_default=True,
+              help="Results folder, file:// URI, or s3:// / gs:// URI the search wrote to.")
 @click.option("--top", default=20, show_default=True, type=click.IntRange(1))
 def results_command(category, experiment, storage, top):
     """Leaderboard of a search, and how well val objective ranks trials on test."""
     from automl_ad import store
-    from automl_ad.tuning.search import storage_folder
+    from automl_ad.remote_storage import reading_view
 
-    storage = storage_folder(storage)
+    view, experiment = reading_view(storage, category, experiment)
+    storage = view.local
     if experiment is None:
         found = store.list_experiments(storage, category)
         if not found:

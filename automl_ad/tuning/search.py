@@ -26,6 +26,7 @@ from ray.tune.stopper import Stopper
 
 from automl_ad import store
 from automl_ad.errors import UserError
+from automl_ad.remote_storage import DRIVER_NOT_PULLED, Storage, parse_storage
 from automl_ad.tuning.budget import Budget, Ledger, parse_budget, shared_ledger
 from automl_ad.tuning.progress import SearchProgress
 from automl_ad.tuning.space import SearchSpace, load_space, split_config
@@ -124,28 +125,10 @@ def plan_devices(budget: Budget, resources: Mapping[str, float], *, max_gpus: fl
 
 
 def storage_folder(storage: Path | str) -> Path:
-    """The results folder of ``--storage``: a path or a ``file://`` URI, local or a shared
-    mount. Object stores are refused with what to do instead (the ledger, the Optuna
-    sqlite and the Parquet writes need a filesystem with atomic rename)."""
-    text = str(storage)
-    if "://" not in text:
-        return Path(text).expanduser().resolve()
-    scheme = text.split("://", 1)[0].lower()
-    if scheme == "file":
-        from pyarrow.fs import FileSystem, LocalFileSystem
-
-        try:
-            filesystem, path = FileSystem.from_uri(text)
-        except (ValueError, OSError) as exc:
-            raise UserError(f"--storage {text}: not a valid file:// URI ({exc}); write file:///absolute/path") from None
-        if not isinstance(filesystem, LocalFileSystem):
-            raise UserError(f"--storage {text}: not a local file:// URI; write file:///absolute/path")
-        return Path(path).resolve()
-    raise UserError(
-        f"--storage {text}: {scheme}:// is not supported; mount one shared filesystem at the same path on "
-        "every node (EFS on AWS, Filestore on GCP, NFS or a ReadWriteMany volume on Kubernetes) and pass "
-        "that path, e.g. --storage /mnt/shared/automl_ad (see cluster/README.md)"
-    )
+    """The folder the results are read and written in: ``--storage`` itself (a path or a
+    ``file://`` URI, local or a shared mount), or the local mirror of an ``s3://`` /
+    ``gs://`` store (see ``automl_ad.remote_storage``). Other schemes: UserError."""
+    return parse_storage(storage).local
 
 
 @dataclass(frozen=True)
@@ -213,7 +196,7 @@ def run_jobs(base: SearchOptions, jobs: Sequence[Job],
     ``base.experiment`` is set). ``on_done`` sees each summary as soon as it exists."""
     if not jobs:
         raise UserError("no categories to search")
-    storage = storage_folder(base.storage)
+    storage = parse_storage(base.storage)
     for job in jobs:  # every budget is checked before the first search starts
         parse_budget(job.budget)
     summaries = []
@@ -229,10 +212,12 @@ def run_jobs(base: SearchOptions, jobs: Sequence[Job],
     return summaries
 
 
-def _has_search(storage: Path, category: str, experiment: str | None) -> bool:
+def _has_search(storage: Storage, category: str, experiment: str | None) -> bool:
+    if storage.is_remote:
+        return storage.has_search(experiment) if experiment is not None else bool(storage.searches(category))
     if experiment is not None:
-        return (storage / experiment / _OPTIONS_FILE).exists()
-    return any((p / _OPTIONS_FILE).exists() for p in storage.glob(f"{category}-*"))
+        return (storage.local / experiment / _OPTIONS_FILE).exists()
+    return any((p / _OPTIONS_FILE).exists() for p in storage.local.glob(f"{category}-*"))
 
 
 def _trial_dirname(trial: Any) -> str:
@@ -250,9 +235,15 @@ def _code_version() -> str:
     return str(__version__)
 
 
-def _pick_experiment(opts: SearchOptions, storage: Path) -> str:
+def _pick_experiment(opts: SearchOptions, spec: Storage) -> str:
     if opts.experiment:
         return opts.experiment
+    storage = spec.local
+    if opts.resume and spec.is_remote:
+        found = spec.searches(opts.category)
+        if not found:
+            raise UserError(f"--resume: no search of category {opts.category!r} under {spec.uri}")
+        return found[0]
     if opts.resume:
         candidates = sorted(
             (p for p in storage.glob(f"{opts.category}-*") if (p / _OPTIONS_FILE).exists()),
@@ -334,8 +325,9 @@ class LedgerAndStoreCallback(Callback):
     driver runs it), feeds the live table, and writes the store row when a trial ends."""
 
     def __init__(self, experiment_dir: Path, ledger: Ledger, context: TrialContext, device_kind: str,
-                 fingerprints: dict[int, str]) -> None:
+                 fingerprints: dict[int, str], storage: Storage | None = None) -> None:
         self.experiment_dir = Path(experiment_dir)
+        self.storage = storage  # an object store the experiment folder mirrors, else None
         self.ledger = ledger
         self.context = context
         self.device_kind = device_kind
@@ -398,10 +390,13 @@ class LedgerAndStoreCallback(Callback):
     def _end(self, trial: Any, status: str) -> None:
         wall = self._charge(trial, finished=True)
         result = dict(trial.last_result or {})
-        checkpoint = result.get("checkpoint_path") or (trial.checkpoint.path if trial.checkpoint else None)
+        storage = getattr(self, "storage", None)  # absent from callbacks pickled before it existed
+        checkpoint = _checkpoint_location(result.get("checkpoint_path"), trial.checkpoint, storage)
         finalize_trial(self.experiment_dir, self.context, self.context.category, trial.trial_id,
                        dict(trial.config), result, checkpoint, status, wall, self.ledger, self.device_kind,
-                       self.fingerprints, started=self._first_start.get(trial.trial_id))
+                       self.fingerprints, started=self._first_start.get(trial.trial_id), storage=storage)
+        if storage is not None:
+            storage.push_quietly(self.context.experiment)
         if (progress := self._progress()) is not None:
             progress.update(trial.trial_id, trial.config, status, result)
 
@@ -415,6 +410,21 @@ class LedgerAndStoreCallback(Callback):
 
 
 # --- finishing trials ----------------------------------------------------------------
+
+def _checkpoint_location(reported: str | None, checkpoint: Any, storage: Storage | None) -> str | None:
+    """Where a trial's last checkpoint is, as a local path or a ``s3://``/``gs://`` URI
+    (Ray gives object-store paths without their scheme)."""
+    if reported:
+        return storage.as_uri(reported) if storage is not None else reported
+    if checkpoint is None:
+        return None
+    from pyarrow.fs import LocalFileSystem
+
+    filesystem = getattr(checkpoint, "filesystem", None)
+    if filesystem is None or isinstance(filesystem, LocalFileSystem):
+        return checkpoint.path
+    return f"{filesystem.type_name.replace('gcs', 'gs')}://{checkpoint.path}"
+
 
 def _test_metrics_from_checkpoint(context: TrialContext, config: Mapping[str, Any], checkpoint: str) -> dict[str, Any]:
     """Test metrics of a trial stopped before its end (ASHA or budget), from its checkpoint."""
@@ -438,7 +448,7 @@ def _test_metrics_from_checkpoint(context: TrialContext, config: Mapping[str, An
 def finalize_trial(experiment_dir: Path, context: TrialContext, category: str, trial_id: str,
                    config: dict[str, Any], result: dict[str, Any], checkpoint: str | None, status: str,
                    wall_s: float | None, ledger: Ledger, device_kind: str, fingerprints: dict[int, str],
-                   started: dt.datetime | None = None) -> None:
+                   started: dt.datetime | None = None, storage: Storage | None = None) -> None:
     """Write a trial's row (and epochs) to the store; evaluates test metrics when the
     trial was stopped before it could. Idempotent: a rewrite replaces the same file."""
     if "method" not in config:
@@ -474,7 +484,8 @@ def finalize_trial(experiment_dir: Path, context: TrialContext, category: str, t
         "objective": result.get("objective"),
         **{f"test_{k}": result.get(f"test_{k}") for k in store.METRIC_KEYS},
         "threshold": result.get("test_threshold"),
-        "checkpoint": checkpoint,
+        # Inside the experiment: relative, so any copy or mirror of it finds the file.
+        "checkpoint": storage.relative_to_experiment(checkpoint, context.experiment) if storage else checkpoint,
         "seed": context.seed,
         "code_version": _code_version(),
         "data_fingerprint": fingerprints.get(split.image_size),
@@ -584,13 +595,26 @@ def run_search(opts: SearchOptions) -> SearchSummary:
     data_root = resolve_data_root(opts.data, opts.category)
     if opts.val_defects is not None and not Path(opts.val_defects).is_dir():
         raise UserError(f"--val-defects folder not found: {opts.val_defects}")
-    storage = storage_folder(opts.storage)
-    experiment = _pick_experiment(opts, storage)
+    spec = parse_storage(opts.storage)
+    storage = spec.local
+    experiment = _pick_experiment(opts, spec)
     folder = store.experiment_dir(storage, experiment)
+    remote = spec if spec.is_remote else None
+    if remote is not None:
+        # The bucket is the truth; the mirror is a cache of it on this machine.
+        if opts.resume and remote.has_search(experiment):
+            remote.pull(experiment, skip=DRIVER_NOT_PULLED)
+        elif not opts.resume and remote.has_search(experiment):
+            raise UserError(f"experiment {experiment!r} exists in {remote.uri}; pass --resume or a new --experiment")
+        elif not opts.resume:
+            remote.forget_mirror(experiment)
     record = {"category": opts.category, "budget": budget.text, "seed": opts.seed,
               "methods": sorted(space.methods), "image_sizes": list(space.image_sizes),
               "data": str(data_root), "fidelity": dataclasses.asdict(space.fidelity)}
-    tune_path = folder / TUNE_NAME
+    # Tune state and trial checkpoints go to the bucket itself, so a trial lost with its
+    # node resumes from there.
+    tune_root = remote.experiment_uri(experiment) if remote is not None else str(folder)
+    tune_path = f"{tune_root}/{TUNE_NAME}"
     if opts.resume:
         if not (folder / _OPTIONS_FILE).exists():
             raise UserError(f"--resume: no search in {folder}")
@@ -636,6 +660,8 @@ def run_search(opts: SearchOptions) -> SearchSummary:
         driver_resource=plan.driver_resource,
     )
     fingerprints = _prepare_val_sets(context, space.image_sizes, data_root)
+    if remote is not None:
+        remote.push(experiment)  # the search record and val sets: a resume can start from them
 
     _forget_cached_ledger(folder)
     ledger = shared_ledger(folder, budget)
@@ -651,8 +677,8 @@ def run_search(opts: SearchOptions) -> SearchSummary:
     ledger.start_session()
     live = _start_live(progress) if opts.live else None
     try:
-        if opts.resume and tune.Tuner.can_restore(str(tune_path)):
-            tuner = tune.Tuner.restore(str(tune_path), trainable, resume_unfinished=True, resume_errored=True)
+        if opts.resume and tune.Tuner.can_restore(tune_path):
+            tuner = tune.Tuner.restore(tune_path, trainable, resume_unfinished=True, resume_errored=True)
             known = {Path(r.path).name for r in tuner.get_results()} | store.stored_trial_ids(folder)
             ledger.mark_lost(set(ledger.trials()) - known)
         else:
@@ -670,7 +696,7 @@ def run_search(opts: SearchOptions) -> SearchSummary:
             from ray.tune.search import ConcurrencyLimiter
 
             stopper = BudgetStopper(ledger)
-            callback = LedgerAndStoreCallback(folder, ledger, context, device_kind, fingerprints)
+            callback = LedgerAndStoreCallback(folder, ledger, context, device_kind, fingerprints, remote)
             num_samples = int(budget.amount) if budget.kind == "trials" else -1
             tuner = tune.Tuner(
                 trainable,
@@ -687,7 +713,7 @@ def run_search(opts: SearchOptions) -> SearchSummary:
                 ),
                 run_config=tune.RunConfig(
                     name=TUNE_NAME,
-                    storage_path=str(folder),
+                    storage_path=tune_root,
                     stop=stopper,
                     callbacks=[callback],
                     failure_config=tune.FailureConfig(max_failures=1),
@@ -704,7 +730,9 @@ def run_search(opts: SearchOptions) -> SearchSummary:
             live.stop()
         _ACTIVE.pop(space_key, None)
 
-    _store_missing(folder, context, opts.category, results, ledger, device_kind, fingerprints)
+    _store_missing(folder, context, opts.category, results, ledger, device_kind, fingerprints, remote)
+    if remote is not None:
+        remote.push(experiment)
     table = store.read_table(folder)
     best = None
     if table.num_rows:
@@ -721,7 +749,7 @@ def _forget_cached_ledger(folder: Path) -> None:
 
 
 def _store_missing(folder: Path, context: TrialContext, category: str, results: Any, ledger: Ledger,
-                   device_kind: str, fingerprints: dict[int, str]) -> None:
+                   device_kind: str, fingerprints: dict[int, str], storage: Storage | None = None) -> None:
     """Rows for trials that ended while no callback could store them (driver killed)."""
     stored = store.stored_trial_ids(folder)
     for result in results:
@@ -729,14 +757,14 @@ def _store_missing(folder: Path, context: TrialContext, category: str, results: 
         trial_id = metrics.get("trial_id") or Path(result.path).name
         if trial_id in stored or not result.config:
             continue
-        checkpoint = metrics.get("checkpoint_path") or (result.checkpoint.path if result.checkpoint else None)
+        checkpoint = _checkpoint_location(metrics.get("checkpoint_path"), result.checkpoint, storage)
         status = "error" if result.error else (
             "finished" if int(metrics.get("epoch", 0) or 0) >= context.max_epochs else "stopped")
         entry = ledger.trial(trial_id)
         if entry is not None and entry.get("state") != "finished":
             ledger.record(trial_id, entry.get("devices", 0.0), entry.get("wall_s", 0.0), finished=True)
         finalize_trial(folder, context, category, trial_id, dict(result.config), metrics, checkpoint,
-                       status, None, ledger, device_kind, fingerprints)
+                       status, None, ledger, device_kind, fingerprints, storage=storage)
 
 
 def _start_live(progress: SearchProgress):
