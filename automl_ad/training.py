@@ -149,14 +149,25 @@ def fit(
     evaluate_test: bool = True,
     progress: bool = False,
     data_parallel: "DataParallel | None" = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
     """Train, validate every epoch, checkpoint, and report test metrics at the end.
 
     With ``data_parallel`` (several processes, one per device) every rank draws its own
     batches and synthetic anomalies, gradients are averaged each step, and only rank 0
     validates and writes checkpoints; other ranks report their training loss only.
+
+    ``should_stop`` is asked before every optimizer step and before each validation (a
+    search's budget deadline): when it says yes, training ends at once, mid-epoch, with no
+    further validation, checkpoint or test evaluation, so a spent budget is not overrun
+    by the rest of an epoch. ``reports`` then holds the completed epochs only (possibly
+    none) and the last checkpoint stays that of the last completed epoch, so a resume is
+    still bit-exact. Data-parallel ranks agree on the answer (one tiny all-reduce).
     """
+    from automl_ad.runtime import tune_cpu_allocator
     from automl_ad.synthesis import build_synthesizer
+
+    tune_cpu_allocator()  # trial workers are fresh processes that never ran the CLI
 
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -199,7 +210,7 @@ def fit(
 
     bar = _ProgressBar(cfg, plan, steps_per_epoch, start_epoch) if progress and lead else None
     began = time.perf_counter() - (reports[-1].elapsed_s if reports else 0.0)
-    stopped_early = False
+    stopped_early = stopped_mid_epoch = False
     try:
         for epoch in range(start_epoch, cfg.epochs):
             phase = plan[epoch]
@@ -213,6 +224,9 @@ def fit(
             method.train()
             losses = []
             for _ in range(steps_per_epoch):
+                if should_stop is not None and _agreed_stop(should_stop, data_parallel, device):
+                    stopped_mid_epoch = True
+                    break
                 batch = _make_batch(fit_float, sampler.next_indices(), synthesizer, synth_generator, device)
                 optimizer.zero_grad(set_to_none=True)
                 loss = method.training_step(batch, phase)["loss"]
@@ -228,6 +242,12 @@ def fit(
                 losses.append(float(loss.detach()))
                 if bar is not None:
                     bar.advance(losses[-1])
+            if not stopped_mid_epoch and should_stop is not None:
+                # Asked again before validation: an epoch is complete only once validated.
+                stopped_mid_epoch = _agreed_stop(should_stop, data_parallel, device)
+            if stopped_mid_epoch:
+                stopped_early = True
+                break
             val = evaluate(method, val_set, device, cfg.eval_batch_size) if lead else {}
             report = EpochReport(
                 epoch=epoch + 1,
@@ -253,6 +273,10 @@ def fit(
         if bar is not None:
             bar.close()
 
+    if stopped_mid_epoch:
+        last = reports[-1] if reports else None
+        return TrainResult(method=method, reports=reports, val=last.val if last else {},
+                           objective=last.objective if last else float("nan"), test={}, stopped_early=True)
     if not reports:  # resumed from a finished run
         raise UserError("nothing to train: the checkpoint already covers every epoch")
     test = evaluate(method, data.test, device, cfg.eval_batch_size) if evaluate_test and lead and len(data.test) else {}
@@ -264,6 +288,20 @@ def fit(
         test=test,
         stopped_early=stopped_early,
     )
+
+
+def _agreed_stop(should_stop: Callable[[], bool], data_parallel: "DataParallel | None",
+                 device: torch.device) -> bool:
+    """``should_stop()`` of this rank, or of any rank when training data-parallel: every
+    rank must leave the step loop together or the next gradient all-reduce would hang."""
+    stop = bool(should_stop())
+    if data_parallel is None or data_parallel.world_size == 1:
+        return stop
+    import torch.distributed as dist
+
+    flag = torch.tensor([1.0 if stop else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item() > 0)
 
 
 def _make_batch(

@@ -201,6 +201,48 @@ def test_sigkill_then_resume_stores_each_trial_once(tmp_path, tiny_mvtec, ray_se
     assert all(r["objective"] is not None and r["test_image_auroc"] is not None for r in rows)
 
 
+def test_trial_restarted_after_its_last_checkpoint_reports_it_again_in_full(tmp_path, tiny_mvtec, ray_session,
+                                                                            monkeypatch):
+    """A driver killed after a trial's last checkpoint but before Tune stored it: the
+    re-run trial reports that checkpoint's last epoch, test metrics and path, so the row
+    gets an objective and a checkpoint (Train's reports name it; they carry no files)."""
+    import dataclasses
+
+    from ray.train import Checkpoint
+
+    from automl_ad.tuning import trainable
+
+    summary = run_search(options(tmp_path, tiny_mvtec, budget="1trials", methods=["ssae"]))
+    row = store.read_table(summary.experiment_dir).to_pylist()[0]
+    assert row["status"] == "finished" and row["checkpoint"]
+    reported: list[dict] = []
+
+    class RestartedReporter:  # what a re-run trial sees: its last checkpoint, nothing reported yet
+        rank = 0
+        trial_id = row["trial_id"]
+
+        def __init__(self, use_train: bool) -> None:
+            pass
+
+        def get_checkpoint(self):
+            return Checkpoint(row["checkpoint"])
+
+        def report(self, metrics, checkpoint_dir):
+            reported.append({**metrics, "files": checkpoint_dir})
+
+    monkeypatch.setattr(trainable, "_Reporter", RestartedReporter)
+    context = trainable.TrialContext(experiment="exp", experiment_dir=str(summary.experiment_dir), category="screw",
+                                     data_root=str(tiny_mvtec), seed=0, default_image_size=32,
+                                     max_epochs=FIDELITY["max_epochs"], steps_per_epoch=FIDELITY["steps_per_epoch"],
+                                     batch_size=FIDELITY["batch_size"], use_train=False)
+    trainable.train_worker_loop({"context": dataclasses.asdict(context), "config": json.loads(row["params"])})
+    assert len(reported) == 1, "no training again: the checkpoint covers every epoch"
+    again = reported[0]
+    assert again["epoch"] == FIDELITY["max_epochs"] and again["objective"] == pytest.approx(row["objective"])
+    assert again["checkpoint_path"] == row["checkpoint"] and again["files"] is None
+    assert again["test_image_auroc"] == pytest.approx(row["test_image_auroc"])
+
+
 # --- clusters: devices, storage, many products ------------------------------------------
 
 def test_device_plan_gpu_budget_on_an_autoscaling_cluster():

@@ -3,7 +3,8 @@
 The search runs in subprocesses that start their own Ray, so the Ray workers inherit the
 ``AWS_*`` variables that point them at the moto server (the session's Ray fixture was
 started without them). The first search is killed after its first stored trial, its
-local mirror is deleted, and the resume must come back from the bucket alone.
+local mirror is deleted, and the resume must come back from the bucket alone. Trials run
+under Ray Train (TorchTrainer) with its checkpoints in the bucket, as on a cluster.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ SEARCH_SCRIPT = textwrap.dedent(
     from test_search import options
     from automl_ad.tuning.search import run_search
     run_search(options(Path({tmp!r}), Path({data!r}), budget="{trials}trials", experiment="exp",
-                       storage={storage!r}, resume={resume}))
+                       storage={storage!r}, resume={resume}, use_train=True))
     """
 )
 
@@ -136,22 +137,34 @@ def test_search_on_s3_survives_losing_driver_and_mirror(tmp_path, tiny_mvtec, s3
     assert resumed.returncode == 0, output[-3000:]
 
     keys = _keys("runs/exp")
-    ours = [k for k in keys if not k.startswith("runs/exp/tune/")]  # Tune's own files keep their names
-    assert not any(Path(k).name.startswith(".") or k.endswith(".tmp") for k in ours), "no half-written objects"
+    # Tune's and Train's own files keep their names (Ray writes dot-named metadata there).
+    ours = [k for k in keys if not k.startswith(("runs/exp/tune/", "runs/exp/train/"))]
+    half_written = [k for k in ours if Path(k).name.startswith(".") or k.endswith(".tmp")]
+    assert not half_written, half_written
+    assert any(k.startswith("runs/exp/train/") and "/checkpoint_" in k for k in keys), \
+        "Ray Train's checkpoints went to the bucket"
     filesystem, root = FileSystem.from_uri(f"{STORAGE}/exp/trials")
     rows = pads.dataset(root, filesystem=filesystem, format="parquet").to_table().to_pylist()
     ids = [r["trial_id"] for r in rows]
     assert len(ids) == len(set(ids)) == TRIALS, "every trial stored exactly once"
     assert set(ids) >= {Path(k).stem for k in first}
-    assert all(r["checkpoint"].startswith("tune/") for r in rows), "checkpoints named relative to the experiment"
+    # Named relative to the experiment: Tune's copy or, under Train V2, Train's own.
+    assert all((r["checkpoint"] or "").startswith(("tune/", "train/")) for r in rows), [(r["checkpoint"], r["status"], r["epochs"], r["trial_id"]) for r in rows]
     with filesystem.open_input_stream(f"{BUCKET}/runs/exp/budget.json") as stream:
         ledger = json.loads(stream.read())
     assert sorted(t for t, e in ledger["trials"].items() if e["state"] == "finished") == sorted(ids)
     assert f"runs/exp/epochs/{ids[0]}.parquet" in keys and "runs/exp/optuna.db" in keys
-    from automl_ad.remote_storage import ensure_file
+    # A trial on a node that never had the driver's mirror fetches the frozen val set.
+    from automl_ad.tuning.trainable import TrialContext, load_trial_data
 
-    val = ensure_file(f"{STORAGE}/exp", tmp_path / "other-node" / "exp", "val/val_anomalies_32px.safetensors")
-    assert val.read_bytes() == (mirror / "exp" / "val" / "val_anomalies_32px.safetensors").read_bytes()
+    other_node = tmp_path / "other-node" / "exp"
+    context = TrialContext(experiment="exp", experiment_dir=str(other_node), category="screw",
+                           data_root=str(tiny_mvtec), seed=0, default_image_size=32, max_epochs=2,
+                           steps_per_epoch=2, batch_size=4, storage_uri=f"{STORAGE}/exp")
+    _, anomalies, _ = load_trial_data(context, 32)
+    fetched = other_node / "val" / "val_anomalies_32px.safetensors"
+    assert fetched.read_bytes() == (mirror / "exp" / "val" / "val_anomalies_32px.safetensors").read_bytes()
+    assert len(anomalies) > 0
 
     # Another machine: a fresh mirror, only the bucket.
     os.environ["AUTOML_AD_STORAGE_MIRROR"] = str(tmp_path / "laptop")

@@ -11,10 +11,16 @@ The ledger is a JSON file under the experiment folder, rewritten atomically afte
 change. A trial *reserves* its estimated cost before it starts; the reservation is
 replaced by what it actually used as it runs, so the numbers survive a SIGKILL of the
 driver and a ``--resume`` carries on from them.
+
+The driver also projects when a device/wall budget will run out (``Ledger.projected_end``)
+and publishes that wall-clock deadline through a small named Ray actor (``BudgetClock``);
+trials read it (``DeadlineWatch``) and stop at their next optimizer step once it has
+passed, instead of finishing an epoch on a spent budget.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -199,6 +205,19 @@ class Ledger:
     def remaining(self) -> float:
         return max(0.0, self.budget.amount - self.used())
 
+    def projected_end(self, running_devices: float, now: float | None = None) -> float | None:
+        """``time.time()`` at which the budget is spent if the trials running now keep
+        running (they hold ``running_devices`` in all); None for trial-count budgets and
+        for a device budget while nothing runs (nothing spends it then)."""
+        now = time.time() if now is None else now
+        if self.budget.kind == "trials":
+            return None
+        if self.budget.kind == "wall":
+            return now + self.remaining()
+        if running_devices <= 0:
+            return None
+        return now + self.remaining() / running_devices
+
     def exhausted(self) -> bool:
         return self.used() >= self.budget.amount
 
@@ -261,3 +280,75 @@ class Ledger:
     def running(self) -> int:
         with self._lock:
             return sum(1 for e in self._state["trials"].values() if e.get("state") == "running")
+
+
+# --- the budget deadline, shared with running trials ---------------------------------
+
+class BudgetClock:
+    """The search's projected budget deadline (``time.time()`` seconds or None). Run as a
+    named Ray actor (``start_clock``) so trials on any node can read it."""
+
+    def __init__(self) -> None:
+        self._deadline: float | None = None
+
+    def set(self, deadline: float | None) -> None:
+        self._deadline = deadline
+
+    def get(self) -> float | None:
+        return self._deadline
+
+
+def clock_name(experiment_dir: str | Path) -> str:
+    """The Ray actor name of an experiment's clock (one per experiment folder)."""
+    digest = hashlib.sha1(str(Path(experiment_dir).resolve()).encode()).hexdigest()[:16]
+    return f"automl_ad_budget_clock_{digest}"
+
+
+def start_clock(experiment_dir: str | Path):
+    """The experiment's ``BudgetClock`` actor, created on first use (needs Ray)."""
+    import ray
+
+    actor_class = ray.remote(num_cpus=0)(BudgetClock)
+    return actor_class.options(name=clock_name(experiment_dir), get_if_exists=True).remote()
+
+
+class DeadlineWatch:
+    """Trial side: ``watch()`` is True once the search's budget deadline has passed.
+
+    Asked after every optimizer step, so it compares against a cached deadline and asks
+    the clock actor again at most every ``refresh_s`` seconds. Inactive (always False)
+    when the experiment has no clock: trial-count budgets, or training outside a search.
+    """
+
+    def __init__(self, experiment_dir: str | Path, refresh_s: float = 0.5) -> None:
+        import ray
+
+        self.refresh_s = refresh_s
+        self._clock = None
+        self._deadline: float | None = None
+        self._asked = -float("inf")
+        if ray.is_initialized():
+            try:
+                self._clock = ray.get_actor(clock_name(experiment_dir))
+            except ValueError:
+                self._clock = None
+
+    @property
+    def active(self) -> bool:
+        return self._clock is not None
+
+    def deadline(self) -> float | None:
+        now = time.monotonic()
+        if self._clock is not None and now - self._asked >= self.refresh_s:
+            import ray
+
+            self._asked = now
+            try:
+                self._deadline = ray.get(self._clock.get.remote(), timeout=5.0)
+            except Exception:  # a slow or lost clock must not fail the trial; keep the last value
+                pass
+        return self._deadline
+
+    def __call__(self) -> bool:
+        deadline = self.deadline()
+        return deadline is not None and time.time() >= deadline

@@ -8,8 +8,12 @@ plus a checkpoint every epoch; ``TuneReportCallback`` forwards them to Tune, whe
 and the budget stopper read them.
 
 ``TrialContext.use_train=False`` runs the same worker loop in the Tune function itself,
-reporting with ``tune.report`` (about 20 s faster per trial on 2 CPUs; used by tests and
-the overhead benchmark). The methods and ``training.fit`` import nothing from Ray.
+reporting with ``tune.report`` (about 15 s faster per trial on 2 CPUs: no Train
+controller, worker and helper actors to start; used by tests). The methods and
+``training.fit`` import nothing from Ray.
+
+Every trial watches the search's budget deadline (``budget.DeadlineWatch``) and stops at
+the next optimizer step once it has passed.
 """
 
 from __future__ import annotations
@@ -49,6 +53,9 @@ class TrialContext:
     # cluster has it, trial drivers go there, so losing a spot node never kills one.
     driver_resource: str | None = None
     wandb: bool = False
+    # The experiment in the bucket (``--storage s3://…``): Train checkpoints go there and
+    # a trial on another node fetches the frozen val anomalies from there.
+    storage_uri: str | None = None
 
     def val_anomalies_path(self, image_size: int) -> Path:
         return Path(self.experiment_dir) / "val" / f"val_anomalies_{image_size}px.safetensors"
@@ -84,7 +91,14 @@ def load_trial_data(context: TrialContext, image_size: int):
 
     data = load_category(Path(context.data_root), context.category, image_size,
                          seed=context.seed, cache_dir=context.cache_dir)
-    anomalies = load_image_set(context.val_anomalies_path(image_size))
+    val_path = context.val_anomalies_path(image_size)
+    if context.storage_uri is not None:
+        from automl_ad.remote_storage import ensure_file
+
+        relative = val_path.relative_to(context.experiment_dir).as_posix()
+        for name in (relative, relative + ".json"):  # tensors, then their list sidecar
+            ensure_file(context.storage_uri, context.experiment_dir, name)
+    anomalies = load_image_set(val_path)
     extra = load_val_defects(Path(context.val_defects), image_size) if context.val_defects else None
     return data, anomalies, extra
 
@@ -156,10 +170,17 @@ def train_worker_loop(loop_config: dict[str, Any]) -> None:
     """Per-worker loop: fit one sampled config, report every epoch, resume if restarted."""
     from automl_ad.training import fit, synthesis_family
     from automl_ad.methods.base import get_method_class
+    from automl_ad.tuning.budget import DeadlineWatch
     from automl_ad.validation import val_set_for
 
     context = TrialContext(**loop_config["context"])
     flat = loop_config["config"]
+    # Stop at the next step once the search's budget is spent, not at the epoch's end;
+    # a single-worker trial that starts after that point does not even load its data
+    # (several ranks must decide together, which fit does).
+    budget_spent = DeadlineWatch(context.experiment_dir)
+    if context.num_workers == 1 and budget_spent.active and budget_spent():
+        return
     reporter = _Reporter(context.use_train)
     device = "cpu"
     if context.use_gpu:
@@ -192,8 +213,10 @@ def train_worker_loop(loop_config: dict[str, Any]) -> None:
 
     try:
         if resume_from is not None and _checkpoint_epoch(resume_from) >= cfg.epochs:
-            # Killed after its last checkpoint but before Tune saw the report: say it again.
-            metrics = {"epoch": cfg.epochs, **_test_metrics(resume_from, data, device)}
+            # Killed after its last checkpoint but before Tune saw the report: say it again,
+            # in full, naming the checkpoint (Train's reports carry its path, not the files).
+            metrics = {**_last_epoch_metrics(resume_from), **_test_metrics(resume_from, data, device),
+                       "checkpoint_path": checkpoint.path}
             reporter.report(metrics, None)
         else:
             data_parallel = None
@@ -202,7 +225,8 @@ def train_worker_loop(loop_config: dict[str, Any]) -> None:
 
                 data_parallel = DataParallel()
             fit(cfg, data, val_set, checkpoint_dir=work / "checkpoint", resume_from=resume_from,
-                on_epoch=on_epoch, evaluate_test=False, data_parallel=data_parallel)
+                on_epoch=on_epoch, evaluate_test=False, data_parallel=data_parallel,
+                should_stop=budget_spent if budget_spent.active else None)
     finally:
         if tracker is not None:
             tracker.finish()
@@ -218,6 +242,16 @@ def _test_metrics(folder: Path, data: Any, device: str) -> dict[str, Any]:
     method, _ = load_trained_method(Path(folder), data.category, device)
     metrics = evaluate(method, data.test, torch.device(device)) if len(data.test) else {}
     return {**{f"test_{k}": v for k, v in metrics.items() if v is not None}, "test_done": 1}
+
+
+def _last_epoch_metrics(folder: Path) -> dict[str, Any]:
+    """``epoch_metrics`` of the last epoch saved in a checkpoint folder."""
+    import torch
+
+    from automl_ad.training import CHECKPOINT_FILE, EpochReport
+
+    state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    return epoch_metrics(EpochReport(**state["reports"][-1]))
 
 
 def _checkpoint_epoch(folder: Path) -> int:
@@ -298,7 +332,9 @@ def make_trainable(context: TrialContext) -> Callable[[dict[str, Any]], None]:
             ),
             run_config=ray.train.RunConfig(
                 name=f"train-{trial_id}",
-                storage_path=str(Path(context.experiment_dir) / "train"),
+                # On a bucket, so the trial resumes on any node when its node is lost.
+                storage_path=(f"{context.storage_uri}/train" if context.storage_uri
+                              else str(Path(context.experiment_dir) / "train")),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                 failure_config=ray.train.FailureConfig(max_failures=1),
                 callbacks=[TuneReportCallback()],
