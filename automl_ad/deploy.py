@@ -28,7 +28,6 @@ from automl_ad.ensemble import (
     EnsembleModel,
     EnsembleResult,
     MemberPredictions,
-    RobustScaler,
     caruana_select,
     ensemble_test_metrics,
 )
