@@ -292,7 +292,8 @@ def defect_contrast(method: Method, size: int) -> float:
 
 # (image size, steps, minimum defect/clean map ratio). NSA has no skip connections and
 # a stride-32 code, so at 64 px it localises only to a 2x2 grid: a lower bar, 64 px.
-PLANTED_DEFECT_RUN = {"draem": (32, 80, 2.0), "nsa": (64, 60, 1.2), "ssae": (32, 60, 2.0)}
+# NSA at 60 steps sat on its bar (ratio 1.197 with numpy 2.4 / torch 2.14); 80 steps give 1.79.
+PLANTED_DEFECT_RUN = {"draem": (32, 80, 2.0), "nsa": (64, 80, 1.2), "ssae": (32, 60, 2.0)}
 
 
 @pytest.mark.parametrize("name", METHODS)
