@@ -155,6 +155,19 @@ def test_torch_trainer_trial_with_wandb_offline(tmp_path, tiny_mvtec, ray_sessio
     assert len(runs) == 1, "one W&B run, from rank 0 only"
 
 
+def test_torch_trainer_trials_after_an_asha_stop_keep_running(tmp_path, tiny_mvtec, ray_session):
+    # One trial at a time: from the second on, ASHA stops a trial whose first epoch is
+    # below the rung's median. Such a trial is still inside trainer.fit(); a Tune actor
+    # reused for the next trial then stalled the whole search (reuse_actors with Train).
+    summary = run_search(options(tmp_path, tiny_mvtec, budget="4trials", use_train=True, methods=["ssae"],
+                                 experiment="asha", max_concurrent=1))
+    rows = store.read_table(summary.experiment_dir).to_pylist()
+    assert len(rows) == 4 and len({r["trial_id"] for r in rows}) == 4
+    statuses = sorted(r["status"] for r in rows)
+    assert "stopped" in statuses and "error" not in statuses, statuses
+    assert all(r["objective"] is not None for r in rows)
+
+
 RESUME_SCRIPT = textwrap.dedent(
     """
     import sys

@@ -762,9 +762,12 @@ def run_search(opts: SearchOptions) -> SearchSummary:
                                             reduction_factor=fidelity.reduction_factor),
                     num_samples=num_samples,
                     trial_dirname_creator=_trial_dirname,
-                    # Skips a process start and the torch + Ray Train imports per trial
-                    # (about 3 s on 2 CPUs); a TorchTrainer runs fine in a reused actor.
-                    reuse_actors=True,
+                    # Skips a process start and the torch imports per trial (about 3 s
+                    # on 2 CPUs). Not with TorchTrainer: a trial ASHA stops is still inside
+                    # trainer.fit(), so Tune cannot reset its actor (reset_config waits
+                    # 2 s for the thread, then fails) and the search stalled; killing
+                    # the actor also ends the Train run it owns.
+                    reuse_actors=not opts.use_train,
                 ),
                 run_config=tune.RunConfig(
                     name=TUNE_NAME,
