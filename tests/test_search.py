@@ -100,7 +100,7 @@ def test_search_stores_every_trial_with_val_and_test(tmp_path, tiny_mvtec, ray_s
 
     out = CliRunner().invoke(main, ["results", "--category", "screw", "--storage", str(tmp_path / "results")])
     assert out.exit_code == 0, out.output
-    assert "leaderboard" in out.output and "Spearman" in out.output
+    assert "leaderboard" in out.output and "Spearman" in out.output and "track" in out.output
     assert table[0]["trial_id"] in out.output
 
     with pytest.raises(UserError, match="exists"):

@@ -232,9 +232,17 @@ def leaderboard_text(folder: Path, top: int = 20) -> str:
         if rho is None:
             console.print(f"Spearman(val objective, test image AUROC): needs >= 3 trials with both, have {n}")
         else:
-            console.print(f"Spearman(val objective, test image AUROC) over {n} trials: {rho:+.3f}"
-                          " (near 1: val selection can be trusted)")
+            console.print(f"Spearman(val objective, test image AUROC) over {n} trials: {rho:+.3f} "
+                          f"({_trust(rho)}; 1 would mean val ranks trials as test does)")
     return capture.get()
+
+
+def _trust(rho: float) -> str:
+    if rho >= 0.7:
+        return "val selection tracks test"
+    if rho >= 0.3:
+        return "val selection only partly tracks test"
+    return "val selection does not track test: add real defects with --val-defects"
 
 
 def _num(value) -> str:

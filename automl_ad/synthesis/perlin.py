@@ -118,16 +118,24 @@ def _rotated_noise(
 
     cos, sin = torch.cos(angle), torch.sin(angle)
     offset = 0.5 + _ROT_MARGIN
+    # Output pixel centres in [-1, 1] (x_n, y_n) map to sample-grid coordinates in
+    # [-1, 1]; lattice coordinate l sits at 2 l / cells - 1 there.
     scale_y = periods_y.float() / cells
     scale_x = periods_x.float() / cells
-    # Output pixel centres in [-1, 1] (x_n, y_n), rotated and scaled, map to sample-grid
-    # coordinates in [-1, 1] (lattice coordinate l sits at 2 l / cells - 1 there): an
-    # affine map per image, which affine_grid evaluates as one batched matrix product.
-    theta = torch.stack((
-        torch.stack((scale_x * cos, scale_x * sin, 2 * offset * scale_x - 1), 1),
-        torch.stack((-scale_y * sin, scale_y * cos, 2 * offset * scale_y - 1), 1),
-    ), 1)
-    coords = F.affine_grid(theta, [batch, 1, height, width], align_corners=False)
+    y_n = (2 * torch.arange(height, device=device, dtype=torch.float32) + 1) / height - 1
+    x_n = (2 * torch.arange(width, device=device, dtype=torch.float32) + 1) / width - 1
+    coords = torch.empty(batch, height, width, 2, device=device)
+    # each coordinate is (term in x) + (term in y): one broadcast add per component
+    torch.add(
+        (scale_x * cos)[:, None, None] * x_n[None, None, :],
+        (scale_x * sin)[:, None, None] * y_n[None, :, None] + (2 * offset * scale_x - 1)[:, None, None],
+        out=coords[..., 0],
+    )
+    torch.add(
+        (-scale_y * sin)[:, None, None] * x_n[None, None, :],
+        (scale_y * cos)[:, None, None] * y_n[None, :, None] + (2 * offset * scale_y - 1)[:, None, None],
+        out=coords[..., 1],
+    )
     noise = F.grid_sample(grid, coords, mode="bilinear", padding_mode="border", align_corners=False)
     return _SQRT2 * noise.squeeze(1)
 

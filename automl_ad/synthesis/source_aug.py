@@ -14,16 +14,16 @@ imgaug works on uint8 images; so does this module, which is what makes it fast:
 * Hue/saturation is a 3 x 3 colour matrix per image: the chroma plane of YIQ rotated by
   the hue shift and scaled by the saturation change (the usual linear approximation of
   an HSV hue rotation; exact for greys, close for moderate saturations).
-* Sharpness (PIL's 3 x 3 smoothing kernel, extrapolated) is a 3 x 3 stencil: separable
-  box sums over whole images, nine reads at chosen pixels; rotate is ``grid_sample``'s
-  bilinear read with reflection padding.
+* Sharpness (PIL's 3 x 3 smoothing kernel, extrapolated) uses separable box sums on
+  whole images (evaluating it at the masked pixels only, nine reads each, measured
+  slower on CPU: the gathers cost more than the dense stencil);
+  rotate is ``grid_sample``'s bilinear read with reflection padding.
 
 The ops run in a fixed order: sharpness, the pointwise table, hue/saturation, rotate
-(imgaug draws the order at random). Each is pointwise, a 3 x 3 stencil or a bilinear
+(imgaug draws the order at random). Every op after sharpness is pointwise or a bilinear
 read, so the augmented source can be evaluated at chosen pixels only (``sample``): DRAEM
-blends the source only inside its Perlin mask, a few per cent of the pixels. Only
-autocontrast and equalize look at whole images (their level histograms, one ``bincount``).
-Parameter ranges follow DRAEM's code.
+blends the source only inside its Perlin mask, a few per cent of the pixels. Parameter
+ranges follow DRAEM's code.
 """
 
 from __future__ import annotations
@@ -49,17 +49,14 @@ _YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
 
 @dataclass
 class SourceAugmentation:
-    """One batch's draws. ``source``: B x C x H x W, untouched; then, in this order, per
-    image: sharpness with factor ``sharpness`` (B; on ``sharpen_rows``; None when no image
-    sharpens), the pointwise ``table`` (B x C x 256, used on ``pointwise_rows``), the
-    colour transform ``colour @ v + offset`` (B x C x C, B x C; on ``hue_rows``, identity
-    elsewhere) and the rotation ``angle`` (B radians, 0 where rotate was not drawn; None
-    when no image rotates). ``render`` evaluates it everywhere, ``sample`` only at given
-    pixels."""
+    """One batch's draws. ``source``: B x C x H x W after sharpness (the one op that needs
+    a neighbourhood before the others); then, in this order, per image: the pointwise
+    ``table`` (B x C x 256, used on ``pointwise_rows``), the colour transform
+    ``colour @ v + offset`` (B x C x C, B x C; on ``hue_rows``, identity elsewhere) and the
+    rotation ``angle`` (B radians, 0 where rotate was not drawn; None when no image
+    rotates). ``render`` evaluates it everywhere, ``sample`` only at given pixels."""
 
     source: Tensor
-    sharpen_rows: Tensor
-    sharpness: Tensor | None
     pointwise_rows: Tensor
     hue_rows: Tensor
     table: Tensor | None
@@ -69,25 +66,26 @@ class SourceAugmentation:
 
 
 def plan_augmentation(source: Tensor, generator: torch.Generator, n_aug: int) -> SourceAugmentation:
-    """Draw ``n_aug`` distinct ops per image and their parameters (``source`` is only read)."""
+    """Draw ``n_aug`` distinct ops per image and their parameters. ``source`` is owned by
+    the caller and sharpened in place on the rows that drew sharpness."""
     batch, channels = source.shape[:2]
     device = source.device
     ranks = torch.rand((batch, len(OPS)), generator=generator, device=device).argsort(1).argsort(1)
     chosen = ranks < max(n_aug, 0)
     column = {name: chosen[:, index] for index, name in enumerate(OPS)}
-    sharpen = column["sharpness"]
     # PIL's ImageEnhance.Sharpness factor, DRAEM's (0, 2); drawn for every row so that
     # the stream does not depend on which rows chose the op
     factor = uniform(generator, (batch,), device, 0.0, 2.0)
-    sharpness = factor if bool(sharpen.any()) else None
+    sharpen = column["sharpness"].nonzero().squeeze(1)
+    if sharpen.numel():
+        _apply_subset(source, sharpen, lambda part: _sharpen(part, factor.index_select(0, sharpen)))
     pointwise = chosen[:, : len(POINTWISE_OPS)]
     pointwise_rows = pointwise.any(1)
     table = None
     if bool(pointwise_rows.any()):
         histogram = None
-        needs_histogram = column["autocontrast"] | column["equalize"]
-        if bool(needs_histogram.any()):
-            histogram = _histograms(source, needs_histogram, sharpen, factor)
+        if bool((column["autocontrast"] | column["equalize"]).any()):
+            histogram = _histograms(source, column["autocontrast"] | column["equalize"])
         table = build_table(pointwise, channels, generator, device, histogram)
     colour, offset = _colour_transform(batch, channels, generator, device)
     hue = column["hue_saturation"]
@@ -96,24 +94,21 @@ def plan_augmentation(source: Tensor, generator: torch.Generator, n_aug: int) ->
     offset = torch.where(hue[:, None], offset, torch.zeros_like(offset))
     angle = uniform(generator, (batch,), device, -math.pi / 4, math.pi / 4)
     angle = torch.where(column["rotate"], angle, torch.zeros_like(angle)) if bool(column["rotate"].any()) else None
-    return SourceAugmentation(source, sharpen, sharpness, pointwise_rows, hue, table, colour, offset, angle)
+    return SourceAugmentation(source, pointwise_rows, hue, table, colour, offset, angle)
 
 
-def augment_sources(images: Tensor, generator: torch.Generator, n_aug: int) -> Tensor:
-    """B x C x H x W in [0, 1] -> a new tensor with ``n_aug`` distinct random ops per image
-    (``images`` unchanged; ``n_aug`` = 0 returns it as it is)."""
+def augment_sources(images: Tensor, generator: torch.Generator, n_aug: int, *, in_place: bool = False) -> Tensor:
+    """B x C x H x W in [0, 1] -> the same with ``n_aug`` distinct random ops per image.
+    ``in_place``: the caller owns ``images`` (it is sharpened in place) instead of a copy."""
     if n_aug <= 0:
         return images
-    return render(plan_augmentation(images, generator, n_aug))
+    return render(plan_augmentation(images if in_place else images.clone(), generator, n_aug))
 
 
 def render(aug: SourceAugmentation) -> Tensor:
     """The augmented sources at every pixel, B x C x H x W."""
     out = aug.source
     batch, channels = out.shape[:2]
-    if aug.sharpness is not None:
-        rows = aug.sharpen_rows.nonzero().squeeze(1)
-        out = out.index_copy(0, rows, _sharpen(out.index_select(0, rows), aug.sharpness.index_select(0, rows)))
     if aug.table is not None:
         rows = aug.pointwise_rows.nonzero().squeeze(1)
         levels = quantize(out.index_select(0, rows)).view(rows.numel() * channels, -1)
@@ -156,17 +151,10 @@ def sample(aug: SourceAugmentation, image: Tensor, y: Tensor, x: Tensor) -> Tens
 
 
 def _evaluate(aug: SourceAugmentation, image: Tensor, pixel: Tensor) -> Tensor:
-    """Source after sharpness, table and colour at flat pixel index ``pixel`` of
-    ``image``: N x C."""
+    """Source after table and colour at flat pixel index ``pixel`` of ``image``: N x C."""
     channels, height, width = aug.source.shape[1:]
     plane = image[:, None] * channels + torch.arange(channels, device=image.device)  # N x C
-    start = plane * (height * width)
-    values = aug.source.reshape(-1).take(start + pixel[:, None])
-    if aug.sharpness is not None:
-        sharp = aug.sharpen_rows[image].nonzero().squeeze(1)
-        if sharp.numel():
-            values[sharp] = _sharpened_at(aug.source, start[sharp], pixel[sharp], values[sharp],
-                                          aug.sharpness[image[sharp]])
+    values = aug.source.reshape(-1).take(plane * (height * width) + pixel[:, None])
     if aug.table is not None:
         mapped = aug.table.reshape(-1).take(plane * LEVELS + quantize(values))
         values = mapped if bool(aug.pointwise_rows.all()) else torch.where(aug.pointwise_rows[image][:, None], mapped, values)
@@ -200,18 +188,20 @@ def _reflect(coordinate: Tensor, size: int) -> Tensor:
     return mirrored.clamp(0.0, size - 1.0)
 
 
-def _histograms(images: Tensor, rows: Tensor, sharpen: Tensor, factor: Tensor) -> Tensor:
-    """B x C x 256 level counts of the images on ``rows`` (B bool) as sharpness leaves
-    them (on ``sharpen`` rows, with ``factor``), zeros elsewhere."""
+def _apply_subset(out: Tensor, rows: Tensor, op) -> None:
+    if rows.numel() == out.shape[0]:
+        out.copy_(op(out))
+    else:
+        out.index_copy_(0, rows, op(out.index_select(0, rows)))
+
+
+def _histograms(images: Tensor, rows: Tensor) -> Tensor:
+    """B x C x 256 level counts of the images on ``rows`` (B bool), zeros elsewhere."""
     batch, channels = images.shape[:2]
     index = rows.nonzero().squeeze(1)
-    part = images.index_select(0, index)
-    both = sharpen.index_select(0, index).nonzero().squeeze(1)
-    if both.numel():
-        part.index_copy_(0, both, _sharpen(part.index_select(0, both), factor.index_select(0, index[both])))
-    # one bincount over (plane, level) keys in int32: a few times faster than a
-    # scatter_add of int64 levels, and exact
-    levels = part.clamp(0.0, 1.0).mul_(LEVELS - 1).add_(0.5).to(torch.int32)
+    # one bincount over (plane, level) keys in int32: exact, and a few times faster than
+    # a scatter_add of int64 levels
+    levels = images.index_select(0, index).clamp_(0.0, 1.0).mul_(LEVELS - 1).add_(0.5).to(torch.int32)
     planes = index.numel() * channels
     levels += (torch.arange(planes, device=images.device, dtype=torch.int32) * LEVELS).view(-1, channels, 1, 1)
     counts = torch.bincount(levels.view(-1), minlength=planes * LEVELS).view(-1, channels, LEVELS)
@@ -337,23 +327,6 @@ def _sharpen(x: Tensor, factor: Tensor) -> Tensor:
     box = rows[..., :-2, :] + rows[..., 1:-1, :] + rows[..., 2:, :]
     smooth = box.add_(x, alpha=4.0).div_(13.0)
     return torch.lerp(smooth, x, factor.view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
-
-
-def _sharpened_at(source: Tensor, start: Tensor, pixel: Tensor, centre: Tensor, factor: Tensor) -> Tensor:
-    """``_sharpen`` at N pixels only: nine reads per pixel and channel (borders
-    replicated). ``start``: N x C flat offsets of each pixel's image planes in
-    ``source``; ``centre``: N x C values at the pixels; ``factor``: N."""
-    height, width = source.shape[2:]
-    flat = source.reshape(-1)
-    y, x = pixel // width, pixel % width
-    rows = [(y + d).clamp_(0, height - 1).mul_(width) for d in (-1, 0, 1)]
-    cols = [(x + d).clamp_(0, width - 1) for d in (-1, 0, 1)]
-    box = torch.zeros_like(centre)
-    for row in rows:
-        for col in cols:
-            box += flat.take(start + (row + col)[:, None])
-    smooth = box.add_(centre, alpha=4.0).div_(13.0)
-    return torch.lerp(smooth, centre, factor[:, None]).clamp_(0.0, 1.0)
 
 
 def _rotate(x: Tensor, angle: Tensor) -> Tensor:
