@@ -593,15 +593,19 @@ def _train_env(local: bool) -> dict[str, str]:
     """Ray Train V2 settings that cut each trial's TorchTrainer start/stop latency
     (measured in docs/search.md, Overhead); a value the user exported wins.
 
-    The controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by
-    default); reports reach Tune and a finished worker is noticed only at a poll, which
-    cost about 4 s per trial. On a single machine nothing can preempt a node, so the
-    per-trial PreemptionWatcher actor (one more process start per trial) is left off;
-    on a cluster it stays on for spot nodes.
+    On a single machine only. The controller polls its workers every
+    RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default); reports reach Tune and a finished
+    worker is noticed only at a poll, which cost about 4 s per trial. Polling fast also
+    means a controller notices its worker die while Tune is killing the trial and asks
+    for a new worker group before it dies itself; that placement group then stays
+    reserved (Ray 2.60). Trials on a single machine therefore run with no Train retries
+    (``TrialContext.train_retries``); on a cluster, where retries recover lost nodes,
+    the default interval is kept. Nothing preempts a single machine either, so its
+    per-trial PreemptionWatcher actor (one more process start per trial) is left off.
     """
-    wanted = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
-    if local:
-        wanted["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
+    if not local:
+        return {}
+    wanted = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
     return {key: os.environ.get(key, value) for key, value in wanted.items()}
 
 
@@ -711,6 +715,7 @@ def run_search(opts: SearchOptions) -> SearchSummary:
         wandb=opts.wandb,
         driver_resource=plan.driver_resource,
         storage_uri=remote.experiment_uri(experiment) if remote is not None else None,
+        train_retries=1 if opts.address else 0,
     )
     fingerprints = _prepare_val_sets(context, space.image_sizes, data_root)
     if remote is not None:

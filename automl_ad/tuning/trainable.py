@@ -56,6 +56,11 @@ class TrialContext:
     # The experiment in the bucket (``--storage s3://…``): Train checkpoints go there and
     # a trial on another node fetches the frozen val anomalies from there.
     storage_uri: str | None = None
+    # Worker-group restarts Ray Train may make per trial (a lost node on a cluster). 0 on
+    # a single machine, where nothing is lost: there a retry only ever follows Tune
+    # killing the trial (ASHA or budget stop), and a placement group the dying controller
+    # asked for then stayed reserved, starving every later trial.
+    train_retries: int = 1
 
     def val_anomalies_path(self, image_size: int) -> Path:
         return Path(self.experiment_dir) / "val" / f"val_anomalies_{image_size}px.safetensors"
@@ -336,7 +341,7 @@ def make_trainable(context: TrialContext) -> Callable[[dict[str, Any]], None]:
                 storage_path=(f"{context.storage_uri}/train" if context.storage_uri
                               else str(Path(context.experiment_dir) / "train")),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-                failure_config=ray.train.FailureConfig(max_failures=1),
+                failure_config=ray.train.FailureConfig(max_failures=context.train_retries),
                 callbacks=[TuneReportCallback()],
             ),
         )
