@@ -45,7 +45,10 @@ def ray_session():
         address="local",
         num_cpus=2,
         log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}},
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "WANDB_SILENT": "true"},
+                     # as run_search does: Train's placement-group cleaner must find this
+                     # Ray even while a test runs a second one in a subprocess
+                     "worker_process_setup_hook": "automl_ad.tuning.ray_setup.pin_ray_address"},
     )
     yield ray
     ray.shutdown()

@@ -168,6 +168,18 @@ def test_torch_trainer_trials_after_an_asha_stop_keep_running(tmp_path, tiny_mvt
     assert all(r["objective"] is not None for r in rows)
 
 
+def test_ray_workers_know_their_own_cluster(ray_session):
+    # Train's placement-group cleaner asks the state API about the trial's controller;
+    # without RAY_ADDRESS that fails whenever a second Ray runs on the machine.
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def ray_address() -> str | None:
+        return os.environ.get("RAY_ADDRESS")
+
+    assert ray.get(ray_address.remote()) == ray.get_runtime_context().gcs_address
+
+
 RESUME_SCRIPT = textwrap.dedent(
     """
     import sys

@@ -579,7 +579,10 @@ def _init_ray(opts: SearchOptions, wandb_dir: Path) -> None:
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")] if p
     )
-    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": False}
+    from automl_ad.tuning.ray_setup import HOOK
+
+    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env, "worker_process_setup_hook": HOOK},
+                              "log_to_driver": False}
     if opts.address:
         ray.init(address=opts.address, **kwargs)
     else:
