@@ -180,6 +180,33 @@ def test_ray_workers_know_their_own_cluster(ray_session):
     assert ray.get(ray_address.remote()) == ray.get_runtime_context().gcs_address
 
 
+def test_workers_get_bucket_location_never_credentials_and_local_train_settings(tmp_path, tiny_mvtec, monkeypatch):
+    from automl_ad.tuning.search import _worker_env
+
+    for key, value in {"AWS_ENDPOINT_URL": "http://minio:9000", "AWS_REGION": "eu-west-1",
+                       "AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "secret",
+                       "AWS_SESSION_TOKEN": "token", "GOOGLE_APPLICATION_CREDENTIALS": "/k.json"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
+    local = _worker_env(options(tmp_path, tiny_mvtec))
+    assert local["AWS_ENDPOINT_URL"] == "http://minio:9000" and local["AWS_REGION"] == "eu-west-1"
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                "GOOGLE_APPLICATION_CREDENTIALS"} & set(local), "credentials never travel to workers"
+    assert local["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.2" and local["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    cluster = _worker_env(options(tmp_path, tiny_mvtec, address="ray://head:10001"))
+    assert "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S" not in cluster, "a cluster keeps Ray's defaults (spot nodes)"
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1.5")
+    assert _worker_env(options(tmp_path, tiny_mvtec))["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "1.5", "user's value wins"
+
+
+def test_spearman_line_says_whether_val_selection_can_be_trusted():
+    from automl_ad.cli.search import _trust
+
+    assert _trust(0.9) == "val selection tracks test"
+    assert _trust(0.5) == "val selection only partly tracks test"
+    assert "--val-defects" in _trust(0.1) and "does not track" in _trust(-0.4)
+
+
 RESUME_SCRIPT = textwrap.dedent(
     """
     import sys

@@ -570,6 +570,21 @@ def _init_ray(opts: SearchOptions, wandb_dir: Path) -> None:
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     if ray.is_initialized():
         return
+    from automl_ad.tuning.ray_setup import HOOK
+
+    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": _worker_env(opts), "worker_process_setup_hook": HOOK},
+                              "log_to_driver": False}
+    if opts.address:
+        ray.init(address=opts.address, **kwargs)
+    else:
+        ray.init(address="local", num_cpus=os.cpu_count() or 1, **kwargs)
+
+
+_STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+def _worker_env(opts: SearchOptions) -> dict[str, str]:
+    """Environment variables every Ray worker of the search gets."""
     env = {"WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), "WANDB_SILENT": "true"}
     env.update(_train_env(local=not opts.address))
     # Where the bucket is (an S3-compatible endpoint, a region) must reach trials on other
@@ -579,17 +594,7 @@ def _init_ray(opts: SearchOptions, wandb_dir: Path) -> None:
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")] if p
     )
-    from automl_ad.tuning.ray_setup import HOOK
-
-    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env, "worker_process_setup_hook": HOOK},
-                              "log_to_driver": False}
-    if opts.address:
-        ray.init(address=opts.address, **kwargs)
-    else:
-        ray.init(address="local", num_cpus=os.cpu_count() or 1, **kwargs)
-
-
-_STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+    return env
 
 
 def _train_env(local: bool) -> dict[str, str]:

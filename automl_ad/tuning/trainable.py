@@ -217,11 +217,14 @@ def train_worker_loop(loop_config: dict[str, Any]) -> None:
         return False
 
     try:
-        if resume_from is not None and _checkpoint_epoch(resume_from) >= cfg.epochs:
+        saved = _saved_state(resume_from) if resume_from is not None else None
+        if saved is not None and saved["epoch"] >= cfg.epochs:
             # Killed after its last checkpoint but before Tune saw the report: say it again,
             # in full, naming the checkpoint (Train's reports carry its path, not the files).
-            metrics = {**_last_epoch_metrics(resume_from), **_test_metrics(resume_from, data, device),
-                       "checkpoint_path": checkpoint.path}
+            from automl_ad.training import EpochReport
+
+            metrics = {**epoch_metrics(EpochReport(**saved["reports"][-1])),
+                       **_test_metrics(resume_from, data, device), "checkpoint_path": checkpoint.path}
             reporter.report(metrics, None)
         else:
             data_parallel = None
@@ -249,22 +252,13 @@ def _test_metrics(folder: Path, data: Any, device: str) -> dict[str, Any]:
     return {**{f"test_{k}": v for k, v in metrics.items() if v is not None}, "test_done": 1}
 
 
-def _last_epoch_metrics(folder: Path) -> dict[str, Any]:
-    """``epoch_metrics`` of the last epoch saved in a checkpoint folder."""
-    import torch
-
-    from automl_ad.training import CHECKPOINT_FILE, EpochReport
-
-    state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-    return epoch_metrics(EpochReport(**state["reports"][-1]))
-
-
-def _checkpoint_epoch(folder: Path) -> int:
+def _saved_state(folder: Path) -> dict[str, Any]:
+    """The training state saved in a checkpoint folder (epoch, reports, weights)."""
     import torch
 
     from automl_ad.training import CHECKPOINT_FILE
 
-    return int(torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)["epoch"])
+    return torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
 
 
 class _WandbRun:
