@@ -305,3 +305,43 @@ def test_nsa_logistic_labels_follow_the_formula_on_changed_pixels() -> None:
     assert torch.equal(out.masks[labelled], expected[labelled])
     assert not bool((changed & ~labelled & (expected > 1e-6)).any())  # nothing changed outside the patches
     assert torch.equal(out.labels, changed.flatten(1).any(1).float())
+
+
+@pytest.mark.parametrize("size", [5, 7])
+def test_majority_filter_is_the_median_of_windows_cut_at_the_border(size: int) -> None:
+    from automl_ad.synthesis.base import majority_filter
+
+    generator = torch.Generator().manual_seed(size)
+    density = 0.2 + 0.6 * torch.rand(32, 1, 1, 1, generator=generator)
+    binary = torch.rand(32, 1, 23, 17, generator=generator) < density
+    reach = size // 2
+    # brute force: every window's pixels that lie inside the image, counted by unfold
+    ones = torch.nn.functional.unfold(torch.nn.functional.pad(binary.float(), (reach,) * 4), size).sum(1)
+    inside = torch.nn.functional.unfold(torch.nn.functional.pad(torch.ones_like(binary[:1]).float(), (reach,) * 4), size).sum(1)
+    expected = (2 * ones > inside).float().view_as(binary)
+    assert torch.equal(majority_filter(binary, size), expected)
+    assert bool(((2 * ones == inside) & (ones > 0)).any())  # ties at the border were exercised
+
+
+def test_size_groups_finds_the_cheapest_split_into_runs() -> None:
+    import itertools
+
+    from automl_ad.synthesis.poisson import _size_groups
+
+    def cost(h: int, w: int) -> int:
+        return h * w * (h + w)
+
+    def padded_total(runs: list[list[int]]) -> int:
+        return sum(len(r) * cost(max(sizes[i][0] for i in r), max(sizes[i][1] for i in r)) for r in runs)
+
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(20):
+        sizes = torch.randint(1, 60, (7, 2), generator=generator).tolist()
+        order = sorted(range(7), key=lambda i: -cost(*sizes[i]))
+        for groups in (1, 2, 3):
+            best = min(
+                padded_total([order[a:b] for a, b in zip((0, *cuts), (*cuts, 7))])
+                for k in range(groups)
+                for cuts in itertools.combinations(range(1, 7), k)
+            )
+            assert padded_total(_size_groups(sizes, groups)) == best

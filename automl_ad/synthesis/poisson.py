@@ -235,10 +235,15 @@ def _size_groups(sizes: list[list[int]], max_groups: int) -> list[list[int]]:
     count = len(order)
     if count == 0:
         return []
-
-    def padded(begin: int, end: int) -> int:
-        members = order[begin:end]
-        return (end - begin) * cost(max(sizes[m][0] for m in members), max(sizes[m][1] for m in members))
+    # padded[i][j]: cost of one run order[i:j] padded to its largest box, every pair in
+    # one sweep per start (running maxima): the DP below then costs O(groups * count^2)
+    padded = [[0] * (count + 1) for _ in range(count + 1)]
+    for begin in range(count):
+        tallest = widest = 0
+        for end in range(begin + 1, count + 1):
+            h, w = sizes[order[end - 1]]
+            tallest, widest = max(tallest, h), max(widest, w)
+            padded[begin][end] = (end - begin) * cost(tallest, widest)
 
     groups = min(max_groups, count)
     # best[g][j]: least cost of the first j images in g runs; cut[g][j]: where the last run starts
@@ -246,11 +251,12 @@ def _size_groups(sizes: list[list[int]], max_groups: int) -> list[list[int]]:
     cut = [[0] * (count + 1) for _ in range(groups + 1)]
     best[0][0] = 0
     for g in range(1, groups + 1):
-        for j in range(1, count + 1):
+        previous, current, cuts = best[g - 1], best[g], cut[g]
+        for j in range(g, count + 1):
             for i in range(g - 1, j):
-                total = best[g - 1][i] + padded(i, j)
-                if total < best[g][j]:
-                    best[g][j], cut[g][j] = total, i
+                total = previous[i] + padded[i][j]
+                if total < current[j]:
+                    current[j], cuts[j] = total, i
     g = min(range(1, groups + 1), key=lambda k: best[k][count])
     runs, j = [], count
     while g > 0:
@@ -421,19 +427,25 @@ def _rect_share(integral: Tensor, center: Tensor, half: Tensor) -> Tensor:
     return total / area
 
 
-def _place(generator: torch.Generator, half: Tensor, height: int, width: int, fg: Tensor | None, min_share: float) -> Tensor:
+def _integral(fg: Tensor) -> Tensor:
+    """B x (H + 1) x (W + 1) summed-area table of a B x 1 x H x W {0,1} mask (exact in
+    float32 up to 2**24 pixels)."""
+    return F.pad(fg[:, 0].cumsum(1).cumsum(2), (1, 0, 1, 0))
+
+
+def _place(generator: torch.Generator, half: Tensor, height: int, width: int, integral: Tensor | None, min_share: float) -> Tensor:
     """Centres (B x 2, (y, x)) keeping the rectangle inside the image with a 1 px margin;
-    with ``fg``, the first of several candidates covering at least ``min_share`` of it."""
+    with ``integral`` (``_integral`` of a foreground mask), the first of several
+    candidates covering at least ``min_share`` of it."""
     batch = half.shape[0]
-    tries = _CANDIDATES if fg is not None else 1
+    tries = _CANDIDATES if integral is not None else 1
     low = half + 1.0
     high = torch.stack((height - 2.0 - half[:, 0], width - 2.0 - half[:, 1]), 1)
     high = torch.maximum(high, low)
     draw = uniform(generator, (batch, tries, 2), half.device)
     centers = low[:, None] + draw * (high - low)[:, None]
-    if fg is None:
+    if integral is None:
         return centers[:, 0]
-    integral = F.pad(fg[:, 0].cumsum(1).cumsum(2), (1, 0, 1, 0))
     share = _rect_share(integral, centers, half[:, None].expand_as(centers))
     passing = share >= min_share
     choice = torch.where(passing.any(1), passing.float().argmax(1), share.argmax(1))
@@ -451,8 +463,9 @@ class NSASynthesizer(Synthesizer):
         device = images.device
         current = images.clone()
         patch_mask = images.new_zeros(batch, 1, height, width)
-        fg_target = foreground(images, p.fg_bright, p.fg_thresh) if p.object else None
-        fg_donor = foreground(donors, p.fg_bright, p.fg_thresh) if p.object else None
+        # summed-area tables of the foregrounds, made once for every patch's placement
+        target_area = _integral(foreground(images, p.fg_bright, p.fg_thresh)) if p.object else None
+        donor_area = _integral(foreground(donors, p.fg_bright, p.fg_thresh)) if p.object else None
         side = images.new_tensor([height, width])
         lower = images.new_tensor([p.width_min_y, p.width_min_x])
         upper = images.new_tensor([p.width_max_y, p.width_max_x])
@@ -465,8 +478,8 @@ class NSASynthesizer(Synthesizer):
             scale = normal(generator, (batch,), device, 1.0, 0.5).clamp(p.resize_min, p.resize_max)
             scale = torch.minimum(scale, ((side / 2 - 2) / half_src).amin(1))
             half_dst = half_src * scale[:, None]
-            src_center = _place(generator, half_src, height, width, fg_donor, p.min_object)
-            dst_center = _place(generator, half_dst, height, width, fg_target, p.min_overlap)
+            src_center = _place(generator, half_src, height, width, donor_area, p.min_object)
+            dst_center = _place(generator, half_dst, height, width, target_area, p.min_overlap)
             paste_rectangles(current, patch_mask, donors, active, dst_center, half_dst, src_center, scale, p.mode)
         current.clamp_(0.0, 1.0)
         return SynthBatch(current, *self._labels(images, current, patch_mask))
