@@ -1,6 +1,7 @@
 """Throughput of the batched synthesis families against per-image references.
 
     .venv/bin/python benchmarks/synthesis.py [--device cuda] [--batch 32] [--size 256] [--repeats 5]
+                                             [--category screw]
 
 Per family: images/s of the batched torch synthesizer (batch --batch, --size px, RGB),
 from the median and the best (min) of --repeats timed batches; the ratio uses medians.
@@ -14,7 +15,9 @@ run on the CPU:
           with cv2.seamlessClone (NORMAL_CLONE) at a random location, NSA's logistic
           label computed.
 For the ratio the batched family runs with SAME_WORK (the same amount of work as its
-reference: other images as sources, one NSA patch); its default settings are timed too.
+reference: other images as sources, one NSA patch); its default settings are timed too,
+with ``--category`` those of that product (NSA: its patch sizes, patch count and, for
+objects such as screw, the foreground test that keeps patches on the part).
 Both sides run under automl_ad.runtime.tune_cpu_allocator, as training does.
 """
 
@@ -153,6 +156,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument("--category", default=None, help="time the defaults of this product too (e.g. screw)")
     args = parser.parse_args()
     tune_cpu_allocator()  # as the CLI and the training loop do; both sides run under it
     threads = len(os.sched_getaffinity(0))
@@ -187,10 +191,12 @@ def main() -> None:
             line += f"{args.batch / ref_median:20.1f} ({args.batch / ref_best:6.1f}){ref_median / median:8.2f}"
         print(line, flush=True)
         if family in SAME_WORK:
-            default = build_synthesizer(family, {"normal_share": 0.0})
-            default(images, generator)
-            median, best = _timed(lambda: (default(images, generator), device.type == "cuda" and torch.cuda.synchronize()), args.repeats)
-            print(f"  {family + ' defaults':13}{args.batch / median:18.1f} ({args.batch / best:6.1f})", flush=True)
+            for category in (None, args.category) if args.category else (None,):
+                default = build_synthesizer(family, {"normal_share": 0.0}, category=category)
+                default(images, generator)
+                median, best = _timed(lambda: (default(images, generator), device.type == "cuda" and torch.cuda.synchronize()), args.repeats)
+                label = f"{family} {category or 'defaults'}"
+                print(f"  {label:13}{args.batch / median:18.1f} ({args.batch / best:6.1f})", flush=True)
     print(f"load average {_load()}")
 
 
