@@ -345,3 +345,19 @@ def test_size_groups_finds_the_cheapest_split_into_runs() -> None:
                 for cuts in itertools.combinations(range(1, 7), k)
             )
             assert padded_total(_size_groups(sizes, groups)) == best
+
+
+def test_donor_windows_are_the_same_per_member_and_batched() -> None:
+    # the CPU samples each donor on its own (no copies), an accelerator all at once
+    from automl_ad.synthesis.poisson import _donor_windows
+
+    generator = torch.Generator().manual_seed(5)
+    donors = torch.rand(5, 3, 40, 36, generator=generator)
+    members = [3, 0, 4]
+    grid = 2.4 * torch.rand(3, 9, 7, 2, generator=generator) - 1.2  # reaches past the border
+    per_member = _donor_windows(donors, members, torch.tensor(members), grid, per_member=True)
+    batched = _donor_windows(donors, members, torch.tensor(members), grid, per_member=False)
+    assert per_member.shape == (3, 3, 9, 7)
+    assert torch.equal(per_member, batched)
+    expected = torch.nn.functional.grid_sample(donors[4:5], grid[2:3], padding_mode="reflection", align_corners=False)
+    assert torch.equal(batched[2:3], expected)

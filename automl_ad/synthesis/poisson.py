@@ -102,7 +102,7 @@ def poisson_blend(target: Tensor, source: Tensor, mask: Tensor, mode: str = "nor
 
     target_w, source_w = window(target), window(source)
     inside_w = window(inside.unsqueeze(1))
-    delta = _window_delta(target_w, source_w, inside_w, box_h, box_w, mode)
+    delta = _window_delta(target_w, source_w, inside_w, box_h.tolist(), box_w.tolist(), mode)
 
     rows = ring_rows[:, 1:-1, None].expand(batch, max_h, max_w)
     cols = ring_cols[:, None, 1:-1].expand(batch, max_h, max_w)
@@ -111,11 +111,13 @@ def poisson_blend(target: Tensor, source: Tensor, mask: Tensor, mode: str = "nor
     return out.permute(0, 3, 1, 2).contiguous()
 
 
-def _window_delta(target_w: Tensor, source_w: Tensor, inside_w: Tensor, box_h: Tensor, box_w: Tensor, mode: str) -> Tensor:
+def _window_delta(
+    target_w: Tensor, source_w: Tensor, inside_w: Tensor, box_h: list[int], box_w: list[int], mode: str
+) -> Tensor:
     """Poisson correction on windows: target_w, source_w N x C x (h + 2) x (w + 2) hold each
-    box (its top-left interior pixel at window (1, 1), sizes box_h x box_w) plus its
-    Dirichlet ring; inside_w N x 1 x ... marks the blended pixels. Returns the change of
-    the interior, N x C x h x w, zero outside each box."""
+    box (its top-left interior pixel at window (1, 1), sizes box_h x box_w, host ints) plus
+    its Dirichlet ring; inside_w N x 1 x ... marks the blended pixels. Returns the change
+    of the interior, N x C x h x w, zero outside each box."""
     batch = target_w.shape[0]
     max_h, max_w = target_w.shape[2] - 2, target_w.shape[3] - 2
     device = target_w.device
@@ -133,19 +135,16 @@ def _window_delta(target_w: Tensor, source_w: Tensor, inside_w: Tensor, box_h: T
         rhs.narrow(dim, 0, size - 1).add_(excess)
         rhs.narrow(dim, 1, size - 1).sub_(excess)
 
-    steps_h = torch.arange(max_h, device=device)
-    steps_w = torch.arange(max_w, device=device)
-    valid_h = steps_h[None] < box_h[:, None]
-    valid_w = steps_w[None] < box_w[:, None]
-    valid = (valid_h[:, :, None] & valid_w[:, None, :]).unsqueeze(1).float()
+    sine_h, eig_h, valid_h = _dst_basis(box_h, max_h, device)
+    sine_w, eig_w, valid_w = _dst_basis(box_w, max_w, device)
+    valid = (valid_h[:, :, None] * valid_w[:, None, :]).unsqueeze(1)
     interior = rhs[:, :, 1:-1, 1:-1] * valid
 
-    sine_h, eig_h = _dst_basis(box_h, max_h)
-    sine_w, eig_w = _dst_basis(box_w, max_w)
     spectrum = sine_h.unsqueeze(1) @ interior @ sine_w.unsqueeze(1).transpose(-1, -2)
+    # positive on valid entries; past a box both factors are 1 and the spectrum is 0 there
     eigen = (eig_h[:, :, None] + eig_w[:, None, :]).unsqueeze(1)
-    spectrum = spectrum / torch.where(valid > 0, eigen, torch.ones_like(eigen))
-    norm = (4.0 / ((box_h + 1) * (box_w + 1)).float()).view(batch, 1, 1, 1)
+    spectrum = spectrum / eigen
+    norm = torch.tensor([4.0 / ((h + 1) * (w + 1)) for h, w in zip(box_h, box_w)]).to(device).view(batch, 1, 1, 1)
     return norm * (sine_h.unsqueeze(1).transpose(-1, -2) @ spectrum @ sine_w.unsqueeze(1)) * valid
 
 
@@ -201,11 +200,7 @@ def paste_rectangles(
             ),
             -1,
         )
-        # one small grid_sample per member on a view of its donor: no donor copies
-        source_w = torch.cat([
-            F.grid_sample(donors[m : m + 1], grid[k : k + 1], mode="bilinear", padding_mode="reflection", align_corners=False)
-            for k, m in enumerate(members)
-        ])
+        source_w = _donor_windows(donors, members, index, grid, per_member=current.device.type == "cpu")
         rows_at = rows.long().clamp(0, height - 1)[:, :, None]
         cols_at = cols.long().clamp(0, width - 1)[:, None, :]
         image_at = index[:, None, None]
@@ -215,13 +210,26 @@ def paste_rectangles(
         inside_h = (steps_h >= 1) & (steps_h[None] <= group_h[:, None])
         inside_w = (steps_w >= 1) & (steps_w[None] <= group_w[:, None])
         inside = (inside_h[:, :, None] & inside_w[:, None, :]).unsqueeze(1)
-        delta = _window_delta(target_w, source_w, inside, group_h, group_w, mode)
+        delta = _window_delta(target_w, source_w, inside, [sizes[m][0] for m in members], [sizes[m][1] for m in members], mode)
         # window pixels outside a box get their own values back (delta is 0 there), and
         # never coincide with another box pixel of the same image
         interior = (image_at, slice(None), rows_at[:, 1:-1], cols_at[:, :, 1:-1])
         current[interior] = (target_w[:, :, 1:-1, 1:-1] + delta).permute(0, 2, 3, 1)
         mask_at = (image_at, 0, rows_at[:, 1:-1], cols_at[:, :, 1:-1])
         patch_mask[mask_at] = torch.maximum(patch_mask[mask_at], inside[:, 0, 1:-1, 1:-1].float())
+
+
+def _donor_windows(donors: Tensor, members: list[int], index: Tensor, grid: Tensor, *, per_member: bool) -> Tensor:
+    """Bilinear samples (reflection padding) of donors ``members`` (``index`` on the
+    device) at ``grid`` (G x h x w x 2): G x C x h x w. ``per_member``: one small
+    grid_sample per member on a view of its donor, no donor copies (cheaper on a CPU);
+    else one grid_sample on the gathered donors (one launch on an accelerator)."""
+    if per_member:
+        return torch.cat([
+            F.grid_sample(donors[m : m + 1], grid[k : k + 1], mode="bilinear", padding_mode="reflection", align_corners=False)
+            for k, m in enumerate(members)
+        ])
+    return F.grid_sample(donors.index_select(0, index), grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
 def _size_groups(sizes: list[list[int]], max_groups: int) -> list[list[int]]:
@@ -266,33 +274,47 @@ def _size_groups(sizes: list[list[int]], max_groups: int) -> list[list[int]]:
     return runs[::-1]
 
 
-def _dst_basis(sizes: Tensor, max_size: int) -> tuple[Tensor, Tensor]:
-    """Per-image DST-I matrices (B x N x N, zero outside each image's size) and the
-    matching eigenvalues of the 1-D Dirichlet Laplacian, 2 - 2 cos(pi k / (n + 1))."""
-    device = sizes.device
-    k = torch.arange(1, max_size + 1, device=device, dtype=torch.float32)
-    denom = (sizes.float() + 1.0)[:, None]
-    eig = 2.0 - 2.0 * torch.cos(math.pi * k[None] / denom)
-    basis = torch.zeros(sizes.shape[0], max_size, max_size, device=device)
-    for row, size in enumerate(sizes.tolist()):
+def _dst_basis(sizes: list[int], max_size: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-image DST-I matrices (B x N x N, zero outside each image's size), the matching
+    eigenvalues of the 1-D Dirichlet Laplacian 2 - 2 cos(pi k / (n + 1)) (B x N, 1 past
+    each size) and the valid-entry mask (B x N floats). Assembled on the host from
+    cached matrices and moved to ``device`` in one transfer per tensor: no per-image
+    copies on an accelerator."""
+    count = len(sizes)
+    basis = torch.zeros(count, max_size, max_size)
+    eig = torch.ones(count, max_size)
+    valid = torch.zeros(count, max_size)
+    for row, size in enumerate(sizes):
         if size > 0:
-            basis[row, :size, :size] = _dst_matrix(int(size), device)
-    return basis, eig
+            basis[row, :size, :size] = _dst_matrix(size)
+            eig[row, :size] = _dirichlet_eigenvalues(size)
+            valid[row, :size] = 1.0
+    return basis.to(device), eig.to(device), valid.to(device)
 
 
-_DST_CACHE: dict[tuple[int, str], Tensor] = {}
+_DST_CACHE: dict[int, Tensor] = {}
+_EIG_CACHE: dict[int, Tensor] = {}
 _DST_CACHE_LIMIT = 256
 
 
-def _dst_matrix(size: int, device: torch.device) -> Tensor:
-    """sin(pi k l / (size + 1)), k, l = 1..size, cached: patch sizes repeat across batches."""
-    key = (size, str(device))
-    if key not in _DST_CACHE:
+def _dst_matrix(size: int) -> Tensor:
+    """sin(pi k l / (size + 1)), k, l = 1..size (host), cached: patch sizes repeat across batches."""
+    if size not in _DST_CACHE:
         if len(_DST_CACHE) >= _DST_CACHE_LIMIT:
             _DST_CACHE.pop(next(iter(_DST_CACHE)))
-        k = torch.arange(1, size + 1, device=device, dtype=torch.float64)
-        _DST_CACHE[key] = torch.sin(math.pi * k[:, None] * k[None, :] / (size + 1)).float()
-    return _DST_CACHE[key]
+        k = torch.arange(1, size + 1, dtype=torch.float64)
+        _DST_CACHE[size] = torch.sin(math.pi * k[:, None] * k[None, :] / (size + 1)).float()
+    return _DST_CACHE[size]
+
+
+def _dirichlet_eigenvalues(size: int) -> Tensor:
+    """2 - 2 cos(pi k / (size + 1)), k = 1..size (host), cached."""
+    if size not in _EIG_CACHE:
+        if len(_EIG_CACHE) >= _DST_CACHE_LIMIT:
+            _EIG_CACHE.pop(next(iter(_EIG_CACHE)))
+        k = torch.arange(1, size + 1, dtype=torch.float32)
+        _EIG_CACHE[size] = 2.0 - 2.0 * torch.cos(math.pi * k / (size + 1.0))
+    return _EIG_CACHE[size]
 
 
 # ------------------------------------------------------------------- per category
