@@ -56,6 +56,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--reference", type=float, default=None, help="per-image reference images/s from synthesis.py")
     args = parser.parse_args()
+    if min(args.batch, args.repeats) < 1 or not 3 <= args.patch <= args.size - 4:
+        parser.error(f"need --batch, --repeats >= 1 and 3 <= --patch <= --size - 4 (got {args.batch}, {args.repeats}, {args.patch}, {args.size})")
+    if args.reference is not None and args.reference <= 0:
+        parser.error(f"--reference must be images/s > 0, got {args.reference}")
     tune_cpu_allocator()
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     cv2.setNumThreads(1)
@@ -90,7 +94,7 @@ def main() -> None:
     print(f"dst rfft   exact-size solve          {rfft_ms:7.2f} ms per batch")
     print(f"floor      copy + matmul solve       {copy_ms + matmul_ms:7.2f} ms per batch "
           f"= {(copy_ms + matmul_ms) / args.batch:.3f} ms per image")
-    if args.reference:
+    if args.reference is not None:
         budget = args.batch / args.reference / 10 * 1000
         print(f"10x over the {args.reference:.0f} img/s reference leaves {budget:.2f} ms per batch "
               f"({budget - copy_ms - matmul_ms:+.2f} ms after the floor)")

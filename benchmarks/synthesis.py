@@ -158,6 +158,11 @@ def main() -> None:
     parser.add_argument("--families", default=",".join(FAMILIES))
     parser.add_argument("--category", default=None, help="time the defaults of this product too (e.g. screw)")
     args = parser.parse_args()
+    if min(args.batch, args.size, args.repeats) < 1:
+        parser.error(f"--batch, --size and --repeats must be >= 1 (got {args.batch}, {args.size}, {args.repeats})")
+    unknown = sorted(set(args.families.split(",")) - set(FAMILIES))
+    if unknown:
+        parser.error(f"unknown --families {', '.join(unknown)}; known: {', '.join(FAMILIES)}")
     tune_cpu_allocator()  # as the CLI and the training loop do; both sides run under it
     threads = len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)

@@ -361,3 +361,21 @@ def test_donor_windows_are_the_same_per_member_and_batched() -> None:
     assert torch.equal(per_member, batched)
     expected = torch.nn.functional.grid_sample(donors[4:5], grid[2:3], padding_mode="reflection", align_corners=False)
     assert torch.equal(batched[2:3], expected)
+
+
+def test_nsa_keeps_every_patch_on_its_own_image_object() -> None:
+    # objects sit at a different place in each image, so a patch placed by the donor's
+    # foreground (or by another patch's) would land off the target's object
+    generator = torch.Generator().manual_seed(7)
+    images = torch.full((4, 3, 64, 64), 0.8)
+    on_object = torch.zeros(4, 64, 64, dtype=torch.bool)
+    for index, (top, left) in enumerate([(4, 4), (36, 40), (4, 40), (36, 4)]):
+        images[index, :, top : top + 24, left : left + 20] = 0.2 + 0.3 * torch.rand(3, 24, 20, generator=generator)
+        on_object[index, top : top + 24, left : left + 20] = True
+    synth = build_synthesizer("nsa", {"normal_share": 0.0, "n_patches": 4, "label": "binary"}, category="screw")
+    out = synth(images, torch.Generator().manual_seed(3))
+    changed = (out.images - images).abs().mean(1) > 2 / 255
+    for index in range(4):
+        own = changed[index][on_object[index]].sum()
+        elsewhere = max(changed[index][on_object[other]].sum() for other in range(4) if other != index)
+        assert own > 0 and own > 2 * elsewhere  # patches overlap their own object (min_overlap)
