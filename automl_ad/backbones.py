@@ -383,6 +383,12 @@ def backbone_available(name: str) -> bool:
     return path is not None
 
 
+def searchable_backbones() -> list[str]:
+    """Registered backbones whose pretrained weights are on this machine: the choices a
+    search offers every method that has a ``backbone`` parameter."""
+    return [name for name in available_backbones() if backbone_available(name)]
+
+
 __all__: list[str] = [
     "BACKBONES",
     "BackboneSpec",
@@ -393,4 +399,5 @@ __all__: list[str] = [
     "default_layers",
     "load_classifier",
     "resolve_weights",
+    "searchable_backbones",
 ]
