@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
 
@@ -12,7 +13,9 @@ import pytest
 from automl_ad.data import builtin
 from automl_ad.data.builtin import (
     BUILTIN_CATEGORIES,
+    BUILTIN_VERSION,
     DEFECT_TYPES,
+    builtin_cache_root,
     ensure_builtin_root,
     generate_builtin,
     image_rng,
@@ -66,6 +69,23 @@ def test_layout_counts_and_masks_on_disk(small_root: Path) -> None:
                 assert set(np.unique(mask).tolist()) == {0, 255}
         assert not (folder / "ground_truth" / "good").exists()
     assert not [p for p in small_root.iterdir() if p.name.startswith(".")], "temporary folders left"
+
+
+def test_default_test_split_can_rank_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    n_test = inspect.signature(generate_builtin).parameters["n_test"].default
+    assert builtin._DEFAULT_SETTINGS["n_test"] == n_test  # the cache uses the same split
+    assert builtin._DEFAULT_SETTINGS["n_train"] == 200
+    for category in BUILTIN_CATEGORIES:
+        plan = defect_plan(category, n_test)
+        assert len(plan) == n_test
+        assert plan.count("good") >= 40 and len(plan) - plan.count("good") >= 100, category
+        counts = [plan.count(defect) for defect in DEFECT_TYPES[category]]
+        assert set(plan) == {"good", *DEFECT_TYPES[category]}
+        assert max(counts) - min(counts) <= 1, (category, counts)
+    # the 15 good + 45 defective split was builtin-v1: its cache must not be reused
+    assert BUILTIN_VERSION != "builtin-v1"
+    monkeypatch.setenv("AUTOML_AD_CACHE", str(tmp_path))
+    assert builtin_cache_root() == tmp_path / BUILTIN_VERSION
 
 
 def test_same_seed_same_bytes_other_seed_differs(small_root: Path, tmp_path: Path) -> None:
@@ -184,7 +204,7 @@ def test_regenerating_replaces_a_category(tmp_path: Path) -> None:
 
 def test_ensure_builtin_root_fills_only_missing_categories(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AUTOML_AD_CACHE", str(tmp_path))
-    root = tmp_path / "builtin-v1"
+    root = tmp_path / BUILTIN_VERSION
     for category in BUILTIN_CATEGORIES:
         if category != "screw":
             (root / category).mkdir(parents=True)
@@ -192,6 +212,8 @@ def test_ensure_builtin_root_fills_only_missing_categories(tmp_path: Path, monke
     assert ensure_builtin_root() == root
     assert all((root / c / "kept.txt").exists() for c in BUILTIN_CATEGORIES if c != "screw")
     assert len(list((root / "screw" / "train" / "good").glob("*.png"))) == 200
-    assert len(list((root / "screw" / "test").rglob("*.png"))) == 60
+    test_counts = {p.name: len(list(p.glob("*.png"))) for p in (root / "screw" / "test").iterdir()}
+    assert test_counts == {"good": 40, **{defect: 20 for defect in DEFECT_TYPES["screw"]}}
+    assert len(list((root / "screw" / "ground_truth").rglob("*_mask.png"))) == 100
     assert cv2.imread(str(root / "screw" / "train" / "good" / "000.png"), cv2.IMREAD_UNCHANGED).shape == (256, 256)
     assert ensure_builtin_root() == root  # second call: nothing to do

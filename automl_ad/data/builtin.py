@@ -10,6 +10,11 @@ Every image has its own numpy Generator seeded by (seed, category, split, index)
 generating a subset of categories, or fewer images, gives the same files. Masks mark
 exactly what the defect changed: outside the mask a defective image equals the clean
 rendering of the same scene, byte for byte.
+
+The default test split is ``DEFAULT_N_TEST_GOOD`` (40) good and ``DEFAULT_N_TEST_DEFECTIVE``
+(100) defective images per product, the defects dealt round-robin over the product's
+defect types so every type gets the same count (20 or 25). Any other ``n_test`` keeps the
+same good share; see ``defect_plan``.
 """
 
 from __future__ import annotations
@@ -37,7 +42,13 @@ BUILTIN_CATEGORIES: dict[str, str] = {
     "washer": "object",
 }
 
-BUILTIN_VERSION = "builtin-v1"  # bump when the pictures change, so caches regenerate
+BUILTIN_VERSION = "builtin-v2"  # bump when the pictures or counts change, so caches regenerate
+# v2: test split 40 good + 100 defective (was 15 + 45); the same drawing, train split unchanged
+
+DEFAULT_N_TRAIN = 200
+DEFAULT_N_TEST_GOOD = 40  # with 15 good (v1) one image moved image AUROC by about 2 points
+DEFAULT_N_TEST_DEFECTIVE = 100  # divisible by 4 and 5: every product's defect types get equal counts
+DEFAULT_N_TEST = DEFAULT_N_TEST_GOOD + DEFAULT_N_TEST_DEFECTIVE
 
 
 @dataclass(frozen=True)
@@ -63,7 +74,7 @@ _PRODUCTS: dict[str, _Product] = {
 
 DEFECT_TYPES: dict[str, tuple[str, ...]] = {name: p.defects for name, p in _PRODUCTS.items()}
 
-_DEFAULT_SETTINGS = {"n_train": 200, "n_test": 60, "image_size": 256, "seed": 0}
+_DEFAULT_SETTINGS = {"n_train": DEFAULT_N_TRAIN, "n_test": DEFAULT_N_TEST, "image_size": 256, "seed": 0}
 _SPLIT_CODES = {"train": 0, "test": 1}
 _FOOTPRINT_ALPHA = 0.1  # paint weaker than this is dropped, so the mask has no faint halo
 _STRUCTURAL_CHANGE = 0.02  # a re-rendered pixel counts as changed above this (about 5 grey levels)
@@ -88,10 +99,25 @@ def image_rng(seed: int, category: str, split: str, index: int) -> np.random.Gen
     return np.random.default_rng(np.random.SeedSequence([seed, category_key, _SPLIT_CODES[split], index]))
 
 
+def good_in_test_split(n_test: int) -> int:
+    """Good images in a test split of ``n_test``: the default split's share, at least one.
+
+    ``n_test * DEFAULT_N_TEST_GOOD / DEFAULT_N_TEST`` rounded half up, so the default 140
+    gives 40 good and 100 defective; small splits (tests use 2 to 11) keep one good image.
+    """
+    if n_test <= 0:
+        return 0
+    share = (2 * n_test * DEFAULT_N_TEST_GOOD + DEFAULT_N_TEST) // (2 * DEFAULT_N_TEST)
+    return min(n_test, max(1, share))
+
+
 def defect_plan(category: str, n_test: int) -> list[str]:
-    """Defect type per test index: about a quarter good, the rest dealt round-robin."""
+    """Defect type per test index: ``good_in_test_split`` good first, then the defects round-robin.
+
+    Round-robin dealing keeps the defect types balanced: their counts differ by at most one.
+    """
     defects = DEFECT_TYPES[category]
-    n_good = min(n_test, max(1, round(n_test / 4))) if n_test > 0 else 0
+    n_good = good_in_test_split(n_test)
     return ["good"] * n_good + [defects[i % len(defects)] for i in range(n_test - n_good)]
 
 
@@ -185,9 +211,11 @@ def _check_counts(n_train: int, n_test: int, image_size: int, seed: int) -> None
         raise UserError(f"seed must be non-negative, got {seed}")
 
 
-def generate_builtin(out: Path, categories: Sequence[str] | None = None, *, n_train: int = 200,
-                     n_test: int = 60, image_size: int = 256, seed: int = 0) -> Path:
+def generate_builtin(out: Path, categories: Sequence[str] | None = None, *, n_train: int = DEFAULT_N_TRAIN,
+                     n_test: int = DEFAULT_N_TEST, image_size: int = 256, seed: int = 0) -> Path:
     """Write the built-in products under ``out`` (MVTec AD layout) and return ``out``.
+
+    ``n_test`` counts good and defective test images together; ``defect_plan`` splits it.
 
     Each category is written to a temporary folder beside its final place and moved in
     with ``os.replace``, so a crash never leaves a half-written category; an existing
