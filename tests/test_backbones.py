@@ -11,12 +11,14 @@ from safetensors.torch import save_file
 from skimage.data import chelsea
 
 from automl_ad.backbones import (
+    BACKBONES,
     IMAGENET_MEAN,
     IMAGENET_STD,
     _packaged_checkpoint,
     backbone_available,
     create_backbone,
     load_classifier,
+    searchable_backbones,
 )
 from automl_ad.errors import UserError
 
@@ -26,14 +28,19 @@ TIMM_LITE0_HUB = "models--timm--tf_efficientnet_lite0.in1k"
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "offline_weight_caches")
 
 
-@pytest.fixture(scope="module")
-def lite0_classifier(tmp_path_factory: pytest.TempPathFactory) -> torch.nn.Module:
+PACKAGED = sorted(name for name, spec in BACKBONES.items() if spec.packaged)
+
+
+@pytest.fixture(scope="module", params=PACKAGED)
+def packaged_classifier(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> torch.nn.Module:
     empty = tmp_path_factory.mktemp("empty_caches")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TORCH_HOME", str(empty / "torch"))
         patch.setenv("HF_HUB_CACHE", str(empty / "hf"))
         patch.delenv("AUTOML_AD_ALLOW_DOWNLOAD", raising=False)
-        return load_classifier("efficientnet_lite0")
+        return load_classifier(request.param)
 
 
 def _probe_images(size: int = 64) -> torch.Tensor:
@@ -41,16 +48,25 @@ def _probe_images(size: int = 64) -> torch.Tensor:
     return torch.rand(2, 3, size, size, generator=generator)
 
 
-def test_packaged_lite0_classifies_chelsea_as_a_cat(lite0_classifier: torch.nn.Module) -> None:
-    assert lite0_classifier.weights_source.startswith("packaged:")
+def test_packaged_lite_backbones_are_all_there() -> None:
+    assert PACKAGED == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+    # Empty caches: exactly the backbones whose weights ship in a package are searchable.
+    assert searchable_backbones() == PACKAGED
+
+
+def test_packaged_weights_classify_chelsea_as_a_cat(packaged_classifier: torch.nn.Module) -> None:
+    """Real ImageNet weights, correctly mapped: random or misplaced tensors give a cat
+    probability near 5/1000 and a non-cat top-1."""
+    assert packaged_classifier.weights_source.startswith("packaged:")
+    size = packaged_classifier.pretrained_cfg["input_size"][-1]  # 224, 240, 260 for Lite0/1/2
     image = torch.from_numpy(chelsea()).permute(2, 0, 1)[None].float() / 255.0
-    image = F.interpolate(image, size=(224, 224), mode="bilinear", antialias=True, align_corners=False)
+    image = F.interpolate(image, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     image = (image - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     with torch.no_grad():
-        probabilities = lite0_classifier(image).softmax(dim=1)[0]
+        probabilities = packaged_classifier(image).softmax(dim=1)[0]
     top1 = int(probabilities.argmax())
     assert 281 <= top1 <= 285, top1  # the ImageNet domestic-cat classes
-    assert float(probabilities[281:286].sum()) > 0.5
+    assert float(probabilities[281:286].sum()) > 0.5, float(probabilities[281:286].sum())
 
 
 def test_explicit_files_give_the_same_features_as_the_packaged_weights(tmp_path: Path) -> None:
@@ -136,7 +152,13 @@ def test_random_weights_only_when_asked_and_frozen() -> None:
 
 @pytest.mark.parametrize(
     ("name", "channels"),
-    [("resnet18", [64, 128, 256]), ("efficientnet_b0", [24, 40, 112]), ("efficientnet_lite0", [24, 40, 112])],
+    [
+        ("resnet18", [64, 128, 256]),
+        ("efficientnet_b0", [24, 40, 112]),
+        ("efficientnet_lite0", [24, 40, 112]),
+        ("efficientnet_lite1", [24, 40, 112]),
+        ("efficientnet_lite2", [24, 48, 120]),
+    ],
 )
 def test_feature_shapes_and_strides(name: str, channels: list[int]) -> None:
     extractor = create_backbone(name, weights="random")
