@@ -1,6 +1,6 @@
 """Time the built-in dataset generator: seconds per category and in total.
 
-    .venv/bin/python benchmarks/builtin_data.py [--n-train 200] [--n-test 60] [--size 256]
+    .venv/bin/python benchmarks/builtin_data.py [--n-train 200] [--n-test 140] [--size 256]
 
 Writes into a temporary folder that is removed afterwards; prints the size on disk too.
 """
@@ -22,7 +22,7 @@ def folder_megabytes(folder: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-train", type=int, default=200)
-    parser.add_argument("--n-test", type=int, default=60)
+    parser.add_argument("--n-test", type=int, default=140)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

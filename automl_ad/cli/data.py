@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from automl_ad.errors import UserError
+from automl_ad.data.builtin import DEFAULT_N_TEST, DEFAULT_N_TRAIN
 
 
 @click.group("data")
@@ -61,8 +62,8 @@ def _parse_categories(text: str | None) -> list[str] | None:
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder to write the dataset root into.")
 @click.option("--categories", default=None, metavar="A,B",
               help="Comma-separated built-in products (default: all: fabric, marble, screw, washer).")
-@click.option("--n-train", default=200, show_default=True, type=int, help="Good training images per category.")
-@click.option("--n-test", default=60, show_default=True, type=int, help="Test images per category (good + defects).")
+@click.option("--n-train", default=DEFAULT_N_TRAIN, show_default=True, type=int, help="Good training images per category.")
+@click.option("--n-test", default=DEFAULT_N_TEST, show_default=True, type=int, help="Test images per category (good + defects).")
 @click.option("--image-size", default=256, show_default=True, type=int, help="Side of the square images, pixels.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Same seed, same files.")
 def synth(out: Path, categories: str | None, n_train: int, n_test: int, image_size: int, seed: int) -> None:
