@@ -183,7 +183,7 @@ def fit(
     fit_float = to_float(data.fit)
     method.setup(fit_float.to(device))
     steps_per_epoch = cfg.steps_per_epoch or max(1, math.ceil(len(data.fit) / cfg.batch_size))
-    plan = _phase_plan(method, cfg.epochs)
+    plan = _phase_plan(method, cfg.epochs) if method.phases else []
     rank = data_parallel.rank if data_parallel is not None else 0
     # Rank 0 keeps the single-process streams, so one worker trains exactly as fit() alone.
     rank_seed = cfg.seed + 104_729 * rank
@@ -207,6 +207,10 @@ def fit(
             synth_generator.manual_seed(rank_seed + 1 + 7 * start_epoch)
     if data_parallel is not None:
         data_parallel.broadcast_(method)
+
+    if not method.phases:
+        return _fit_without_gradients(cfg, method, data, val_set, device, lead, checkpoint_dir, on_epoch,
+                                      evaluate_test, should_stop, sampler, synth_generator, data_parallel)
 
     bar = _ProgressBar(cfg, plan, steps_per_epoch, start_epoch) if progress and lead else None
     began = time.perf_counter() - (reports[-1].elapsed_s if reports else 0.0)
@@ -290,6 +294,39 @@ def fit(
     )
 
 
+def _fit_without_gradients(
+    cfg: TrainConfig,
+    method: Method,
+    data: CategoryData,
+    val_set: ImageSet,
+    device: torch.device,
+    lead: bool,
+    checkpoint_dir: Path | None,
+    on_epoch: EpochHook | None,
+    evaluate_test: bool,
+    should_stop: Callable[[], bool] | None,
+    sampler: "_BatchSampler",
+    synth_generator: torch.Generator,
+    data_parallel: "DataParallel | None",
+) -> TrainResult:
+    """A method with no gradient phase (a memory bank): ``setup`` was the training, so it
+    is validated once and that report stands for the whole run (``epoch = cfg.epochs``),
+    which a search's scheduler reads as a full-fidelity trial."""
+    began = time.perf_counter()
+    if should_stop is not None and _agreed_stop(should_stop, data_parallel, device):
+        return TrainResult(method=method, reports=[], val={}, objective=float("nan"), test={}, stopped_early=True)
+    val = evaluate(method, val_set, device, cfg.eval_batch_size) if lead else {}
+    report = EpochReport(epoch=cfg.epochs, phase="setup", step=0, train_loss=float("nan"), val=val,
+                         objective=objective(val), elapsed_s=time.perf_counter() - began)
+    if checkpoint_dir is not None and lead:
+        _save_checkpoint(Path(checkpoint_dir), cfg, method, None, None, "setup", cfg.epochs, 0,
+                         sampler, synth_generator, [report])
+    if on_epoch is not None:
+        on_epoch(report, checkpoint_dir if lead else None)
+    test = evaluate(method, data.test, device, cfg.eval_batch_size) if evaluate_test and lead and len(data.test) else {}
+    return TrainResult(method=method, reports=[report], val=val, objective=report.objective, test=test)
+
+
 def _agreed_stop(should_stop: Callable[[], bool], data_parallel: "DataParallel | None",
                  device: torch.device) -> bool:
     """``should_stop()`` of this rank, or of any rank when training data-parallel: every
@@ -326,7 +363,7 @@ def _save_checkpoint(
     folder: Path,
     cfg: TrainConfig,
     method: Method,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     scheduler: Any,
     phase: str,
     epoch: int,
@@ -343,7 +380,7 @@ def _save_checkpoint(
         "format": 1,
         "config": dataclasses.asdict(cfg),
         "method": method.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "phase": phase,
         "epoch": epoch,

@@ -44,7 +44,9 @@ class Method(nn.Module):
 
     Class attributes:
       name:      registry name, also the search-space file name.
-      phases:    training phases run in order (AST: ("teacher", "student")).
+      phases:    training phases run in order (AST: ("teacher", "student")); empty for
+                 a method with no gradient phase (PatchCore): ``setup`` builds the whole
+                 model, no optimizer runs, and the loop validates once.
       synthesis: default synthetic-anomaly family it trains with, or None when it
                  trains on normal images only (CFA, AST).
       Config:    a dataclass of hyperparameters with defaults; the search space's
@@ -66,7 +68,7 @@ class Method(nn.Module):
     def setup(self, fit_images: Tensor) -> None:
         """Called once before training with all fit images (float, on the device).
 
-        For memory banks (CFA) or feature statistics. Default: nothing.
+        For memory banks (CFA, PatchCore) or feature statistics. Default: nothing.
         """
 
     def synthesis_overrides(self, family: str) -> dict[str, Any]:

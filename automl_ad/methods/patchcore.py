@@ -1,0 +1,244 @@
+"""PatchCore: a memory bank of locally aware patch features (Roth et al., CVPR 2022).
+
+Nothing is trained. A frozen ImageNet backbone gives mid-level feature maps; each map is
+aggregated over a p x p neighbourhood (average pooling keeps the resolution), the coarser
+map is upsampled to the finer one's grid, and the two are concatenated into one patch
+feature per location. ``setup`` collects the patch features of every fit image and keeps
+a *greedy coreset* of them (iterative farthest-point selection, run on a random
+Johnson-Lindenstrauss projection so each step is cheap), which covers the normal patches
+with a fraction of the memory. A test patch's anomaly score is its distance to the
+nearest bank patch; the map is that score upsampled to the image and Gaussian-smoothed.
+
+The image score is the paper's reweighted maximum: for the test patch with the largest
+distance s* to its nearest bank patch m*, s* is scaled by 1 - softmax over the distances
+from the test patch to m* and m*'s b nearest bank neighbours, taken at m*. A test patch
+whose nearest normal patch sits in a dense region of normal space keeps most of its
+score; one near an isolated, rare normal patch is trusted less. The neighbours of every
+bank patch are found once in ``setup``, so the exported graph holds the bank and a small
+index table, and nothing else is searched at inference.
+
+Written from the paper; the method has no gradient phase (``phases = ()``): the training
+loop runs ``setup`` and validates once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from automl_ad.backbones import create_backbone, default_layers
+from automl_ad.errors import UserError
+from automl_ad.methods.base import Method, register
+from automl_ad.methods.cfa import gaussian_blur
+
+_SETUP_CHUNK = 16  # fit images per backbone pass in setup()
+_DISTANCE_CHUNK = 4096  # patches per block in nearest-neighbour searches
+_CORESET_SEED = 0
+# Feature strides the backbone's default multi-scale layers sit at (4, 8, 16); the
+# paper takes the two middle ResNet stages, which are strides 8 and 16.
+FEATURE_STRIDE_CHOICES = ("4+8", "8+16", "4+8+16")
+
+
+@dataclass
+class PatchCoreConfig:
+    backbone: str = "efficientnet_lite0"  # the paper's is wide_resnet50_2
+    weights: str = "pretrained"  # "pretrained", "random" or a checkpoint path
+    feature_strides: str = "8+16"  # which of the backbone's stride-4/8/16 layers to use
+    neighbourhood: int = 3  # p: local aggregation window (odd)
+    coreset_ratio: float = 0.1  # fraction of fit patches kept in the memory bank
+    projection_dim: int = 128  # random projection for coreset selection only
+    reweight_neighbours: int = 9  # b: bank neighbours of m* in the image-score reweighting
+    smoothing_sigma: float = 4.0  # Gaussian sigma in pixels at 224 px, scaled with size
+
+    def __post_init__(self) -> None:
+        if self.feature_strides not in FEATURE_STRIDE_CHOICES:
+            raise UserError(
+                f"patchcore: feature_strides must be one of {', '.join(FEATURE_STRIDE_CHOICES)}, "
+                f"got {self.feature_strides!r}"
+            )
+        if int(self.neighbourhood) < 1 or int(self.neighbourhood) % 2 == 0:
+            raise UserError(f"patchcore: neighbourhood must be an odd number >= 1, got {self.neighbourhood}")
+        if not 0.0 < float(self.coreset_ratio) <= 1.0:
+            raise UserError(f"patchcore: coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
+        if int(self.projection_dim) < 1:
+            raise UserError(f"patchcore: projection_dim must be >= 1, got {self.projection_dim}")
+        if int(self.reweight_neighbours) < 1:
+            raise UserError(f"patchcore: reweight_neighbours must be >= 1, got {self.reweight_neighbours}")
+        if float(self.smoothing_sigma) < 0:
+            raise UserError(f"patchcore: smoothing_sigma must be >= 0, got {self.smoothing_sigma}")
+
+
+def _layers_for(backbone: str, feature_strides: str) -> list[str]:
+    by_stride = dict(zip((4, 8, 16), default_layers(backbone)))
+    return [by_stride[int(stride)] for stride in feature_strides.split("+")]
+
+
+def greedy_coreset(points: Tensor, count: int, projection_dim: int, seed: int) -> Tensor:
+    """Indices of ``count`` points chosen by greedy k-center (farthest-point) selection.
+
+    Distances are taken in a seeded random projection to ``projection_dim`` dimensions
+    (the paper's Johnson-Lindenstrauss speed-up). Each step reads the projected points
+    once: the cost is count x N x projection_dim.
+    """
+    n, dim = points.shape
+    if count >= n:
+        return torch.arange(n, device=points.device)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    if projection_dim < dim:
+        projection = torch.randn(dim, projection_dim, generator=generator) / math.sqrt(projection_dim)
+        projected = points @ projection.to(points.device, points.dtype)
+    else:
+        projected = points
+    projected = projected.contiguous()
+    squared_norms = (projected * projected).sum(dim=1)
+    chosen = torch.empty(count, dtype=torch.long, device=points.device)
+    current = int(torch.randint(n, (1,), generator=generator))
+    nearest = torch.full((n,), float("inf"), device=points.device, dtype=projected.dtype)
+    scratch = torch.empty_like(nearest)
+    for step in range(count):
+        chosen[step] = current
+        centre = projected[current]
+        # |x - c|^2 = |x|^2 - 2 x.c + |c|^2, written into one buffer per step.
+        torch.mv(projected, centre, out=scratch)
+        scratch.mul_(-2.0).add_(squared_norms).add_(squared_norms[current])
+        torch.minimum(nearest, scratch, out=nearest)
+        current = int(nearest.argmax())
+    return chosen
+
+
+@register
+class PatchCore(Method):
+    name = "patchcore"
+    phases = ()
+    synthesis = None
+    Config = PatchCoreConfig
+
+    def __init__(self, config: PatchCoreConfig, image_size: int, category: str) -> None:
+        super().__init__(config, image_size, category)
+        self.backbone = create_backbone(
+            config.backbone, weights=config.weights, layers=_layers_for(config.backbone, config.feature_strides)
+        )
+        channels = sum(self.backbone.channels)
+        # Filled by setup(); their sizes depend on the fit set, so loading a state dict
+        # resizes them (see _load_from_state_dict) and a reloaded model needs no setup().
+        self.register_buffer("memory_bank", torch.empty(0, channels))
+        self.register_buffer("bank_neighbours", torch.empty(0, 1, dtype=torch.long))
+
+    # --- features -------------------------------------------------------------------
+    @torch.no_grad()
+    def patch_features(self, images: Tensor) -> Tensor:
+        """B x C x h x w locally aggregated patch features on the finest layer's grid."""
+        maps = self.backbone(images)
+        size = maps[0].shape[-2:]
+        p = int(self.config.neighbourhood)
+        pooled = [F.avg_pool2d(m, kernel_size=p, stride=1, padding=p // 2) if p > 1 else m for m in maps]
+        resized = [
+            m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+            for m in pooled
+        ]
+        return torch.cat(resized, dim=1)
+
+    # --- memory bank ----------------------------------------------------------------
+    @torch.no_grad()
+    def setup(self, fit_images: Tensor) -> None:
+        if len(fit_images) == 0:
+            raise UserError("patchcore: setup() needs at least one fit image")
+        chunks = []
+        for start in range(0, len(fit_images), _SETUP_CHUNK):
+            features = self.patch_features(fit_images[start : start + _SETUP_CHUNK])
+            chunks.append(features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]))
+        patches = torch.cat(chunks)
+        count = max(1, math.ceil(float(self.config.coreset_ratio) * patches.shape[0]))
+        chosen = greedy_coreset(patches, count, int(self.config.projection_dim), _CORESET_SEED)
+        self.memory_bank = patches[chosen].contiguous()
+        self.bank_neighbours = self._bank_neighbourhoods(min(int(self.config.reweight_neighbours), len(chosen)))
+
+    @torch.no_grad()
+    def _bank_neighbourhoods(self, count: int) -> Tensor:
+        """M x count indices: each bank patch itself, then its nearest other bank patches
+        (itself first even when a duplicate patch is equally near)."""
+        bank = self.memory_bank
+        rows = []
+        for start in range(0, bank.shape[0], _DISTANCE_CHUNK):
+            d2 = self._squared_distances(bank[start : start + _DISTANCE_CHUNK])
+            own = torch.arange(start, start + d2.shape[0], device=bank.device)
+            d2[torch.arange(d2.shape[0], device=bank.device), own] = -1.0
+            rows.append(d2.topk(count, dim=1, largest=False).indices)
+        return torch.cat(rows)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        for key in ("memory_bank", "bank_neighbours"):
+            saved = state_dict.get(prefix + key)
+            current = getattr(self, key)
+            if saved is not None and saved.shape != current.shape:
+                setattr(self, key, torch.empty_like(saved, device=current.device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _check_bank(self) -> None:
+        if self.memory_bank.shape[0] == 0:
+            raise RuntimeError("patchcore: call setup(fit_images) or load a state dict before use")
+
+    def _squared_distances(self, queries: Tensor) -> Tensor:
+        bank = self.memory_bank
+        d2 = (queries * queries).sum(dim=1, keepdim=True) - 2.0 * queries @ bank.T + (bank * bank).sum(dim=1)
+        return d2.clamp_min(0.0)
+
+    @torch.no_grad()
+    def _nearest(self, queries: Tensor, count: int) -> tuple[Tensor, Tensor]:
+        """(squared distances, bank indices) of the ``count`` nearest bank patches, in
+        blocks so the whole N x M distance matrix is never held at once."""
+        values, indices = [], []
+        # An exported graph must not unroll the block loop for the traced batch size
+        # (it would silently drop the patches of larger batches): one block there.
+        chunk = queries.shape[0] if torch.jit.is_tracing() else _DISTANCE_CHUNK
+        for start in range(0, queries.shape[0], chunk):
+            d2 = self._squared_distances(queries[start : start + chunk])
+            if count == 1:
+                v, i = d2.min(dim=1, keepdim=True)
+            else:
+                v, i = d2.topk(count, dim=1, largest=False)
+            values.append(v)
+            indices.append(i)
+        return torch.cat(values), torch.cat(indices)
+
+    # --- inference ------------------------------------------------------------------
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        self._check_bank()
+        features = self.patch_features(images)
+        b, c, h, w = features.shape
+        queries = features.permute(0, 2, 3, 1).reshape(-1, c)
+        _, nearest = self._nearest(queries, 1)
+        # The expanded |q|^2 - 2 q.b + |b|^2 finds the nearest patch fast but loses digits
+        # to cancellation (and sqrt amplifies them near 0): the distance to the one found
+        # is taken again directly, so eager and exported maps agree to float precision.
+        patch_scores = (queries - self.memory_bank[nearest[:, 0]]).pow(2).sum(dim=1).sqrt().reshape(b, h * w)
+        maps = self._upsampled_map(patch_scores.reshape(b, 1, h, w), images.shape[-2:])
+        return maps, self._reweighted_max(queries.reshape(b, h * w, c), patch_scores, nearest.reshape(b, h * w))
+
+    def anomaly_map(self, images: Tensor) -> Tensor:
+        return self.forward(images)[0]
+
+    def _upsampled_map(self, patch_scores: Tensor, size: torch.Size) -> Tensor:
+        maps = F.interpolate(patch_scores, size=size, mode="bilinear", align_corners=False).squeeze(1)
+        return gaussian_blur(maps, float(self.config.smoothing_sigma) * size[0] / 224.0)
+
+    def _reweighted_max(self, queries: Tensor, patch_scores: Tensor, nearest: Tensor) -> Tensor:
+        """s* x (1 - softmax_0 of the distances from the worst test patch to its nearest
+        bank patch m* and m*'s bank neighbours)."""
+        worst_score, worst = patch_scores.max(dim=1)  # B
+        if self.bank_neighbours.shape[1] < 2:  # no neighbours to compare with: plain max
+            return worst_score
+        worst_query = torch.gather(queries, 1, worst.view(-1, 1, 1).expand(-1, 1, queries.shape[2])).squeeze(1)
+        m_star = torch.gather(nearest, 1, worst.view(-1, 1)).squeeze(1)  # B
+        neighbourhood = self.bank_neighbours[m_star]  # B x b, m* itself first
+        neighbours = self.memory_bank[neighbourhood]  # B x b x C
+        distances = (neighbours - worst_query.unsqueeze(1)).pow(2).sum(dim=2).sqrt()
+        # m* is its own nearest neighbour (distance 0 in the bank), so column 0 is the
+        # distance to m*, i.e. s* itself.
+        weight = 1.0 - torch.softmax(distances, dim=1)[:, 0]
+        return weight * worst_score
