@@ -74,7 +74,7 @@ def bench_model(name: str, model: torch.nn.Module, folder: Path, size: int, batc
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default="draem,nsa,ssae,cfa,ast")
+    parser.add_argument("--methods", default="draem,nsa,ssae,cfa,ast,patchcore")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)

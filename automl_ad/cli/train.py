@@ -26,7 +26,7 @@ def parse_params(pairs: tuple[str, ...]) -> dict:
 
 
 @click.command("train")
-@click.option("--method", "-m", required=True, help="Method name: draem, nsa, ssae, cfa, ast.")
+@click.option("--method", "-m", required=True, help="Method name: draem, nsa, ssae, cfa, ast, patchcore.")
 @click.option("--category", "-c", required=True, help="Product (category) folder name.")
 @click.option("--data", type=click.Path(path_type=Path), help="Dataset root in MVTec AD layout. Default: built-in products.")
 @click.option("--image-size", default=128, show_default=True, type=click.IntRange(16, 2048))
