@@ -85,6 +85,12 @@ def test_search_stores_every_trial_with_val_and_test(tmp_path, tiny_mvtec, ray_s
     assert {e["trial_id"] for e in epochs} == {r["trial_id"] for r in table}
     assert store.query(folder, "SELECT count(DISTINCT trial_id) FROM trials") == [(3,)]
     assert (folder / "val" / "val_anomalies_32px.safetensors").exists()
+    # The schedule the search ran is in its record (a resume reuses it).
+    plan = json.loads((folder / "search.json").read_text())["plan"]
+    assert plan["rounds"] == FIDELITY["max_epochs"] and plan["fixed_steps"]
+    assert {e["method"] for e in plan["entries"]} == set(SPACES)
+    assert all(e["steps_per_epoch"] == FIDELITY["steps_per_epoch"] and e["batch_size"] == FIDELITY["batch_size"]
+               and e["image_size"] == 32 for e in plan["entries"])
     ledger = json.loads((folder / "budget.json").read_text())
     assert sorted(ledger["trials"]) == sorted(r["trial_id"] for r in table)
     assert all(e["state"] == "finished" for e in ledger["trials"].values())
@@ -134,7 +140,9 @@ def test_device_budget_is_enforced_and_gpu_budget_refused(tmp_path, tiny_mvtec, 
     used = sum(e["used"] for e in ledger["trials"].values())
     rows = store.read_table(summary.experiment_dir).to_pylist()
     assert rows, "at least one trial ran"
-    assert used >= 6.0, "the search ran until the budget was spent"
+    # A trial starts only while the rest holds its first rung (what the plan says that
+    # costs, corrected by what finished trials used), so less than a trial is left over.
+    assert used >= 6.0 - max(r["device_s"] for r in rows), "the search ran until the rest could not hold a trial"
     # A running trial stops at its next report once the budget is gone: the overshoot
     # is at most about one epoch of one trial.
     longest_epoch = max(r["wall_s"] / max(r["epochs"], 1) for r in rows)
@@ -237,6 +245,10 @@ def test_sigkill_then_resume_stores_each_trial_once(tmp_path, tiny_mvtec, ray_se
             os.killpg(driver.pid, signal.SIGKILL)
     first_session = time.monotonic() - began
     assert 1 <= len(store.stored_trial_ids(folder)) < 4
+    record_path = folder / "search.json"
+    record = json.loads(record_path.read_text())
+    record["plan"]["notes"].append("the stored plan, kept on resume")
+    record_path.write_text(json.dumps(record))
     time.sleep(3)  # the search is down: the ledger must not charge this
 
     second_began = time.monotonic()
@@ -250,6 +262,8 @@ def test_sigkill_then_resume_stores_each_trial_once(tmp_path, tiny_mvtec, ray_se
     assert finished == sorted(ids)
     assert all(e["state"] == "lost" for t, e in ledger["trials"].items() if t not in ids)
     assert ledger["search_s"] < first_session + second_session
+    assert "the stored plan, kept on resume" in json.loads(record_path.read_text())["plan"]["notes"], \
+        "resume runs the stored plan, never a new one"
     assert all(r["objective"] is not None and r["test_image_auroc"] is not None for r in rows)
 
 

@@ -39,9 +39,27 @@ def test_shipped_common_yaml_is_valid(tmp_path):
     assert space.fidelity.max_epochs >= space.fidelity.grace_period
 
 
-def test_define_by_run_space_is_conditional_and_seeded(tmp_path):
+@pytest.fixture
+def one_backbone(monkeypatch):
+    """Only the Configs' default backbone has weights (as on the reference machine)."""
+    import automl_ad.backbones as backbones
+
+    monkeypatch.setattr(backbones, "searchable_backbones", lambda: ["efficientnet_lite0"])
+
+
+@pytest.fixture
+def two_backbones(monkeypatch):
+    import automl_ad.backbones as backbones
+
+    monkeypatch.setattr(backbones, "searchable_backbones", lambda: ["efficientnet_lite0", "resnet18"])
+
+
+def test_define_by_run_space_is_conditional_and_seeded(tmp_path, one_backbone):
     space = load_space(space_dir=_space_dir(tmp_path, draem=DRAEM, cfa=CFA))
     assert sorted(space.methods) == ["cfa", "draem"]
+    # common.yaml's sizes plus each method's paper size (DRAEM 256, CFA 224)
+    assert space.method_sizes("draem") == (128, 256) and space.method_sizes("cfa") == (128, 224, 256)
+    assert space.all_image_sizes() == (128, 224, 256)
 
     def sample(seed: int) -> list[dict]:
         study = optuna.create_study(sampler=optuna.samplers.TPESampler(multivariate=True, seed=seed))
@@ -57,9 +75,13 @@ def test_define_by_run_space_is_conditional_and_seeded(tmp_path):
     assert first == sample(3), "same seed, same configurations"
     methods = {p["method"] for p in first}
     assert methods == {"draem", "cfa"}
+    assert {p["draem.image_size"] for p in first if p["method"] == "draem"} == {128, 256}
     for params in first:
         if params["method"] == "cfa":
-            assert set(params) == {"method", "cfa.lr"}
+            assert set(params) == {"method", "cfa.image_size", "cfa.lr"}, "one backbone: nothing to choose"
+            assert params["cfa.image_size"] in {128, 224, 256}
+            assert split_config(params, 64).image_size == params["cfa.image_size"]
+            assert split_config(params, 64).method_params == {"lr": params["cfa.lr"]}
         else:
             family = params["draem.synthesis"]
             assert family in {"perlin", "cutpaste"}
@@ -67,20 +89,98 @@ def test_define_by_run_space_is_conditional_and_seeded(tmp_path):
             assert all(not k.startswith("cfa.") for k in params)
             assert any(k.startswith(f"{family}.") for k in params)
             split = split_config(params, 64)
-            assert split.method == "draem" and split.synthesis == family and split.image_size == 64
+            assert split.method == "draem" and split.synthesis == family
+            assert split.image_size == params["draem.image_size"] in {128, 256}
             assert set(split.method_params) == {"lr", "rec_width", "score_window"}
             assert all(f"{family}.{k}" in params for k in split.synthesis_params)
 
 
-def test_methods_restrict_and_defaults(tmp_path):
+def test_methods_restrict_and_defaults(tmp_path, one_backbone):
     space = load_space(["cfa"], space_dir=_space_dir(tmp_path, draem=DRAEM, cfa=CFA))
     assert list(space.methods) == ["cfa"]
     point = load_space(space_dir=_space_dir(tmp_path / "b", draem=DRAEM)).defaults("draem")
     assert point["draem.lr"] == pytest.approx(1e-4) and point["draem.synthesis"] == "perlin"
     assert point["perlin.threshold"] == pytest.approx(0.5)
+    assert point["draem.image_size"] == 128, "the smallest size first"
 
 
-def test_user_space_overrides_and_pins_size(tmp_path):
+def test_backbone_is_a_conditional_choice_of_methods_with_a_backbone_field(tmp_path, two_backbones):
+    ast = {"method": "ast", "synthesis": [], "params": {"lr": {"type": "float", "low": 1e-4, "high": 1e-3}}}
+    space = load_space(space_dir=_space_dir(tmp_path, draem=DRAEM, cfa=CFA, ast=ast), image_size=64)
+    for name in ("cfa", "ast"):
+        backbone = space.methods[name].params["backbone"]
+        assert backbone.choices == ("efficientnet_lite0", "resnet18")
+        assert backbone.default == "efficientnet_lite0", "the Config's default"
+        assert space.defaults(name)[f"{name}.backbone"] == "efficientnet_lite0"
+    assert "backbone" not in space.methods["draem"].params, "DRAEM's Config has no backbone"
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
+    seen: dict[str, set] = {"cfa": set(), "ast": set()}
+    for _ in range(30):
+        trial = study.ask()
+        space.suggest(trial)
+        params = dict(trial.params)
+        method = params["method"]
+        assert not any(k.endswith(".image_size") for k in params), "--image-size pins the size"
+        assert split_config(params, 64).image_size == 64
+        if method in seen:
+            split = split_config(params, 64)
+            assert split.method_params["backbone"] == params[f"{method}.backbone"]
+            seen[method].add(params[f"{method}.backbone"])
+            assert not any(k.startswith("draem.") for k in params)
+        else:
+            assert not any(k.endswith(".backbone") for k in params)
+        study.tell(trial, 0.5)
+    assert seen["cfa"] == seen["ast"] == {"efficientnet_lite0", "resnet18"}
+
+    # The method YAML or the user's --space pins it instead.
+    user = tmp_path / "mine.yaml"
+    user.write_text(yaml.safe_dump({"methods": {"cfa": {"params": {
+        "backbone": {"type": "categorical", "choices": ["resnet18"]}}}}}))
+    pinned = load_space(user_file=user, space_dir=_space_dir(tmp_path / "b", cfa=CFA))
+    assert pinned.methods["cfa"].params["backbone"].choices == ("resnet18",)
+
+
+def test_image_size_is_per_method_and_narrowed_by_the_plan(tmp_path, one_backbone):
+    user = tmp_path / "mine.yaml"
+    user.write_text(yaml.safe_dump({"methods": {"cfa": {"image_size": {"choices": [256]}}}}))
+    space = load_space(user_file=user, space_dir=_space_dir(tmp_path, draem=DRAEM, cfa=CFA))
+    assert space.method_sizes("cfa") == (256,) and space.method_sizes("draem") == (128, 256)
+    narrowed = space.with_sizes({"draem": (128,)})
+    assert narrowed.method_sizes("draem") == (128,) and narrowed.method_sizes("cfa") == (256,)
+    assert narrowed.all_image_sizes() == (128, 256), "every size some method may sample gets a val set"
+    assert not narrowed.sizes_searched("draem"), "one size, the default: not a parameter"
+    assert narrowed.sizes_searched("cfa"), "one size, not the default: still named in the config"
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=1))
+    for _ in range(10):
+        trial = study.ask()
+        narrowed.suggest(trial)
+        params = dict(trial.params)
+        expected = 256 if params["method"] == "cfa" else 128
+        assert split_config(params, narrowed.image_sizes[0]).image_size == expected
+        assert "draem.image_size" not in params
+        study.tell(trial, 0.1)
+    # Configs stored before sizes were per method name one global size.
+    assert split_config({"method": "draem", "image_size": 64, "draem.lr": 0.1}, 32).image_size == 64
+
+
+def test_fidelity_bounds_and_rounds_alias(tmp_path, one_backbone):
+    folder = _space_dir(tmp_path, draem=DRAEM)
+    shipped = load_space(space_dir=folder).fidelity
+    assert shipped.steps_per_epoch is None and shipped.batch_size is None, "planned, not fixed"
+    assert shipped.min_steps >= shipped.max_epochs and shipped.min_trials == 6
+    user = tmp_path / "mine.yaml"
+    user.write_text(yaml.safe_dump({"fidelity": {"rounds": 8, "min_steps": 16, "max_steps": 1000}}))
+    fidelity = load_space(user_file=user, space_dir=folder).fidelity
+    assert (fidelity.max_epochs, fidelity.min_steps, fidelity.max_steps) == (8, 16, 1000)
+    user.write_text(yaml.safe_dump({"fidelity": {"min_steps": 100, "max_steps": 10}}))
+    with pytest.raises(UserError, match="mine.yaml: fidelity.max_steps 10 is below min_steps"):
+        load_space(user_file=user, space_dir=folder)
+    user.write_text(yaml.safe_dump({"fidelity": {"min_trials": 0}}))
+    with pytest.raises(UserError, match="fidelity.min_trials"):
+        load_space(user_file=user, space_dir=folder)
+
+
+def test_user_space_overrides_and_pins_size(tmp_path, one_backbone):
     folder = _space_dir(tmp_path, draem=DRAEM)
     user = tmp_path / "mine.yaml"
     user.write_text(yaml.safe_dump({

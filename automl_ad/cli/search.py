@@ -55,9 +55,16 @@ def _methods_option(value: str | None) -> list[str] | None:
 @click.option("--max-gpus", type=click.FloatRange(0), default=None,
               help="GPUs the search may hold at once (default: those in the cluster at start). On a cluster "
                    "that starts GPU nodes from zero: the most its autoscaler provides; trials then ask for them.")
+@click.option("--plan", "plan_only", is_flag=True,
+              help="Print the schedule the search would run (per method and image size: steps, paper-epoch "
+                   "equivalent, rungs, seconds per trial, expected trials) and exit; no training, no Ray. A GPU "
+                   "budget on a machine without one uses the GPU prior.")
+@click.option("--calibrate", is_flag=True,
+              help="With --plan: first time the speeds this machine has not measured yet (a few training steps "
+                   "per method and size; cached in ~/.cache/automl_ad/calibration.json).")
 def search_command(category, budget, jobs_file, data, methods, space_file, max_concurrent, experiment, resume,
                    address, storage, wandb, seed, image_size, val_defects, ensemble_k, models_dir, no_export,
-                   gpus_per_trial, max_gpus):
+                   gpus_per_trial, max_gpus, plan_only, calibrate):
     """Search methods, backbones and synthetic-anomaly parameters for a product
     (or for several, one after the other: --category all, --jobs FILE).
 
@@ -72,6 +79,7 @@ def search_command(category, budget, jobs_file, data, methods, space_file, max_c
       automl-ad search -c screw --budget 10m --resume        # after an interruption
       automl-ad search -c all --data /data/mvtec --budget 4gpu-h --max-gpus 8
       automl-ad search --jobs jobs.yaml --address auto --storage /mnt/shared/automl_ad
+      automl-ad search -c screw --budget 50gpu-h --plan      # the schedule only, from any machine
 
     At the end: leaderboard, then the best trials are ensembled (Caruana selection on
     val), the better of ensemble and single model is exported to <models>/<category>
@@ -86,6 +94,19 @@ def search_command(category, budget, jobs_file, data, methods, space_file, max_c
         experiment=experiment, resume=resume, address=address, storage=storage, wandb=wandb, seed=seed,
         image_size=image_size, val_defects=val_defects, gpus_per_trial=gpus_per_trial, max_gpus=max_gpus,
     )
+    if plan_only:
+        import dataclasses
+
+        from automl_ad.tuning.search import Job, preview_plan
+
+        targets = jobs or [Job(category, budget)]
+        for job in targets:
+            schedule = preview_plan(dataclasses.replace(options, category=job.category, budget=job.budget,
+                                                        calibrate=calibrate))
+            if len(targets) > 1:
+                click.echo(f"\n[{job.category}]")
+            click.echo(schedule.text())
+        return
 
     from automl_ad.remote_storage import parse_storage, reading_view
 

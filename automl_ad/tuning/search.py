@@ -29,6 +29,7 @@ from automl_ad.errors import UserError
 from automl_ad.remote_storage import DRIVER_NOT_PULLED, Storage, parse_storage
 from automl_ad.tuning.budget import Budget, Ledger, parse_budget, shared_ledger
 from automl_ad.tuning.progress import SearchProgress
+from automl_ad.tuning.schedule import Plan
 from automl_ad.tuning.space import SearchSpace, load_space, split_config
 from automl_ad.tuning.trainable import TrialContext, allocated_devices, make_trainable
 
@@ -62,6 +63,9 @@ class SearchOptions:
     max_gpus: float | None = None
     live: bool = True
     space_dir: Path | None = None
+    # Measure the speeds the schedule rests on that this machine has not measured yet
+    # (calibration.py); False: cached measurements and the prior only.
+    calibrate: bool = True
 
 
 @dataclass
@@ -259,29 +263,99 @@ def _pick_experiment(opts: SearchOptions, spec: Storage) -> str:
 
 class BudgetedOptunaSearch(OptunaSearch):
     """OptunaSearch that reserves budget before a trial starts and records
-    ASHA-stopped trials as PRUNED (Ray records them as COMPLETE)."""
+    ASHA-stopped trials as PRUNED (Ray records them as COMPLETE).
 
-    def __init__(self, *args: Any, ledger: Ledger, max_epochs: int, **kwargs: Any) -> None:
+    With a ``plan``, a configuration is sampled first and reserves what the plan says it
+    costs up to its first rung (the least it costs and still reports; the budget deadline
+    stops it when the rest runs out), times the ratio of used to planned cost over the
+    trials that finished. A sampled configuration the budget cannot hold yet waits (the
+    next suggestion offers it again, so the sequence stays the seed's); when nothing runs
+    and it still does not fit, the search ends and that Optuna trial is told FAIL.
+    """
+
+    def __init__(self, *args: Any, ledger: Ledger, max_epochs: int, plan: Plan | None = None,
+                 devices_per_trial: float = 1.0, default_image_size: int = 128, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.ledger = ledger
         self.max_epochs = max_epochs
+        self.plan = plan
+        self.devices_per_trial = devices_per_trial
+        self.default_image_size = default_image_size
         self._live: set[str] = set()
+        self._pending: tuple[str, dict] | None = None
+        self._planned: dict[str, tuple[str, int, str | None]] = {}
+        self._rounds: dict[str, int] = {}
 
-    def _estimate(self) -> float:
+    def _config_key(self, config: Mapping[str, Any]) -> tuple[str, int, str | None]:
+        split = split_config(config, self.default_image_size)
+        backbone = split.method_params.get("backbone")
+        return split.method, split.image_size, str(backbone) if backbone else None
+
+    def _correction(self) -> float:
+        """Used / planned cost over finished trials (1 before any), within [0.2, 5]."""
+        planned = used = 0.0
+        for trial_id, rounds in getattr(self, "_rounds", {}).items():
+            entry = self.ledger.trial(trial_id)
+            key = self._planned.get(trial_id)
+            if not entry or entry.get("state") != "finished" or key is None:
+                continue
+            seconds = self.plan.seconds_at(*key, rounds)
+            if seconds:
+                planned += self.ledger.trial_cost(self.devices_per_trial, seconds)
+                used += float(entry.get("used", 0.0))
+        return 1.0 if planned <= 0 else min(5.0, max(0.2, used / planned))
+
+    def _estimate(self, config: Mapping[str, Any] | None = None) -> float:
+        if self.ledger.budget.kind == "trials":
+            return 1.0
+        plan = getattr(self, "plan", None)
+        if plan is not None and config is not None:
+            seconds = plan.first_rung_seconds(*self._config_key(config))
+            if seconds is not None:
+                return self.ledger.trial_cost(self.devices_per_trial, seconds) * self._correction()
         done = [e["used"] for e in self.ledger.trials().values() if e.get("state") == "finished"]
         if done:
             return sum(done) / len(done)
-        if self.ledger.budget.kind == "trials":
-            return 1.0
         return min(self.ledger.budget.amount * 0.1, self.ledger.remaining())
+
+    def _drop_pending(self) -> None:
+        pending, self._pending = getattr(self, "_pending", None), None
+        if pending is None:
+            return
+        ot_trial = self._ot_trials.pop(pending[0], None)
+        if ot_trial is not None:
+            import optuna
+
+            try:
+                self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
+            except Exception:  # already closed in optuna.db (a restore): nothing to undo
+                pass
 
     def suggest(self, trial_id: str):
         if self.ledger.budget.kind != "trials" and self.ledger.exhausted():
+            self._drop_pending()
             return Searcher.FINISHED
-        if not self.ledger.try_reserve(trial_id, self._estimate()):
-            return None if self._live else Searcher.FINISHED
+        pending = getattr(self, "_pending", None)
+        if pending is None:
+            config = super().suggest(trial_id)
+            if not isinstance(config, dict):
+                return config  # None (wait) or FINISHED
+        else:
+            old_id, config = pending
+            if old_id != trial_id and old_id in self._ot_trials:
+                self._ot_trials[trial_id] = self._ot_trials.pop(old_id)
+        self._pending = (trial_id, config)
+        if not self.ledger.try_reserve(trial_id, self._estimate(config)):
+            if self._live:
+                return None
+            self._drop_pending()
+            return Searcher.FINISHED
+        self._pending = None
         self._live.add(trial_id)
-        return super().suggest(trial_id)
+        if not hasattr(self, "_planned"):
+            self._planned, self._rounds = {}, {}
+        self._planned[trial_id] = self._config_key(config)
+        return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         import optuna
@@ -295,6 +369,8 @@ class BudgetedOptunaSearch(OptunaSearch):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         self._live.discard(trial_id)
+        if hasattr(self, "_rounds"):
+            self._rounds[trial_id] = int((result or {}).get("epoch", 0) or 0)
         if trial_id not in self._ot_trials:
             return  # a trial restored from before a restart that Optuna already closed
         if result and not error and int(result.get("epoch", 0) or 0) < self.max_epochs:
@@ -559,6 +635,112 @@ def _epoch_rows(checkpoint: str | None) -> list[dict[str, Any]]:
     return rows
 
 
+# --- the schedule ----------------------------------------------------------------------
+
+def _log(message: str) -> None:
+    import sys
+
+    print(message, file=sys.stderr, flush=True)
+
+
+def _trial_shape(opts: SearchOptions, devices: DevicePlan) -> dict[str, Any]:
+    """The TrialContext fields that say what one trial holds."""
+    use_gpu = devices.use_gpu
+    return {
+        # More than one GPU per trial: one Train worker per GPU, gradients averaged
+        # each step (automl_ad.distributed); fractional GPUs share one worker.
+        "num_workers": int(opts.gpus_per_trial) if use_gpu and opts.gpus_per_trial >= 2 else 1,
+        "use_gpu": use_gpu,
+        "cpus_per_worker": opts.cpus_per_trial,
+        "gpus_per_worker": (1.0 if opts.gpus_per_trial >= 2 else opts.gpus_per_trial) if use_gpu else 0.0,
+        "driver_resource": devices.driver_resource,
+    }
+
+
+def method_inputs(space: SearchSpace, val_good: int) -> list[Any]:
+    """What the planner needs to know of each method of ``space``."""
+    from automl_ad.methods.base import get_method_class
+    from automl_ad.tuning.schedule import MethodInput, recipe_for, val_images
+
+    out = []
+    for name, method_space in sorted(space.methods.items()):
+        cls = get_method_class(name)
+        searched = method_space.params.get("backbone")
+        default = _default_backbone(name)
+        if searched is not None and searched.type == "categorical":
+            choices = [str(b) for b in searched.choices]
+            # the Config's default first: the one a calibration times
+            backbones: tuple[str | None, ...] = tuple(sorted(choices, key=lambda b: b != default))
+        else:
+            backbones = (default,)
+        family = method_space.synthesis[0] if method_space.synthesis else None
+        out.append(MethodInput(name=name, trainable=bool(tuple(cls.phases)), recipe=recipe_for(name),
+                               sizes=tuple(space.method_sizes(name)), backbones=backbones,
+                               val_images=val_images(family, val_good)))
+    return out
+
+
+def plan_schedule(opts: SearchOptions, budget: Budget, space: SearchSpace, data_root: Path, devices: DevicePlan,
+                  *, calibrate: bool = True, log: Callable[[str], None] | None = None) -> Plan:
+    """The search's schedule (``schedule.make_plan``) for ``devices``: speeds measured on
+    this machine's device when it has it (``calibrate``: measure what is missing first),
+    else the project's prior for the device kind."""
+    from automl_ad.tuning.calibration import SpeedBook
+    from automl_ad.tuning.schedule import Bounds, data_counts, plan_with_calibration
+
+    kind = "gpu" if devices.use_gpu else "cpu"
+    if kind == "gpu":
+        import torch
+
+        device, threads = ("cuda:0" if torch.cuda.is_available() else None), 1
+    else:
+        device, threads = "cpu", max(1, int(opts.cpus_per_trial))
+    counts = data_counts(data_root, opts.category)
+    methods = method_inputs(space, counts.val_good)
+    fidelity = space.fidelity
+    bounds = Bounds(rounds=fidelity.max_epochs, grace_period=fidelity.grace_period,
+                    reduction_factor=fidelity.reduction_factor, steps_per_epoch=fidelity.steps_per_epoch,
+                    batch_size=fidelity.batch_size, min_steps=fidelity.min_steps, max_steps=fidelity.max_steps,
+                    min_trials=fidelity.min_trials)
+    speeds = SpeedBook(kind, device, threads, trainable={m.name: m.trainable for m in methods})
+    # Speeds decide nothing when the steps are fixed and every method has one size.
+    needed = not bounds.steps_per_epoch or any(len(m.sizes) > 1 for m in methods)
+    shape = _trial_shape(opts, devices)
+    probe_context = TrialContext(experiment="", experiment_dir="", category=opts.category, data_root="",
+                                 seed=opts.seed, default_image_size=space.image_sizes[0],
+                                 max_epochs=fidelity.max_epochs, steps_per_epoch=None, batch_size=8,
+                                 use_train=opts.use_train, **shape)
+    return plan_with_calibration(
+        budget, methods, bounds, speeds, counts, calibrate=calibrate and needed, log=log,
+        category=opts.category, devices_per_trial=allocated_devices(probe_context, kind),
+        concurrency=devices.max_concurrent, workers=shape["num_workers"], use_train=opts.use_train,
+    )
+
+
+def preview_plan(opts: SearchOptions) -> Plan:
+    """``search --plan``: the schedule a search with ``opts`` would run, without Ray and
+    without training (unless ``opts.calibrate``). The devices are this machine's; a GPU
+    budget on a machine without one is planned for ``--max-gpus`` GPUs (default 1) with
+    the GPU prior."""
+    import torch
+
+    from automl_ad.data.dataset import resolve_data_root
+
+    budget = parse_budget(opts.budget)
+    space = load_space(opts.methods, opts.space_file, **({"space_dir": opts.space_dir} if opts.space_dir else {}),
+                       image_size=opts.image_size)
+    data_root = resolve_data_root(opts.data, opts.category)
+    local_gpus = float(torch.cuda.device_count()) if torch.cuda.is_available() else 0.0
+    resources = {"CPU": float(os.cpu_count() or 1), "GPU": local_gpus}
+    max_gpus = opts.max_gpus
+    if max_gpus is None and budget.device == "gpu" and local_gpus == 0:
+        max_gpus = max(1.0, opts.gpus_per_trial)
+    devices = plan_devices(budget, resources, max_gpus=max_gpus, gpus_per_trial=opts.gpus_per_trial,
+                           cpus_per_trial=opts.cpus_per_trial, use_train=opts.use_train,
+                           max_concurrent=opts.max_concurrent)
+    return plan_schedule(opts, budget, space, data_root, devices, calibrate=opts.calibrate, log=_log)
+
+
 # --- the driver ------------------------------------------------------------------------
 
 def _init_ray(opts: SearchOptions, wandb_dir: Path) -> None:
@@ -689,17 +871,28 @@ def run_search(opts: SearchOptions) -> SearchSummary:
     import ray
 
     resources = {k: float(v) for k, v in ray.cluster_resources().items()}
-    plan = plan_devices(budget, resources, max_gpus=opts.max_gpus, gpus_per_trial=opts.gpus_per_trial,
-                        cpus_per_trial=opts.cpus_per_trial, use_train=opts.use_train,
-                        max_concurrent=opts.max_concurrent)
-    if plan.autoscale_gpus:
+    devices = plan_devices(budget, resources, max_gpus=opts.max_gpus, gpus_per_trial=opts.gpus_per_trial,
+                           cpus_per_trial=opts.cpus_per_trial, use_train=opts.use_train,
+                           max_concurrent=opts.max_concurrent)
+    if devices.autoscale_gpus:
         import sys
 
         print(f"notice: the cluster has {resources.get('GPU', 0.0):g} GPUs now; trials will ask for up to "
-              f"{plan.gpus:g} and wait while the autoscaler starts GPU nodes", file=sys.stderr)
+              f"{devices.gpus:g} and wait while the autoscaler starts GPU nodes", file=sys.stderr)
+    saved = json.loads((folder / _OPTIONS_FILE).read_text()) if opts.resume else {}
+    if saved.get("plan"):
+        schedule = Plan.from_dict(saved["plan"])  # never re-planned: the trials so far ran this
+    else:
+        schedule = plan_schedule(opts, budget, space, data_root, devices, calibrate=opts.calibrate,
+                                 log=_log if opts.live else None)
+    if opts.live:
+        print(schedule.text(), flush=True)
+    space = space.with_sizes({name: schedule.sizes(name) or space.method_sizes(name) for name in space.methods})
+    record["plan"] = schedule.to_dict()
+    record["image_sizes"] = list(space.all_image_sizes())
     folder.mkdir(parents=True, exist_ok=True)
     (folder / _OPTIONS_FILE).write_text(json.dumps(record, indent=1))
-    use_gpu = plan.use_gpu
+    use_gpu = devices.use_gpu
     device_kind = "gpu" if use_gpu else "cpu"
     fidelity = space.fidelity
     context = TrialContext(
@@ -709,31 +902,26 @@ def run_search(opts: SearchOptions) -> SearchSummary:
         data_root=str(data_root),
         seed=opts.seed,
         default_image_size=space.image_sizes[0],
-        max_epochs=fidelity.max_epochs,
+        max_epochs=schedule.rounds,
         steps_per_epoch=fidelity.steps_per_epoch,
-        batch_size=fidelity.batch_size,
+        batch_size=fidelity.batch_size or 8,
         val_defects=str(Path(opts.val_defects).resolve()) if opts.val_defects else None,
         use_train=opts.use_train,
-        # More than one GPU per trial: one Train worker per GPU, gradients averaged
-        # each step (automl_ad.distributed); fractional GPUs share one worker.
-        num_workers=int(opts.gpus_per_trial) if use_gpu and opts.gpus_per_trial >= 2 else 1,
-        use_gpu=use_gpu,
-        cpus_per_worker=opts.cpus_per_trial,
-        gpus_per_worker=(1.0 if opts.gpus_per_trial >= 2 else opts.gpus_per_trial) if use_gpu else 0.0,
+        **_trial_shape(opts, devices),
         wandb=opts.wandb,
-        driver_resource=plan.driver_resource,
         storage_uri=remote.experiment_uri(experiment) if remote is not None else None,
         train_retries=1 if opts.address else 0,
+        schedule=schedule.schedule(),
     )
-    fingerprints = _prepare_val_sets(context, space.image_sizes, data_root)
+    fingerprints = _prepare_val_sets(context, space.all_image_sizes(), data_root)
     if remote is not None:
         remote.push(experiment)  # the search record and val sets: a resume can start from them
 
     _forget_cached_ledger(folder)
     ledger = shared_ledger(folder, budget)
-    max_concurrent = plan.max_concurrent
+    max_concurrent = devices.max_concurrent
 
-    progress = SearchProgress(ledger=ledger, max_epochs=fidelity.max_epochs, used_at_start=ledger.used())
+    progress = SearchProgress(ledger=ledger, max_epochs=context.max_epochs, used_at_start=ledger.used())
     space_key = str(folder)
     _ACTIVE[space_key] = progress
     trainable = make_trainable(context)
@@ -757,7 +945,10 @@ def run_search(opts: SearchOptions) -> SearchSummary:
                 storage=optuna.storages.RDBStorage(storage_url),
                 study_name=experiment,
                 ledger=ledger,
-                max_epochs=fidelity.max_epochs,
+                max_epochs=context.max_epochs,
+                plan=schedule,
+                devices_per_trial=allocated_devices(context, device_kind),
+                default_image_size=context.default_image_size,
             )
             from ray.tune.search import ConcurrencyLimiter
 
@@ -770,9 +961,9 @@ def run_search(opts: SearchOptions) -> SearchSummary:
                     metric="objective",
                     mode="max",
                     search_alg=ConcurrencyLimiter(searcher, max_concurrent=max_concurrent),
-                    scheduler=ASHAScheduler(time_attr="epoch", max_t=fidelity.max_epochs,
-                                            grace_period=fidelity.grace_period,
-                                            reduction_factor=fidelity.reduction_factor),
+                    scheduler=ASHAScheduler(time_attr="epoch", max_t=schedule.rounds,
+                                            grace_period=schedule.grace_period,
+                                            reduction_factor=schedule.reduction_factor),
                     num_samples=num_samples,
                     trial_dirname_creator=_trial_dirname,
                     # Skips a process start and the torch imports per trial (about 3 s

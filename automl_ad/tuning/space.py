@@ -1,15 +1,19 @@
 """Search-space YAML: loading, validation, and the define-by-run Optuna space.
 
 ``search_spaces/common.yaml`` holds what every trial shares (image sizes, synthesis
-family parameter ranges, fidelity); ``search_spaces/<method>.yaml`` holds one method's
-parameters and allowed synthesis families (format in docs/DEVELOPING.md). A user's
-``--space FILE`` may add or override any of it with the same keys.
+family parameter ranges, fidelity bounds); ``search_spaces/<method>.yaml`` holds one
+method's parameters and allowed synthesis families (format in docs/DEVELOPING.md). A
+user's ``--space FILE`` may add or override any of it with the same keys.
 
 The Optuna space is conditional, sampled in this order: ``method``, then that method's
-parameters as ``<method>.<param>``, then ``synthesis`` among the method's families (as
-``<method>.synthesis`` so each method keeps its own choice list), then that family's
-parameters as ``<family>.<param>``. The prefixes keep names unique per distribution kind,
-which Optuna requires.
+image size as ``<method>.image_size`` (its candidates are common.yaml's sizes plus the
+method's paper size, narrowed by the schedule to what the budget affords, see
+``schedule.py``), then its parameters as ``<method>.<param>`` (``<method>.backbone``
+among the backbones whose weights are present, for methods whose Config has a
+``backbone``), then ``synthesis`` among the method's families (as ``<method>.synthesis``
+so each method keeps its own choice list), then that family's parameters as
+``<family>.<param>``. The prefixes keep names unique per distribution kind, which Optuna
+requires; ``split_config`` is the one place that undoes them.
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ from automl_ad.errors import UserError
 
 DEFAULT_SPACE_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
 PARAM_KEYS = {"type", "low", "high", "step", "log", "choices", "default"}
-METHOD_KEYS = {"method", "synthesis", "params"}
+METHOD_KEYS = {"method", "synthesis", "params", "image_size"}
 COMMON_KEYS = {"image_size", "synthesis", "fidelity"}
-FIDELITY_KEYS = {"max_epochs", "grace_period", "reduction_factor", "steps_per_epoch", "batch_size"}
+FIDELITY_KEYS = {"max_epochs", "rounds", "grace_period", "reduction_factor", "steps_per_epoch", "batch_size",
+                 "min_steps", "max_steps", "min_trials"}
 PARAM_TYPES = {"float", "int", "categorical"}
 
 
@@ -59,15 +64,27 @@ class MethodSpace:
     name: str
     synthesis: tuple[str, ...]
     params: dict[str, Param]
+    image_sizes: tuple[int, ...] = ()  # candidates, smallest first (() : the space's sizes)
 
 
 @dataclass(frozen=True)
 class Fidelity:
+    """Bounds and overrides of the schedule (``schedule.py`` decides the schedule).
+
+    max_epochs: validation rounds per trial (ASHA's max_t; ``rounds`` in YAML too);
+    steps_per_epoch / batch_size: overrides for every method (None: planned per method);
+    min_steps / max_steps: bounds of a full-fidelity trial's optimizer steps;
+    min_trials: trials the plan keeps room for however small the budget.
+    """
+
     max_epochs: int = 4
     grace_period: int = 1
     reduction_factor: int = 2
     steps_per_epoch: int | None = None
-    batch_size: int = 8
+    batch_size: int | None = None
+    min_steps: int = 8
+    max_steps: int | None = None
+    min_trials: int = 6
 
 
 @dataclass(frozen=True)
@@ -80,12 +97,31 @@ class SearchSpace:
     fidelity: Fidelity
     sources: tuple[str, ...] = field(default=())
 
+    def method_sizes(self, method: str) -> tuple[int, ...]:
+        return self.methods[method].image_sizes or self.image_sizes
+
+    def sizes_searched(self, method: str) -> bool:
+        """Whether ``<method>.image_size`` is part of a configuration (several sizes, or
+        one that is not the default ``image_sizes[0]``)."""
+        sizes = self.method_sizes(method)
+        return len(sizes) > 1 or sizes[0] != self.image_sizes[0]
+
+    def all_image_sizes(self) -> tuple[int, ...]:
+        """Every size some method may train at (each needs its frozen val set)."""
+        return tuple(sorted({s for m in self.methods for s in self.method_sizes(m)}))
+
+    def with_sizes(self, sizes: Mapping[str, tuple[int, ...]]) -> "SearchSpace":
+        """The space with each method's image sizes narrowed to ``sizes`` (the plan's)."""
+        methods = {name: dataclasses.replace(space, image_sizes=tuple(sorted(sizes.get(name, space.image_sizes))))
+                   for name, space in self.methods.items()}
+        return dataclasses.replace(self, methods=methods)
+
     def suggest(self, trial: Any) -> dict[str, Any]:
         """Sample one configuration with an Optuna trial (define-by-run)."""
         method = trial.suggest_categorical("method", sorted(self.methods))
         space = self.methods[method]
-        if len(self.image_sizes) > 1:
-            trial.suggest_categorical("image_size", list(self.image_sizes))
+        if self.sizes_searched(method):
+            trial.suggest_categorical(f"{method}.image_size", list(self.method_sizes(method)))
         for name, param in space.params.items():
             param.suggest(trial, f"{method}.{name}")
         if space.synthesis:
@@ -98,8 +134,8 @@ class SearchSpace:
         """The flat config of ``method`` at every parameter's default (a first point)."""
         space = self.methods[method]
         point: dict[str, Any] = {"method": method}
-        if len(self.image_sizes) > 1:
-            point["image_size"] = self.image_sizes[0]
+        if self.sizes_searched(method):
+            point[f"{method}.image_size"] = self.method_sizes(method)[0]
         point.update({f"{method}.{n}": p.default for n, p in space.params.items()})
         if space.synthesis:
             family = space.synthesis[0]
@@ -120,12 +156,15 @@ class TrialConfig:
 
 
 def split_config(flat: Mapping[str, Any], default_image_size: int) -> TrialConfig:
-    """Undo the prefixes of a flat sampled config (see the module docstring)."""
+    """Undo the prefixes of a flat sampled config (see the module docstring). The size is
+    ``<method>.image_size``, else ``image_size`` (searches before sizes were per method),
+    else ``default_image_size``."""
     method = str(flat["method"])
     family = flat.get(f"{method}.synthesis")
     family_prefix = f"{family}." if family else None
+    special = {f"{method}.synthesis", f"{method}.image_size"}
     method_params = {k[len(method) + 1:]: v for k, v in flat.items()
-                     if k.startswith(f"{method}.") and k != f"{method}.synthesis"}
+                     if k.startswith(f"{method}.") and k not in special}
     synthesis_params = ({k[len(family_prefix):]: v for k, v in flat.items() if k.startswith(family_prefix)}
                         if family_prefix else {})
     return TrialConfig(
@@ -133,7 +172,7 @@ def split_config(flat: Mapping[str, Any], default_image_size: int) -> TrialConfi
         method_params=method_params,
         synthesis=str(family) if family else "none",
         synthesis_params=synthesis_params,
-        image_size=int(flat.get("image_size", default_image_size)),
+        image_size=int(flat.get(f"{method}.image_size", flat.get("image_size", default_image_size))),
     )
 
 
@@ -204,6 +243,34 @@ def parse_param(path: Path, key: str, name: str, spec: Any, fields: set[str] | N
     return Param(name=name, type=kind, low=low, high=high, step=step, log=log, default=default)
 
 
+def _parse_sizes(path: Path, key: str, spec: Any, keep_order: bool = False) -> tuple[int, ...]:
+    """``{choices: [128, 256]}`` or a plain list of sizes >= 16."""
+    choices = spec.get("choices") if isinstance(spec, dict) else spec
+    if not isinstance(choices, list) or not choices or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 16 for s in choices):
+        raise UserError(f"{path}: {key}: expected {{choices: [sizes >= 16]}}, got {spec!r}")
+    unique = tuple(dict.fromkeys(int(s) for s in choices))
+    return unique if keep_order else tuple(sorted(unique))
+
+
+def _backbone_param(cls: type) -> Param | None:
+    """``backbone`` as a categorical over the backbones whose weights are present, for a
+    method whose Config has that field; None when there is nothing to choose (only the
+    Config's default is present) or no backbone is present (the method then fails as it
+    would outside a search, naming the missing weights)."""
+    config_field = next((f for f in dataclasses.fields(cls.Config) if f.name == "backbone"), None)
+    if config_field is None:
+        return None
+    from automl_ad.backbones import searchable_backbones
+
+    choices = list(searchable_backbones())
+    default = config_field.default if isinstance(config_field.default, str) else None
+    if not choices or choices == [default]:
+        return None
+    return Param(name="backbone", type="categorical", choices=tuple(choices),
+                 default=default if default in choices else choices[0])
+
+
 def _config_fields(config_type: type) -> set[str]:
     return {f.name for f in dataclasses.fields(config_type)}
 
@@ -245,7 +312,10 @@ def load_space(
     """Load and validate common.yaml + the method YAMLs (+ a user's overrides).
 
     ``methods`` restricts the search (default: every method with a YAML file);
-    ``image_size`` pins one size instead of the common.yaml choices.
+    ``image_size`` pins one size for every method instead of the candidates (common.yaml's
+    choices plus each method's paper size, or a method spec's own ``image_size``).
+    Methods whose Config has a ``backbone`` get ``backbone`` as a categorical over
+    ``automl_ad.backbones.searchable_backbones()`` unless their spec sets it.
     """
     from automl_ad.methods.base import available_methods, get_method_class
 
@@ -297,7 +367,12 @@ def load_space(
             raise UserError(f"{path}: params must be a mapping")
         params = {pname: parse_param(path, f"params.{pname}", pname, pspec, fields)
                   for pname, pspec in params_spec.items()}
-        method_spaces[name] = MethodSpace(name=name, synthesis=tuple(synthesis), params=params)
+        backbone = _backbone_param(cls) if "backbone" not in params else None
+        if backbone is not None:
+            params = {"backbone": backbone, **params}
+        own_sizes = _parse_sizes(path, "image_size", spec["image_size"]) if "image_size" in spec else ()
+        method_spaces[name] = MethodSpace(name=name, synthesis=tuple(synthesis), params=params,
+                                          image_sizes=own_sizes)
 
     merged_common = _merge(common, {k: v for k, v in user.items() if k != "methods"})
     synthesis_params: dict[str, dict[str, Param]] = {}
@@ -323,19 +398,39 @@ def load_space(
     if image_size is not None:
         image_sizes: tuple[int, ...] = (int(image_size),)
     else:
-        choices = sizes.get("choices") if isinstance(sizes, dict) else sizes
-        if not isinstance(choices, list) or not choices or not all(isinstance(s, int) and s >= 16 for s in choices):
-            raise UserError(f"{common_path}: image_size: expected {{choices: [sizes >= 16]}}, got {sizes!r}")
-        image_sizes = tuple(choices)
+        image_sizes = _parse_sizes(user_path if "image_size" in user else common_path, "image_size", sizes,
+                                   keep_order=True)
+    from automl_ad.tuning.schedule import recipe_for
 
-    fidelity_spec = merged_common.get("fidelity") or {}
+    for name, method_space in list(method_spaces.items()):
+        if image_size is not None:
+            candidates = image_sizes
+        elif method_space.image_sizes:
+            candidates = method_space.image_sizes
+        elif "image_size" in user:  # the user chose the sizes: no paper size added
+            candidates = tuple(sorted(image_sizes))
+        else:
+            candidates = tuple(sorted({*image_sizes, int(recipe_for(name).image_size)}))
+        method_spaces[name] = dataclasses.replace(method_space, image_sizes=candidates)
+
+    fidelity_spec = dict(merged_common.get("fidelity") or {})
     if "fidelity" in user:
         common_path = user_path  # name the file the user gave in messages about it
     _check_keys(common_path, "in fidelity: ", fidelity_spec, FIDELITY_KEYS)
     for key, value in fidelity_spec.items():
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise UserError(f"{common_path}: fidelity.{key}: a whole number >= 1, got {value!r}")
-    fidelity = Fidelity(**fidelity_spec)
+    if "rounds" in fidelity_spec:
+        rounds = fidelity_spec.pop("rounds")
+        if "max_epochs" in (user.get("fidelity") or {}) and "rounds" not in (user.get("fidelity") or {}):
+            rounds = fidelity_spec["max_epochs"]  # the user's own file names the old key
+        if rounds is not None:
+            fidelity_spec["max_epochs"] = rounds
+    fidelity = Fidelity(**{k: v for k, v in fidelity_spec.items() if v is not None or k in
+                           ("steps_per_epoch", "batch_size", "max_steps")})
+    if fidelity.max_steps is not None and fidelity.max_steps < fidelity.min_steps:
+        raise UserError(f"{common_path}: fidelity.max_steps {fidelity.max_steps} is below min_steps "
+                        f"{fidelity.min_steps}")
     if fidelity.grace_period > fidelity.max_epochs:
         raise UserError(f"{common_path}: fidelity.grace_period {fidelity.grace_period} exceeds max_epochs {fidelity.max_epochs}")
     if fidelity.reduction_factor < 2:

@@ -61,6 +61,17 @@ class TrialContext:
     # killing the trial (ASHA or budget stop), and a placement group the dying controller
     # asked for then stayed reserved, starving every later trial.
     train_retries: int = 1
+    # The plan's schedule (``schedule.Plan.schedule()``): ``{"<method>@<size>":
+    # {"steps_per_epoch", "batch_size"}}``; a method and size not in it (or None) trains
+    # ``steps_per_epoch`` x ``batch_size`` above.
+    schedule: dict[str, dict[str, int]] | None = None
+
+    def schedule_of(self, method: str, image_size: int) -> tuple[int | None, int]:
+        """(steps per round, batch size) of ``method`` at ``image_size``."""
+        planned = (self.schedule or {}).get(f"{method}@{int(image_size)}")
+        if planned is None:
+            return self.steps_per_epoch, self.batch_size
+        return int(planned["steps_per_epoch"]), int(planned["batch_size"])
 
     def val_anomalies_path(self, image_size: int) -> Path:
         return Path(self.experiment_dir) / "val" / f"val_anomalies_{image_size}px.safetensors"
@@ -75,6 +86,7 @@ def train_config(context: TrialContext, flat: Mapping[str, Any], device: str = "
     from automl_ad.training import TrainConfig
 
     split = split_config(flat, context.default_image_size)
+    steps_per_epoch, batch_size = context.schedule_of(split.method, split.image_size)
     return TrainConfig(
         method=split.method,
         method_params=dict(split.method_params),
@@ -82,8 +94,8 @@ def train_config(context: TrialContext, flat: Mapping[str, Any], device: str = "
         synthesis_params=dict(split.synthesis_params),
         image_size=split.image_size,
         epochs=context.max_epochs,
-        steps_per_epoch=context.steps_per_epoch,
-        batch_size=context.batch_size,
+        steps_per_epoch=steps_per_epoch,
+        batch_size=batch_size,
         seed=context.seed,
         device=device,
     )

@@ -1,0 +1,525 @@
+"""The search's schedule: each method's full-fidelity training length per image size, and
+ASHA's rungs, decided from the budget, the device and each method's measured speed.
+
+Every trial runs ``R`` validation rounds (ASHA's "epochs", ``fidelity.max_epochs`` in
+common.yaml, default 4); a method at an image size trains ``steps_per_epoch = F / R``
+optimizer steps per round, where ``F`` is its planned full-fidelity step count. ASHA's
+rungs (rounds ``g, g*eta, ... , R``) are therefore the same fractions of every method's
+own schedule. The rule (docs/search.md, "Schedule"):
+
+1. Paper schedule ``P = paper epochs x fit images / (batch x data-parallel workers)``
+   (``RECIPES``; a method without a gradient phase has ``P = 0``).
+2. Trial cost at ``F`` steps: start-up + method build + ``setup`` on the fit images, plus
+   per round ``F/R`` steps and one validation (val-good + frozen anomalies), plus the test
+   set at the last round. Under ASHA a trial reaches rung ``k`` with probability
+   ``eta^-k``, which gives the expected cost ``E(F)``. Speeds come from the calibration or
+   the prior (``calibration.py``).
+3. The budget buys ``T`` trial-seconds (device budget / devices per trial; wall budget x
+   concurrent trials x 0.9; unbounded for a trial count). Each method should get
+   ``n = max(ceil(min_trials / methods), eta^K)`` trials (``K`` promotions: about one of
+   them reaches full fidelity), with configurations sampled uniformly over methods and
+   sizes: ``sum over methods of mean over sizes of E <= T / n``.
+4. Every method trains the same fraction ``phi`` of its paper schedule,
+   ``F = clamp(phi x P, min_steps, max_steps)`` (a multiple of ``R``), with ``phi`` the
+   largest value (at most 1) that keeps (3). ``phi = 1`` is the paper schedule.
+5. Image sizes: each method starts with its smallest candidate; larger ones are added,
+   cheapest extra cost first, while the plan stays feasible and ``phi`` (uncapped) stays
+   at least 1 or at least ``KEEP_SCHEDULE`` of its value before sizes were added; a
+   method with a gradient phase also needs ``phi >= SIZE_MIN_SCHEDULE``. Other sizes are
+   dropped (and printed with the reason).
+
+``fidelity.steps_per_epoch`` in a space file overrides (1)-(4) with a fixed
+``F = R x steps_per_epoch`` for every method, and ``fidelity.batch_size`` one batch size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Mapping
+
+from automl_ad.tuning.budget import Budget
+from automl_ad.tuning.calibration import Probe, Speed, SpeedBook
+
+KEEP_SCHEDULE = 0.9  # a larger image size may cost at most 10 % of the common schedule
+SIZE_MIN_SCHEDULE = 0.5  # ... and trainable methods get one only above half their paper schedule
+WALL_EFFICIENCY = 0.9  # share of a wall budget that trials run (scheduling gaps, start-up)
+# Start-up of one trial before training (process and actor start, torch import, data
+# load), docs/search.md "Overhead": about 15 s with a Ray Train TorchTrainer, about 3 s as
+# a reused Tune function actor; a GPU adds CUDA initialisation.
+OVERHEAD_S = {("cpu", True): 15.0, ("cpu", False): 3.0, ("gpu", True): 20.0, ("gpu", False): 8.0}
+PHI_MAX = 1.0e6
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A method's paper training schedule (``epochs`` over all phases together)."""
+
+    epochs: float
+    batch_size: int
+    image_size: int
+    note: str
+    epochs_by_category: tuple[tuple[str, float], ...] = ()
+
+    def epochs_for(self, category: str | None) -> float:
+        return dict(self.epochs_by_category).get(category or "", self.epochs)
+
+
+# /work/shared/reference/methods.md has the sources of each line.
+RECIPES: dict[str, Recipe] = {
+    "draem": Recipe(700, 8, 256, "DRAEM README example: 700 epochs, batch 8, 256 px"),
+    "nsa": Recipe(320, 64, 256, "NSA code: 320 epochs (560 for hazelnut, metal_nut, screw), batch 64, 256 px",
+                  (("hazelnut", 560), ("metal_nut", 560), ("screw", 560))),
+    "cfa": Recipe(30, 4, 224, "CFA code: 30 epochs, batch 4, 224 px (resize 256 + crop)"),
+    "ast": Recipe(480, 8, 768, "AST paper: 240 teacher + 240 student epochs, batch 8, 768 px"),
+    "ssae": Recipe(300, 8, 256, "SSAE: no code found; 300 epochs, batch 8, 256 px is an UNVERIFIED assumption"),
+    "patchcore": Recipe(0, 8, 224, "PatchCore: no training (memory bank), 224 px (resize 256 + crop)"),
+}
+DEFAULT_RECIPE = Recipe(100, 8, 256, "no recipe known: 100 epochs, batch 8, 256 px assumed")
+
+
+def recipe_for(method: str) -> Recipe:
+    """The method's recipe: ``RECIPES``, or a ``recipe`` class attribute, else a default;
+    a method without a gradient phase (``phases == ()``) has 0 epochs."""
+    from automl_ad.methods.base import get_method_class
+
+    cls = get_method_class(method)
+    recipe = RECIPES.get(method) or getattr(cls, "recipe", None) or DEFAULT_RECIPE
+    if not tuple(cls.phases) and recipe.epochs:
+        recipe = Recipe(0, recipe.batch_size, recipe.image_size, recipe.note + " (no gradient phase)")
+    return recipe
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """common.yaml ``fidelity``: rounds and ASHA, plus bounds and overrides."""
+
+    rounds: int = 4
+    grace_period: int = 1
+    reduction_factor: int = 2
+    steps_per_epoch: int | None = None  # override: F = rounds x this for every method
+    batch_size: int | None = None  # override: one batch size for every method
+    min_steps: int = 8
+    max_steps: int | None = None
+    min_trials: int = 6
+
+
+@dataclass(frozen=True)
+class MethodInput:
+    name: str
+    trainable: bool
+    recipe: Recipe
+    sizes: tuple[int, ...]  # candidates
+    backbones: tuple[str | None, ...] = (None,)  # searched backbones (None: no backbone field)
+    val_images: int = 0  # images in one validation round
+
+    @property
+    def measured_backbone(self) -> str | None:
+        """The backbone a calibration times (the first choice, the Config's default when
+        it is one); the others are taken to cost the same unless measured."""
+        return self.backbones[0]
+
+
+@dataclass(frozen=True)
+class DataCounts:
+    fit: int
+    val_good: int
+    test: int
+
+
+def data_counts(data_root: Any, category: str, val_fraction: float = 0.2) -> DataCounts:
+    """Image counts of a category from its layout (no decoding), split as the loader does."""
+    from pathlib import Path
+
+    from automl_ad.data.layout import discover_category
+
+    layout = discover_category(Path(data_root), category)
+    count = len(layout.train)
+    n_val = 0 if count < 2 else min(count - 1, max(1, math.floor(count * val_fraction + 0.5)))
+    return DataCounts(fit=max(1, count - n_val), val_good=n_val, test=len(layout.test))
+
+
+def val_images(method_synthesis: str | None, val_good: int) -> int:
+    """Images a trial validates on: val-good + the frozen anomalies of every val family
+    but the one it trains with (``automl_ad.validation``)."""
+    from automl_ad.validation import VAL_FAMILIES
+
+    families = len(VAL_FAMILIES) - (1 if method_synthesis in VAL_FAMILIES else 0)
+    return val_good * (1 + families)
+
+
+def asha_rungs(rounds: int, grace: int, eta: int) -> list[int]:
+    """Rounds at which ASHA decides (the last is ``rounds`` itself)."""
+    out, rung = [], max(1, grace)
+    while rung < rounds:
+        out.append(rung)
+        rung *= eta
+    return out + [rounds]
+
+
+# --- the plan ---------------------------------------------------------------------------
+
+@dataclass
+class Entry:
+    """The schedule of one method at one image size."""
+
+    method: str
+    image_size: int
+    batch_size: int
+    steps: int  # full-fidelity optimizer steps (0: no gradient phase)
+    steps_per_epoch: int
+    paper_steps: int
+    paper_epochs: float
+    epochs: float  # paper-epoch equivalent of ``steps``
+    rungs: list[int]  # steps at each ASHA rung
+    # per backbone ("-": none): fixed (start-up + build + setup), round (training of
+    # one round), val (one validation), test (the test set) seconds
+    costs: dict[str, dict[str, float]]
+    source: str
+    trainable: bool = True
+    expected_s: float = 0.0  # expected cost of a trial under ASHA
+    full_s: float = 0.0  # cost of a full-fidelity trial
+    first_rung_s: float = 0.0  # cost up to the first rung
+    expected_trials: float = 0.0
+    expected_full: float = 0.0
+
+    @property
+    def key(self) -> str:
+        return schedule_key(self.method, self.image_size)
+
+    def mean_costs(self) -> dict[str, float]:
+        parts = list(self.costs.values())
+        return {k: sum(p[k] for p in parts) / len(parts) for k in ("fixed", "round", "val", "test")}
+
+
+def schedule_key(method: str, image_size: int) -> str:
+    return f"{method}@{int(image_size)}"
+
+
+def trial_cost(costs: Mapping[str, float], rounds_done: int, rounds: int, trainable: bool) -> float:
+    """Seconds of a trial that ran ``rounds_done`` of ``rounds`` rounds."""
+    if not trainable:
+        return costs["fixed"] + costs["val"] + costs["test"]
+    done = max(0, min(rounds_done, rounds))
+    return costs["fixed"] + done * (costs["round"] + costs["val"]) + (costs["test"] if done >= rounds else 0.0)
+
+
+def expected_cost(costs: Mapping[str, float], rungs: list[int], eta: int, trainable: bool) -> float:
+    """Expected seconds of a trial under ASHA (rung k reached with probability eta^-k)."""
+    if not trainable:
+        return trial_cost(costs, rungs[-1], rungs[-1], False)
+    total, previous = costs["fixed"], 0
+    for k, rung in enumerate(rungs):
+        total += eta ** -k * (rung - previous) * (costs["round"] + costs["val"])
+        previous = rung
+    return total + eta ** -(len(rungs) - 1) * costs["test"]
+
+
+@dataclass
+class Plan:
+    """What a search runs; stored in ``search.json`` and reused on ``--resume``."""
+
+    budget: str
+    budget_kind: str
+    device_kind: str
+    device_label: str
+    devices_per_trial: float
+    concurrency: int
+    trial_seconds: float | None  # what the budget buys (None: a trial count)
+    rounds: int
+    grace_period: int
+    reduction_factor: int
+    rung_rounds: list[int]
+    trials_per_method: int
+    phi: float  # fraction of the paper schedule every method gets (uncapped)
+    fixed_steps: bool  # fidelity.steps_per_epoch override
+    data: dict[str, int]
+    entries: list[Entry]
+    dropped: list[dict[str, Any]] = field(default_factory=list)
+    expected_trials: float = 0.0
+    expected_full: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    # --- lookups ------------------------------------------------------------------------
+    def entry(self, method: str, image_size: int) -> Entry | None:
+        key = schedule_key(method, image_size)
+        return next((e for e in self.entries if e.key == key), None)
+
+    def sizes(self, method: str) -> tuple[int, ...]:
+        return tuple(sorted(e.image_size for e in self.entries if e.method == method))
+
+    def all_sizes(self) -> tuple[int, ...]:
+        return tuple(sorted({e.image_size for e in self.entries}))
+
+    def schedule(self) -> dict[str, dict[str, int]]:
+        """``{"<method>@<size>": {steps_per_epoch, batch_size}}`` for the trials."""
+        return {e.key: {"steps_per_epoch": e.steps_per_epoch, "batch_size": e.batch_size} for e in self.entries}
+
+    def _costs(self, method: str, image_size: int, backbone: str | None) -> tuple[Entry, dict[str, float]] | None:
+        entry = self.entry(method, image_size)
+        if entry is None:
+            return None
+        costs = entry.costs.get(backbone or "-") or entry.mean_costs()
+        return entry, costs
+
+    def first_rung_seconds(self, method: str, image_size: int, backbone: str | None = None) -> float | None:
+        """The least a trial of this configuration costs and still reports (seconds)."""
+        found = self._costs(method, image_size, backbone)
+        if found is None:
+            return None
+        entry, costs = found
+        return trial_cost(costs, self.rung_rounds[0], self.rounds, entry.trainable)
+
+    def seconds_at(self, method: str, image_size: int, backbone: str | None, rounds_done: int) -> float | None:
+        found = self._costs(method, image_size, backbone)
+        if found is None:
+            return None
+        entry, costs = found
+        return trial_cost(costs, rounds_done, self.rounds, entry.trainable)
+
+    # --- storage ------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Plan":
+        values = dict(data)
+        values["entries"] = [Entry(**e) for e in values.get("entries", [])]
+        return cls(**values)
+
+    # --- text ---------------------------------------------------------------------------
+    def text(self) -> str:
+        lines = []
+        budget = {"device": "device time", "wall": "search wall time", "trials": "trial count"}[self.budget_kind]
+        lines.append(f"plan: budget {self.budget} ({budget}) on {self.device_label}; "
+                     f"{self.devices_per_trial:g} device(s) per trial, {self.concurrency} trial(s) at a time")
+        buys = "no time limit" if self.trial_seconds is None else f"{self.trial_seconds:,.0f} trial-seconds"
+        lines.append(f"the budget buys {buys}; data: {self.data['fit']} fit, {self.data['val_good']} val-good, "
+                     f"{self.data['test']} test images")
+        lines.append(f"every trial: {self.rounds} rounds (ASHA epochs), grace {self.grace_period}, reduction "
+                     f"{self.reduction_factor}: rungs at round {', '.join(map(str, self.rung_rounds))}; "
+                     f"target {self.trials_per_method} trials per method")
+        if self.fixed_steps:
+            lines.append("schedule: fixed by fidelity.steps_per_epoch (override)")
+        elif self.phi >= 1:
+            lines.append("schedule: every method at its paper schedule (phi = 1)")
+        else:
+            lines.append(f"schedule: every method at {100 * self.phi:.3g} % of its paper schedule "
+                         "(phi, bounded below by fidelity.min_steps)")
+        header = (f"{'method':<10}{'size':>5}{'batch':>6}{'steps':>8}{'epochs':>9}{'paper':>7}  "
+                  f"{'rungs (steps)':<20}{'s/full trial':>13} {'= setup + train + val + test':<30}"
+                  f"{'E[s]':>8}{'trials':>8}{'full':>7}  speed")
+        lines.append(header)
+        for e in sorted(self.entries, key=lambda x: (x.method, x.image_size)):
+            c = e.mean_costs()
+            train = e.steps_per_epoch and c["round"] * self.rounds
+            val = c["val"] * (self.rounds if e.trainable else 1)
+            rungs = "/".join(map(str, e.rungs)) if e.trainable else "- (no training)"
+            parts = f"= {c['fixed']:.0f} + {train:.0f} + {val:.0f} + {c['test']:.0f}"
+            lines.append(
+                f"{e.method:<10}{e.image_size:>5}{e.batch_size:>6}{e.steps:>8}{e.epochs:>9.3g}"
+                f"{e.paper_epochs:>7.0f}  {rungs:<20}{e.full_s:>13,.0f} {parts:<30}{e.expected_s:>8,.0f}"
+                f"{e.expected_trials:>8.1f}{e.expected_full:>7.1f}  {e.source}")
+        for drop in self.dropped:
+            lines.append(f"dropped: {drop['method']} at {drop['image_size']} px ({drop['reason']})")
+        lines.append(f"expected: {self.expected_trials:.1f} trials, {self.expected_full:.1f} of them at full fidelity")
+        lines.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+
+# --- planning -----------------------------------------------------------------------------
+
+def trial_seconds(budget: Budget, devices_per_trial: float, concurrency: int) -> float | None:
+    """Trial-seconds the budget buys (None: a trial-count budget)."""
+    if budget.kind == "trials":
+        return None
+    if budget.kind == "device":
+        return budget.amount / max(devices_per_trial, 1e-9)
+    return budget.amount * max(1, concurrency) * WALL_EFFICIENCY
+
+
+def make_plan(
+    budget: Budget,
+    methods: Iterable[MethodInput],
+    bounds: Bounds,
+    speeds: SpeedBook,
+    data: DataCounts,
+    *,
+    category: str | None = None,
+    devices_per_trial: float = 1.0,
+    concurrency: int = 1,
+    workers: int = 1,
+    use_train: bool = True,
+    overhead_s: float | None = None,
+) -> Plan:
+    """The schedule for ``methods`` under ``budget`` (see the module docstring)."""
+    methods = sorted(methods, key=lambda m: m.name)
+    if not methods:
+        raise ValueError("no methods to plan")
+    rounds = int(bounds.rounds)
+    eta = int(bounds.reduction_factor)
+    rungs = asha_rungs(rounds, int(bounds.grace_period), eta)
+    promotions = len(rungs) - 1
+    n_req = max(math.ceil(bounds.min_trials / len(methods)), round(eta ** promotions), 1)
+    total_s = trial_seconds(budget, devices_per_trial, concurrency)
+    cap = math.inf if total_s is None else total_s / n_req
+    overhead = OVERHEAD_S[(speeds.device_kind, bool(use_train))] if overhead_s is None else overhead_s
+
+    batch = {m.name: int(bounds.batch_size or m.recipe.batch_size) for m in methods}
+    paper_steps = {m.name: (math.ceil(m.recipe.epochs_for(category) * data.fit / (batch[m.name] * workers))
+                            if m.trainable else 0) for m in methods}
+
+    def steps_at(m: MethodInput, phi: float) -> int:
+        if not m.trainable:
+            return 0
+        if bounds.steps_per_epoch:
+            return rounds * int(bounds.steps_per_epoch)
+        target = min(phi, 1.0) * paper_steps[m.name]
+        target = max(target, bounds.min_steps)
+        if bounds.max_steps:
+            target = min(target, bounds.max_steps)
+        return rounds * max(1, round(target / rounds))
+
+    speed_cache: dict[Probe, Speed] = {}
+
+    def speed(m: MethodInput, size: int, backbone: str | None) -> Speed:
+        probe = Probe(m.name, size, batch[m.name], backbone)
+        if probe not in speed_cache:
+            speed_cache[probe] = speeds.lookup(probe, Probe(m.name, size, batch[m.name], m.measured_backbone))
+        return speed_cache[probe]
+
+    def costs(m: MethodInput, size: int, steps: int) -> dict[str, dict[str, float]]:
+        out = {}
+        for backbone in m.backbones:
+            s = speed(m, size, backbone)
+            per_image = s.infer_s + s.metrics_s
+            out[backbone or "-"] = {
+                "fixed": overhead + s.build_s + s.setup_s(data.fit),
+                "round": (steps / rounds) * s.step_s if m.trainable else 0.0,
+                "val": m.val_images * per_image,
+                "test": data.test * per_image,
+            }
+        return out
+
+    def mean_expected(m: MethodInput, size: int, steps: int) -> float:
+        parts = costs(m, size, steps).values()
+        return sum(expected_cost(c, rungs, eta, m.trainable) for c in parts) / len(parts)
+
+    def load(chosen: Mapping[str, list[int]], phi: float) -> float:
+        total = 0.0
+        for m in methods:
+            sizes = chosen[m.name]
+            steps = steps_at(m, phi)
+            total += sum(mean_expected(m, s, steps) for s in sizes) / len(sizes)
+        return total
+
+    def solve(chosen: Mapping[str, list[int]]) -> tuple[float, bool]:
+        """(largest phi whose load fits the cap, whether the floor itself fits)."""
+        if load(chosen, 0.0) > cap:
+            return 0.0, False
+        if bounds.steps_per_epoch or load(chosen, PHI_MAX) <= cap:
+            return PHI_MAX, True
+        low, high = 0.0, 1.0
+        while load(chosen, high) <= cap:
+            low, high = high, high * 2
+        for _ in range(60):
+            mid = (low + high) / 2
+            low, high = (mid, high) if load(chosen, mid) <= cap else (low, mid)
+        return low, True
+
+    chosen = {m.name: [min(m.sizes)] for m in methods}
+    phi0, feasible0 = solve(chosen)
+    dropped: list[dict[str, Any]] = []
+    candidates = []
+    for m in methods:
+        base = mean_expected(m, min(m.sizes), steps_at(m, phi0))
+        for size in sorted(m.sizes)[1:]:
+            candidates.append((mean_expected(m, size, steps_at(m, phi0)) - base, size, m.name))
+    by_name = {m.name: m for m in methods}
+    phi = phi0
+    for _, size, name in sorted(candidates):
+        m = by_name[name]
+        trial = {k: sorted(v + [size]) if k == name else v for k, v in chosen.items()}
+        phi_new, feasible = solve(trial)
+        reason = None
+        if not feasible:
+            reason = f"the budget cannot hold {n_req} trials per method with it"
+        elif not bounds.steps_per_epoch:
+            keeps = phi_new >= 1.0 or phi_new >= KEEP_SCHEDULE * phi0
+            if not keeps:
+                reason = (f"it would cut every method's schedule from {100 * min(phi0, 1):.3g} % to "
+                          f"{100 * min(phi_new, 1):.3g} % of the paper's")
+            elif m.trainable and phi_new < SIZE_MIN_SCHEDULE:
+                reason = (f"methods reach only {100 * min(phi_new, 1):.3g} % of their paper schedule; larger "
+                          f"images need {100 * SIZE_MIN_SCHEDULE:.0f} %")
+        if reason is None:
+            chosen, phi = trial, phi_new
+        else:
+            dropped.append({"method": name, "image_size": size, "reason": reason})
+
+    entries: list[Entry] = []
+    for m in methods:
+        steps = steps_at(m, phi)
+        for size in chosen[m.name]:
+            parts = costs(m, size, steps)
+            sources = sorted({speed(m, size, b).source for b in m.backbones})
+            entry = Entry(
+                method=m.name, image_size=size, batch_size=batch[m.name], steps=steps,
+                steps_per_epoch=max(1, steps // rounds) if m.trainable else 1,
+                paper_steps=paper_steps[m.name], paper_epochs=m.recipe.epochs_for(category),
+                epochs=steps * batch[m.name] * workers / max(1, data.fit),
+                rungs=[r * (steps // rounds) for r in rungs] if m.trainable else [],
+                costs=parts, source="/".join(sources), trainable=m.trainable,
+            )
+            mean = entry.mean_costs()
+            entry.expected_s = mean_expected(m, size, steps)
+            entry.full_s = trial_cost(mean, rounds, rounds, m.trainable)
+            entry.first_rung_s = trial_cost(mean, rungs[0], rounds, m.trainable)
+            entries.append(entry)
+
+    # expected counts with configurations sampled uniformly over methods, then sizes
+    share = {e.key: 1.0 / (len(methods) * len(chosen[e.method])) for e in entries}
+    mean_trial = sum(share[e.key] * e.expected_s for e in entries)
+    total_trials = budget.amount if total_s is None else total_s / mean_trial
+    reach_full = eta ** -promotions
+    for e in entries:
+        e.expected_trials = total_trials * share[e.key]
+        e.expected_full = e.expected_trials * (reach_full if e.trainable else 1.0)
+    notes = []
+    if not feasible0:
+        notes.append(f"the budget is too small for {n_req} trials per method even at fidelity.min_steps: "
+                     "every method trains at the floor")
+    if speeds.device is None:
+        notes.append("speeds are the project's prior" + (" (GPU: an estimate scaled from CPU, see "
+                     "automl_ad/tuning/calibration.py)" if speeds.device_kind == "gpu" else ""))
+    notes.append("timings are of each method's default configuration; wider sampled ones train slower")
+    return Plan(
+        budget=budget.text, budget_kind=budget.kind, device_kind=speeds.device_kind,
+        device_label=speeds.device_label, devices_per_trial=devices_per_trial, concurrency=int(concurrency),
+        trial_seconds=total_s, rounds=rounds, grace_period=int(bounds.grace_period), reduction_factor=eta,
+        rung_rounds=rungs, trials_per_method=n_req, phi=min(phi, PHI_MAX), fixed_steps=bool(bounds.steps_per_epoch),
+        data=asdict(data), entries=entries, dropped=dropped,
+        expected_trials=sum(e.expected_trials for e in entries),
+        expected_full=sum(e.expected_full for e in entries), notes=notes,
+    )
+
+
+def probes_of(plan: Plan, methods: Iterable[MethodInput]) -> list[Probe]:
+    """The (method, size, batch, backbone) speeds a plan's entries rest on."""
+    by_name = {m.name: m for m in methods}
+    return [Probe(e.method, e.image_size, e.batch_size, by_name[e.method].measured_backbone) for e in plan.entries]
+
+
+def plan_with_calibration(budget: Budget, methods: list[MethodInput], bounds: Bounds, speeds: SpeedBook,
+                          data: DataCounts, *, calibrate: bool = True, log=None, **kwargs: Any) -> Plan:
+    """Plan from what is known, measure the speeds the plan rests on that this machine
+    has not measured yet, and plan again (at most three times: a size that measured
+    faster than its prior may join the plan, then it is measured too)."""
+    plan = make_plan(budget, methods, bounds, speeds, data, **kwargs)
+    for _ in range(3):
+        if not calibrate:
+            break
+        if not speeds.calibrate(probes_of(plan, methods), log=log):
+            break
+        plan = make_plan(budget, methods, bounds, speeds, data, **kwargs)
+    return plan

@@ -1,0 +1,327 @@
+"""The schedule planner, the calibration cache and the searcher's per-config reservations."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from automl_ad.methods.base import Method, register
+from automl_ad.tuning.budget import Ledger, parse_budget
+from automl_ad.tuning.calibration import Probe, Speed, SpeedBook, prior_speed
+from automl_ad.tuning.schedule import (
+    Bounds, DataCounts, MethodInput, Plan, asha_rungs, expected_cost, make_plan, recipe_for, trial_cost,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = ("ast", "cfa", "draem", "nsa", "ssae")
+MVTEC_SCREW = DataCounts(fit=256, val_good=64, test=160)
+BUILTIN = DataCounts(fit=160, val_good=40, test=140)
+
+
+@register
+class _TinyBank(Method):
+    """A method without a gradient phase: a mean image as its 'memory bank'."""
+
+    name = "_tiny_bank"
+    phases = ()
+    synthesis = None
+
+    @dataclass
+    class Config:
+        lr: float = 1e-3
+
+    def setup(self, fit_images: torch.Tensor) -> None:
+        self.register_buffer("mean", fit_images.mean(dim=0, keepdim=True))
+
+    def anomaly_map(self, images: torch.Tensor) -> torch.Tensor:
+        return (images - self.mean).abs().mean(dim=1)
+
+
+@register
+class _TinyConv(Method):
+    name = "_tiny_conv"
+    synthesis = None
+
+    @dataclass
+    class Config:
+        lr: float = 1e-3
+
+    def __init__(self, config, image_size: int, category: str) -> None:
+        super().__init__(config, image_size, category)
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def training_step(self, batch, phase):
+        return {"loss": (self.conv(batch.images) - batch.clean).pow(2).mean()}
+
+    def anomaly_map(self, images):
+        return (self.conv(images) - images).abs().mean(dim=1)
+
+
+def shipped_methods(val_good: int) -> list[MethodInput]:
+    """The shipped methods as the search plans them (sizes from common.yaml + paper)."""
+    from automl_ad.tuning.search import method_inputs
+    from automl_ad.tuning.space import load_space
+
+    return [m for m in method_inputs(load_space(list(SHIPPED)), val_good)]
+
+
+class FakeBook(SpeedBook):
+    """Speeds from a formula: training and inference cost grow with the pixel count."""
+
+    def __init__(self, step_128: dict[str, float], setup_128: dict[str, float] | None = None) -> None:
+        super().__init__("cpu", None)
+        self.step_128, self.setup_128 = step_128, setup_128 or {}
+
+    def lookup(self, probe: Probe, stand_in: Probe | None = None) -> Speed:
+        scale = (probe.size / 128) ** 2
+        return Speed(build_s=0.5, setup_c=self.setup_128.get(probe.method, 0.0) * scale, setup_p=1.0,
+                     step_s=self.step_128.get(probe.method, 0.0) * scale, infer_s=0.01 * scale,
+                     metrics_s=0.005 * scale, batch=probe.batch, source="fake")
+
+
+def method(name: str, sizes=(128, 256), **kwargs) -> MethodInput:
+    recipe = recipe_for(name)
+    trainable = recipe.epochs > 0
+    return MethodInput(name=name, trainable=trainable, recipe=recipe, sizes=tuple(sizes), val_images=200, **kwargs)
+
+
+# --- the rule ------------------------------------------------------------------------------
+
+def test_asha_rungs_and_expected_cost():
+    assert asha_rungs(4, 1, 2) == [1, 2, 4]
+    assert asha_rungs(9, 1, 3) == [1, 3, 9]
+    assert asha_rungs(10, 1, 3) == [1, 3, 9, 10]
+    costs = {"fixed": 10.0, "round": 4.0, "val": 1.0, "test": 3.0}
+    # rung 1 always, rung 2 with 1/2, rung 4 with 1/4; the test set only at the end
+    assert expected_cost(costs, [1, 2, 4], 2, True) == pytest.approx(10 + 5 + 0.5 * 5 + 0.25 * 2 * 5 + 0.25 * 3)
+    assert trial_cost(costs, 4, 4, True) == pytest.approx(10 + 4 * 5 + 3)
+    assert trial_cost(costs, 1, 4, True) == pytest.approx(15)
+    assert trial_cost(costs, 1, 4, False) == trial_cost(costs, 4, 4, False) == pytest.approx(14)
+
+
+def test_ten_minute_cpu_plan_finishes_at_least_six_trials():
+    methods = shipped_methods(BUILTIN.val_good)
+    plan = make_plan(parse_budget("10m"), methods, Bounds(), SpeedBook("cpu", None), BUILTIN,
+                     category="screw", devices_per_trial=2, concurrency=1, use_train=True)
+    assert plan.expected_trials >= 6, plan.text()
+    assert {e.method for e in plan.entries} == set(SHIPPED), "every method keeps a size"
+    for entry in plan.entries:
+        assert entry.steps >= Bounds().min_steps and entry.steps % plan.rounds == 0
+        assert entry.steps_per_epoch * plan.rounds == entry.steps
+        assert entry.rungs == [r * entry.steps_per_epoch for r in plan.rung_rounds]
+        assert entry.steps < entry.paper_steps, "10 CPU minutes buy no paper schedule"
+        assert entry.full_s > entry.expected_s > entry.first_rung_s > 0
+    assert plan.sizes("draem") == (128,), "DRAEM cannot afford 256 px in 10 CPU minutes"
+    assert any(d["method"] == "draem" and d["image_size"] == 256 for d in plan.dropped)
+    assert "draem" in plan.text() and "expected:" in plan.text()
+
+
+def test_fifty_gpu_hours_train_every_method_to_its_paper_schedule():
+    methods = shipped_methods(MVTEC_SCREW.val_good)
+    plan = make_plan(parse_budget("50gpu-h"), methods, Bounds(), SpeedBook("gpu", None), MVTEC_SCREW,
+                     category="screw", devices_per_trial=1, concurrency=1, use_train=True)
+    assert plan.phi >= 1 and plan.device_kind == "gpu"
+    for m in methods:
+        entries = [e for e in plan.entries if e.method == m.name]
+        recipe = recipe_for(m.name)
+        paper = math.ceil(recipe.epochs_for("screw") * MVTEC_SCREW.fit / recipe.batch_size)
+        assert entries, m.name
+        for entry in entries:
+            assert entry.paper_steps == paper and entry.steps >= paper, (m.name, entry.steps, paper)
+            assert entry.epochs >= recipe.epochs_for("screw")
+            assert "estimate" in entry.source, "GPU speeds are the CPU prior scaled: an estimate"
+        assert sum(e.expected_full for e in entries) >= 1, f"{m.name}: no full-fidelity trial expected"
+        assert {128, 256} <= set(plan.sizes(m.name)), (m.name, plan.sizes(m.name), plan.dropped)
+    assert plan.entry("nsa", 256).paper_epochs == 560, "NSA trains screw for 560 epochs"
+    assert plan.entry("cfa", 224) is not None, "CFA's paper size is searched too"
+
+
+def test_sizes_are_dropped_per_method_when_unaffordable():
+    book = FakeBook({"draem": 0.5, "_tiny_conv": 0.5}, {"_tiny_bank": 0.01})
+    methods = [method("draem"), method("_tiny_bank")]
+    plan = make_plan(parse_budget("1h"), methods, Bounds(), book, BUILTIN, devices_per_trial=1, concurrency=1,
+                     use_train=False)
+    assert plan.sizes("draem") == (128,), plan.text()
+    assert plan.sizes("_tiny_bank") == (128, 256), "a memory bank affords 256 px where DRAEM does not"
+    (drop,) = plan.dropped
+    assert drop["method"] == "draem" and drop["image_size"] == 256 and "of the paper" in drop["reason"]
+    # With the budget to train DRAEM to its paper schedule, 256 px comes back.
+    rich = make_plan(parse_budget("2000h"), methods, Bounds(), book, BUILTIN, devices_per_trial=1,
+                     concurrency=1, use_train=False)
+    assert rich.sizes("draem") == (128, 256) and rich.phi >= 1 and not rich.dropped
+    # A budget too small for the floor keeps only the smallest sizes.
+    poor = make_plan(parse_budget("30s"), methods, Bounds(), book, BUILTIN, devices_per_trial=1, concurrency=1,
+                     use_train=False)
+    assert poor.sizes("draem") == poor.sizes("_tiny_bank") == (128,)
+    assert all("cannot hold" in d["reason"] for d in poor.dropped) and poor.notes
+
+
+def test_a_method_without_gradient_phase_costs_setup_and_evaluation_only():
+    assert recipe_for("_tiny_bank").epochs == 0
+    book = FakeBook({}, {"_tiny_bank": 0.02})
+    for budget in ("10m", "5cpu-m", "3trials"):
+        plan = make_plan(parse_budget(budget), [method("_tiny_bank", sizes=(64,))], Bounds(), book, BUILTIN,
+                         devices_per_trial=1, concurrency=1, use_train=False)
+        (entry,) = plan.entries
+        assert entry.steps == entry.paper_steps == 0 and entry.epochs == 0 and entry.rungs == []
+        assert entry.steps_per_epoch == 1, "a valid TrainConfig; the loop runs no step"
+        costs = entry.costs["-"]
+        speed = book.lookup(Probe("_tiny_bank", 64, entry.batch_size))
+        setup = 3.0 + speed.build_s + speed.setup_s(BUILTIN.fit)  # start-up of a Tune-function trial
+        per_image = speed.infer_s + speed.metrics_s
+        assert costs["round"] == 0
+        assert costs["fixed"] == pytest.approx(setup)
+        assert costs["val"] == pytest.approx(200 * per_image) and costs["test"] == pytest.approx(140 * per_image)
+        assert entry.full_s == pytest.approx(setup + 200 * per_image + 140 * per_image)
+        assert entry.expected_s == pytest.approx(entry.full_s) == pytest.approx(entry.first_rung_s)
+        assert entry.expected_full == pytest.approx(entry.expected_trials), "every trial is a full one"
+        assert plan.seconds_at("_tiny_bank", 64, None, 0) == pytest.approx(entry.full_s)
+    assert plan.expected_trials == 3
+
+
+def test_steps_and_batch_overrides_fix_the_schedule():
+    book = FakeBook({"draem": 0.1, "nsa": 0.1})
+    bounds = Bounds(rounds=2, steps_per_epoch=3, batch_size=4)
+    plan = make_plan(parse_budget("1h"), [method("draem", (32,)), method("nsa", (32,))], bounds, book, BUILTIN,
+                     devices_per_trial=1, concurrency=1)
+    assert plan.fixed_steps and "override" in plan.text()
+    assert {(e.steps, e.steps_per_epoch, e.batch_size) for e in plan.entries} == {(6, 3, 4)}
+    assert plan.schedule() == {"draem@32": {"steps_per_epoch": 3, "batch_size": 4},
+                               "nsa@32": {"steps_per_epoch": 3, "batch_size": 4}}
+
+
+def test_max_steps_bounds_and_data_parallel_workers():
+    book = FakeBook({"draem": 0.001})
+    plan = make_plan(parse_budget("30trials"), [method("draem", (128,))], Bounds(max_steps=400), book, BUILTIN)
+    assert plan.entries[0].steps == 400 and plan.trial_seconds is None
+    two = make_plan(parse_budget("30trials"), [method("draem", (128,))], Bounds(), book, BUILTIN, workers=2)
+    assert two.entries[0].paper_steps == math.ceil(700 * 160 / (8 * 2)), "each worker draws its own batch"
+
+
+def test_plan_round_trips_through_json():
+    book = FakeBook({"draem": 0.2}, {"_tiny_bank": 0.01})
+    plan = make_plan(parse_budget("2h"), [method("draem"), method("_tiny_bank")], Bounds(), book, BUILTIN)
+    again = Plan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert again == plan and again.text() == plan.text()
+    assert again.first_rung_seconds("draem", 128) == pytest.approx(plan.entry("draem", 128).first_rung_s)
+    assert again.first_rung_seconds("draem", 999) is None
+
+
+# --- the calibration ----------------------------------------------------------------------
+
+def test_calibration_is_cached_per_machine_device_method_and_size(tmp_path, monkeypatch):
+    cache = tmp_path / "calibration.json"
+    monkeypatch.setenv("AUTOML_AD_CALIBRATION", str(cache))
+    book = SpeedBook("cpu", "cpu", threads=1)
+    probes = [Probe("_tiny_conv", 32, 4), Probe("_tiny_bank", 32, 4)]
+    assert book.missing(probes) == probes
+    measured = dict(book.calibrate(probes))
+    assert measured[probes[0]].step_s > 0 and measured[probes[0]].infer_s > 0
+    assert measured[probes[1]].step_s == 0, "no gradient phase, no step"
+    assert measured[probes[1]].setup_c > 0
+    entries = json.loads(cache.read_text())["entries"]
+    key = f"{socket.gethostname()}|cpu|1t|_tiny_conv|32px|b4|-"
+    assert key in entries and entries[key]["step_s"] == pytest.approx(measured[probes[0]].step_s)
+    assert not list(tmp_path.glob(".*.tmp")), "written by rename, no temporary left"
+    again = SpeedBook("cpu", "cpu", threads=1)
+    assert again.missing(probes) == [] and again.calibrate(probes) == []
+    assert again.lookup(probes[0]).source == "measured"
+    assert again.lookup(Probe("_tiny_conv", 64, 4)).source != "measured", "another size is another entry"
+    assert SpeedBook("cpu", "cpu", threads=2).missing(probes) == probes, "threads are part of the key"
+
+
+def test_prior_is_used_without_the_device_and_gpu_is_an_estimate():
+    cpu = prior_speed("draem", 256, 8, "cpu")
+    gpu = prior_speed("draem", 256, 8, "gpu")
+    assert cpu is not None and gpu is not None
+    assert cpu.source == "prior" and gpu.source == "estimate"
+    assert gpu.step_s < cpu.step_s / 20 and gpu.infer_s < cpu.infer_s
+    scaled = prior_speed("draem", 512, 8, "cpu")
+    assert scaled.step_s == pytest.approx(cpu.step_s * 4) and "scaled" in scaled.source
+    assert prior_speed("draem", 256, 16, "cpu").step_s == pytest.approx(2 * cpu.step_s)
+    book = SpeedBook("gpu", None)
+    assert book.missing([Probe("draem", 256, 8)]) == [], "nothing to measure without the device"
+    assert "prior" in book.device_label
+    for name in SHIPPED:
+        assert prior_speed(name, 128, recipe_for(name).batch_size, "cpu") is not None, name
+
+
+# --- the searcher -------------------------------------------------------------------------
+
+def test_searcher_reserves_each_configuration_s_first_rung_and_keeps_its_turn(tmp_path):
+    import optuna
+
+    from automl_ad.tuning.search import BudgetedOptunaSearch, method_inputs
+    from automl_ad.tuning.space import load_space
+
+    space = load_space(["draem"], image_size=32)
+    methods = method_inputs(space, 2)
+    plan = make_plan(parse_budget("20cpu-s"), methods, Bounds(steps_per_epoch=1), FakeBook({}), BUILTIN,
+                     overhead_s=12.0)
+    first_rung = plan.first_rung_seconds("draem", 32)
+    assert first_rung == pytest.approx(12.0 + 0.5 + 200 * 0.0, abs=1.5)
+    ledger = Ledger(tmp_path, parse_budget("20cpu-s"))
+    searcher = BudgetedOptunaSearch(space.suggest, metric="objective", mode="max",
+                                    sampler=optuna.samplers.TPESampler(seed=0), ledger=ledger, max_epochs=4,
+                                    plan=plan, devices_per_trial=1.0, default_image_size=32)
+    config = searcher.suggest("t1")
+    assert config["method"] == "draem"
+    assert ledger.trial("t1")["reserved"] == pytest.approx(first_rung)
+    assert searcher.suggest("t2") is None, "the rest cannot hold a second first rung while t1 runs"
+    waiting = searcher._pending[1]
+    assert searcher.suggest("t3") is None and searcher._pending == ("t3", waiting), "same configuration waits"
+    ledger.record("t1", 1.0, 1.25 * first_rung, finished=True)
+    searcher.on_trial_complete("t1", {"epoch": 1, "objective": 0.5})
+    assert searcher._correction() == pytest.approx(1.25), "used / planned of finished trials"
+    from ray.tune.search import Searcher
+
+    assert searcher.suggest("t4") == Searcher.FINISHED, "nothing runs and the waiting one does not fit"
+    states = sorted(t.state.name for t in searcher._ot_study.trials)
+    assert states == ["FAIL", "PRUNED"], "t1 stopped at a rung; the waiting configuration never ran"
+
+
+# --- the command line ----------------------------------------------------------------------
+
+PLAN_SCRIPT = """
+import sys
+from click.testing import CliRunner
+from automl_ad.cli import main
+out = CliRunner().invoke(main, sys.argv[1:])
+import ray
+print(out.output)
+print("exit", out.exit_code, "ray_started", ray.is_initialized())
+"""
+
+
+@pytest.mark.parametrize("budget", ["10m", "50gpu-h"])
+def test_cli_plan_prints_the_schedule_without_training_or_ray(tmp_path, budget):
+    env = {**os.environ, "AUTOML_AD_CALIBRATION": str(tmp_path / "calibration.json")}
+    run = subprocess.run([sys.executable, "-c", PLAN_SCRIPT, "search", "-c", "screw", "--budget", budget, "--plan",
+                          "--methods", ",".join(SHIPPED)], capture_output=True, text=True, cwd=REPO, env=env,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    out = run.stdout
+    assert out.rstrip().endswith("exit 0 ray_started False"), out
+    rows = [line.split() for line in out.splitlines() if line.split() and line.split()[0] in SHIPPED]
+    assert {r[0] for r in rows} == set(SHIPPED)
+    for row in rows:
+        size, batch, steps = int(row[1]), int(row[2]), int(row[3])
+        assert size >= 128 and batch >= 1 and steps >= 8
+    expected = next(line for line in out.splitlines() if line.startswith("expected:"))
+    trials = float(expected.split()[1])
+    if budget == "10m":
+        assert trials >= 6 and "cpu" in out
+    else:
+        assert "estimate" in out and "paper schedule (phi = 1)" in out
+    assert not (tmp_path / "calibration.json").exists(), "--plan alone measures nothing"
+    assert not (REPO / "results" / "never").exists()
