@@ -163,7 +163,7 @@ def test_sizes_are_dropped_per_method_when_unaffordable():
     poor = make_plan(parse_budget("30s"), methods, Bounds(), book, BUILTIN, devices_per_trial=1, concurrency=1,
                      use_train=False)
     assert poor.sizes("draem") == poor.sizes("_tiny_bank") == (128,)
-    assert all("cannot hold" in d["reason"] for d in poor.dropped) and poor.notes
+    assert all("too small" in d["reason"] for d in poor.dropped) and poor.notes
 
 
 def test_a_method_without_gradient_phase_costs_setup_and_evaluation_only():

@@ -442,7 +442,9 @@ def make_plan(
         trial = {k: sorted(v + [size]) if k == name else v for k, v in chosen.items()}
         phi_new, feasible = solve(trial)
         reason = None
-        if not feasible:
+        if not feasible0:
+            reason = "the budget is too small even for the smallest sizes"
+        elif not feasible:
             reason = f"the budget cannot hold {n_req} trials per method with it"
         elif not bounds.steps_per_epoch:
             keeps = phi_new >= 1.0 or phi_new >= KEEP_SCHEDULE * phi0
