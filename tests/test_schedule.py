@@ -111,8 +111,17 @@ def test_asha_rungs_and_expected_cost():
 
 def test_ten_minute_cpu_plan_finishes_at_least_six_trials():
     methods = shipped_methods(BUILTIN.val_good)
+    # Methods the budget cannot train to a tenth of their paper schedule leave the search.
     plan = make_plan(parse_budget("10m"), methods, Bounds(), SpeedBook("cpu", None), BUILTIN,
                      category="screw", devices_per_trial=2, concurrency=1, use_train=True)
+    assert plan.expected_trials >= 6, plan.text()
+    left = {d["method"] for d in plan.dropped if d["image_size"] == "any"}
+    assert left and "draem" in left and {e.method for e in plan.entries} == set(SHIPPED) - left
+    for entry in plan.entries:
+        assert entry.steps >= 0.1 * entry.paper_steps, "who stays trains at least 10 % of the paper's"
+    # Named with --methods, every method stays, at the floor.
+    plan = make_plan(parse_budget("10m"), methods, Bounds(), SpeedBook("cpu", None), BUILTIN,
+                     category="screw", devices_per_trial=2, concurrency=1, use_train=True, keep_all=True)
     assert plan.expected_trials >= 6, plan.text()
     assert {e.method for e in plan.entries} == set(SHIPPED), "every method keeps a size"
     for entry in plan.entries:
@@ -161,9 +170,14 @@ def test_sizes_are_dropped_per_method_when_unaffordable():
     assert rich.sizes("draem") == (128, 256) and rich.phi >= 1 and not rich.dropped
     # A budget too small for the floor keeps only the smallest sizes.
     poor = make_plan(parse_budget("30s"), methods, Bounds(), book, BUILTIN, devices_per_trial=1, concurrency=1,
-                     use_train=False)
+                     use_train=False, keep_all=True)
     assert poor.sizes("draem") == poor.sizes("_tiny_bank") == (128,)
     assert all("too small" in d["reason"] for d in poor.dropped) and poor.notes
+    # Unless named, DRAEM leaves such a budget to the method that needs no training.
+    spent = make_plan(parse_budget("30s"), methods, Bounds(), book, BUILTIN, devices_per_trial=1, concurrency=1,
+                      use_train=False)
+    assert [e.method for e in spent.entries] == ["_tiny_bank"] * len(spent.entries)
+    assert spent.dropped[0]["method"] == "draem" and spent.dropped[0]["image_size"] == "any"
 
 
 def test_a_method_without_gradient_phase_costs_setup_and_evaluation_only():
@@ -260,34 +274,62 @@ def test_prior_is_used_without_the_device_and_gpu_is_an_estimate():
 
 def test_searcher_reserves_each_configuration_s_first_rung_and_keeps_its_turn(tmp_path):
     import optuna
+    from ray.tune.search import Searcher
 
     from automl_ad.tuning.search import BudgetedOptunaSearch, method_inputs
     from automl_ad.tuning.space import load_space
 
-    space = load_space(["draem"], image_size=32)
+    space = load_space(["draem"], image_size=32)  # the shipped widths: 16 to 128
     methods = method_inputs(space, 2)
     plan = make_plan(parse_budget("20cpu-s"), methods, Bounds(steps_per_epoch=1), FakeBook({}), BUILTIN,
                      overhead_s=12.0)
-    first_rung = plan.first_rung_seconds("draem", 32)
-    assert first_rung == pytest.approx(12.0 + 0.5 + 200 * 0.0, abs=1.5)
+    assert plan.heavy_limit_s == pytest.approx(20.0 / 6)
     ledger = Ledger(tmp_path, parse_budget("20cpu-s"))
     searcher = BudgetedOptunaSearch(space.suggest, metric="objective", mode="max",
                                     sampler=optuna.samplers.TPESampler(seed=0), ledger=ledger, max_epochs=4,
                                     plan=plan, devices_per_trial=1.0, default_image_size=32)
     config = searcher.suggest("t1")
-    assert config["method"] == "draem"
-    assert ledger.trial("t1")["reserved"] == pytest.approx(first_rung)
+    key = searcher._config_key(config)
+    rung1 = plan.first_rung_seconds(*key)
+    assert rung1 == pytest.approx(12.0 + key[3] * (plan.entries[0].first_rung_s - 12.0)), "scaled but the start-up"
+    assert ledger.trial("t1")["reserved"] == pytest.approx(rung1)
     assert searcher.suggest("t2") is None, "the rest cannot hold a second first rung while t1 runs"
     waiting = searcher._pending[1]
     assert searcher.suggest("t3") is None and searcher._pending == ("t3", waiting), "same configuration waits"
-    ledger.record("t1", 1.0, 1.25 * first_rung, finished=True)
+    ledger.record("t1", 1.0, 1.25 * rung1, finished=True)
     searcher.on_trial_complete("t1", {"epoch": 1, "objective": 0.5})
     assert searcher._correction() == pytest.approx(1.25), "used / planned of finished trials"
-    from ray.tune.search import Searcher
+    # Nothing runs: the waiting configuration starts with what is left (the deadline bounds it).
+    assert searcher.suggest("t4") == waiting
+    assert ledger.trial("t4")["reserved"] == pytest.approx(20.0 - 1.25 * rung1)
+    assert searcher.suggest("t5") is None, "t4 holds the rest"
+    ledger.record("t4", 1.0, 20.0 - 1.25 * rung1, finished=True)
+    searcher.on_trial_complete("t4", {"epoch": 4, "objective": 0.6})
+    assert searcher.suggest("t6") == Searcher.FINISHED, "the budget is spent"
+    trials = searcher._ot_study.trials
+    assert sorted(t.state.name for t in trials if t.state.name != "FAIL") == ["COMPLETE", "PRUNED"]
+    not_run = [t.user_attrs.get("not_run", "") for t in trials if t.state.name == "FAIL"]
+    assert sum("budget was spent" in r for r in not_run) == 1, not_run
+    for trial in trials:  # every configuration that ran fits the limit; the skipped ones do not
+        factor = searcher._config_key(trial.params)[3]
+        heavy = plan.too_heavy("draem", 32, None, factor)
+        assert (heavy is not None) == ("more than" in trial.user_attrs.get("not_run", "")), (trial.params, heavy)
 
-    assert searcher.suggest("t4") == Searcher.FINISHED, "nothing runs and the waiting one does not fit"
-    states = sorted(t.state.name for t in searcher._ot_study.trials)
-    assert states == ["FAIL", "PRUNED"], "t1 stopped at a rung; the waiting configuration never ran"
+
+def test_paper_width_draem_is_too_heavy_for_ten_cpu_minutes():
+    from automl_ad.tuning.schedule import config_cost_factor
+
+    wide = config_cost_factor("draem", {"rec_width": 128, "disc_width": 64}, 128)
+    assert 12 < wide < 20, "parameters grow with width squared"
+    assert config_cost_factor("draem", {}, 128) == 1.0
+    assert config_cost_factor("nsa", {"width": 16}, 128) < 0.2
+    plan = make_plan(parse_budget("10m"), shipped_methods(BUILTIN.val_good), Bounds(), SpeedBook("cpu", None),
+                     BUILTIN, category="screw", devices_per_trial=2, concurrency=1, keep_all=True)
+    assert plan.too_heavy("draem", 128, None, 1.0) is None
+    assert "more than" in plan.too_heavy("draem", 128, None, wide)
+    rich = make_plan(parse_budget("4cpu-h"), shipped_methods(BUILTIN.val_good), Bounds(), SpeedBook("cpu", None),
+                     BUILTIN, category="screw", devices_per_trial=2, concurrency=1, keep_all=True)
+    assert rich.too_heavy("draem", 128, None, wide) is None, "four CPU hours can afford it"
 
 
 # --- the command line ----------------------------------------------------------------------

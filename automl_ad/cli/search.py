@@ -58,7 +58,7 @@ def _methods_option(value: str | None) -> list[str] | None:
 @click.option("--plan", "plan_only", is_flag=True,
               help="Print the schedule the search would run (per method and image size: steps, paper-epoch "
                    "equivalent, rungs, seconds per trial, expected trials) and exit; no training, no Ray. A GPU "
-                   "budget on a machine without one uses the GPU prior.")
+                   "budget on a machine without one uses the GPU prior. With --resume: the stored plan.")
 @click.option("--calibrate", is_flag=True,
               help="With --plan: first time the speeds this machine has not measured yet (a few training steps "
                    "per method and size; cached in ~/.cache/automl_ad/calibration.json).")
@@ -94,6 +94,8 @@ def search_command(category, budget, jobs_file, data, methods, space_file, max_c
         experiment=experiment, resume=resume, address=address, storage=storage, wandb=wandb, seed=seed,
         image_size=image_size, val_defects=val_defects, gpus_per_trial=gpus_per_trial, max_gpus=max_gpus,
     )
+    if calibrate and not plan_only:
+        raise UserError("--calibrate goes with --plan (a search measures what it needs by itself)")
     if plan_only:
         import dataclasses
 

@@ -7,6 +7,10 @@ optimizer steps per round, where ``F`` is its planned full-fidelity step count. 
 rungs (rounds ``g, g*eta, ... , R``) are therefore the same fractions of every method's
 own schedule. The rule (docs/search.md, "Schedule"):
 
+0. Unless the user named the methods (``--methods``), a method with a gradient phase
+   joins only if the budget trains it to at least ``MIN_SCHEDULE_TO_JOIN`` (10 %) of its
+   paper schedule: the costliest ones leave one at a time until the rest reach it (or
+   only methods without training are left). The plan prints who left and why.
 1. Paper schedule ``P = paper epochs x fit images / (batch x data-parallel workers)``
    (``RECIPES``; a method without a gradient phase has ``P = 0``).
 2. Trial cost at ``F`` steps: start-up + method build + ``setup`` on the fit images, plus
@@ -22,11 +26,12 @@ own schedule. The rule (docs/search.md, "Schedule"):
 4. Every method trains the same fraction ``phi`` of its paper schedule,
    ``F = clamp(phi x P, min_steps, max_steps)`` (a multiple of ``R``), with ``phi`` the
    largest value (at most 1) that keeps (3). ``phi = 1`` is the paper schedule.
-5. Image sizes: each method starts with its smallest candidate; larger ones are added,
-   cheapest extra cost first, while the plan stays feasible and ``phi`` (uncapped) stays
-   at least 1 or at least ``KEEP_SCHEDULE`` of its value before sizes were added; a
-   method with a gradient phase also needs ``phi >= SIZE_MIN_SCHEDULE``. Other sizes are
-   dropped (and printed with the reason).
+5. Image sizes: each method starts with its smallest candidate; larger ones are added
+   (the one nearest the paper's size first, then cheapest extra cost first) while the
+   plan stays feasible and ``phi`` (uncapped) stays at least 1 or at least
+   ``KEEP_SCHEDULE`` of its value before sizes were added (a method without training may
+   take it down to ``MIN_SCHEDULE_TO_JOIN``); a method with a gradient phase also needs
+   ``phi >= SIZE_MIN_SCHEDULE``. Other sizes are dropped (and printed with the reason).
 
 ``fidelity.steps_per_epoch`` in a space file overrides (1)-(4) with a fixed
 ``F = R x steps_per_epoch`` for every method, and ``fidelity.batch_size`` one batch size.
@@ -41,6 +46,9 @@ from typing import Any, Iterable, Mapping
 from automl_ad.tuning.budget import Budget
 from automl_ad.tuning.calibration import Probe, Speed, SpeedBook
 
+# Below this share of its paper schedule a trained method is not worth a budget's trials
+# (DRAEM at 0.4 % of its 700 epochs detects little): it is left out of the search.
+MIN_SCHEDULE_TO_JOIN = 0.1
 KEEP_SCHEDULE = 0.9  # a larger image size may cost at most 10 % of the common schedule
 SIZE_MIN_SCHEDULE = 0.5  # ... and trainable methods get one only above half their paper schedule
 WALL_EFFICIENCY = 0.9  # share of a wall budget that trials run (scheduling gaps, start-up)
@@ -239,6 +247,10 @@ class Plan:
     expected_trials: float = 0.0
     expected_full: float = 0.0
     notes: list[str] = field(default_factory=list)
+    overhead_s: float = 0.0  # start-up of a trial (included in every entry's fixed cost)
+    # A configuration whose setup and one validation (what the budget deadline cannot
+    # interrupt) cost more than this is not run: budget / min_trials (None: no limit).
+    heavy_limit_s: float | None = None
 
     # --- lookups ------------------------------------------------------------------------
     def entry(self, method: str, image_size: int) -> Entry | None:
@@ -262,20 +274,37 @@ class Plan:
         costs = entry.costs.get(backbone or "-") or entry.mean_costs()
         return entry, costs
 
-    def first_rung_seconds(self, method: str, image_size: int, backbone: str | None = None) -> float | None:
-        """The least a trial of this configuration costs and still reports (seconds)."""
-        found = self._costs(method, image_size, backbone)
-        if found is None:
-            return None
-        entry, costs = found
-        return trial_cost(costs, self.rung_rounds[0], self.rounds, entry.trainable)
+    def _scaled(self, seconds: float, factor: float) -> float:
+        """``seconds`` of a configuration ``factor`` times as costly as the default
+        (the start-up does not scale)."""
+        return self.overhead_s + factor * max(0.0, seconds - self.overhead_s)
 
-    def seconds_at(self, method: str, image_size: int, backbone: str | None, rounds_done: int) -> float | None:
+    def first_rung_seconds(self, method: str, image_size: int, backbone: str | None = None,
+                           factor: float = 1.0) -> float | None:
+        """The least a trial of this configuration costs and still reports (seconds)."""
+        return self.seconds_at(method, image_size, backbone, self.rung_rounds[0], factor)
+
+    def seconds_at(self, method: str, image_size: int, backbone: str | None, rounds_done: int,
+                   factor: float = 1.0) -> float | None:
         found = self._costs(method, image_size, backbone)
         if found is None:
             return None
         entry, costs = found
-        return trial_cost(costs, rounds_done, self.rounds, entry.trainable)
+        return self._scaled(trial_cost(costs, rounds_done, self.rounds, entry.trainable), factor)
+
+    def too_heavy(self, method: str, image_size: int, backbone: str | None, factor: float) -> str | None:
+        """Why a configuration is not worth running under this budget, or None: its
+        setup + one validation (uninterruptible by the budget deadline) would take more
+        than ``heavy_limit_s``, so it alone would eat the room of other trials."""
+        found = self._costs(method, image_size, backbone)
+        if found is None or self.heavy_limit_s is None:
+            return None
+        _, costs = found
+        blocking = factor * (costs["fixed"] - self.overhead_s + costs["val"])
+        if blocking <= self.heavy_limit_s:
+            return None
+        return (f"setup + one validation about {blocking:.0f} s ({factor:.3g} x the default configuration), "
+                f"more than the {self.heavy_limit_s:.0f} s a trial may block")
 
     # --- storage ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -351,9 +380,57 @@ def make_plan(
     workers: int = 1,
     use_train: bool = True,
     overhead_s: float | None = None,
+    keep_all: bool = False,
 ) -> Plan:
-    """The schedule for ``methods`` under ``budget`` (see the module docstring)."""
+    """The schedule for ``methods`` under ``budget`` (see the module docstring).
+
+    Unless ``keep_all`` (the user named the methods), a method with a gradient phase
+    joins only when the budget trains it to at least ``MIN_SCHEDULE_TO_JOIN`` of its
+    paper schedule: the most expensive such methods are left out, one at a time, until
+    the rest reach it (step 0 of the rule). A budget that cannot buy that for any of
+    them is spent on the methods that need no training, when there are any."""
+    kwargs = dict(category=category, devices_per_trial=devices_per_trial, concurrency=concurrency,
+                  workers=workers, use_train=use_train, overhead_s=overhead_s)
     methods = sorted(methods, key=lambda m: m.name)
+    if keep_all or bounds.steps_per_epoch:
+        return _make_plan(budget, methods, bounds, speeds, data, **kwargs)
+    left_out: list[dict[str, Any]] = []
+    while True:
+        plan = _make_plan(budget, methods, bounds, speeds, data, **kwargs)
+        trained = [e for e in plan.entries if e.trainable]
+        starved = trained and (plan.phi < MIN_SCHEDULE_TO_JOIN or any("too small" in n for n in plan.notes))
+        if not starved:
+            break
+        names = {e.method for e in trained}
+        if len(names) == len(methods):  # nothing trainless to spend the budget on instead
+            if len(names) == 1:
+                break
+        # the method whose paper schedule costs the most leaves first
+        costliest = max(names, key=lambda n: max(e.paper_steps * e.mean_costs()["round"] / max(1, e.steps)
+                                                  for e in trained if e.method == n))
+        left_out.append({"method": costliest, "image_size": "any",
+                         "reason": f"the budget trains methods to only {100 * min(plan.phi, 1):.2g} % of their "
+                                   f"paper schedule; a method joins at {100 * MIN_SCHEDULE_TO_JOIN:.0f} % "
+                                   "(--methods keeps it)"})
+        methods = [m for m in methods if m.name != costliest]
+    plan.dropped = left_out + plan.dropped
+    return plan
+
+
+def _make_plan(
+    budget: Budget,
+    methods: list[MethodInput],
+    bounds: Bounds,
+    speeds: SpeedBook,
+    data: DataCounts,
+    *,
+    category: str | None = None,
+    devices_per_trial: float = 1.0,
+    concurrency: int = 1,
+    workers: int = 1,
+    use_train: bool = True,
+    overhead_s: float | None = None,
+) -> Plan:
     if not methods:
         raise ValueError("no methods to plan")
     rounds = int(bounds.rounds)
@@ -433,11 +510,13 @@ def make_plan(
     candidates = []
     for m in methods:
         base = mean_expected(m, min(m.sizes), steps_at(m, phi0))
+        paper_size = min(m.sizes, key=lambda size: (abs(size - m.recipe.image_size), size))
         for size in sorted(m.sizes)[1:]:
-            candidates.append((mean_expected(m, size, steps_at(m, phi0)) - base, size, m.name))
+            # the size nearest the paper's (where the recipe is known to work) is offered first
+            candidates.append((size != paper_size, mean_expected(m, size, steps_at(m, phi0)) - base, size, m.name))
     by_name = {m.name: m for m in methods}
     phi = phi0
-    for _, size, name in sorted(candidates):
+    for _, _, size, name in sorted(candidates):
         m = by_name[name]
         trial = {k: sorted(v + [size]) if k == name else v for k, v in chosen.items()}
         phi_new, feasible = solve(trial)
@@ -447,7 +526,10 @@ def make_plan(
         elif not feasible:
             reason = f"the budget cannot hold {n_req} trials per method with it"
         elif not bounds.steps_per_epoch:
-            keeps = phi_new >= 1.0 or phi_new >= KEEP_SCHEDULE * phi0
+            # A size of a method that trains nothing may take schedule from the others
+            # down to the joining share: its larger images are what the budget buys.
+            keeps = (phi_new >= 1.0 or phi_new >= KEEP_SCHEDULE * phi0
+                     or (not m.trainable and phi_new >= MIN_SCHEDULE_TO_JOIN))
             if not keeps:
                 reason = (f"it would cut every method's schedule from {100 * min(phi0, 1):.3g} % to "
                           f"{100 * min(phi_new, 1):.3g} % of the paper's")
@@ -502,8 +584,37 @@ def make_plan(
         rung_rounds=rungs, trials_per_method=n_req, phi=min(phi, PHI_MAX), fixed_steps=bool(bounds.steps_per_epoch),
         data=asdict(data), entries=entries, dropped=dropped,
         expected_trials=sum(e.expected_trials for e in entries),
-        expected_full=sum(e.expected_full for e in entries), notes=notes,
+        expected_full=sum(e.expected_full for e in entries), notes=notes, overhead_s=overhead,
+        heavy_limit_s=None if total_s is None else total_s / max(1, bounds.min_trials),
     )
+
+
+_FACTORS: dict[tuple[str, int, str], float] = {}
+
+
+def config_cost_factor(method: str, params: Mapping[str, Any], image_size: int) -> float:
+    """How much costlier a sampled configuration is than the method's default Config (the
+    one calibrated): the ratio of their parameter counts, both built on the meta device
+    (nothing allocated, no weights read); 1.0 when that cannot be told."""
+    import warnings
+
+    import torch
+
+    from automl_ad.methods.base import create_method
+
+    key = (method, int(image_size), repr(sorted(params.items())))
+    if key not in _FACTORS:
+        def count(values: Mapping[str, Any]) -> int:
+            with warnings.catch_warnings(), torch.device("meta"):
+                warnings.simplefilter("ignore")
+                return sum(p.numel() for p in create_method(method, dict(values), image_size, "plan").parameters())
+
+        try:
+            default, sampled = count({}), count(params)
+            _FACTORS[key] = sampled / default if default > 0 and sampled > 0 else 1.0
+        except Exception:  # a method that cannot be built on the meta device
+            _FACTORS[key] = 1.0
+    return _FACTORS[key]
 
 
 def probes_of(plan: Plan, methods: Iterable[MethodInput]) -> list[Probe]:
@@ -518,10 +629,13 @@ def plan_with_calibration(budget: Budget, methods: list[MethodInput], bounds: Bo
     has not measured yet, and plan again (at most three times: a size that measured
     faster than its prior may join the plan, then it is measured too)."""
     plan = make_plan(budget, methods, bounds, speeds, data, **kwargs)
+    # every method at its smallest size too: whether a method joins rests on its speed
+    smallest = [Probe(m.name, min(m.sizes), int(bounds.batch_size or m.recipe.batch_size), m.measured_backbone)
+                for m in methods]
     for _ in range(3):
         if not calibrate:
             break
-        if not speeds.calibrate(probes_of(plan, methods), log=log):
+        if not speeds.calibrate(smallest + probes_of(plan, methods), log=log):
             break
         plan = make_plan(budget, methods, bounds, speeds, data, **kwargs)
     return plan

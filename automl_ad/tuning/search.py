@@ -266,11 +266,15 @@ class BudgetedOptunaSearch(OptunaSearch):
     ASHA-stopped trials as PRUNED (Ray records them as COMPLETE).
 
     With a ``plan``, a configuration is sampled first and reserves what the plan says it
-    costs up to its first rung (the least it costs and still reports; the budget deadline
-    stops it when the rest runs out), times the ratio of used to planned cost over the
-    trials that finished. A sampled configuration the budget cannot hold yet waits (the
-    next suggestion offers it again, so the sequence stays the seed's); when nothing runs
-    and it still does not fit, the search ends and that Optuna trial is told FAIL.
+    costs up to its first rung (the least it costs and still reports), scaled by its
+    parameter count over the default Config's, times the ratio of used to planned cost
+    over the trials that finished. A configuration whose setup and one validation alone
+    would block more than the budget / min_trials (``Plan.too_heavy``: the paper-width
+    DRAEM on a 10-minute CPU budget) is told FAIL and the next one sampled. While other trials run, a sampled
+    configuration the rest cannot hold waits (the next suggestion offers it again, so the
+    sequence stays the seed's); when none runs it starts as long as any budget is left
+    (the budget deadline stops it). A configuration still waiting when the budget is
+    spent is told to Optuna as FAIL.
     """
 
     def __init__(self, *args: Any, ledger: Ledger, max_epochs: int, plan: Plan | None = None,
@@ -286,10 +290,13 @@ class BudgetedOptunaSearch(OptunaSearch):
         self._planned: dict[str, tuple[str, int, str | None]] = {}
         self._rounds: dict[str, int] = {}
 
-    def _config_key(self, config: Mapping[str, Any]) -> tuple[str, int, str | None]:
+    def _config_key(self, config: Mapping[str, Any]) -> tuple[str, int, str | None, float]:
+        from automl_ad.tuning.schedule import config_cost_factor
+
         split = split_config(config, self.default_image_size)
         backbone = split.method_params.get("backbone")
-        return split.method, split.image_size, str(backbone) if backbone else None
+        factor = config_cost_factor(split.method, split.method_params, split.image_size)
+        return split.method, split.image_size, str(backbone) if backbone else None, factor
 
     def _correction(self) -> float:
         """Used / planned cost over finished trials (1 before any), within [0.2, 5]."""
@@ -299,7 +306,8 @@ class BudgetedOptunaSearch(OptunaSearch):
             key = self._planned.get(trial_id)
             if not entry or entry.get("state") != "finished" or key is None:
                 continue
-            seconds = self.plan.seconds_at(*key, rounds)
+            method, size, backbone, factor = (tuple(key) + (1.0,))[:4]
+            seconds = self.plan.seconds_at(method, size, backbone, rounds, factor)
             if seconds:
                 planned += self.ledger.trial_cost(self.devices_per_trial, seconds)
                 used += float(entry.get("used", 0.0))
@@ -318,18 +326,31 @@ class BudgetedOptunaSearch(OptunaSearch):
             return sum(done) / len(done)
         return min(self.ledger.budget.amount * 0.1, self.ledger.remaining())
 
+    MAX_SKIPS = 64  # configurations passed over as too heavy in one suggestion at most
+
+    def _too_heavy(self, config: Mapping[str, Any]) -> str | None:
+        plan = getattr(self, "plan", None)
+        if plan is None or self.ledger.budget.kind == "trials":
+            return None
+        return plan.too_heavy(*self._config_key(config))
+
+    def _tell_not_run(self, trial_id: str, reason: str) -> None:
+        """Close a sampled configuration that never runs as FAIL in the study."""
+        ot_trial = self._ot_trials.pop(trial_id, None)
+        if ot_trial is None:
+            return
+        import optuna
+
+        try:
+            ot_trial.set_user_attr("not_run", reason)
+            self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
+        except Exception:  # already closed in optuna.db (a restore): nothing to undo
+            pass
+
     def _drop_pending(self) -> None:
         pending, self._pending = getattr(self, "_pending", None), None
-        if pending is None:
-            return
-        ot_trial = self._ot_trials.pop(pending[0], None)
-        if ot_trial is not None:
-            import optuna
-
-            try:
-                self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
-            except Exception:  # already closed in optuna.db (a restore): nothing to undo
-                pass
+        if pending is not None:
+            self._tell_not_run(pending[0], "not run: the budget was spent while it waited")
 
     def suggest(self, trial_id: str):
         if self.ledger.budget.kind != "trials" and self.ledger.exhausted():
@@ -337,15 +358,25 @@ class BudgetedOptunaSearch(OptunaSearch):
             return Searcher.FINISHED
         pending = getattr(self, "_pending", None)
         if pending is None:
-            config = super().suggest(trial_id)
-            if not isinstance(config, dict):
-                return config  # None (wait) or FINISHED
+            for _ in range(self.MAX_SKIPS):
+                config = super().suggest(trial_id)
+                if not isinstance(config, dict):
+                    return config  # None (wait) or FINISHED
+                reason = self._too_heavy(config)
+                if reason is None:
+                    break
+                self._tell_not_run(trial_id, f"not run: {reason}")
+            else:
+                return None if self._live else Searcher.FINISHED
         else:
             old_id, config = pending
             if old_id != trial_id and old_id in self._ot_trials:
                 self._ot_trials[trial_id] = self._ot_trials.pop(old_id)
         self._pending = (trial_id, config)
-        if not self.ledger.try_reserve(trial_id, self._estimate(config)):
+        estimate = self._estimate(config)
+        if not self._live and self.ledger.budget.kind != "trials":
+            estimate = min(estimate, self.ledger.remaining())  # alone: the deadline bounds it
+        if not self.ledger.try_reserve(trial_id, estimate):
             if self._live:
                 return None
             self._drop_pending()
@@ -714,6 +745,7 @@ def plan_schedule(opts: SearchOptions, budget: Budget, space: SearchSpace, data_
         budget, methods, bounds, speeds, counts, calibrate=calibrate and needed, log=log,
         category=opts.category, devices_per_trial=allocated_devices(probe_context, kind),
         concurrency=devices.max_concurrent, workers=shape["num_workers"], use_train=opts.use_train,
+        keep_all=bool(opts.methods),  # methods the user named stay, however short their schedule
     )
 
 
@@ -727,6 +759,15 @@ def preview_plan(opts: SearchOptions) -> Plan:
     from automl_ad.data.dataset import resolve_data_root
 
     budget = parse_budget(opts.budget)
+    if opts.resume:  # the schedule the search runs is the one it stored
+        spec = parse_storage(opts.storage)
+        if spec.is_remote:
+            raise UserError("--plan --resume reads the stored plan from a local --storage folder only")
+        folder = store.experiment_dir(spec.local, _pick_experiment(opts, spec))
+        saved = json.loads((folder / _OPTIONS_FILE).read_text()) if (folder / _OPTIONS_FILE).exists() else {}
+        if not saved.get("plan"):
+            raise UserError(f"--resume: no stored plan in {folder / _OPTIONS_FILE}")
+        return Plan.from_dict(saved["plan"])
     space = load_space(opts.methods, opts.space_file, **({"space_dir": opts.space_dir} if opts.space_dir else {}),
                        image_size=opts.image_size)
     data_root = resolve_data_root(opts.data, opts.category)
@@ -887,7 +928,10 @@ def run_search(opts: SearchOptions) -> SearchSummary:
                                  log=_log if opts.live else None)
     if opts.live:
         print(schedule.text(), flush=True)
-    space = space.with_sizes({name: schedule.sizes(name) or space.method_sizes(name) for name in space.methods})
+    # Methods the plan left out (too expensive to train usefully on this budget) are not sampled.
+    space = dataclasses.replace(space, methods={n: m for n, m in space.methods.items() if schedule.sizes(n)})
+    space = space.with_sizes({name: schedule.sizes(name) for name in space.methods})
+    record["methods"] = sorted(space.methods)
     record["plan"] = schedule.to_dict()
     record["image_sizes"] = list(space.all_image_sizes())
     folder.mkdir(parents=True, exist_ok=True)
