@@ -531,7 +531,7 @@ def _make_plan(
             keeps = (phi_new >= 1.0 or phi_new >= KEEP_SCHEDULE * phi0
                      or (not m.trainable and phi_new >= MIN_SCHEDULE_TO_JOIN))
             if not keeps:
-                reason = (f"it would cut every method's schedule from {100 * min(phi0, 1):.3g} % to "
+                reason = (f"it would cut every method's schedule from {100 * min(phi, 1):.3g} % to "
                           f"{100 * min(phi_new, 1):.3g} % of the paper's")
             elif m.trainable and phi_new < SIZE_MIN_SCHEDULE:
                 reason = (f"methods reach only {100 * min(phi_new, 1):.3g} % of their paper schedule; larger "
