@@ -59,12 +59,15 @@ def _methods_option(value: str | None) -> list[str] | None:
               help="Print the schedule the search would run (per method and image size: steps, paper-epoch "
                    "equivalent, rungs, seconds per trial, expected trials) and exit; no training, no Ray. A GPU "
                    "budget on a machine without one uses the GPU prior. With --resume: the stored plan.")
+@click.option("--searcher", type=click.Choice(["tpe", "random"]), default="tpe", show_default=True,
+              help="tpe: Optuna TPE + ASHA early stopping, started from each method's defaults; random: random "
+                   "sampling, no early stopping, no warm start (a reference to compare against).")
 @click.option("--calibrate", is_flag=True,
               help="With --plan: first time the speeds this machine has not measured yet (a few training steps "
                    "per method and size; cached in ~/.cache/automl_ad/calibration.json).")
 def search_command(category, budget, jobs_file, data, methods, space_file, max_concurrent, experiment, resume,
                    address, storage, wandb, seed, image_size, val_defects, ensemble_k, models_dir, no_export,
-                   gpus_per_trial, max_gpus, plan_only, calibrate):
+                   gpus_per_trial, max_gpus, searcher, plan_only, calibrate):
     """Search methods, backbones and synthetic-anomaly parameters for a product
     (or for several, one after the other: --category all, --jobs FILE).
 
@@ -93,6 +96,7 @@ def search_command(category, budget, jobs_file, data, methods, space_file, max_c
         methods=_methods_option(methods), space_file=space_file, max_concurrent=max_concurrent,
         experiment=experiment, resume=resume, address=address, storage=storage, wandb=wandb, seed=seed,
         image_size=image_size, val_defects=val_defects, gpus_per_trial=gpus_per_trial, max_gpus=max_gpus,
+        searcher=searcher,
     )
     if calibrate and not plan_only:
         raise UserError("--calibrate goes with --plan (a search measures what it needs by itself)")

@@ -66,6 +66,12 @@ class SearchOptions:
     # Measure the speeds the schedule rests on that this machine has not measured yet
     # (calibration.py); False: cached measurements and the prior only.
     calibrate: bool = True
+    # "tpe": TPE + ASHA, started from each method's defaults; "random": Optuna's random
+    # sampler, no early stopping and no warm start (a reference for benchmarks).
+    searcher: str = "tpe"
+
+
+SEARCHERS = ("tpe", "random")
 
 
 @dataclass
@@ -857,10 +863,37 @@ def _prepare_val_sets(context: TrialContext, image_sizes: tuple[int, ...], data_
     return fingerprints
 
 
+def warm_start_points(space: SearchSpace, schedule: Plan) -> list[dict[str, Any]]:
+    """The first configurations a TPE search runs: every planned method at its defaults
+    (the papers' settings) and at its planned size nearest the paper's; a method that
+    trains nothing once per searchable backbone, since for a memory bank the features
+    are what matters most. Methods that train nothing come first (cheap, strong), then
+    the others, cheapest full trial first. No data is looked at: these are priors."""
+    from automl_ad.tuning.schedule import recipe_for
+
+    def full_cost(method: str) -> float:
+        return min(e.full_s for e in schedule.entries if e.method == method)
+
+    methods = sorted(space.methods, key=lambda m: (recipe_for(m).epochs > 0, full_cost(m), m))
+    points = []
+    for method in methods:
+        point = space.defaults(method)
+        if space.sizes_searched(method):
+            paper = recipe_for(method).image_size
+            point[f"{method}.image_size"] = min(space.method_sizes(method), key=lambda size: (abs(size - paper), size))
+        backbone = space.methods[method].params.get("backbone")
+        if recipe_for(method).epochs == 0 and backbone is not None and backbone.type == "categorical":
+            ordered = [backbone.default] + [b for b in backbone.choices if b != backbone.default]
+            points.extend({**point, f"{method}.backbone": b} for b in ordered)
+        else:
+            points.append(point)
+    return points
+
+
 def _check_resume(folder: Path, opts: SearchOptions, record: dict[str, Any]) -> None:
     saved = json.loads((folder / _OPTIONS_FILE).read_text())
-    for key in ("category", "budget", "seed"):
-        if saved.get(key) != record.get(key):
+    for key in ("category", "budget", "seed", "searcher"):
+        if saved.get(key, "tpe" if key == "searcher" else None) != record.get(key):
             raise UserError(
                 f"--resume: {key} {record.get(key)!r} differs from {saved.get(key)!r} in {folder / _OPTIONS_FILE}"
             )
@@ -870,7 +903,7 @@ def run_search(opts: SearchOptions) -> SearchSummary:
     """Run (or resume) one search; returns a summary once the budget is spent."""
     import optuna
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from automl_ad.data.dataset import resolve_data_root
 
@@ -895,7 +928,9 @@ def run_search(opts: SearchOptions) -> SearchSummary:
             raise UserError(f"experiment {experiment!r} exists in {remote.uri}; pass --resume or a new --experiment")
         elif not opts.resume:
             remote.forget_mirror(experiment)
-    record = {"category": opts.category, "budget": budget.text, "seed": opts.seed,
+    if opts.searcher not in SEARCHERS:
+        raise UserError(f"--searcher {opts.searcher!r}: choose from {', '.join(SEARCHERS)}")
+    record = {"category": opts.category, "budget": budget.text, "seed": opts.seed, "searcher": opts.searcher,
               "methods": sorted(space.methods), "image_sizes": list(space.image_sizes),
               "data": str(data_root), "fidelity": dataclasses.asdict(space.fidelity)}
     # Tune state and trial checkpoints go to the bucket itself, so a trial lost with its
@@ -985,7 +1020,9 @@ def run_search(opts: SearchOptions) -> SearchSummary:
                 space.suggest,
                 metric="objective",
                 mode="max",
-                sampler=optuna.samplers.TPESampler(multivariate=True, seed=opts.seed, n_startup_trials=5),
+                sampler=(optuna.samplers.RandomSampler(seed=opts.seed) if opts.searcher == "random" else
+                         optuna.samplers.TPESampler(multivariate=True, seed=opts.seed, n_startup_trials=5)),
+                points_to_evaluate=warm_start_points(space, schedule) if opts.searcher == "tpe" else None,
                 storage=optuna.storages.RDBStorage(storage_url),
                 study_name=experiment,
                 ledger=ledger,
@@ -1005,9 +1042,10 @@ def run_search(opts: SearchOptions) -> SearchSummary:
                     metric="objective",
                     mode="max",
                     search_alg=ConcurrencyLimiter(searcher, max_concurrent=max_concurrent),
-                    scheduler=ASHAScheduler(time_attr="epoch", max_t=schedule.rounds,
-                                            grace_period=schedule.grace_period,
-                                            reduction_factor=schedule.reduction_factor),
+                    scheduler=(FIFOScheduler() if opts.searcher == "random" else
+                               ASHAScheduler(time_attr="epoch", max_t=schedule.rounds,
+                                             grace_period=schedule.grace_period,
+                                             reduction_factor=schedule.reduction_factor)),
                     num_samples=num_samples,
                     trial_dirname_creator=_trial_dirname,
                     # Skips a process start and the torch imports per trial (about 3 s
