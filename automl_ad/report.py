@@ -478,7 +478,7 @@ def _short_params(row: dict[str, Any]) -> str:
     method = str(row.get("method"))
     items = []
     for key, value in sorted(row["params"].items()):
-        if key in {"method", "image_size", f"{method}.backbone", f"{method}.synthesis"} or value is None:
+        if key in {"method", "image_size", f"{method}.image_size", f"{method}.backbone", f"{method}.synthesis"} or value is None:
             continue
         label = key[len(method) + 1:] if key.startswith(method + ".") else key
         items.append(f"{label}={value:.3g}" if isinstance(value, float) else f"{label}={value}")
