@@ -367,3 +367,30 @@ def test_cli_plan_prints_the_schedule_without_training_or_ray(tmp_path, budget):
         assert "estimate" in out and "paper schedule (phi = 1)" in out
     assert not (tmp_path / "calibration.json").exists(), "--plan alone measures nothing"
     assert not (REPO / "results" / "never").exists()
+
+
+# --- the warm start ------------------------------------------------------------------------
+
+def test_warm_start_runs_defaults_trainless_first_at_the_paper_size_and_every_backbone():
+    import dataclasses
+
+    from automl_ad.backbones import searchable_backbones
+    from automl_ad.tuning.search import method_inputs, warm_start_points
+    from automl_ad.tuning.space import load_space, split_config
+
+    space = load_space(["cfa", "patchcore"])
+    plan = make_plan(parse_budget("10m"), method_inputs(space, BUILTIN.val_good), Bounds(),
+                     FakeBook({"cfa": 0.01}, {"patchcore": 0.05, "cfa": 0.01}), BUILTIN, category="screw")
+    assert plan.sizes("patchcore") and plan.sizes("cfa"), plan.text()
+    space = space.with_sizes({name: plan.sizes(name) for name in space.methods})
+    points = warm_start_points(space, plan)
+    backbones = searchable_backbones()
+    assert [p["method"] for p in points] == ["patchcore"] * len(backbones) + ["cfa"]
+    assert [p["patchcore.backbone"] for p in points[:-1]] == backbones  # the Config's default (lite0) first
+    paper = min(plan.sizes("patchcore"), key=lambda s: (abs(s - 224), s))
+    for point in points[:-1]:
+        config = split_config(point, 128)
+        assert config.image_size == paper
+        assert config.method_params["coreset_ratio"] == space.methods["patchcore"].params["coreset_ratio"].default
+    assert dataclasses.asdict(split_config(points[-1], 128))["method_params"]["lr"] == 1e-3
+
