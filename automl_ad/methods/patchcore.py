@@ -39,6 +39,13 @@ from automl_ad.methods.cfa import gaussian_blur
 _SETUP_CHUNK = 16  # fit images per backbone pass in setup()
 _DISTANCE_CHUNK = 4096  # patches per block in nearest-neighbour searches
 _CORESET_SEED = 0
+# Bounds on the coreset's work (count x candidates x projection_dim): a stride-4 grid at
+# 256 px has 4096 patches per image, and a 10 % coreset of 160 such images took minutes
+# per trial. Above _MAX_CANDIDATES the greedy selection runs on a seeded random sample of
+# that many patches (160 images at 256 px on the stride-8 grid stay exact); the bank
+# holds at most _MAX_BANK patches.
+_MAX_CANDIDATES = 163_840
+_MAX_BANK = 8192
 # Feature strides the backbone's default multi-scale layers sit at (4, 8, 16); the
 # paper takes the two middle ResNet stages, which are strides 8 and 16.
 FEATURE_STRIDE_CHOICES = ("4+8", "8+16", "4+8+16")
@@ -153,7 +160,11 @@ class PatchCore(Method):
             features = self.patch_features(fit_images[start : start + _SETUP_CHUNK])
             chunks.append(features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]))
         patches = torch.cat(chunks)
-        count = max(1, math.ceil(float(self.config.coreset_ratio) * patches.shape[0]))
+        count = min(_MAX_BANK, max(1, math.ceil(float(self.config.coreset_ratio) * patches.shape[0])))
+        if patches.shape[0] > _MAX_CANDIDATES:
+            generator = torch.Generator().manual_seed(_CORESET_SEED)
+            keep = torch.randperm(patches.shape[0], generator=generator)[:_MAX_CANDIDATES]
+            patches = patches[keep.to(patches.device)]
         chosen = greedy_coreset(patches, count, int(self.config.projection_dim), _CORESET_SEED)
         self.memory_bank = patches[chosen].contiguous()
         self.bank_neighbours = self._bank_neighbourhoods(min(int(self.config.reweight_neighbours), len(chosen)))
