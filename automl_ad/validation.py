@@ -8,8 +8,12 @@ Selection never sees the test split. A trial is judged on:
     merely learned its own generator gets no credit for it;
   * real defects the user supplies with ``--val-defects DIR``.
 
-Objective (maximised): ``0.5 * image_auroc + 0.5 * aupro`` on that val set; when no val
-image has a pixel mask (image-level-only val defects), the objective is image AUROC alone.
+Objective (maximised): image AUROC on that val set. AUPRO is measured and stored but not
+optimised: the deployed detector decides per image, and AUPRO on synthetic masks rewards
+maps that are sharp on pasted patches. In a 10-minute fabric search the old
+``0.5 * image_auroc + 0.5 * aupro`` chose an unsmoothed stride-4 PatchCore (val AUPRO 0.81,
+val image AUROC 0.91, test image AUROC 0.94) over the defaults (0.55, 0.95, test 0.99);
+val image AUROC alone ranked those trials as test did.
 """
 
 from __future__ import annotations
@@ -35,12 +39,7 @@ _VAL_FAMILY_PARAMS: dict[str, dict[str, Any]] = {"nsa": {"label": "binary"}}
 def objective(metrics: Mapping[str, float | None]) -> float:
     """The search's val objective (higher is better); see the module docstring."""
     image_auroc = metrics.get("image_auroc")
-    aupro = metrics.get("aupro")
-    if image_auroc is None:
-        return 0.0
-    if aupro is None:
-        return float(image_auroc)
-    return 0.5 * float(image_auroc) + 0.5 * float(aupro)
+    return 0.0 if image_auroc is None else float(image_auroc)
 
 
 def good_set(images: Tensor) -> ImageSet:

@@ -89,9 +89,11 @@ def test_val_set_excludes_the_trial_family_and_keeps_good_images():
     assert int(val.labels.sum()) == 1
 
 
-def test_objective_formula():
-    assert objective({"image_auroc": 0.8, "aupro": 0.6}) == pytest.approx(0.7)
+def test_objective_is_val_image_auroc_and_ignores_aupro():
+    assert objective({"image_auroc": 0.8, "aupro": 0.6}) == pytest.approx(0.8)
+    assert objective({"image_auroc": 0.8, "aupro": 0.99}) == pytest.approx(0.8)
     assert objective({"image_auroc": 0.8, "aupro": None}) == pytest.approx(0.8)
+    assert objective({"image_auroc": None}) == 0.0
 
 
 def test_fit_reports_every_epoch_and_hook_can_stop(tmp_path):
