@@ -1022,7 +1022,11 @@ def run_search(opts: SearchOptions) -> SearchSummary:
                 mode="max",
                 sampler=(optuna.samplers.RandomSampler(seed=opts.seed) if opts.searcher == "random" else
                          optuna.samplers.TPESampler(multivariate=True, seed=opts.seed, n_startup_trials=5)),
-                points_to_evaluate=warm_start_points(space, schedule) if opts.searcher == "tpe" else None,
+                # (Optuna keeps an enqueued point the search never reaches as WAITING:
+                # a trial-count budget enqueues no more points than it runs.)
+                points_to_evaluate=((warm_start_points(space, schedule)[: int(budget.amount)]
+                                     if budget.kind == "trials" else warm_start_points(space, schedule))
+                                    if opts.searcher == "tpe" else None),
                 storage=optuna.storages.RDBStorage(storage_url),
                 study_name=experiment,
                 ledger=ledger,
