@@ -417,20 +417,15 @@ def make_plan(
     return plan
 
 
-def _make_plan(
-    budget: Budget,
-    methods: list[MethodInput],
-    bounds: Bounds,
-    speeds: SpeedBook,
-    data: DataCounts,
-    *,
-    category: str | None = None,
-    devices_per_trial: float = 1.0,
-    concurrency: int = 1,
-    workers: int = 1,
-    use_train: bool = True,
-    overhead_s: float | None = None,
-) -> Plan:
+def _make_plan(budget: Budget, methods: list[MethodInput], bounds: Bounds, speeds: SpeedBook, data: DataCounts,
+               **options: Any) -> Plan:
+    """One plan for exactly ``methods``; ``options`` are ``make_plan``'s keywords."""
+    category: str | None = options["category"]
+    devices_per_trial: float = options["devices_per_trial"]
+    concurrency: int = options["concurrency"]
+    workers: int = options["workers"]
+    use_train: bool = options["use_train"]
+    overhead_s: float | None = options["overhead_s"]
     if not methods:
         raise ValueError("no methods to plan")
     rounds = int(bounds.rounds)
