@@ -438,3 +438,20 @@ def test_all_categories_one_search_each_with_its_own_budget_and_ledger(tmp_path,
     # Resuming the whole run finds each product's search; nothing is run or stored twice.
     again = run_jobs(dataclasses.replace(base, resume=True), jobs)
     assert [s.trials for s in again] == [2, 1]
+
+
+def test_random_searcher_runs_every_trial_to_full_fidelity_and_resume_keeps_it(tmp_path, tiny_mvtec, ray_session):
+    import optuna
+
+    with pytest.raises(UserError, match="--searcher"):
+        run_search(options(tmp_path, tiny_mvtec, searcher="grid", experiment="bad"))
+    assert not (tmp_path / "results" / "bad").exists(), "a refused searcher leaves nothing behind"
+    summary = run_search(options(tmp_path, tiny_mvtec, budget="2trials", searcher="random", experiment="rand"))
+    rows = store.read_table(summary.experiment_dir).to_pylist()
+    assert len(rows) == 2 and all(r["status"] == "finished" for r in rows), "no early stopping"
+    study = optuna.load_study(study_name="rand", storage=f"sqlite:///{summary.experiment_dir / 'optuna.db'}")
+    assert len(study.trials) == 2
+    assert all("fixed_params" not in t.system_attrs for t in study.trials), "random search has no warm start"
+    assert json.loads((summary.experiment_dir / "search.json").read_text())["searcher"] == "random"
+    with pytest.raises(UserError, match="searcher"):
+        run_search(options(tmp_path, tiny_mvtec, budget="2trials", searcher="tpe", experiment="rand", resume=True))
