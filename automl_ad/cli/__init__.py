@@ -19,12 +19,22 @@ from automl_ad.runtime import tune_cpu_allocator
 COMMAND_MODULES = ("data", "synth", "train", "search", "ensemble", "export", "report")
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 class _Main(click.Group):
     def invoke(self, ctx: click.Context):  # noqa: D401 - click hook
         try:
             return super().invoke(ctx)
         except UserError as error:
-            click.echo(f"error: {error}", err=True)
+            click.echo(f"error: {_one_line(error)}", err=True)
+            sys.exit(2)
+        except click.UsageError as error:
+            # A wrong option value of a command (click's range and choice checks): the
+            # same one line as every other bad input, naming the command to ask --help.
+            where = error.ctx.command_path if error.ctx is not None else ctx.command_path
+            click.echo(f"error: {_one_line(error.format_message())} (see `{where} --help`)", err=True)
             sys.exit(2)
 
 

@@ -6,19 +6,7 @@ from pathlib import Path
 
 import click
 
-from automl_ad.errors import UserError
-
-
-def _parse_params(pairs: tuple[str, ...]) -> dict:
-    import yaml
-
-    params = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"--param expects key=value, got {pair!r}")
-        params[key.strip()] = yaml.safe_load(value)
-    return params
+from automl_ad.cli.params import split_pairs, yaml_scalars
 
 
 @click.group("synth")
@@ -51,7 +39,7 @@ def preview(family, category, data, image_size, count, seed, params, texture_dir
     from automl_ad.synthesis import build_synthesizer
     from automl_ad.synthesis.preview import preview_grid
 
-    parsed = _parse_params(params)
+    parsed = yaml_scalars(split_pairs(params, "--param"), "--param")
     build_synthesizer(family, parsed, category=category)  # bad family/params: fail before loading data
     root = resolve_data_root(data, category)
     loaded = load_category(root, category, image_size)

@@ -9,19 +9,42 @@ from pathlib import Path
 
 import click
 
+from automl_ad.cli.params import method_params, split_pairs, yaml_scalars
 from automl_ad.errors import UserError
 
 
-def parse_params(pairs: tuple[str, ...]) -> dict:
-    """``("lr=1e-4", "label_mode=binary")`` -> dict, values parsed as YAML scalars."""
-    import yaml
+def _check_device(device: str) -> None:
+    """``--device``: cpu, cuda or cuda:N of a GPU this machine has."""
+    import torch
 
-    params = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise UserError(f"--param expects key=value, got {pair!r}")
-        params[key.strip()] = yaml.safe_load(value)
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {device!r}: use cpu, cuda or cuda:N") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {device!r}: use cpu, cuda or cuda:N")
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count or count == 0:
+            raise UserError(f"--device {device!r}: this machine has {count} CUDA device(s)")
+
+
+def _checked_synthesis(method: str, synthesis: str | None, pairs: tuple[str, ...], category: str) -> dict:
+    """``--synth-param`` values, checked against the family the run will train with."""
+    from automl_ad.methods.base import get_method_class
+    from automl_ad.synthesis import build_synthesizer
+    from automl_ad.training import TrainConfig, synthesis_family
+
+    params = yaml_scalars(split_pairs(pairs, "--synth-param"), "--synth-param")
+    family = synthesis_family(TrainConfig(method=method, synthesis=synthesis), get_method_class(method))
+    if family is None:
+        if params:
+            raise UserError(f"--synth-param: {method} trains without synthesis here, so it takes no synthesis parameters")
+        return params
+    try:
+        build_synthesizer(family, params, category=category)
+    except UserError as error:
+        raise UserError(f"--synthesis/--synth-param: {error}") from None
     return params
 
 
@@ -62,17 +85,25 @@ def command(method, category, data, image_size, epochs, steps, batch_size, seed,
     from automl_ad.training import TrainConfig, fit, synthesis_family
     from automl_ad.validation import build_val_anomalies, load_image_set, save_image_set, val_set_for
 
-    from automl_ad.methods.base import make_config
-
-    make_config(get_method_class(method), parse_params(params))  # bad method/params: fail before any work
+    # Every option is checked before any data is read or folder made.
+    typed_params = method_params(method, params)
+    typed_synth = _checked_synthesis(method, synthesis, synth_params, category)
+    _check_device(device)
+    out = out or Path("runs") / f"{category}-{method}"
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file, not a folder")
+    if resume and not (out / "checkpoint.pt").exists():
+        raise UserError(f"--resume: no checkpoint.pt in {out}")
+    if not resume and (out / "checkpoint.pt").exists():
+        raise UserError(f"{out} already holds a run: pass --resume to continue it or --out for a new folder")
     root = resolve_data_root(data, category)
     loaded = load_category(root, category, image_size, seed=seed)
     steps_per_epoch = math.ceil(steps / epochs) if steps else None
     cfg = TrainConfig(
         method=method,
-        method_params=parse_params(params),
+        method_params=typed_params,
         synthesis=synthesis,
-        synthesis_params=parse_params(synth_params),
+        synthesis_params=typed_synth,
         image_size=image_size,
         epochs=epochs,
         steps_per_epoch=steps_per_epoch,
@@ -80,11 +111,6 @@ def command(method, category, data, image_size, epochs, steps, batch_size, seed,
         seed=seed,
         device=device,
     )
-    out = out or Path("runs") / f"{category}-{method}"
-    if resume and not (out / "checkpoint.pt").exists():
-        raise UserError(f"--resume: no checkpoint.pt in {out}")
-    if not resume and (out / "checkpoint.pt").exists():
-        raise UserError(f"{out} already holds a run: pass --resume to continue it or --out for a new folder")
     out.mkdir(parents=True, exist_ok=True)
 
     val_path = out / "val_anomalies.safetensors"
