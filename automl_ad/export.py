@@ -5,13 +5,23 @@ A bundle folder holds
                        outputs ``maps`` N x S x S and ``scores`` N (fused, normalised)
   model.torchscript.pt the same graph as TorchScript (optional format)
   manifest.json        methods, parameters, preprocessing, normalisation, threshold and
-                       operating point, val/test metrics, data fingerprint, code version
+                       operating point, val/test metrics, data fingerprint, code version,
+                       the bundle format version, and each file's size and SHA-256
 Loading for prediction uses ONNX Runtime and JSON only: no pickle is executed, and
 neither Ray nor the training code is needed.
+
+This module owns the manifest format. :func:`load_bundle` checks a bundle before
+anything runs: the format version (a newer one is refused, saying so), every file name
+stays inside the bundle folder, every file has the recorded size and SHA-256, the
+manifest itself is unchanged (``manifest_sha256`` over its other keys), and ONNX
+Runtime accepts the graph with the expected inputs and outputs. Any failure is one
+``UserError`` line; files written next to the bundle later (``report.html``) are not
+part of it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -34,7 +44,9 @@ MANIFEST = "manifest.json"
 ONNX_FILE = "model.onnx"
 TORCHSCRIPT_FILE = "model.torchscript.pt"
 FORMATS = ("onnx", "torchscript")
-BUNDLE_VERSION = 1
+BUNDLE_VERSION = 2  # 2: checksums and manifest_sha256 (1 had neither and is refused)
+_HASH_CHUNK = 1 << 20
+_GRAPH_INPUTS, _GRAPH_OUTPUTS = ["images"], ["maps", "scores"]
 
 
 def code_version() -> str:
@@ -193,9 +205,12 @@ def export_bundle(
                 "layout": "N x 3 x H x W",
             },
             "files": files,
+            "checksums": {name: file_checksum(staging / name) for name in files.values()},
             "export_check": {"onnx_vs_torch_max_abs_map_diff": max_diff, "same_decisions": same_decisions},
         }
-        (staging / MANIFEST).write_text(json.dumps(full, indent=2, default=float))
+        full = json.loads(json.dumps(full, default=float))  # the manifest exactly as it reads back
+        full["manifest_sha256"] = _manifest_digest(full)
+        (staging / MANIFEST).write_text(json.dumps(full, indent=2))
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)
@@ -203,6 +218,21 @@ def export_bundle(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def file_checksum(path: Path) -> dict[str, Any]:
+    """``{"bytes": size, "sha256": hex}`` of a file, read in chunks (graphs can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(_HASH_CHUNK), b""):
+            digest.update(chunk)
+    return {"bytes": Path(path).stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _manifest_digest(manifest: dict[str, Any]) -> str:
+    """SHA-256 of the manifest's keys other than itself, in canonical JSON."""
+    rest = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 class OnnxPredictor:
@@ -237,10 +267,85 @@ class Bundle:
         return float(self.manifest["operating_point"]["threshold"])
 
 
-def load_bundle(folder: Path) -> Bundle:
+def _check_version(folder: Path, manifest: Any) -> None:
+    version = manifest.get("bundle_version") if isinstance(manifest, dict) else None
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise UserError(f"not a model bundle: {folder / MANIFEST} has no bundle_version")
+    if version > BUNDLE_VERSION:
+        raise UserError(f"bundle {folder} has format version {version}, newer than this automl-ad reads "
+                        f"(up to {BUNDLE_VERSION}): upgrade automl-ad to run it")
+    if version < BUNDLE_VERSION:
+        raise UserError(f"bundle {folder} has format version {version}, which records no checksums: "
+                        f"export it again with this automl-ad")
+
+
+def _bundle_file(folder: Path, name: Any) -> Path:
+    """``folder / name`` for a plain relative name that stays inside the bundle folder."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise UserError(f"bundle {folder}: manifest names file {name!r}, which is outside the bundle folder")
+    path = folder / name
+    if not path.resolve().is_relative_to(folder.resolve()):  # a symlink out of the folder
+        raise UserError(f"bundle {folder}: file {name!r} points outside the bundle folder")
+    return path
+
+
+def _check_files(folder: Path, manifest: dict[str, Any]) -> None:
+    files, checksums = manifest.get("files"), manifest.get("checksums")
+    if not isinstance(files, dict) or "onnx" not in files or not isinstance(checksums, dict):
+        raise UserError(f"bundle {folder}: {MANIFEST} lacks its files or checksums; export it again")
+    for name in set(files.values()) | set(checksums):
+        path = _bundle_file(folder, name)
+        expected = checksums.get(name)
+        if not isinstance(expected, dict):
+            raise UserError(f"bundle {folder}: {MANIFEST} records no checksum for {name}")
+        if not path.is_file():
+            raise UserError(f"bundle {folder}: {name} is missing")
+        found = file_checksum(path)
+        if found["bytes"] != expected.get("bytes"):
+            raise UserError(f"bundle {folder}: {name} is {found['bytes']} bytes, the manifest says "
+                            f"{expected.get('bytes')} (truncated or replaced); export it again")
+        if found["sha256"] != expected.get("sha256"):
+            raise UserError(f"bundle {folder}: {name} was modified after export (SHA-256 differs from the manifest)")
+
+
+def _check_fields(folder: Path, manifest: dict[str, Any]) -> None:
+    size = (manifest.get("preprocessing") or {}).get("image_size")
+    threshold = (manifest.get("operating_point") or {}).get("threshold")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise UserError(f"bundle {folder}: {MANIFEST} has no valid preprocessing.image_size")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise UserError(f"bundle {folder}: {MANIFEST} has no numeric operating_point.threshold")
+
+
+def verify_bundle(folder: Path) -> dict[str, Any]:
+    """The manifest of a bundle that passed every check in the module doc (else UserError)."""
     folder = Path(folder)
     manifest = read_json(folder / MANIFEST, f"not a model bundle (no {MANIFEST}): {folder}")
-    onnx_path = folder / manifest.get("files", {}).get("onnx", ONNX_FILE)
-    if not onnx_path.is_file():
-        raise UserError(f"bundle has no ONNX graph: {onnx_path}")
-    return Bundle(folder, manifest, OnnxPredictor(onnx_path))
+    _check_version(folder, manifest)
+    if manifest.get("manifest_sha256") != _manifest_digest(manifest):
+        raise UserError(f"bundle {folder}: {MANIFEST} was edited after export (its manifest_sha256 does not match)")
+    _check_fields(folder, manifest)
+    _check_files(folder, manifest)
+    return manifest
+
+
+def _open_graph(path: Path) -> OnnxPredictor:
+    """ONNX Runtime session, or one line saying why the graph cannot run."""
+    try:
+        predictor = OnnxPredictor(path)
+    except Exception as error:  # onnxruntime raises its own pybind classes (InvalidProtobuf, Fail, ...)
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"bundle graph {path} cannot be loaded by ONNX Runtime: {reason[:200]}") from None
+    inputs = [i.name for i in predictor.session.get_inputs()]
+    outputs = [o.name for o in predictor.session.get_outputs()]
+    if inputs != _GRAPH_INPUTS or sorted(outputs) != sorted(_GRAPH_OUTPUTS):
+        raise UserError(f"bundle graph {path} takes {inputs} and gives {outputs}; expected "
+                        f"{_GRAPH_INPUTS} -> {_GRAPH_OUTPUTS}: not an automl-ad model")
+    return predictor
+
+
+def load_bundle(folder: Path) -> Bundle:
+    """A verified bundle ready to run (see the module doc for what is checked)."""
+    folder = Path(folder)
+    manifest = verify_bundle(folder)
+    return Bundle(folder, manifest, _open_graph(_bundle_file(folder, manifest["files"]["onnx"])))
