@@ -14,7 +14,12 @@ Every file is written to a temporary name in the same folder and renamed with
 ``os.replace``, so a reader never sees half a file and a rewrite of the same trial
 replaces it (a resumed search stores every trial exactly once). Rows carry
 ``schema_version``. Nothing from the environment (API keys, tokens) is ever stored.
-Read with :func:`read_table` (pyarrow.dataset) or :func:`query` (duckdb SQL).
+Read with :func:`read_table` (pyarrow) or :func:`query` (duckdb SQL).
+
+A file that cannot be read (truncated, not Parquet, a trial row without ``trial_id``)
+costs only itself: readers move it aside to ``<experiment>/damaged/<table>/`` (never
+deleting it), say so in one ``warning:`` line on stderr naming it, and go on with the
+rest. A resumed search then stores that trial again from its checkpoint.
 """
 
 from __future__ import annotations
@@ -23,12 +28,12 @@ import json
 import math
 import os
 import re
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from automl_ad.errors import UserError
@@ -36,6 +41,9 @@ from automl_ad.errors import UserError
 SCHEMA_VERSION = 1
 TRIALS = "trials"
 EPOCHS = "epochs"
+DAMAGED = "damaged"  # <experiment>/damaged/<table>/<file>: store files set aside unread
+# Tables whose every row names its trial: a file without the column is not one of ours.
+_KEYED_TABLES = (TRIALS, EPOCHS)
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.=-]+$")
 
@@ -208,22 +216,76 @@ def _table_files(folder: Path, table_name: str) -> list[str]:
     return sorted(str(p) for p in directory.glob("*.parquet") if not p.name.startswith("."))
 
 
+def _read_checked(path: Path, table_name: str) -> pa.Table | str:
+    """The file as a table, or why it cannot be used as rows of ``table_name``."""
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as error:
+        text = str(error).strip()
+        return text.splitlines()[0][:200] if text else type(error).__name__
+    if table_name in _KEYED_TABLES and "trial_id" not in table.column_names:
+        return "not a trial table (no trial_id column)"
+    return table
+
+
+def set_aside(folder: Path, path: Path, reason: str) -> Path:
+    """Move a damaged store file to ``<folder>/damaged/<table>/`` (kept, never deleted) and
+    say so in one line on stderr; returns where it went."""
+    path = Path(path)
+    target_dir = Path(folder) / DAMAGED / path.parent.name
+    target_dir.mkdir(parents=True, exist_ok=True)
+    target = target_dir / path.name
+    serial = 1
+    while target.exists():  # an earlier damaged copy of the same trial stays too
+        target = target_dir / f"{path.stem}.{serial}{path.suffix}"
+        serial += 1
+    os.replace(path, target)
+    print(f"warning: damaged store file {path} ({reason}): moved to {target} and left out", file=sys.stderr)
+    return target
+
+
+def _readable_tables(folder: Path, table_name: str) -> list[tuple[str, pa.Table]]:
+    readable = []
+    for name in _table_files(folder, table_name):
+        got = _read_checked(Path(name), table_name)
+        if isinstance(got, str):
+            set_aside(folder, Path(name), got)
+        else:
+            readable.append((name, got))
+    return readable
+
+
+def readable_files(folder: Path, table_name: str = TRIALS) -> list[str]:
+    """The table's files that read as Parquet; the others are set aside (:func:`set_aside`)."""
+    return [name for name, _ in _readable_tables(folder, table_name)]
+
+
+def check_tables(folder: Path, tables: tuple[str, ...] = _KEYED_TABLES) -> None:
+    """Set aside every damaged file of these tables (before a resume trusts their file
+    names as the trials already stored)."""
+    for table_name in tables:
+        readable_files(folder, table_name)
+
+
 def read_table(folder: Path, table_name: str = TRIALS) -> pa.Table:
-    """All rows of a table as one pyarrow Table (columns unified across files); stored
-    relative ``checkpoint`` values come back as absolute paths under ``folder``."""
-    files = _table_files(folder, table_name)
-    if not files:
+    """All readable rows of a table as one pyarrow Table (columns unified across files);
+    stored relative ``checkpoint`` values come back as absolute paths under ``folder``.
+    Damaged files are set aside and left out (module doc)."""
+    tables = [table for _, table in _readable_tables(folder, table_name)]
+    if not tables:
         return pa.table({})
-    schemas = [pq.read_schema(f) for f in files]
-    schema = pa.unify_schemas(schemas, promote_options="permissive")
-    return _absolute_checkpoints(pads.dataset(files, schema=schema, format="parquet").to_table(), Path(folder))
+    try:
+        merged = pa.concat_tables(tables, promote_options="permissive")
+    except pa.ArrowException as error:
+        raise UserError(f"{Path(folder) / table_name}: files with conflicting columns ({error})") from None
+    return _absolute_checkpoints(merged, Path(folder))
 
 
 def query(folder: Path, sql: str, table_name: str = TRIALS) -> list[tuple]:
     """Run duckdb ``sql`` over a table exposed as the view named ``table_name``."""
     import duckdb
 
-    files = _table_files(folder, table_name)
+    files = readable_files(folder, table_name)
     if not files:
         return []
     con = duckdb.connect()

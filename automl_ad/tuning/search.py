@@ -1010,6 +1010,10 @@ def run_search(opts: SearchOptions) -> SearchSummary:
     ledger.start_session()
     live = _start_live(progress) if opts.live else None
     try:
+        if opts.resume:
+            # A trial whose row file is damaged is set aside here, so it counts as not
+            # stored and is stored again from its checkpoint (_store_missing) or re-run.
+            store.check_tables(folder)
         if opts.resume and tune.Tuner.can_restore(tune_path):
             tuner = tune.Tuner.restore(tune_path, trainable, resume_unfinished=True, resume_errored=True)
             known = {Path(r.path).name for r in tuner.get_results()} | store.stored_trial_ids(folder)
