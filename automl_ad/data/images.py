@@ -16,11 +16,19 @@ Every image becomes H x W x 3 uint8 RGB, whatever PIL opened:
 
 Truncated files are errors: ``ImageFile.LOAD_TRUNCATED_IMAGES`` is never set here, and
 every read calls ``.load()`` so a short file fails now instead of later as grey pixels.
+
+Images whose header declares more than ``MAX_IMAGE_PIXELS`` pixels (PIL's own default,
+89.5 megapixels, about 9459 x 9459; an 8k x 8k industrial capture is 67 MP) or a side
+over ``MAX_IMAGE_SIDE`` are refused from the header alone, before any pixel is decoded:
+a decompression bomb (a tiny file declaring a huge image) would otherwise exhaust
+memory. ``AUTOML_AD_MAX_IMAGE_PIXELS`` sets another pixel limit.
 """
 
 from __future__ import annotations
 
+import os
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +43,9 @@ IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".t
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError,
                   struct.error, EOFError)
 
+MAX_IMAGE_PIXELS = 89_478_485  # PIL's default bomb limit, so its check and ours agree
+MAX_IMAGE_SIDE = 65_535  # PNG and TIFF allow far more; no camera makes it
+
 _WIDE_INTEGER_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 
 
@@ -43,16 +54,51 @@ def is_image_file(path: Path) -> bool:
     return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
 
 
+def max_image_pixels() -> int:
+    """The pixel limit: ``AUTOML_AD_MAX_IMAGE_PIXELS`` when set (a positive integer)."""
+    text = os.environ.get("AUTOML_AD_MAX_IMAGE_PIXELS", "").strip()
+    if not text:
+        return MAX_IMAGE_PIXELS
+    if not text.isdigit() or int(text) < 1:
+        raise UserError(f"AUTOML_AD_MAX_IMAGE_PIXELS={text!r}: give a positive number of pixels")
+    return int(text)
+
+
+def _too_large(path: Path, detail: str) -> UserError:
+    # No ": " in the text: data check shows what follows the last one as the reason.
+    return UserError(f"image {path} is too large to decode safely ({detail})")
+
+
+def _open_checked(path: Path) -> Image.Image:
+    """``Image.open`` (header only) with the size limit enforced before any decoding."""
+    limit = max_image_pixels()
+    Image.MAX_IMAGE_PIXELS = limit  # PIL's own bomb check in open() then uses the same limit
+    with warnings.catch_warnings():
+        # PIL only warns between 1x and 2x its limit and would then decode the image.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            opened = Image.open(path)
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+            raise _too_large(path, f"over the limit of {limit / 1e6:.1f} megapixels, AUTOML_AD_MAX_IMAGE_PIXELS") from None
+    width, height = opened.size
+    if max(width, height) > MAX_IMAGE_SIDE:
+        opened.close()
+        raise _too_large(path, f"{width} x {height}, a side over {MAX_IMAGE_SIDE} px")
+    return opened
+
+
 def _open_loaded(path: Path) -> Image.Image:
     """Open and fully decode ``path``; any failure becomes a UserError naming it."""
     try:
-        with Image.open(path) as opened:
+        with _open_checked(path) as opened:
             opened.load()
             image = opened.copy()  # detached from the file, which the with-block closes
             image.info = dict(opened.info)
             file_format = opened.format
     except FileNotFoundError as error:
         raise UserError(f"image file not found: {path}") from error
+    except UserError:
+        raise  # already names the file (too large); UserError is a ValueError
     except _DECODE_ERRORS as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserError(f"cannot read image {path}: {reason}") from error
@@ -153,10 +199,12 @@ def image_size_of(path: Path | str) -> tuple[int, int]:
     """
     path = Path(path)
     try:
-        with Image.open(path) as opened:
+        with _open_checked(path) as opened:
             width, height = opened.size
     except FileNotFoundError as error:
         raise UserError(f"image file not found: {path}") from error
+    except UserError:
+        raise  # already names the file (too large); UserError is a ValueError
     except _DECODE_ERRORS as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserError(f"cannot read image header {path}: {reason}") from error
