@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,8 @@ from automl_ad.ensemble import (
     caruana_select,
     ensemble_test_metrics,
 )
-from automl_ad.errors import UserError
+from automl_ad.errors import DamagedCheckpoint, UserError
+from automl_ad.jsonio import read_json
 
 SEARCH_RECORD = "search.json"
 
@@ -61,6 +63,57 @@ class Choice:
     val_scores: torch.Tensor
     val_labels: torch.Tensor
     candidates: list[Candidate]
+
+
+def read_record(folder: Path) -> dict[str, Any]:
+    """The experiment's search record; one line naming it when it is missing or corrupt."""
+    record = read_json(Path(folder) / SEARCH_RECORD, f"not an experiment folder (no {SEARCH_RECORD}): {folder}")
+    if not isinstance(record, dict) or not {"category", "data"} <= set(record):
+        raise UserError(f"corrupt {Path(folder) / SEARCH_RECORD}: no category and data")
+    return record
+
+
+def read_val_anomalies(folder: Path, size: int) -> ImageSet:
+    """The experiment's frozen val anomalies at ``size``; one line naming the file when it
+    is missing or damaged (every trial was judged on it, so there is nothing to skip to)."""
+    from automl_ad.validation import load_image_set
+
+    path = Path(folder) / "val" / f"val_anomalies_{size}px.safetensors"
+    if not path.is_file():
+        raise UserError(f"no frozen val anomalies at {size} px in {path.parent}")
+    try:
+        return load_image_set(path)
+    except Exception as error:  # safetensors, JSON and key errors alike: the file is not what we wrote
+        reason = " ".join(str(error).split())[:200] or type(error).__name__
+        raise UserError(f"damaged val set {path} ({reason})") from None
+
+
+def _checkpoints_newest_first(checkpoint: Path) -> list[Path]:
+    """A trial's checkpoint, then the earlier ones Tune kept beside it (``checkpoint_000002``
+    before ``checkpoint_000003``): where to fall back when the newest is damaged."""
+    if not checkpoint.name.startswith("checkpoint_"):
+        return [checkpoint]
+    earlier = sorted((p for p in checkpoint.parent.glob("checkpoint_*") if p.is_dir() and p.name < checkpoint.name),
+                     reverse=True)
+    return [checkpoint, *earlier]
+
+
+def _load_candidate(candidate: Candidate, category: str) -> Any | None:
+    """The candidate's model from its newest usable checkpoint, or None (left out) when
+    every one is damaged; each damaged checkpoint is named in one warning line."""
+    from automl_ad.training import load_trained_method
+
+    for folder in _checkpoints_newest_first(candidate.checkpoint):
+        try:
+            method, _ = load_trained_method(folder, category)
+        except DamagedCheckpoint as error:
+            print(f"warning: trial {candidate.trial_id}: {error}", file=sys.stderr)
+            continue
+        if folder != candidate.checkpoint:
+            print(f"warning: trial {candidate.trial_id}: using its earlier checkpoint {folder}", file=sys.stderr)
+        return method
+    print(f"warning: trial {candidate.trial_id} left out: no usable checkpoint", file=sys.stderr)
+    return None
 
 
 def find_experiment(storage: Path, category: str, experiment: str | None) -> Path:
@@ -137,22 +190,24 @@ def choose_model(
 ) -> Choice:
     """Ensemble the top trials and choose the deployable model on val (see module doc)."""
     from automl_ad.data.dataset import load_category
-    from automl_ad.training import load_trained_method, predict
-    from automl_ad.validation import load_image_set
+    from automl_ad.training import predict
 
-    record = json.loads((folder / SEARCH_RECORD).read_text())
+    record = read_record(folder)
     category, seed = record["category"], int(record.get("seed", 0))
-    candidates = load_candidates(folder, top)
+    loaded = {c.trial_id: (c, _load_candidate(c, category)) for c in load_candidates(folder, top)}
+    candidates = [c for c, method in loaded.values() if method is not None]
+    if not candidates:
+        raise UserError(f"no trial in {folder} has a usable checkpoint (see the warnings above)")
     size = candidates[0].image_size
     data = load_category(Path(record["data"]), category, size, seed=seed, cache_dir=folder / "cache")
-    anomalies = load_image_set(folder / "val" / f"val_anomalies_{size}px.safetensors")
+    anomalies = read_val_anomalies(folder, size)
     trained = {c.synthesis for c in candidates if c.synthesis}
     val, families = shared_val_set(data.val_good, anomalies, trained)
 
     device = torch.device("cpu")
     models, predictions, latency = {}, [], {}
     for candidate in candidates:
-        method, _ = load_trained_method(candidate.checkpoint, category)
+        method = loaded[candidate.trial_id][1]
         models[candidate.trial_id] = method
         val_maps, val_scores = predict(method, val.images, device, 16)
         test_maps, test_scores = predict(method, data.test.images, device, 16) if len(data.test) else (None, None)
@@ -232,7 +287,7 @@ def export_choice(
     from automl_ad.data.types import to_float
     from automl_ad.export import calibrate_threshold, export_bundle
 
-    record = json.loads((folder / SEARCH_RECORD).read_text())
+    record = read_record(folder)
     size = choice.candidates[0].image_size
     operating_point = calibrate_threshold(choice.val_scores, choice.val_labels, fpr=fpr)
     data = load_category(Path(record["data"]), record["category"], size, seed=int(record.get("seed", 0)), cache_dir=folder / "cache")

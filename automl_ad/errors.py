@@ -7,3 +7,11 @@ class UserError(ValueError):
     The CLI prints ``error: <message>`` on one line and exits with code 2.
     Raise it with a message that names the offending file, key or value.
     """
+
+
+class DamagedCheckpoint(UserError):
+    """A checkpoint that cannot be used: truncated, not ours, or weights of other shapes.
+
+    Callers that can fall back (an earlier checkpoint, a re-run, the next candidate)
+    catch this one; elsewhere it is an ordinary one-line ``error:``.
+    """

@@ -329,11 +329,11 @@ def scored_sets(folder: Path, bundle: Any) -> tuple[list[ScoredSet], list[str]]:
     """The bundle's val set (val-good + the frozen anomalies its threshold was calibrated
     on) and the test split, scored by the ONNX graph; plus notes for the reader."""
     from automl_ad.data.dataset import load_category
-    from automl_ad.deploy import SEARCH_RECORD
-    from automl_ad.validation import load_image_set, val_set_for
+    from automl_ad.deploy import read_record, read_val_anomalies
+    from automl_ad.validation import val_set_for
 
     notes: list[str] = []
-    record = json.loads((folder / SEARCH_RECORD).read_text())
+    record = read_record(folder)
     size = bundle.image_size
     data = load_category(Path(record["data"]), record["category"], size, seed=int(record.get("seed", 0)),
                          cache_dir=folder / "cache")
@@ -344,7 +344,7 @@ def scored_sets(folder: Path, bundle: Any) -> tuple[list[ScoredSet], list[str]]:
     sets = []
     anomalies_file = folder / "val" / f"val_anomalies_{size}px.safetensors"
     if anomalies_file.is_file():
-        anomalies = load_image_set(anomalies_file)
+        anomalies = read_val_anomalies(folder, size)
         families = set(bundle.manifest.get("val_anomaly_families") or [])
         keep = [i for i, t in enumerate(anomalies.defect_types) if t != "good" and (not families or t in families)]
         sets.append(("val", val_set_for(data.val_good, anomalies.subset(keep), train_family=None)))

@@ -14,13 +14,13 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 from torch import Tensor
 
 from automl_ad.data.types import CategoryData, ImageSet, to_float
-from automl_ad.errors import UserError
+from automl_ad.errors import DamagedCheckpoint, UserError
 from automl_ad.methods.base import Batch, Method, create_method
 from automl_ad.validation import objective
 
@@ -194,10 +194,10 @@ def fit(
     reports: list[EpochReport] = []
     start_epoch, step = 0, 0
     optimizer = scheduler = None
-    checkpoint = _load_checkpoint(resume_from) if resume_from is not None else None
+    checkpoint = read_checkpoint(resume_from) if resume_from is not None else None
     if checkpoint is not None:
         start_epoch, step = int(checkpoint["epoch"]), int(checkpoint["step"])
-        method.load_state_dict(checkpoint["method"])
+        _load_weights(method, checkpoint["method"], Path(resume_from) / CHECKPOINT_FILE)
         sampler.load_state_dict(checkpoint["sampler"])
         synth_generator.set_state(checkpoint["synth_rng"])
         reports = [EpochReport(**r) for r in checkpoint["reports"]]
@@ -400,20 +400,50 @@ def _save_checkpoint(
         raise
 
 
-def _load_checkpoint(folder: Path) -> dict[str, Any]:
+# Keys every checkpoint this loop writes holds (``_save_checkpoint``).
+_CHECKPOINT_KEYS = ("config", "method", "epoch", "step", "sampler", "synth_rng", "torch_rng", "reports")
+
+
+def read_checkpoint(folder: Path) -> dict[str, Any]:
+    """The saved state (``weights_only``: no code runs); DamagedCheckpoint naming the file
+    when it is truncated, not a torch file, or not one this loop wrote."""
+    import pickle
+    import zipfile
+
     path = Path(folder) / CHECKPOINT_FILE
     if not path.exists():
         raise UserError(f"no checkpoint to resume from: {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise DamagedCheckpoint(f"damaged checkpoint {path}: {reason}") from None
+    missing = [k for k in _CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise DamagedCheckpoint(f"damaged checkpoint {path}: not an automl_ad training checkpoint (no {', '.join(missing)})")
+    return state
+
+
+def _load_weights(method: Method, state: Mapping[str, Any], path: Path) -> None:
+    """``load_state_dict`` with weights of the wrong shapes or names as DamagedCheckpoint."""
+    try:
+        method.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError, ValueError) as error:
+        reason = " ".join(str(error).split())[:200]
+        raise DamagedCheckpoint(f"damaged checkpoint {path}: its weights do not fit {method.name} ({reason})") from None
 
 
 def load_trained_method(folder: Path, category: str, device: str = "cpu") -> tuple[Method, TrainConfig]:
     """Rebuild a method from a checkpoint folder (no training state needed)."""
-    checkpoint = _load_checkpoint(folder)
-    cfg = TrainConfig(**checkpoint["config"])
+    checkpoint = read_checkpoint(folder)
+    path = Path(folder) / CHECKPOINT_FILE
+    try:
+        cfg = TrainConfig(**checkpoint["config"])
+    except TypeError as error:
+        raise DamagedCheckpoint(f"damaged checkpoint {path}: its config does not fit this version ({error})") from None
     torch.manual_seed(cfg.seed)
     method = create_method(cfg.method, cfg.method_params, cfg.image_size, category)
-    method.load_state_dict(checkpoint["method"])
+    _load_weights(method, checkpoint["method"], path)
     return method.to(device).eval(), cfg
 
 

@@ -228,8 +228,10 @@ def train_worker_loop(loop_config: dict[str, Any]) -> None:
         reporter.report(metrics, checkpoint_dir)
         return False
 
+    saved = _restored_state(resume_from, reporter.trial_id) if resume_from is not None else None
+    if saved is None:
+        resume_from = None  # no checkpoint, or a damaged one: the trial runs again from the start
     try:
-        saved = _saved_state(resume_from) if resume_from is not None else None
         if saved is not None and saved["epoch"] >= cfg.epochs:
             # Killed after its last checkpoint but before Tune saw the report: say it again,
             # in full, naming the checkpoint (Train's reports carry its path, not the files).
@@ -264,13 +266,19 @@ def _test_metrics(folder: Path, data: Any, device: str) -> dict[str, Any]:
     return {**{f"test_{k}": v for k, v in metrics.items() if v is not None}, "test_done": 1}
 
 
-def _saved_state(folder: Path) -> dict[str, Any]:
-    """The training state saved in a checkpoint folder (epoch, reports, weights)."""
-    import torch
+def _restored_state(folder: Path, trial_id: str) -> dict[str, Any] | None:
+    """The training state of the checkpoint Tune restored, or None (with one warning
+    line) when that checkpoint is damaged, so the trial is re-run instead of failing."""
+    import sys
 
-    from automl_ad.training import CHECKPOINT_FILE
+    from automl_ad.errors import DamagedCheckpoint
+    from automl_ad.training import read_checkpoint
 
-    return torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    try:
+        return read_checkpoint(Path(folder))
+    except DamagedCheckpoint as error:
+        print(f"warning: trial {trial_id}: {error}; running it again from the start", file=sys.stderr)
+        return None
 
 
 class _WandbRun:
