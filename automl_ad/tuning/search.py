@@ -28,6 +28,8 @@ from automl_ad import store
 from automl_ad.errors import UserError
 from automl_ad.remote_storage import DRIVER_NOT_PULLED, Storage, parse_storage
 from automl_ad.tuning.budget import Budget, Ledger, parse_budget, shared_ledger
+from automl_ad.tuning.lock import DriverLock
+from automl_ad.tuning.lock import acquire as acquire_lock
 from automl_ad.tuning.progress import SearchProgress
 from automl_ad.tuning.schedule import Plan
 from automl_ad.tuning.space import SearchSpace, load_space, split_config
@@ -899,6 +901,16 @@ def _check_resume(folder: Path, opts: SearchOptions, record: dict[str, Any]) -> 
             )
 
 
+def _lock_experiment(folder: Path, experiment: str, resume: bool) -> DriverLock:
+    """The experiment's driver lock (``automl_ad.tuning.lock``); for a new search, also
+    checks that no other driver made the experiment in the meantime."""
+    lock = acquire_lock(folder, experiment)
+    if not resume and (folder / _OPTIONS_FILE).exists():
+        lock.release()
+        raise UserError(f"experiment {experiment!r} was started by another driver just now; pass a new --experiment")
+    return lock
+
+
 def run_search(opts: SearchOptions) -> SearchSummary:
     """Run (or resume) one search; returns a summary once the budget is spent."""
     import optuna
@@ -943,154 +955,159 @@ def run_search(opts: SearchOptions) -> SearchSummary:
         _check_resume(folder, opts, record)
     elif (folder / _OPTIONS_FILE).exists():
         raise UserError(f"experiment {experiment!r} exists in {storage}; pass --resume or a new --experiment")
-    _init_ray(opts, folder)
-    import ray
-
-    resources = {k: float(v) for k, v in ray.cluster_resources().items()}
-    devices = plan_devices(budget, resources, max_gpus=opts.max_gpus, gpus_per_trial=opts.gpus_per_trial,
-                           cpus_per_trial=opts.cpus_per_trial, use_train=opts.use_train,
-                           max_concurrent=opts.max_concurrent)
-    if devices.autoscale_gpus:
-        import sys
-
-        print(f"notice: the cluster has {resources.get('GPU', 0.0):g} GPUs now; trials will ask for up to "
-              f"{devices.gpus:g} and wait while the autoscaler starts GPU nodes", file=sys.stderr)
-    saved = json.loads((folder / _OPTIONS_FILE).read_text()) if opts.resume else {}
-    if saved.get("plan"):
-        schedule = Plan.from_dict(saved["plan"])  # never re-planned: the trials so far ran this
-    else:
-        schedule = plan_schedule(opts, budget, space, data_root, devices, calibrate=opts.calibrate,
-                                 log=_log if opts.live else None)
-    if opts.live:
-        print(schedule.text(), flush=True)
-    # Methods the plan left out (too expensive to train usefully on this budget) are not sampled.
-    space = dataclasses.replace(space, methods={n: m for n, m in space.methods.items() if schedule.sizes(n)})
-    space = space.with_sizes({name: schedule.sizes(name) for name in space.methods})
-    record["methods"] = sorted(space.methods)
-    record["plan"] = schedule.to_dict()
-    record["image_sizes"] = list(space.all_image_sizes())
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / _OPTIONS_FILE).write_text(json.dumps(record, indent=1))
-    use_gpu = devices.use_gpu
-    device_kind = "gpu" if use_gpu else "cpu"
-    fidelity = space.fidelity
-    context = TrialContext(
-        experiment=experiment,
-        experiment_dir=str(folder),
-        category=opts.category,
-        data_root=str(data_root),
-        seed=opts.seed,
-        default_image_size=space.image_sizes[0],
-        max_epochs=schedule.rounds,
-        steps_per_epoch=fidelity.steps_per_epoch,
-        batch_size=fidelity.batch_size or 8,
-        val_defects=str(Path(opts.val_defects).resolve()) if opts.val_defects else None,
-        use_train=opts.use_train,
-        **_trial_shape(opts, devices),
-        wandb=opts.wandb,
-        storage_uri=remote.experiment_uri(experiment) if remote is not None else None,
-        train_retries=1 if opts.address else 0,
-        schedule=schedule.schedule(),
-    )
-    fingerprints = _prepare_val_sets(context, space.all_image_sizes(), data_root)
-    if remote is not None:
-        remote.push(experiment)  # the search record and val sets: a resume can start from them
-
-    _forget_cached_ledger(folder)
-    ledger = shared_ledger(folder, budget)
-    max_concurrent = devices.max_concurrent
-
-    progress = SearchProgress(ledger=ledger, max_epochs=context.max_epochs, used_at_start=ledger.used())
-    space_key = str(folder)
-    _ACTIVE[space_key] = progress
-    trainable = make_trainable(context)
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # resume close to where a kill hit
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    ledger.start_session()
-    live = _start_live(progress) if opts.live else None
+    lock = _lock_experiment(folder, experiment, opts.resume)
     try:
-        if opts.resume:
-            # A trial whose row file is damaged is set aside here, so it counts as not
-            # stored and is stored again from its checkpoint (_store_missing) or re-run.
-            store.check_tables(folder)
-        if opts.resume and tune.Tuner.can_restore(tune_path):
-            tuner = tune.Tuner.restore(tune_path, trainable, resume_unfinished=True, resume_errored=True)
-            known = {Path(r.path).name for r in tuner.get_results()} | store.stored_trial_ids(folder)
-            ledger.mark_lost(set(ledger.trials()) - known)
-        else:
-            storage_url = f"sqlite:///{folder / 'optuna.db'}"
-            searcher = BudgetedOptunaSearch(
-                space.suggest,
-                metric="objective",
-                mode="max",
-                sampler=(optuna.samplers.RandomSampler(seed=opts.seed) if opts.searcher == "random" else
-                         optuna.samplers.TPESampler(multivariate=True, seed=opts.seed, n_startup_trials=5)),
-                # (Optuna keeps an enqueued point the search never reaches as WAITING:
-                # a trial-count budget enqueues no more points than it runs.)
-                points_to_evaluate=((warm_start_points(space, schedule)[: int(budget.amount)]
-                                     if budget.kind == "trials" else warm_start_points(space, schedule))
-                                    if opts.searcher == "tpe" else None),
-                storage=optuna.storages.RDBStorage(storage_url),
-                study_name=experiment,
-                ledger=ledger,
-                max_epochs=context.max_epochs,
-                plan=schedule,
-                devices_per_trial=allocated_devices(context, device_kind),
-                default_image_size=context.default_image_size,
-            )
-            from ray.tune.search import ConcurrencyLimiter
+        _init_ray(opts, folder)
+        import ray
 
-            stopper = BudgetStopper(ledger)
-            callback = LedgerAndStoreCallback(folder, ledger, context, device_kind, fingerprints, remote)
-            num_samples = int(budget.amount) if budget.kind == "trials" else -1
-            tuner = tune.Tuner(
-                trainable,
-                tune_config=tune.TuneConfig(
+        resources = {k: float(v) for k, v in ray.cluster_resources().items()}
+        devices = plan_devices(budget, resources, max_gpus=opts.max_gpus, gpus_per_trial=opts.gpus_per_trial,
+                               cpus_per_trial=opts.cpus_per_trial, use_train=opts.use_train,
+                               max_concurrent=opts.max_concurrent)
+        if devices.autoscale_gpus:
+            import sys
+
+            print(f"notice: the cluster has {resources.get('GPU', 0.0):g} GPUs now; trials will ask for up to "
+                  f"{devices.gpus:g} and wait while the autoscaler starts GPU nodes", file=sys.stderr)
+        saved = json.loads((folder / _OPTIONS_FILE).read_text()) if opts.resume else {}
+        if saved.get("plan"):
+            schedule = Plan.from_dict(saved["plan"])  # never re-planned: the trials so far ran this
+        else:
+            schedule = plan_schedule(opts, budget, space, data_root, devices, calibrate=opts.calibrate,
+                                     log=_log if opts.live else None)
+        if opts.live:
+            print(schedule.text(), flush=True)
+        # Methods the plan left out (too expensive to train usefully on this budget) are not sampled.
+        space = dataclasses.replace(space, methods={n: m for n, m in space.methods.items() if schedule.sizes(n)})
+        space = space.with_sizes({name: schedule.sizes(name) for name in space.methods})
+        record["methods"] = sorted(space.methods)
+        record["plan"] = schedule.to_dict()
+        record["image_sizes"] = list(space.all_image_sizes())
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / _OPTIONS_FILE).write_text(json.dumps(record, indent=1))
+        use_gpu = devices.use_gpu
+        device_kind = "gpu" if use_gpu else "cpu"
+        fidelity = space.fidelity
+        context = TrialContext(
+            experiment=experiment,
+            experiment_dir=str(folder),
+            category=opts.category,
+            data_root=str(data_root),
+            seed=opts.seed,
+            default_image_size=space.image_sizes[0],
+            max_epochs=schedule.rounds,
+            steps_per_epoch=fidelity.steps_per_epoch,
+            batch_size=fidelity.batch_size or 8,
+            val_defects=str(Path(opts.val_defects).resolve()) if opts.val_defects else None,
+            use_train=opts.use_train,
+            **_trial_shape(opts, devices),
+            wandb=opts.wandb,
+            storage_uri=remote.experiment_uri(experiment) if remote is not None else None,
+            train_retries=1 if opts.address else 0,
+            schedule=schedule.schedule(),
+        )
+        fingerprints = _prepare_val_sets(context, space.all_image_sizes(), data_root)
+        if remote is not None:
+            remote.push(experiment)  # the search record and val sets: a resume can start from them
+
+        _forget_cached_ledger(folder)
+        ledger = shared_ledger(folder, budget)
+        max_concurrent = devices.max_concurrent
+
+        progress = SearchProgress(ledger=ledger, max_epochs=context.max_epochs, used_at_start=ledger.used())
+        space_key = str(folder)
+        _ACTIVE[space_key] = progress
+        trainable = make_trainable(context)
+        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # resume close to where a kill hit
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+        ledger.start_session()
+        live = _start_live(progress) if opts.live else None
+        try:
+            if opts.resume:
+                # A trial whose row file is damaged is set aside here, so it counts as not
+                # stored and is stored again from its checkpoint (_store_missing) or re-run.
+                store.check_tables(folder)
+            if opts.resume and tune.Tuner.can_restore(tune_path):
+                tuner = tune.Tuner.restore(tune_path, trainable, resume_unfinished=True, resume_errored=True)
+                known = {Path(r.path).name for r in tuner.get_results()} | store.stored_trial_ids(folder)
+                ledger.mark_lost(set(ledger.trials()) - known)
+            else:
+                storage_url = f"sqlite:///{folder / 'optuna.db'}"
+                searcher = BudgetedOptunaSearch(
+                    space.suggest,
                     metric="objective",
                     mode="max",
-                    search_alg=ConcurrencyLimiter(searcher, max_concurrent=max_concurrent),
-                    scheduler=(FIFOScheduler() if opts.searcher == "random" else
-                               ASHAScheduler(time_attr="epoch", max_t=schedule.rounds,
-                                             grace_period=schedule.grace_period,
-                                             reduction_factor=schedule.reduction_factor)),
-                    num_samples=num_samples,
-                    trial_dirname_creator=_trial_dirname,
-                    # Skips a process start and the torch imports per trial (about 3 s
-                    # on 2 CPUs). Not with TorchTrainer: a trial ASHA stops is still inside
-                    # trainer.fit(), so Tune cannot reset its actor (reset_config waits
-                    # 2 s for the thread, then fails) and the search stalled; killing
-                    # the actor also ends the Train run it owns.
-                    reuse_actors=not opts.use_train,
-                ),
-                run_config=tune.RunConfig(
-                    name=TUNE_NAME,
-                    storage_path=tune_root,
-                    stop=stopper,
-                    callbacks=[callback],
-                    failure_config=tune.FailureConfig(max_failures=1),
-                    # Keep every trial checkpoint (only the Tune-function path makes them):
-                    # after a SIGKILL the restored state may point at an older one.
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
-                    verbose=0,
-                ),
-            )
-        results = tuner.fit()
-    finally:
-        ledger.end_session()
-        if live is not None:
-            live.stop()
-        _ACTIVE.pop(space_key, None)
+                    sampler=(optuna.samplers.RandomSampler(seed=opts.seed) if opts.searcher == "random" else
+                             optuna.samplers.TPESampler(multivariate=True, seed=opts.seed, n_startup_trials=5)),
+                    # (Optuna keeps an enqueued point the search never reaches as WAITING:
+                    # a trial-count budget enqueues no more points than it runs.)
+                    points_to_evaluate=((warm_start_points(space, schedule)[: int(budget.amount)]
+                                         if budget.kind == "trials" else warm_start_points(space, schedule))
+                                        if opts.searcher == "tpe" else None),
+                    storage=optuna.storages.RDBStorage(storage_url),
+                    study_name=experiment,
+                    ledger=ledger,
+                    max_epochs=context.max_epochs,
+                    plan=schedule,
+                    devices_per_trial=allocated_devices(context, device_kind),
+                    default_image_size=context.default_image_size,
+                )
+                from ray.tune.search import ConcurrencyLimiter
 
-    _store_missing(folder, context, opts.category, results, ledger, device_kind, fingerprints, remote)
-    if remote is not None:
-        remote.push(experiment)
-    table = store.read_table(folder)
-    best = None
-    if table.num_rows:
-        rows = [r for r in table.to_pylist() if r.get("objective") is not None]
-        best = max(rows, key=lambda r: r["objective"]) if rows else None
-    return SearchSummary(experiment, folder, table.num_rows, best, ledger.used(), budget, opts.category)
+                stopper = BudgetStopper(ledger)
+                callback = LedgerAndStoreCallback(folder, ledger, context, device_kind, fingerprints, remote)
+                num_samples = int(budget.amount) if budget.kind == "trials" else -1
+                tuner = tune.Tuner(
+                    trainable,
+                    tune_config=tune.TuneConfig(
+                        metric="objective",
+                        mode="max",
+                        search_alg=ConcurrencyLimiter(searcher, max_concurrent=max_concurrent),
+                        scheduler=(FIFOScheduler() if opts.searcher == "random" else
+                                   ASHAScheduler(time_attr="epoch", max_t=schedule.rounds,
+                                                 grace_period=schedule.grace_period,
+                                                 reduction_factor=schedule.reduction_factor)),
+                        num_samples=num_samples,
+                        trial_dirname_creator=_trial_dirname,
+                        # Skips a process start and the torch imports per trial (about 3 s
+                        # on 2 CPUs). Not with TorchTrainer: a trial ASHA stops is still inside
+                        # trainer.fit(), so Tune cannot reset its actor (reset_config waits
+                        # 2 s for the thread, then fails) and the search stalled; killing
+                        # the actor also ends the Train run it owns.
+                        reuse_actors=not opts.use_train,
+                    ),
+                    run_config=tune.RunConfig(
+                        name=TUNE_NAME,
+                        storage_path=tune_root,
+                        stop=stopper,
+                        callbacks=[callback],
+                        failure_config=tune.FailureConfig(max_failures=1),
+                        # Keep every trial checkpoint (only the Tune-function path makes them):
+                        # after a SIGKILL the restored state may point at an older one.
+                        checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
+                        verbose=0,
+                    ),
+                )
+            results = tuner.fit()
+        finally:
+            ledger.end_session()
+            if live is not None:
+                live.stop()
+            _ACTIVE.pop(space_key, None)
+
+        _store_missing(folder, context, opts.category, results, ledger, device_kind, fingerprints, remote)
+        if remote is not None:
+            remote.push(experiment)
+        table = store.read_table(folder)
+        best = None
+        if table.num_rows:
+            rows = [r for r in table.to_pylist() if r.get("objective") is not None]
+            best = max(rows, key=lambda r: r["objective"]) if rows else None
+        return SearchSummary(experiment, folder, table.num_rows, best, ledger.used(), budget, opts.category)
+
+    finally:
+        lock.release()
 
 
 def _forget_cached_ledger(folder: Path) -> None:
