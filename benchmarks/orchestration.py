@@ -32,22 +32,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import yaml  # noqa: E402
 
 from automl_ad import store  # noqa: E402
-from automl_ad.tuning.space import DEFAULT_SPACE_DIR  # noqa: E402
+from automl_ad.tuning.space import packaged_space_files  # noqa: E402
 
 
 def space_dir(folder: Path, epochs: int, steps: int, pin_defaults: bool = False) -> Path:
     """The shipped search spaces with a short fidelity; with ``pin_defaults`` every method
     parameter is fixed at its default, so trials cost the same and ``--steps`` sets it."""
     folder.mkdir(parents=True, exist_ok=True)
-    for path in DEFAULT_SPACE_DIR.glob("*.yaml"):
+    for name, path in packaged_space_files().items():
         spec = yaml.safe_load(path.read_text())
-        if path.stem == "common":
+        if name == "common":
             spec["fidelity"] = {"max_epochs": epochs, "grace_period": epochs, "reduction_factor": 2,
                                 "steps_per_epoch": steps, "batch_size": 8}
         elif pin_defaults:
             spec["params"] = {name: {"type": "categorical", "choices": [p["default"]], "default": p["default"]}
                               for name, p in spec.get("params", {}).items()}
-        (folder / path.name).write_text(yaml.safe_dump(spec))
+        (folder / f"{name}.yaml").write_text(yaml.safe_dump(spec))
     return folder
 
 

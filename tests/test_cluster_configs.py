@@ -429,8 +429,8 @@ def dockerfile_problems(text: str) -> list[str]:
             problems.append(f"{name}=={version} but pyproject pins {pins.get(name)}")
     if not re.search(r"^RUN\s+pip install[^\n]*-e \.", text, re.MULTILINE):
         problems.append("the package is not installed (pip install -e .)")
-    if not re.search(r"^COPY\b[^\n]*search_spaces", text, re.MULTILINE):
-        problems.append("search_spaces/ is not copied into the image")
+    if not re.search(r"^COPY\b[^\n]*\bautoml_ad ", text, re.MULTILINE):
+        problems.append("automl_ad/ (the code and its packaged search spaces) is not copied into the image")
     return problems
 
 
@@ -445,7 +445,7 @@ def test_dockerfile_versions_follow_pyproject() -> None:
         ('"torchvision==0.29.1"', ""),
         ("rayproject/ray:2.60.0-py311-gpu", "rayproject/ray:2.59.0-py311-gpu"),
         ("rayproject/ray:2.60.0-py311-gpu", "rayproject/ray:2.60.0-py312-gpu"),
-        ("COPY --chown=ray:users search_spaces ./search_spaces", ""),
+        ("COPY --chown=ray:users automl_ad ./automl_ad", ""),
     ],
 )
 def test_dockerfile_drift_is_caught(old: str, new: str) -> None:

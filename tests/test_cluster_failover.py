@@ -36,10 +36,10 @@ SCENARIO_TIMEOUT_S = 280
 
 
 def _write_space(folder: Path) -> Path:
-    from automl_ad.tuning.space import DEFAULT_SPACE_DIR
+    from automl_ad.tuning.space import packaged_space_files
 
     folder.mkdir(parents=True, exist_ok=True)
-    common = yaml.safe_load((DEFAULT_SPACE_DIR / "common.yaml").read_text())
+    common = yaml.safe_load(packaged_space_files()["common"].read_text())
     common["fidelity"] = {"max_epochs": MAX_EPOCHS, "grace_period": MAX_EPOCHS, "reduction_factor": 2,
                           "steps_per_epoch": STEPS_PER_EPOCH, "batch_size": 4}
     (folder / "common.yaml").write_text(yaml.safe_dump(common))

@@ -23,7 +23,7 @@ import yaml
 
 from automl_ad import store
 from automl_ad.errors import UserError
-from automl_ad.tuning.space import DEFAULT_SPACE_DIR
+from automl_ad.tuning.space import packaged_space_files
 from automl_ad.tuning.search import SearchOptions, run_search
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ FIDELITY = {"max_epochs": 2, "grace_period": 1, "reduction_factor": 2, "steps_pe
 
 def tiny_space_dir(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    common = yaml.safe_load((DEFAULT_SPACE_DIR / "common.yaml").read_text())
+    common = yaml.safe_load(packaged_space_files()["common"].read_text())
     common["fidelity"] = FIDELITY
     (folder / "common.yaml").write_text(yaml.safe_dump(common))
     for name, spec in SPACES.items():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
@@ -10,7 +10,9 @@ import pytest
 import yaml
 
 from automl_ad.errors import UserError
-from automl_ad.tuning.space import DEFAULT_SPACE_DIR, load_space, split_config
+from automl_ad.methods import base
+from automl_ad.methods.base import Method
+from automl_ad.tuning.space import copy_packaged, load_space, packaged_space_files, split_config
 
 DRAEM = {
     "method": "draem",
@@ -25,9 +27,10 @@ CFA = {"method": "cfa", "synthesis": [], "params": {"lr": {"type": "float", "low
 
 
 def _space_dir(tmp_path: Path, **methods: dict) -> Path:
+    """A replacement folder: these method files replace the shipped ones (common.yaml is
+    the shipped one, copied)."""
     folder = tmp_path / "spaces"
-    folder.mkdir(parents=True)
-    shutil.copy(DEFAULT_SPACE_DIR / "common.yaml", folder / "common.yaml")
+    copy_packaged(folder, ["common"])
     for name, spec in methods.items():
         (folder / f"{name}.yaml").write_text(yaml.safe_dump(spec))
     return folder
@@ -55,7 +58,7 @@ def two_backbones(monkeypatch):
 
 
 def test_define_by_run_space_is_conditional_and_seeded(tmp_path, one_backbone):
-    space = load_space(space_dir=_space_dir(tmp_path, draem=DRAEM, cfa=CFA))
+    space = load_space(["draem", "cfa"], space_dir=_space_dir(tmp_path, draem=DRAEM, cfa=CFA))
     assert sorted(space.methods) == ["cfa", "draem"]
     # common.yaml's sizes plus each method's paper size (DRAEM 256, CFA 224)
     assert space.method_sizes("draem") == (128, 256) and space.method_sizes("cfa") == (128, 224, 256)
@@ -106,7 +109,8 @@ def test_methods_restrict_and_defaults(tmp_path, one_backbone):
 
 def test_backbone_is_a_conditional_choice_of_methods_with_a_backbone_field(tmp_path, two_backbones):
     ast = {"method": "ast", "synthesis": [], "params": {"lr": {"type": "float", "low": 1e-4, "high": 1e-3}}}
-    space = load_space(space_dir=_space_dir(tmp_path, draem=DRAEM, cfa=CFA, ast=ast), image_size=64)
+    space = load_space(["draem", "cfa", "ast"], space_dir=_space_dir(tmp_path, draem=DRAEM, cfa=CFA, ast=ast),
+                       image_size=64)
     for name in ("cfa", "ast"):
         backbone = space.methods[name].params["backbone"]
         assert backbone.choices == ("efficientnet_lite0", "resnet18")
@@ -143,7 +147,7 @@ def test_backbone_is_a_conditional_choice_of_methods_with_a_backbone_field(tmp_p
 def test_image_size_is_per_method_and_narrowed_by_the_plan(tmp_path, one_backbone):
     user = tmp_path / "mine.yaml"
     user.write_text(yaml.safe_dump({"methods": {"cfa": {"image_size": {"choices": [256]}}}}))
-    space = load_space(user_file=user, space_dir=_space_dir(tmp_path, draem=DRAEM, cfa=CFA))
+    space = load_space(["draem", "cfa"], user_file=user, space_dir=_space_dir(tmp_path, draem=DRAEM, cfa=CFA))
     assert space.method_sizes("cfa") == (256,) and space.method_sizes("draem") == (128, 256)
     narrowed = space.with_sizes({"draem": (128,)})
     assert narrowed.method_sizes("draem") == (128,) and narrowed.method_sizes("cfa") == (256,)
@@ -229,5 +233,113 @@ def test_bad_common_and_missing_files(tmp_path):
         load_space(["nomethod"], space_dir=_space_dir(tmp_path / "b", draem=DRAEM))
     with pytest.raises(UserError, match="not found: .*missing.yaml"):
         load_space(user_file=tmp_path / "missing.yaml", space_dir=_space_dir(tmp_path / "c", draem=DRAEM))
-    with pytest.raises(UserError, match="search-space file not found: .*cfa.yaml"):
-        load_space(["cfa"], space_dir=_space_dir(tmp_path / "d", draem=DRAEM))
+    with pytest.raises(UserError, match="search-space folder not found: .*nowhere"):
+        load_space(space_dir=tmp_path / "nowhere")
+
+
+@dataclass
+class _SpacelessConfig:
+    lr: float = 1e-3
+
+
+class _Spaceless(Method):
+    """A registered method with no shipped space.yaml (as a plug-in would be)."""
+
+    name = "spaceless"
+    Config = _SpacelessConfig
+
+
+@pytest.fixture
+def spaceless(monkeypatch):
+    monkeypatch.setitem(base._REGISTRY, "spaceless", _Spaceless)
+
+
+def test_a_method_without_a_shipped_space_needs_a_file_or_a_user_spec(tmp_path, spaceless):
+    with pytest.raises(UserError, match="no search space for method 'spaceless'"):
+        load_space(["spaceless"])
+    user = tmp_path / "mine.yaml"
+    user.write_text(yaml.safe_dump({"methods": {"spaceless": {"method": "spaceless", "params": {
+        "lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}}}}))
+    assert load_space(["spaceless"], user_file=user).methods["spaceless"].params["lr"].high == 1e-2
+    user.write_text(yaml.safe_dump({"methods": {"spaceless": {"method": "spaceless", "bounds": {"lr": {"gt": 0}}}}}))
+    with pytest.raises(UserError, match="mine.yaml: bounds: .*cannot change it"):
+        load_space(["spaceless"], user_file=user)
+
+
+def test_shipped_spaces_are_package_data_and_search_spaces_replaces_them(tmp_path, monkeypatch, one_backbone):
+    shipped = packaged_space_files()
+    assert set(shipped) == {"common", *base.available_methods()}, "every built-in method ships its space"
+    assert all("automl_ad" in str(path) and path.is_file() for path in shipped.values())
+    monkeypatch.chdir(tmp_path)  # no search_spaces/ here: the shipped files only
+    default = load_space()
+    assert default.sources == tuple(str(shipped[n]) for n in ["common", *sorted(default.methods)])
+    assert default.methods["draem"].params["rec_width"].choices == (16, 32, 64, 128)
+
+    # The working directory's search_spaces/<name>.yaml replaces the shipped file whole.
+    (tmp_path / "search_spaces").mkdir()
+    (tmp_path / "search_spaces" / "draem.yaml").write_text(yaml.safe_dump(DRAEM))
+    replaced = load_space()
+    assert replaced.methods["draem"].params["rec_width"].high == 32 and "ssim_weight" not in replaced.methods["draem"].params
+    assert str(Path("search_spaces") / "draem.yaml") in replaced.sources
+    assert replaced.methods["cfa"] == default.methods["cfa"], "other methods keep the shipped space"
+
+    # A user's --space still merges on top of it.
+    user = tmp_path / "mine.yaml"
+    user.write_text(yaml.safe_dump({"methods": {"draem": {"params": {
+        "rec_width": {"type": "categorical", "choices": [8]}}}}}))
+    assert load_space(user_file=user).methods["draem"].params["rec_width"].choices == (8,)
+
+
+def test_copy_packaged_writes_the_shipped_files_unchanged(tmp_path, monkeypatch, one_backbone):
+    monkeypatch.chdir(tmp_path)
+    written = copy_packaged(tmp_path / "copy")
+    shipped = packaged_space_files()
+    assert sorted(p.stem for p in written) == sorted(shipped)
+    assert all(p.read_text() == shipped[p.stem].read_text() for p in written)
+    # A verbatim copy (its bounds included) loads to the same space as the shipped one.
+    copied = load_space(space_dir=tmp_path / "copy")
+    assert copied.methods == load_space().methods
+    with pytest.raises(UserError, match="exists"):
+        copy_packaged(tmp_path / "copy", ["draem"])
+    with pytest.raises(UserError, match="no shipped search space 'nope'"):
+        copy_packaged(tmp_path / "other", ["nope"])
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"rec_width": {"type": "categorical", "choices": [2, 16]}}, "rec_width must be >= 4, got 2"),
+        ({"lr": {"type": "float", "low": 1e-4, "high": 0.5, "log": True}}, "lr must be <= 0.1, got 0.5"),
+        ({"score_window": {"type": "int", "low": 1, "high": 99}}, "score_window must be <= 63, got 99"),
+    ],
+)
+def test_a_searched_range_must_stay_inside_what_the_config_accepts(tmp_path, params, message):
+    user = tmp_path / "mine.yaml"
+    user.write_text(yaml.safe_dump({"methods": {"draem": {"params": params}}}))
+    with pytest.raises(UserError, match=f"mine.yaml: params.*outside what 'draem' accepts: {message}"):
+        load_space(["draem"], user_file=user)
+
+
+def test_bounds_are_the_methods_own(tmp_path):
+    user = tmp_path / "mine.yaml"
+    user.write_text(yaml.safe_dump({"methods": {"draem": {"bounds": {"lr": {"ge": 0.0, "le": 1.0}}}}}))
+    with pytest.raises(UserError, match="bounds: what 'draem' accepts is the method's own"):
+        load_space(["draem"], user_file=user)
+    from automl_ad.methods.base import make_config
+
+    with pytest.raises(UserError, match="method 'draem': lr must be <= 0.1, got 0.5"):
+        make_config(base.get_method_class("draem"), {"lr": 0.5})
+    assert make_config(base.get_method_class("draem"), {"rec_width": 256}).rec_width == 256, \
+        "the Config accepts its bounds, wider than the searched choices"
+
+
+def test_register_takes_the_default_family_from_the_yaml_only():
+    assert base.get_method_class("draem").synthesis == "perlin"  # first of draem/space.yaml's synthesis
+    assert base.get_method_class("cfa").synthesis is None
+
+    class Draem2(base.get_method_class("draem")):
+        synthesis = "nsa"
+
+    with pytest.raises(TypeError, match="sets synthesis; its default family is the first of synthesis in"):
+        base.register(Draem2)
+    assert base.get_method_class("draem") is not Draem2

@@ -1,7 +1,11 @@
 """The method protocol: what every anomaly-detection method implements.
 
-A method is one module in ``automl_ad/methods/`` plus one ``search_spaces/<name>.yaml``.
-It is a ``torch.nn.Module`` (so ``state_dict``/``to(device)`` come for free), knows
+A method is one folder ``automl_ad/methods/<name>/``: the model (``model.py``, re-exported
+by the folder's ``__init__.py``) and its search space ``space.yaml`` (package data). The
+YAML is the one source of the method's search ranges, of the values its Config accepts
+(``bounds``, checked by ``check_config``) and of its default synthesis family (the first
+of ``synthesis``, set as the class's ``synthesis`` by ``register``). It is a
+``torch.nn.Module`` (so ``state_dict``/``to(device)`` come for free), knows
 nothing of Ray, and is driven by the generic loop in ``automl_ad.training``.
 
 Images reaching a method are float32 in [0, 1], shape B x 3 x H x W (grayscale data is
@@ -13,10 +17,14 @@ graph takes the same [0, 1] input for every method.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
+from importlib import resources
+from importlib.resources.abc import Traversable
 from typing import Any, ClassVar, Mapping
 
 import torch
+import yaml
 from torch import Tensor, nn
 
 from automl_ad.errors import UserError
@@ -48,7 +56,8 @@ class Method(nn.Module):
                  a method with no gradient phase (PatchCore): ``setup`` builds the whole
                  model, no optimizer runs, and the loop validates once.
       synthesis: default synthetic-anomaly family it trains with, or None when it
-                 trains on normal images only (CFA, AST).
+                 trains on normal images only (CFA, AST). Built-in methods do not set
+                 it: ``register`` takes it from their ``space.yaml``.
       Config:    a dataclass of hyperparameters with defaults; the search space's
                  parameter names are exactly its field names.
     """
@@ -115,9 +124,18 @@ _REGISTRY: dict[str, type[Method]] = {}
 
 
 def register(cls: type[Method]) -> type[Method]:
-    """Class decorator adding a method to the registry under ``cls.name``."""
+    """Class decorator adding a method to the registry under ``cls.name``. A method with a
+    packaged ``space.yaml`` gets its default synthesis family from there, never from the
+    class (one source)."""
     if not cls.name:
         raise TypeError(f"{cls.__qualname__} has no name")
+    spec = packaged_spec(cls.name)
+    if spec is not None:
+        if "synthesis" in vars(cls):
+            raise TypeError(f"{cls.__qualname__} sets synthesis; its default family is the first of "
+                            f"synthesis in {packaged_space_file(cls.name)}")
+        families = spec.get("synthesis") or []
+        cls.synthesis = str(families[0]) if families else None
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -168,3 +186,106 @@ def _import_builtin_methods() -> None:
     for info in pkgutil.iter_modules(pkg.__path__):
         if info.name not in {"base"} and not info.name.startswith("_"):
             importlib.import_module(f"automl_ad.methods.{info.name}")
+
+
+# --- the packaged search space: ranges, accepted values, default family ---------------
+
+SPACE_FILE = "space.yaml"
+BOUND_KEYS = {"ge": (">=", float.__ge__), "gt": (">", float.__gt__), "le": ("<=", float.__le__),
+              "lt": ("<", float.__lt__)}
+
+
+def packaged_space_file(name: str) -> Traversable | None:
+    """``automl_ad/methods/<name>/space.yaml`` as package data (found through
+    ``importlib.resources``, so it works from a wheel), or None for a method without one
+    (a test helper registered from outside the package)."""
+    if not name or name.startswith((".", "_")) or "/" in name:
+        return None
+    candidate = resources.files("automl_ad.methods").joinpath(name, SPACE_FILE)
+    return candidate if candidate.is_file() else None
+
+
+@functools.lru_cache(maxsize=None)
+def packaged_spec(name: str) -> dict[str, Any] | None:
+    """The parsed packaged ``space.yaml`` of method ``name`` (None: it has none)."""
+    path = packaged_space_file(name)
+    if path is None:
+        return None
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise UserError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(spec, dict):
+        raise UserError(f"{path}: expected a mapping at the top level")
+    return spec
+
+
+@dataclass(frozen=True)
+class Accepts:
+    """The values a Config field accepts: numeric bounds (``ge``/``gt``/``le``/``lt``) or
+    a set of choices."""
+
+    bounds: tuple[tuple[str, float], ...] = ()
+    choices: tuple[Any, ...] | None = None
+
+    def problem(self, key: str, value: Any) -> str | None:
+        """Why ``value`` is not accepted for ``key`` (None: it is)."""
+        if self.choices is not None:
+            if value not in self.choices:
+                return f"{key} must be one of {', '.join(map(str, self.choices))}, got {value!r}"
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"{key} must be a number, got {value!r}"
+        for op, limit in self.bounds:
+            symbol, holds = BOUND_KEYS[op]
+            if not holds(float(value), float(limit)):
+                return f"{key} must be {symbol} {limit}, got {value!r}"
+        return None
+
+
+def accepted_values(name: str) -> dict[str, Accepts]:
+    """What method ``name``'s Config accepts per field, from its packaged YAML: a field's
+    ``bounds`` entry, else its searched range (a categorical's choices, a number's
+    [low, high]). Fields named in neither (``backbone``, ``weights``) are checked by the
+    code that uses them."""
+    spec = packaged_spec(name) or {}
+    where = packaged_space_file(name)
+    accepts: dict[str, Accepts] = {}
+    for field_name, pspec in (spec.get("params") or {}).items():
+        if not isinstance(pspec, dict):
+            continue  # the space loader reports the malformed spec, naming the file
+        if pspec.get("type") == "categorical":
+            accepts[field_name] = Accepts(choices=tuple(pspec.get("choices") or ()))
+        else:
+            accepts[field_name] = Accepts(bounds=tuple((op, pspec[key]) for op, key in (("ge", "low"), ("le", "high"))
+                                                       if isinstance(pspec.get(key), (int, float))))
+    bounds = spec.get("bounds") or {}
+    if not isinstance(bounds, dict):
+        raise UserError(f"{where}: bounds must map Config fields to {{ge, gt, le, lt: number}}")
+    for field_name, limits in bounds.items():
+        if not isinstance(limits, dict) or not limits or set(limits) - set(BOUND_KEYS) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in limits.values()):
+            raise UserError(f"{where}: bounds.{field_name}: expected numbers under {', '.join(BOUND_KEYS)}, "
+                            f"got {limits!r}")
+        accepts[field_name] = Accepts(bounds=tuple(sorted(limits.items())))
+    return accepts
+
+
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,)}
+
+
+def check_config(config: Any, name: str) -> None:
+    """Raise the one-line UserError for a Config field of the wrong type or outside what
+    method ``name``'s packaged YAML accepts (``accepted_values``). Called by each
+    Config's ``__post_init__``; rules that are not ranges (odd, divisible by 4, one field
+    below another) stay in the Config."""
+    accepts = accepted_values(name)
+    for config_field in dataclasses.fields(config):
+        value = getattr(config, config_field.name)
+        kinds = _FIELD_TYPES.get(str(config_field.type))
+        if kinds is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+            raise UserError(f"method {name!r}: {config_field.name} must be {config_field.type}, got {value!r}")
+        rule = accepts.get(config_field.name)
+        problem = rule.problem(config_field.name, value) if rule is not None else None
+        if problem is not None:
+            raise UserError(f"method {name!r}: {problem}")

@@ -122,7 +122,6 @@ def greedy_coreset(points: Tensor, count: int, projection_dim: int, seed: int) -
 class PatchCore(Method):
     name = "patchcore"
     phases = ()
-    synthesis = None
     Config = PatchCoreConfig
 
     def __init__(self, config: PatchCoreConfig, image_size: int, category: str) -> None:

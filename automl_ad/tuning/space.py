@@ -1,9 +1,12 @@
 """Search-space YAML: loading, validation, and the define-by-run Optuna space.
 
-``search_spaces/common.yaml`` holds what every trial shares (image sizes, synthesis
-family parameter ranges, fidelity bounds); ``search_spaces/<method>.yaml`` holds one
-method's parameters and allowed synthesis families (format in docs/DEVELOPING.md). A
-user's ``--space FILE`` may add or override any of it with the same keys.
+The shipped spaces are package data, read through ``importlib.resources`` so an installed
+wheel has them: ``automl_ad/tuning/common.yaml`` holds what every trial shares (image
+sizes, synthesis family parameter ranges, fidelity bounds) and each method's folder holds
+its ``space.yaml`` (parameters, what its Config accepts, allowed synthesis families;
+format in docs/DEVELOPING.md). A ``<name>.yaml`` in the working directory's
+``search_spaces/`` replaces the shipped file of that name (``common`` or a method), and a
+user's ``--space FILE`` then adds to or overrides any of it with the same keys. ``copy_packaged`` writes the shipped files out for editing.
 
 The Optuna space is conditional, sampled in this order: ``method``, then that method's
 image size as ``<method>.image_size`` (its candidates are common.yaml's sizes plus the
@@ -21,17 +24,28 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass, field
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Union
 
 import yaml
 
 from automl_ad.errors import UserError
+from automl_ad.methods.base import accepted_values, available_methods, get_method_class, packaged_space_file, \
+    packaged_spec
 
-DEFAULT_SPACE_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
+# A YAML file: a Path, or package data (a Path too for an installed wheel, but only a
+# Traversable is promised).
+SpaceFile = Union[Path, Traversable]
+COMMON = "common"
+# Relative on purpose: the working directory's search_spaces/ (the checkout's, when run
+# from its root) is where a user's replacement files go.
+USER_SPACE_DIR = Path("search_spaces")
 PARAM_KEYS = {"type", "low", "high", "step", "log", "choices", "default"}
-METHOD_KEYS = {"method", "synthesis", "params", "image_size"}
+METHOD_KEYS = {"method", "synthesis", "params", "image_size", "bounds"}
 COMMON_KEYS = {"image_size", "synthesis", "fidelity"}
 FIDELITY_KEYS = {"max_epochs", "rounds", "grace_period", "reduction_factor", "steps_per_epoch", "batch_size",
                  "min_steps", "max_steps", "min_trials"}
@@ -178,7 +192,7 @@ def split_config(flat: Mapping[str, Any], default_image_size: int) -> TrialConfi
 
 # --- loading and validation -----------------------------------------------------------
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def _read_yaml(path: SpaceFile) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"search-space file not found: {path}")
     try:
@@ -192,13 +206,13 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return content
 
 
-def _check_keys(path: Path, where: str, mapping: Mapping[str, Any], allowed: set[str]) -> None:
+def _check_keys(path: SpaceFile, where: str, mapping: Mapping[str, Any], allowed: set[str]) -> None:
     unknown = sorted(set(mapping) - allowed)
     if unknown:
         raise UserError(f"{path}: unknown key {where}{unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
 
 
-def parse_param(path: Path, key: str, name: str, spec: Any, fields: set[str] | None) -> Param:
+def parse_param(path: SpaceFile, key: str, name: str, spec: Any, fields: set[str] | None) -> Param:
     """Validate one parameter spec; ``key`` is its dotted location for messages."""
     where = f"{path}: {key}"
     if fields is not None and name not in fields:
@@ -243,7 +257,7 @@ def parse_param(path: Path, key: str, name: str, spec: Any, fields: set[str] | N
     return Param(name=name, type=kind, low=low, high=high, step=step, log=log, default=default)
 
 
-def _parse_sizes(path: Path, key: str, spec: Any, keep_order: bool = False) -> tuple[int, ...]:
+def _parse_sizes(path: SpaceFile, key: str, spec: Any, keep_order: bool = False) -> tuple[int, ...]:
     """``{choices: [128, 256]}`` or a plain list of sizes >= 16."""
     choices = spec.get("choices") if isinstance(spec, dict) else spec
     if not isinstance(choices, list) or not choices or not all(
@@ -303,78 +317,111 @@ def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def load_space(
-    methods: list[str] | None = None,
-    user_file: Path | None = None,
-    space_dir: Path = DEFAULT_SPACE_DIR,
-    image_size: int | None = None,
-) -> SearchSpace:
-    """Load and validate common.yaml + the method YAMLs (+ a user's overrides).
+def packaged_space_files() -> dict[str, Traversable]:
+    """The shipped YAML files by name: ``common`` and every registered method that has a
+    ``space.yaml`` in its folder."""
+    files: dict[str, Traversable] = {COMMON: resources.files("automl_ad.tuning").joinpath(f"{COMMON}.yaml")}
+    for name in available_methods():
+        path = packaged_space_file(name)
+        if path is not None:
+            files[name] = path
+    return files
 
-    ``methods`` restricts the search (default: every method with a YAML file);
-    ``image_size`` pins one size for every method instead of the candidates (common.yaml's
-    choices plus each method's paper size, or a method spec's own ``image_size``).
-    Methods whose Config has a ``backbone`` get ``backbone`` as a categorical over
-    ``automl_ad.backbones.searchable_backbones()`` unless their spec sets it.
-    """
-    from automl_ad.methods.base import available_methods, get_method_class
 
-    space_dir = Path(space_dir)
-    common_path = space_dir / "common.yaml"
-    common = _read_yaml(common_path)
-    user: dict[str, Any] = _read_yaml(Path(user_file)) if user_file is not None else {}
-    user_path = Path(user_file) if user_file is not None else common_path
-    _check_keys(user_path, "", user, COMMON_KEYS | {"methods"})
-    _check_keys(common_path, "", common, COMMON_KEYS)
-    user_methods = user.get("methods") or {}
-    if not isinstance(user_methods, dict):
-        raise UserError(f"{user_path}: methods must map method names to method specs")
+def space_files(space_dir: Path | None = None) -> dict[str, SpaceFile]:
+    """The file each space comes from, by name (``common`` and the methods).
 
-    registry = set(available_methods())
-    if methods:
-        chosen = list(dict.fromkeys(methods))
-    else:
-        chosen = sorted(p.stem for p in space_dir.glob("*.yaml") if p.stem != "common") + sorted(user_methods)
-        chosen = list(dict.fromkeys(chosen))
-    if not chosen:
-        raise UserError(f"no method search spaces in {space_dir}")
-    families = _families()
+    Default: the shipped files, each replaced by ``search_spaces/<name>.yaml`` in the
+    working directory where that exists (the user's edits; no folder, no change). An
+    explicit ``space_dir`` is a whole space instead: its common.yaml and the methods it
+    has a file for, nothing shipped (a test's or benchmark's own small space)."""
+    if space_dir is not None:
+        folder = Path(space_dir)
+        if not folder.is_dir():
+            raise UserError(f"search-space folder not found: {folder}")
+        files: dict[str, SpaceFile] = {path.stem: path for path in sorted(folder.glob("*.yaml"))}
+        files.setdefault(COMMON, folder / f"{COMMON}.yaml")  # read, so a missing one is named
+        return files
+    files = dict(packaged_space_files())
+    if USER_SPACE_DIR.is_dir():
+        files.update({path.stem: path for path in sorted(USER_SPACE_DIR.glob("*.yaml"))})
+    return files
 
-    method_spaces: dict[str, MethodSpace] = {}
-    for name in chosen:
-        if name not in registry:
-            raise UserError(f"--methods: unknown method {name!r}; available: {', '.join(sorted(registry))}")
-        path = space_dir / f"{name}.yaml"
-        spec = _read_yaml(path) if path.exists() or name not in user_methods else {"method": name}
-        if name in user_methods:
-            spec = _merge(spec, user_methods[name])
-            path = user_path if not (space_dir / f"{name}.yaml").exists() else path
-        _check_keys(path, "", spec, METHOD_KEYS)
-        if spec.get("method") != name:
-            raise UserError(f"{path}: method: {spec.get('method')!r} must equal the file name {name!r}")
-        cls = get_method_class(name)
-        synthesis = spec.get("synthesis", [])
-        if synthesis is None:
-            synthesis = []
-        if not isinstance(synthesis, list):
-            raise UserError(f"{path}: synthesis must be a list of family names")
-        for family in synthesis:
-            if family not in families:
-                raise UserError(f"{path}: synthesis: unknown family {family!r}; known: {', '.join(sorted(families))}")
-        fields = _config_fields(cls.Config)
-        params_spec = spec.get("params") or {}
-        if not isinstance(params_spec, dict):
-            raise UserError(f"{path}: params must be a mapping")
-        params = {pname: parse_param(path, f"params.{pname}", pname, pspec, fields)
-                  for pname, pspec in params_spec.items()}
-        backbone = _backbone_param(cls) if "backbone" not in params else None
-        if backbone is not None:
-            params = {"backbone": backbone, **params}
-        own_sizes = _parse_sizes(path, "image_size", spec["image_size"]) if "image_size" in spec else ()
-        method_spaces[name] = MethodSpace(name=name, synthesis=tuple(synthesis), params=params,
-                                          image_sizes=own_sizes)
 
-    merged_common = _merge(common, {k: v for k, v in user.items() if k != "methods"})
+def copy_packaged(destination: Path, names: list[str] | None = None) -> list[Path]:
+    """Write the shipped YAML files (all, or ``names``) into ``destination`` as
+    ``<name>.yaml`` for reading or editing; an existing file is never overwritten (it
+    may be the user's edit). Returns the files written."""
+    shipped = packaged_space_files()
+    unknown = sorted(set(names or ()) - set(shipped))
+    if unknown:
+        raise UserError(f"no shipped search space {unknown[0]!r}; shipped: {', '.join(sorted(shipped))}")
+    destination.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in names or sorted(shipped):
+        target = destination / f"{name}.yaml"
+        if target.exists():
+            raise UserError(f"{target} exists; remove it or choose another folder")
+        target.write_text(shipped[name].read_text())
+        written.append(target)
+    return written
+
+
+def _check_param_accepted(path: SpaceFile, name: str, param: Param) -> None:
+    """A searched range must stay inside what the method's Config accepts (its packaged
+    ``bounds``), so every sample is valid; raises naming the file and key."""
+    rule = accepted_values(name).get(param.name)
+    if rule is None:
+        return
+    values = (*param.choices, param.default) if param.type == "categorical" else (param.low, param.high,
+                                                                                   param.default)
+    for value in values:
+        problem = rule.problem(param.name, value)
+        if problem is not None:
+            raise UserError(f"{path}: params.{param.name}: outside what {name!r} accepts: {problem} "
+                            f"(see {packaged_space_file(name)})")
+
+
+def _method_space(name: str, path: SpaceFile, spec: dict[str, Any], families: set[str],
+                  user_path: SpaceFile, user_params: set[str]) -> MethodSpace:
+    """Validate one method's (merged) spec read from ``path``; messages about the
+    parameters in ``user_params`` name ``user_path`` (the ``--space`` file) instead."""
+    _check_keys(path, "", spec, METHOD_KEYS)
+    if spec.get("method") != name:
+        raise UserError(f"{path}: method: {spec.get('method')!r} must equal the file name {name!r}")
+    shipped = (packaged_spec(name) or {}).get("bounds")
+    if spec.get("bounds", shipped) != shipped:
+        raise UserError(f"{path}: bounds: what {name!r} accepts is the method's own "
+                        f"({packaged_space_file(name) or 'none shipped'}); a search space cannot change it")
+    cls = get_method_class(name)
+    synthesis = spec.get("synthesis", [])
+    if synthesis is None:
+        synthesis = []
+    if not isinstance(synthesis, list):
+        raise UserError(f"{path}: synthesis must be a list of family names")
+    for family in synthesis:
+        if family not in families:
+            raise UserError(f"{path}: synthesis: unknown family {family!r}; known: {', '.join(sorted(families))}")
+    fields = _config_fields(cls.Config)
+    _check_keys(path, "in bounds: ", spec.get("bounds") or {}, fields)
+    params_spec = spec.get("params") or {}
+    if not isinstance(params_spec, dict):
+        raise UserError(f"{path}: params must be a mapping")
+    sources = {pname: user_path if pname in user_params else path for pname in params_spec}
+    params = {pname: parse_param(sources[pname], f"params.{pname}", pname, pspec, fields)
+              for pname, pspec in params_spec.items()}
+    for param in params.values():
+        _check_param_accepted(sources[param.name], name, param)
+    backbone = _backbone_param(cls) if "backbone" not in params else None
+    if backbone is not None:
+        params = {"backbone": backbone, **params}
+    own_sizes = _parse_sizes(path, "image_size", spec["image_size"]) if "image_size" in spec else ()
+    return MethodSpace(name=name, synthesis=tuple(synthesis), params=params, image_sizes=own_sizes)
+
+
+def _synthesis_params(merged_common: Mapping[str, Any], user: Mapping[str, Any], common_path: SpaceFile,
+                      user_path: SpaceFile, families: set[str]) -> dict[str, dict[str, Param]]:
+    """Each family's searched parameters, validated against its Params fields."""
     synthesis_params: dict[str, dict[str, Param]] = {}
     synth_spec = merged_common.get("synthesis") or {}
     if not isinstance(synth_spec, dict):
@@ -393,6 +440,87 @@ def load_space(
             pname: parse_param(source, f"synthesis.{family}.params.{pname}", pname, pspec, fields)
             for pname, pspec in (fspec.get("params") or {}).items()
         }
+    return synthesis_params
+
+
+def _fidelity(merged_common: Mapping[str, Any], path: SpaceFile, user_fidelity: Mapping[str, Any]) -> Fidelity:
+    """The validated fidelity section; ``path`` is the file messages name (the user's when
+    it has a fidelity section)."""
+    fidelity_spec = dict(merged_common.get("fidelity") or {})
+    _check_keys(path, "in fidelity: ", fidelity_spec, FIDELITY_KEYS)
+    for key, value in fidelity_spec.items():
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise UserError(f"{path}: fidelity.{key}: a whole number >= 1, got {value!r}")
+    if "rounds" in fidelity_spec:
+        rounds = fidelity_spec.pop("rounds")
+        if "max_epochs" in user_fidelity and "rounds" not in user_fidelity:
+            rounds = fidelity_spec["max_epochs"]  # the user's own file names the old key
+        if rounds is not None:
+            fidelity_spec["max_epochs"] = rounds
+    fidelity = Fidelity(**{k: v for k, v in fidelity_spec.items() if v is not None or k in
+                           ("steps_per_epoch", "batch_size", "max_steps")})
+    if fidelity.max_steps is not None and fidelity.max_steps < fidelity.min_steps:
+        raise UserError(f"{path}: fidelity.max_steps {fidelity.max_steps} is below min_steps "
+                        f"{fidelity.min_steps}")
+    if fidelity.grace_period > fidelity.max_epochs:
+        raise UserError(f"{path}: fidelity.grace_period {fidelity.grace_period} exceeds max_epochs {fidelity.max_epochs}")
+    if fidelity.reduction_factor < 2:
+        raise UserError(f"{path}: fidelity.reduction_factor must be >= 2")
+    return fidelity
+
+
+def load_space(
+    methods: list[str] | None = None,
+    user_file: Path | None = None,
+    space_dir: Path | None = None,
+    image_size: int | None = None,
+) -> SearchSpace:
+    """Load and validate common.yaml + the method spaces (+ a user's overrides).
+
+    Files come from ``space_files(space_dir)``: the shipped ones, each replaced by a file
+    of the same name in ``./search_spaces/``, or only ``space_dir``'s. ``methods``
+    restricts the search (default: every method with a file, and those ``user_file``
+    names); ``image_size`` pins one size for every method instead of the candidates
+    (common.yaml's choices plus each method's paper size, or a method spec's own
+    ``image_size``). Methods whose Config has a ``backbone`` get ``backbone`` as a
+    categorical over ``automl_ad.backbones.searchable_backbones()`` unless their spec
+    sets it.
+    """
+    files = space_files(space_dir)
+    common_path = files[COMMON]
+    common = _read_yaml(common_path)
+    user: dict[str, Any] = _read_yaml(Path(user_file)) if user_file is not None else {}
+    user_path: SpaceFile = Path(user_file) if user_file is not None else common_path
+    _check_keys(user_path, "", user, COMMON_KEYS | {"methods"})
+    _check_keys(common_path, "", common, COMMON_KEYS)
+    user_methods = user.get("methods") or {}
+    if not isinstance(user_methods, dict):
+        raise UserError(f"{user_path}: methods must map method names to method specs")
+
+    registry = set(available_methods())
+    chosen = list(dict.fromkeys(methods or [*sorted(n for n in files if n != COMMON), *sorted(user_methods)]))
+    families = _families()
+    method_spaces: dict[str, MethodSpace] = {}
+    read: list[SpaceFile] = [common_path]
+    for name in chosen:
+        if name not in registry:
+            raise UserError(f"--methods: unknown method {name!r}; available: {', '.join(sorted(registry))}")
+        path = files.get(name)
+        if path is None and name not in user_methods:
+            where = f"{USER_SPACE_DIR}/ nor --space has" if space_dir is None else f"{space_dir} has"
+            raise UserError(f"no search space for method {name!r}: none is shipped and neither {where} one")
+        spec = _read_yaml(path) if path is not None else {"method": name}
+        if path is not None:
+            read.append(path)
+        user_spec = user_methods.get(name) or {}
+        if name in user_methods:
+            spec = _merge(spec, user_spec)
+            path = path if path is not None else user_path
+        user_params = set(user_spec.get("params") or {}) if isinstance(user_spec, dict) else set()
+        method_spaces[name] = _method_space(name, path, spec, families, user_path, user_params)
+
+    merged_common = _merge(common, {k: v for k, v in user.items() if k != "methods"})
+    synthesis_params = _synthesis_params(merged_common, user, common_path, user_path, families)
 
     sizes = merged_common.get("image_size", {"choices": [128]})
     if image_size is not None:
@@ -413,34 +541,45 @@ def load_space(
             candidates = tuple(sorted({*image_sizes, int(recipe_for(name).image_size)}))
         method_spaces[name] = dataclasses.replace(method_space, image_sizes=candidates)
 
-    fidelity_spec = dict(merged_common.get("fidelity") or {})
-    if "fidelity" in user:
-        common_path = user_path  # name the file the user gave in messages about it
-    _check_keys(common_path, "in fidelity: ", fidelity_spec, FIDELITY_KEYS)
-    for key, value in fidelity_spec.items():
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise UserError(f"{common_path}: fidelity.{key}: a whole number >= 1, got {value!r}")
-    if "rounds" in fidelity_spec:
-        rounds = fidelity_spec.pop("rounds")
-        if "max_epochs" in (user.get("fidelity") or {}) and "rounds" not in (user.get("fidelity") or {}):
-            rounds = fidelity_spec["max_epochs"]  # the user's own file names the old key
-        if rounds is not None:
-            fidelity_spec["max_epochs"] = rounds
-    fidelity = Fidelity(**{k: v for k, v in fidelity_spec.items() if v is not None or k in
-                           ("steps_per_epoch", "batch_size", "max_steps")})
-    if fidelity.max_steps is not None and fidelity.max_steps < fidelity.min_steps:
-        raise UserError(f"{common_path}: fidelity.max_steps {fidelity.max_steps} is below min_steps "
-                        f"{fidelity.min_steps}")
-    if fidelity.grace_period > fidelity.max_epochs:
-        raise UserError(f"{common_path}: fidelity.grace_period {fidelity.grace_period} exceeds max_epochs {fidelity.max_epochs}")
-    if fidelity.reduction_factor < 2:
-        raise UserError(f"{common_path}: fidelity.reduction_factor must be >= 2")
-
-    sources = tuple(str(p) for p in [common_path, *(space_dir / f"{m}.yaml" for m in chosen)] if Path(p).exists())
+    fidelity = _fidelity(merged_common, user_path if "fidelity" in user else common_path,
+                         user.get("fidelity") or {})
     return SearchSpace(
         methods=method_spaces,
         image_sizes=image_sizes,
         synthesis=synthesis_params,
         fidelity=fidelity,
-        sources=sources + ((str(user_file),) if user_file else ()),
+        sources=tuple(str(p) for p in read) + ((str(user_file),) if user_file else ()),
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m automl_ad.tuning.space``: list the shipped search-space files, print
+    one (``--show NAME``), or copy them out for editing (``--copy DIR [NAME ...]``; a
+    copy in ``./search_spaces/`` replaces the shipped file it came from)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m automl_ad.tuning.space", description=main.__doc__)
+    parser.add_argument("names", nargs="*", help="common and/or method names (default: all)")
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--show", action="store_true", help="print the files' contents")
+    action.add_argument("--copy", type=Path, metavar="DIR", help="write <name>.yaml files into DIR")
+    args = parser.parse_args(argv)
+    try:
+        shipped = packaged_space_files()
+        if args.copy is not None:
+            for path in copy_packaged(args.copy, args.names or None):
+                print(path)
+            return 0
+        unknown = sorted(set(args.names) - set(shipped))
+        if unknown:
+            raise UserError(f"no shipped search space {unknown[0]!r}; shipped: {', '.join(sorted(shipped))}")
+        for name in args.names or sorted(shipped):
+            print(f"# {shipped[name]}\n{shipped[name].read_text()}" if args.show else f"{name}: {shipped[name]}")
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

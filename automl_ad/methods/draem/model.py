@@ -23,8 +23,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from automl_ad.methods._layers import (
-    check_int,
-    check_range,
     conv_bn_relu,
     double_conv,
     focal_loss,
@@ -34,7 +32,7 @@ from automl_ad.methods._layers import (
     scaled_odd_window,
     ssim_loss,
 )
-from automl_ad.methods.base import Batch, Method, register
+from automl_ad.methods.base import Batch, Method, check_config, register
 
 DISCRIMINATIVE_STRIDE = 32  # 5 max-pools in the U-Net
 
@@ -105,7 +103,6 @@ class DiscriminativeUNet(nn.Module):
 @register
 class Draem(Method):
     name = "draem"
-    synthesis = "perlin"
 
     @dataclass
     class Config:
@@ -117,12 +114,7 @@ class Draem(Method):
         score_window: int = 21  # mean-filter side at 256 px (paper's s_f)
 
         def __post_init__(self) -> None:
-            check_range("draem", "lr", self.lr, 1e-6, 1e-1)
-            check_int("draem", "rec_width", self.rec_width, 4, 256)
-            check_int("draem", "disc_width", self.disc_width, 4, 128)
-            check_range("draem", "ssim_weight", self.ssim_weight, 0.0, 10.0)
-            check_range("draem", "focal_gamma", self.focal_gamma, 0.0, 5.0)
-            check_int("draem", "score_window", self.score_window, 1, 63)
+            check_config(self, "draem")  # ranges: space.yaml
 
     def __init__(self, config: "Draem.Config", image_size: int, category: str) -> None:
         super().__init__(config, image_size, category)

@@ -48,14 +48,12 @@ import torch
 from torch import Tensor, nn
 
 from automl_ad.methods._layers import (
-    check_int,
-    check_range,
     conv_bn_relu,
     double_conv,
     gaussian_blur,
     pad_to_multiple,
 )
-from automl_ad.methods.base import Batch, Method, register
+from automl_ad.methods.base import Batch, Method, check_config, register
 
 
 class ConvexCombination(nn.Module):
@@ -111,7 +109,6 @@ class SelfSupervisedAutoencoder(nn.Module):
 @register
 class Ssae(Method):
     name = "ssae"
-    synthesis = "corruption"
 
     @dataclass
     class Config:
@@ -123,12 +120,7 @@ class Ssae(Method):
         smoothing_sigma: float = 4.0  # at 256 px
 
         def __post_init__(self) -> None:
-            check_range("ssae", "lr", self.lr, 1e-6, 1e-1)
-            check_int("ssae", "width", self.width, 4, 128)
-            check_int("ssae", "depth", self.depth, 1, 5)
-            check_int("ssae", "bottleneck_dilations", self.bottleneck_dilations, 1, 6)
-            check_range("ssae", "corruption_weight", self.corruption_weight, 0.0, 100.0)
-            check_range("ssae", "smoothing_sigma", self.smoothing_sigma, 0.0, 16.0)
+            check_config(self, "ssae")  # ranges: space.yaml
 
     def __init__(self, config: "Ssae.Config", image_size: int, category: str) -> None:
         super().__init__(config, image_size, category)

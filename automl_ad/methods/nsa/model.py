@@ -24,10 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from automl_ad.errors import UserError
-from automl_ad.methods._layers import check_choice, check_int, check_range, pad_to_multiple
-from automl_ad.methods.base import Batch, Method, register
+from automl_ad.methods._layers import pad_to_multiple
+from automl_ad.methods.base import Batch, Method, check_config, register
 
-LABEL_MODES = ("binary", "continuous", "logistic")
 ENCODER_STRIDE = 32
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -116,7 +115,6 @@ class NsaNetwork(nn.Module):
 @register
 class Nsa(Method):
     name = "nsa"
-    synthesis = "nsa"
 
     @dataclass
     class Config:
@@ -126,12 +124,11 @@ class Nsa(Method):
         min_lr: float = 1e-6
 
         def __post_init__(self) -> None:
-            check_range("nsa", "lr", self.lr, 1e-6, 1e-1)
-            check_choice("nsa", "label_mode", self.label_mode, LABEL_MODES)
-            check_int("nsa", "width", self.width, 8, 128)
+            check_config(self, "nsa")  # ranges and label modes: space.yaml
             if self.width % 4:
                 raise UserError(f"method 'nsa': width={self.width} must be divisible by 4")
-            check_range("nsa", "min_lr", self.min_lr, 0.0, self.lr)
+            if self.min_lr > self.lr:
+                raise UserError(f"method 'nsa': min_lr={self.min_lr!r} must not exceed lr={self.lr!r}")
 
     def __init__(self, config: "Nsa.Config", image_size: int, category: str) -> None:
         super().__init__(config, image_size, category)

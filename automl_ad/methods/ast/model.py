@@ -25,9 +25,7 @@ from torch import Tensor, nn
 
 from automl_ad.backbones import create_backbone, default_layers
 from automl_ad.errors import UserError
-from automl_ad.methods.base import Batch, Method, register
-
-_SCORE_REDUCTIONS = ("mean", "max")
+from automl_ad.methods.base import Batch, Method, check_config, register
 
 
 @dataclass
@@ -45,18 +43,9 @@ class ASTConfig:
     score_reduce: str = "mean"  # image score from the map: "mean" (paper, RGB) or "max"
 
     def __post_init__(self) -> None:
-        for key in ("coupling_blocks", "teacher_hidden", "student_hidden"):
-            if int(getattr(self, key)) < 1:
-                raise UserError(f"ast: {key} must be >= 1, got {getattr(self, key)}")
-        if int(self.student_blocks) < 0:
-            raise UserError(f"ast: student_blocks must be >= 0, got {self.student_blocks}")
-        if int(self.pos_dim) < 0 or int(self.pos_dim) % 4:
+        check_config(self, "ast")  # ranges and reductions: space.yaml
+        if self.pos_dim % 4:
             raise UserError(f"ast: pos_dim must be a multiple of 4 (>= 0), got {self.pos_dim}")
-        for key in ("clamp_alpha", "lr"):
-            if not float(getattr(self, key)) > 0:
-                raise UserError(f"ast: {key} must be > 0, got {getattr(self, key)}")
-        if self.score_reduce not in _SCORE_REDUCTIONS:
-            raise UserError(f"ast: score_reduce must be one of {_SCORE_REDUCTIONS}, got {self.score_reduce!r}")
 
 
 def positional_encoding(channels: int, height: int, width: int, device: torch.device | None = None) -> Tensor:
@@ -172,7 +161,6 @@ class Student(nn.Module):
 class AST(Method):
     name = "ast"
     phases = ("teacher", "student")
-    synthesis = None
     Config = ASTConfig
 
     def __init__(self, config: ASTConfig, image_size: int, category: str) -> None:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from automl_ad.backbones import create_backbone, default_layers
 from automl_ad.errors import UserError
-from automl_ad.methods.base import Batch, Method, register
+from automl_ad.methods.base import Batch, Method, check_config, register
 
 _KMEANS_SEED = 0
 _KMEANS_ITERATIONS = 25
@@ -48,17 +48,7 @@ class CFAConfig:
     smoothing_sigma: float = 4.0  # Gaussian sigma in pixels at 224 px, scaled with size
 
     def __post_init__(self) -> None:
-        for key in ("gamma_c", "gamma_d", "K"):
-            if int(getattr(self, key)) < 1:
-                raise UserError(f"cfa: {key} must be >= 1, got {getattr(self, key)}")
-        if int(self.J) < 0:
-            raise UserError(f"cfa: J must be >= 0, got {self.J}")
-        for key in ("radius", "nu", "lr"):
-            if not float(getattr(self, key)) > 0:
-                raise UserError(f"cfa: {key} must be > 0, got {getattr(self, key)}")
-        for key in ("alpha", "weight_decay", "smoothing_sigma"):
-            if float(getattr(self, key)) < 0:
-                raise UserError(f"cfa: {key} must be >= 0, got {getattr(self, key)}")
+        check_config(self, "cfa")  # ranges: space.yaml
 
 
 class CoordConv1x1(nn.Module):
@@ -120,7 +110,6 @@ def kmeans(points: Tensor, k: int, generator: torch.Generator, iterations: int) 
 class CFA(Method):
     name = "cfa"
     phases = ("train",)
-    synthesis = None
     Config = CFAConfig
 
     def __init__(self, config: CFAConfig, image_size: int, category: str) -> None:
