@@ -29,7 +29,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from automl_ad.errors import UserError
 
@@ -82,15 +82,6 @@ def parse_budget(text: str) -> Budget:
     return Budget(kind=kind, amount=seconds, device=device, text=cleaned)
 
 
-def check_budget_fits_cluster(budget: Budget, cluster_gpus: float) -> None:
-    """A GPU budget on a cluster with no GPU could never be spent."""
-    if budget.kind == "device" and budget.device == "gpu" and cluster_gpus <= 0:
-        cpu_text = budget.text.replace("gpu", "cpu")
-        raise UserError(
-            f"--budget {budget.text}: the Ray cluster has no GPU; use a CPU budget such as {cpu_text}"
-        )
-
-
 _SHARED: dict[str, "Ledger"] = {}
 
 
@@ -108,15 +99,17 @@ class Ledger:
 
     Each trial entry holds ``reserved`` (its estimate, counted until it reports usage),
     ``used`` (device-seconds, seconds or 1 trial), ``devices``, ``wall_s`` and ``state``
-    (running/finished). ``search_s`` accumulates the search's own running time.
+    (running/finished). ``search_s`` accumulates the search's own running time, read
+    from ``clock`` (monotonic seconds; a test passes a fake one instead of sleeping).
     Thread-safe: Tune callbacks and the searcher may call it from the driver's threads.
     """
 
     FILE = "budget.json"
 
-    def __init__(self, folder: Path, budget: Budget) -> None:
+    def __init__(self, folder: Path, budget: Budget, clock: Callable[[], float] = time.monotonic) -> None:
         self.path = Path(folder) / self.FILE
         self.budget = budget
+        self._clock = clock
         self._lock = threading.Lock()
         self._state: dict[str, Any] = {"budget": budget.text, "search_s": 0.0, "trials": {}}
         if self.path.exists():
@@ -152,14 +145,14 @@ class Ledger:
     def start_session(self) -> None:
         """Begin charging search wall time (call when the search starts or resumes)."""
         with self._lock:
-            self._session_mark = time.monotonic()
+            self._session_mark = self._clock()
 
     def tick(self) -> None:
         """Add the search time since the last tick; only running sessions are charged."""
         with self._lock:
             if self._session_mark is None:
                 return
-            now = time.monotonic()
+            now = self._clock()
             self._state["search_s"] = float(self._state["search_s"]) + (now - self._session_mark)
             self._session_mark = now
             self._save()
@@ -185,7 +178,7 @@ class Ledger:
 
     def _used_locked(self) -> float:
         if self.budget.kind == "wall":
-            extra = time.monotonic() - self._session_mark if self._session_mark is not None else 0.0
+            extra = self._clock() - self._session_mark if self._session_mark is not None else 0.0
             return float(self._state["search_s"]) + extra
         return sum(float(e["used"]) for e in self._state["trials"].values())
 

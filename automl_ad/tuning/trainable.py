@@ -27,8 +27,6 @@ from typing import Any, Callable, Mapping
 
 from automl_ad.tuning.space import split_config
 
-METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
-
 
 @dataclass(frozen=True)
 class TrialContext:
