@@ -371,7 +371,7 @@ def test_cli_plan_prints_the_schedule_without_training_or_ray(tmp_path, budget):
 
 # --- the warm start ------------------------------------------------------------------------
 
-def test_warm_start_runs_defaults_trainless_first_at_the_paper_size_and_every_backbone():
+def test_warm_start_runs_defaults_trainless_first_at_their_largest_size_and_every_backbone():
     import dataclasses
 
     from automl_ad.backbones import searchable_backbones
@@ -387,10 +387,12 @@ def test_warm_start_runs_defaults_trainless_first_at_the_paper_size_and_every_ba
     backbones = searchable_backbones()
     assert [p["method"] for p in points] == ["patchcore"] * len(backbones) + ["cfa"]
     assert [p["patchcore.backbone"] for p in points[:-1]] == backbones  # the Config's default (lite0) first
-    paper = min(plan.sizes("patchcore"), key=lambda s: (abs(s - 224), s))
+    assert len(plan.sizes("patchcore")) > 1, plan.text()
     for point in points[:-1]:
         config = split_config(point, 128)
-        assert config.image_size == paper
+        assert config.image_size == max(plan.sizes("patchcore"))  # a memory bank: largest affordable size
         assert config.method_params["coreset_ratio"] == space.methods["patchcore"].params["coreset_ratio"].default
-    assert dataclasses.asdict(split_config(points[-1], 128))["method_params"]["lr"] == 1e-3
+    cfa = split_config(points[-1], 128)
+    assert cfa.image_size == min(plan.sizes("cfa"), key=lambda s: (abs(s - 224), s))  # a trained one: paper-nearest
+    assert dataclasses.asdict(cfa)["method_params"]["lr"] == 1e-3
 

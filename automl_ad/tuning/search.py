@@ -867,24 +867,32 @@ def _prepare_val_sets(context: TrialContext, image_sizes: tuple[int, ...], data_
 
 def warm_start_points(space: SearchSpace, schedule: Plan) -> list[dict[str, Any]]:
     """The first configurations a TPE search runs: every planned method at its defaults
-    (the papers' settings) and at its planned size nearest the paper's; a method that
-    trains nothing once per searchable backbone, since for a memory bank the features
-    are what matters most. Methods that train nothing come first (cheap, strong), then
-    the others, cheapest full trial first. No data is looked at: these are priors."""
+    (the papers' settings). A method that trains runs at its planned size nearest the
+    paper's (the size its schedule was measured at); a method that trains nothing runs at
+    its largest planned size, once per searchable backbone: a memory bank's only knobs that
+    matter much are its features and their resolution (a finer patch grid resolves smaller
+    defects), and the plan only keeps sizes the budget affords (docs/search.md, "Warm
+    start", has the measurement). Methods that train nothing come first
+    (cheap, strong), then the others, cheapest full trial first. No data is looked at:
+    these are priors."""
     from automl_ad.tuning.schedule import recipe_for
 
     def full_cost(method: str) -> float:
         return min(e.full_s for e in schedule.entries if e.method == method)
 
-    methods = sorted(space.methods, key=lambda m: (recipe_for(m).epochs > 0, full_cost(m), m))
+    def trains(method: str) -> bool:
+        return recipe_for(method).epochs > 0
+
+    methods = sorted(space.methods, key=lambda m: (trains(m), full_cost(m), m))
     points = []
     for method in methods:
         point = space.defaults(method)
         if space.sizes_searched(method):
-            paper = recipe_for(method).image_size
-            point[f"{method}.image_size"] = min(space.method_sizes(method), key=lambda size: (abs(size - paper), size))
+            sizes, paper = space.method_sizes(method), recipe_for(method).image_size
+            point[f"{method}.image_size"] = (min(sizes, key=lambda size: (abs(size - paper), size)) if trains(method)
+                                             else max(sizes))
         backbone = space.methods[method].params.get("backbone")
-        if recipe_for(method).epochs == 0 and backbone is not None and backbone.type == "categorical":
+        if not trains(method) and backbone is not None and backbone.type == "categorical":
             ordered = [backbone.default] + [b for b in backbone.choices if b != backbone.default]
             points.extend({**point, f"{method}.backbone": b} for b in ordered)
         else:
