@@ -209,7 +209,7 @@ def export_bundle(
             "export_check": {"onnx_vs_torch_max_abs_map_diff": max_diff, "same_decisions": same_decisions},
         }
         full = json.loads(json.dumps(full, default=float))  # the manifest exactly as it reads back
-        full["manifest_sha256"] = _manifest_digest(full)
+        full["manifest_sha256"] = manifest_digest(full)
         (staging / MANIFEST).write_text(json.dumps(full, indent=2))
         if out.exists():
             shutil.rmtree(out)
@@ -229,7 +229,7 @@ def file_checksum(path: Path) -> dict[str, Any]:
     return {"bytes": Path(path).stat().st_size, "sha256": digest.hexdigest()}
 
 
-def _manifest_digest(manifest: dict[str, Any]) -> str:
+def manifest_digest(manifest: dict[str, Any]) -> str:
     """SHA-256 of the manifest's keys other than itself, in canonical JSON."""
     rest = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
     return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
@@ -322,7 +322,7 @@ def verify_bundle(folder: Path) -> dict[str, Any]:
     folder = Path(folder)
     manifest = read_json(folder / MANIFEST, f"not a model bundle (no {MANIFEST}): {folder}")
     _check_version(folder, manifest)
-    if manifest.get("manifest_sha256") != _manifest_digest(manifest):
+    if manifest.get("manifest_sha256") != manifest_digest(manifest):
         raise UserError(f"bundle {folder}: {MANIFEST} was edited after export (its manifest_sha256 does not match)")
     _check_fields(folder, manifest)
     _check_files(folder, manifest)

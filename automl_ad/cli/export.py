@@ -34,7 +34,19 @@ _EXPERIMENT = click.option("--experiment", "-e", help="Search name (default: the
 
 
 def _formats(text: str) -> list[str]:
-    return [f.strip() for f in text.split(",") if f.strip()]
+    """``--format`` names, checked before any work (nothing is stored for a bad one)."""
+    from automl_ad.export import FORMATS
+
+    names = [f.strip() for f in text.split(",") if f.strip()]
+    unknown = sorted(set(names) - set(FORMATS))
+    if unknown or "onnx" not in names:
+        raise UserError(f"--format {text!r}: give onnx, optionally with torchscript (e.g. onnx,torchscript)")
+    return names
+
+
+def _check_fpr(fpr: float | None) -> None:
+    if fpr is not None and not 0.0 <= fpr < 1.0:
+        raise UserError(f"--fpr {fpr}: give a false-alarm rate in [0, 1), e.g. 0.01")
 
 
 @click.command("ensemble")
@@ -44,7 +56,7 @@ def _formats(text: str) -> list[str]:
 @click.option("--k", default=5, show_default=True, type=click.IntRange(1), help="Most members (greedy selection with replacement).")
 @click.option("--top", default=10, show_default=True, type=click.IntRange(1), help="Candidates: the best trials by val objective.")
 @click.option("--fusion", type=click.Choice(["mean", "max"]), default="mean", show_default=True)
-@click.option("--max-latency-ms", type=float, help="Only models whose measured CPU latency (batch 1) fits.")
+@click.option("--max-latency-ms", type=click.FloatRange(0, min_open=True), help="Only models whose measured CPU latency (batch 1) fits.")
 def ensemble_command(category, experiment, storage, k, top, fusion, max_latency_ms):
     """Ensemble the best trials of a search and choose single model vs ensemble on val.
 
@@ -81,7 +93,7 @@ def print_choice(choice) -> None:
 @click.option("--format", "formats", default="onnx,torchscript", show_default=True, help="Comma-separated: onnx (required), torchscript.")
 @click.option("--k", default=5, show_default=True, type=click.IntRange(1))
 @click.option("--fpr", type=float, help="Calibrate the threshold to this false-alarm rate on val-good (default: F1-max on val).")
-@click.option("--max-latency-ms", type=float, help="Only models whose measured CPU latency (batch 1) fits.")
+@click.option("--max-latency-ms", type=click.FloatRange(0, min_open=True), help="Only models whose measured CPU latency (batch 1) fits.")
 def export_command(category, out, experiment, storage, formats, k, fpr, max_latency_ms):
     """Write the deployable bundle of a category: model.onnx (+ TorchScript) and manifest.json.
 
@@ -92,13 +104,17 @@ def export_command(category, out, experiment, storage, formats, k, fpr, max_late
     """
     from automl_ad.deploy import choose_model, export_choice, store_choice
 
+    chosen_formats = _formats(formats)
+    _check_fpr(fpr)
+    out = out or Path("models") / category
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file, not a bundle folder")
     folder, view = _experiment_folder(storage, category, experiment)
     choice = choose_model(folder, k=k, max_latency_ms=max_latency_ms)
     store_choice(folder, choice, k)
     _push_back(view, folder)
     print_choice(choice)
-    out = out or Path("models") / category
-    manifest = export_choice(folder, choice, out, formats=_formats(formats), fpr=fpr)
+    manifest = export_choice(folder, choice, out, formats=chosen_formats, fpr=fpr)
     point = manifest["operating_point"]
     click.echo(f"threshold {point['threshold']:.4f} ({point['rule']}; val false alarms {point['val_false_alarm_rate']:.3f}, recall {point['val_recall']:.3f})")
     click.echo(f"wrote {out} ({', '.join(manifest['files'].values())}, manifest.json)")

@@ -94,6 +94,10 @@ def command(method, category, data, image_size, epochs, steps, batch_size, seed,
         raise UserError(f"--out {out}: is a file, not a folder")
     if resume and not (out / "checkpoint.pt").exists():
         raise UserError(f"--resume: no checkpoint.pt in {out}")
+    if resume:
+        from automl_ad.training import read_checkpoint
+
+        read_checkpoint(out)  # a damaged checkpoint: one line now, before anything is written
     if not resume and (out / "checkpoint.pt").exists():
         raise UserError(f"{out} already holds a run: pass --resume to continue it or --out for a new folder")
     root = resolve_data_root(data, category)

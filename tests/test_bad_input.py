@@ -1,0 +1,527 @@
+"""Bad input and damaged files, command by command, as one table (issue 17).
+
+Every refused case must: exit with its code (2 for bad input), print exactly one
+``error:`` line on stderr (``notice:`` lines aside), show no traceback, and leave every
+file of the results folder, the bundle and the output paths as it was. Cases where a
+damaged store file or checkpoint is *isolated* rather than refused are in a second
+table: the command succeeds, names the damaged file in a warning, moves it aside
+under ``<experiment>/damaged/`` and goes on with the rest.
+
+One tiny real experiment (three CFA trials, frozen val anomalies, a bundle; built once
+per module without Ray) is copied for each case, so cases cannot disturb each other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from automl_ad.cli import main
+from automl_ad.export import MANIFEST, file_checksum, manifest_digest
+from automl_ad.tuning.lock import LOCK_FILE
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_report import CATEGORY, TRIALS, build_tiny_experiment  # noqa: E402
+
+CAT = CATEGORY  # washer, 32 px
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bad_input")
+    build_tiny_experiment(root)  # root/data, root/results/exp1, root/models/washer
+    return root
+
+
+@dataclass
+class World:
+    """One case's own copies: ``results`` (the experiment exp1), ``bundle``, images."""
+
+    built: Path
+    tmp: Path
+
+    @property
+    def data(self) -> Path:
+        return self.built / "data"  # read only: no case writes into the data root
+
+    @property
+    def results(self) -> Path:
+        target = self.tmp / "results"
+        if not target.exists():
+            shutil.copytree(self.built / "results", target)
+        return target
+
+    @property
+    def exp(self) -> Path:
+        return self.results / "exp1"
+
+    @property
+    def bundle(self) -> Path:
+        target = self.tmp / "bundle"
+        if not target.exists():
+            shutil.copytree(self.built / "models" / CAT, target)
+        return target
+
+    @property
+    def images(self) -> Path:
+        target = self.tmp / "images"
+        if not target.exists():
+            target.mkdir()
+            rng = np.random.default_rng(0)
+            for i in range(2):
+                Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(target / f"ok{i}.png")
+        return target
+
+    def data_copy(self) -> Path:
+        target = self.tmp / "data"
+        if not target.exists():
+            shutil.copytree(self.data, target)
+        return target
+
+    def store(self) -> list[str]:
+        return ["--storage", str(self.results), "-e", "exp1"]
+
+    def train(self, *extra: str, method: str = "cfa", data: Path | None = None) -> list[str]:
+        return ["train", "-m", method, "-c", CAT, "--data", str(data or self.data), "--image-size", "32",
+                "--epochs", "1", "--steps", "1", "--out", str(self.tmp / "run"), *extra]
+
+    def search(self, *extra: str) -> list[str]:
+        return ["search", "-c", CAT, "--data", str(self.data), "--storage", str(self.results), *extra]
+
+
+# --- damaging files -------------------------------------------------------------------
+
+def bomb_png(path: Path, width: int, height: int) -> Path:
+    """A 70-byte PNG whose header declares width x height (a decompression bomb)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def truncate(path: Path, keep: float = 0.5) -> Path:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
+def rewrite_manifest(bundle: Path, rehash: bool = True, **changes) -> None:
+    """Edit the manifest as a crafted (foreign) bundle would: checksums and digest redone."""
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    manifest.update(changes)
+    if rehash:
+        manifest["checksums"] = {name: file_checksum(bundle / name) for name in manifest["checksums"]
+                                 if (bundle / name).is_file()} | manifest.get("checksums_override", {})
+        manifest.pop("checksums_override", None)
+        manifest["manifest_sha256"] = manifest_digest(manifest)
+    (bundle / MANIFEST).write_text(json.dumps(manifest))
+
+
+def trial_file(w: World, index: int = 0) -> Path:
+    return w.exp / "trials" / f"{TRIALS[index][0]}.parquet"
+
+
+def checkpoint_file(w: World, index: int) -> Path:
+    return w.exp / "checkpoints" / TRIALS[index][0] / "checkpoint.pt"
+
+
+def search_record(w: World) -> dict:
+    from automl_ad.tuning.budget import parse_budget
+
+    record = json.loads((w.exp / "search.json").read_text())
+    record.update({"budget": parse_budget("2trials").text, "seed": 0, "searcher": "tpe"})
+    (w.exp / "search.json").write_text(json.dumps(record))
+    return record
+
+
+def hold_lock(w: World) -> None:
+    """A live driver's lock (this test process is alive, on this host)."""
+    import datetime as dt
+    import socket
+
+    search_record(w)
+    (w.exp / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                               "started": dt.datetime(2026, 1, 1).isoformat(), "token": "other"}))
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+# --- the refused cases ------------------------------------------------------------------
+
+@dataclass
+class Case:
+    id: str
+    argv: Callable[[World], list[str]]
+    needle: str
+    code: int = 2
+    report: bool = False  # data check: the problem is a line of its report on stdout, exit 2
+
+
+def _train_bomb(w: World) -> list[str]:
+    data = w.data_copy()
+    bomb_png(data / CAT / "train" / "good" / "zz_bomb.png", 30000, 30000)
+    return w.train(data=data)
+
+
+def _check_bomb(w: World) -> list[str]:
+    data = w.data_copy()
+    bomb_png(data / CAT / "test" / "good" / "zz_bomb.png", 20000, 20000)
+    return ["data", "check", str(data), "-c", CAT]
+
+
+def _train_damaged_checkpoint(w: World) -> list[str]:
+    run = w.tmp / "run"
+    run.mkdir()
+    shutil.copy(checkpoint_file(w, 0), run / "checkpoint.pt")
+    truncate(run / "checkpoint.pt")
+    return w.train("--resume")
+
+
+def _predict_damaged(change: Callable[[Path], None]) -> Callable[[World], list[str]]:
+    def argv(w: World) -> list[str]:
+        change(w.bundle)
+        return ["predict", str(w.bundle), str(w.images)]
+
+    return argv
+
+
+def _foreign_graph(bundle: Path) -> None:
+    (bundle / "model.onnx").write_bytes(b"this is not an ONNX graph")
+    rewrite_manifest(bundle)
+
+
+def _outside_name(bundle: Path) -> None:
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    files = {**manifest["files"], "onnx": "../outside.onnx"}
+    rewrite_manifest(bundle, files=files)
+
+
+def _all_checkpoints_damaged(w: World) -> list[str]:
+    for index in range(len(TRIALS)):
+        truncate(checkpoint_file(w, index), 0.3)
+    return ["export", "-c", CAT, *w.store(), "--out", str(w.tmp / "bundle_out")]
+
+
+def _corrupt_record(w: World) -> list[str]:
+    (w.exp / "search.json").write_text("{not json")
+    return ["ensemble", "-c", CAT, *w.store()]
+
+
+def _lock_held(w: World) -> list[str]:
+    hold_lock(w)
+    return w.search("--budget", "2trials", "--resume", "--experiment", "exp1")
+
+
+CASES = [
+    # train: -p of every type, other options, data and checkpoints
+    Case("train -p float", lambda w: w.train("-p", "lr=abc"), "-p lr=abc: cfa.lr takes a finite number"),
+    Case("train -p int", lambda w: w.train("-p", "K=2.5"), "-p K=2.5: cfa.K takes an integer"),
+    Case("train -p categorical", lambda w: w.train("-p", "label_mode=bogus", method="nsa"), "label_mode"),
+    Case("train -p categorical backbone", lambda w: w.train("-p", "backbone=bogus"), "unknown backbone 'bogus'"),
+    Case("train -p path", lambda w: w.train("-p", f"weights={w.tmp / 'nope.pt'}"), "existing checkpoint file"),
+    Case("train -p list", lambda w: w.train("-p", "lr=[1,2]"), "takes one value"),
+    Case("train -p no value", lambda w: w.train("-p", "lr"), "expects key=value"),
+    Case("train -p unknown", lambda w: w.train("-p", "bogus=1"), "has no parameter(s) bogus"),
+    Case("train --synth-param", lambda w: w.train("--synth-param", "bogus=1", method="draem"), "unknown parameter 'bogus'"),
+    Case("train --synthesis", lambda w: w.train("--synthesis", "nope", method="draem"), "unknown synthesis family 'nope'"),
+    Case("train unknown method", lambda w: w.train(method="nope"), "unknown method"),
+    Case("train --device", lambda w: w.train("--device", "tpu"), "--device 'tpu'"),
+    Case("train --image-size", lambda w: w.train("--image-size", "5"), "'--image-size': 5 is not in the range"),
+    Case("train unknown category", lambda w: ["train", "-m", "cfa", "-c", "gadget", "--data", str(w.data),
+                                               "--out", str(w.tmp / "run")], "gadget"),
+    Case("train empty data root", lambda w: w.train(data=w.tmp), "category 'washer' not found"),
+    Case("train --resume without checkpoint", lambda w: w.train("--resume"), "no checkpoint.pt"),
+    Case("train --resume damaged checkpoint", _train_damaged_checkpoint, "damaged checkpoint"),
+    Case("train decompression bomb", _train_bomb, "too large to decode safely"),
+    # data
+    Case("data check decompression bomb", _check_bomb, "too large to decode safely", report=True),
+    Case("data check missing root", lambda w: ["data", "check", str(w.tmp / "nowhere"), "-c", CAT], "nowhere"),
+    Case("data check unknown category", lambda w: ["data", "check", str(w.data), "-c", "gadget"], "gadget"),
+    Case("data synth unknown product", lambda w: ["data", "synth", "--out", str(w.tmp / "s"), "--categories", "bottle"],
+         "bottle"),
+    # search (all refused before Ray starts)
+    Case("search garbage budget", lambda w: w.search("--budget", "lots"), "lots"),
+    Case("search zero budget", lambda w: w.search("--budget", "0m"), "budget"),
+    Case("search no budget", lambda w: w.search(), "--budget is required"),
+    Case("search missing space file", lambda w: w.search("--budget", "2trials", "--space", str(w.tmp / "no.yaml")),
+         "no.yaml"),
+    Case("search malformed space file", lambda w: w.search("--budget", "2trials", "--space",
+                                                           str(_write(w.tmp / "bad.yaml", "params: [unclosed"))),
+         "bad.yaml"),
+    Case("search missing jobs file", lambda w: ["search", "--jobs", str(w.tmp / "jobs.yaml")], "--jobs file not found"),
+    Case("search malformed jobs file", lambda w: ["search", "--jobs", str(_write(w.tmp / "jobs.yaml", "category: x"))],
+         "expected a non-empty list"),
+    Case("search unknown method", lambda w: w.search("--budget", "2trials", "--methods", "nope"), "nope"),
+    Case("search empty data root", lambda w: ["search", "-c", CAT, "--budget", "2trials", "--data", str(w.tmp)],
+         "washer"),
+    Case("search --searcher", lambda w: w.search("--budget", "2trials", "--searcher", "grid"), "'--searcher'"),
+    Case("search --gpus-per-trial", lambda w: w.search("--budget", "2trials", "--gpus-per-trial", "0"),
+         "'--gpus-per-trial'"),
+    Case("search --resume nothing to resume", lambda w: w.search("--budget", "2trials", "--resume"), "--resume"),
+    Case("search second driver", _lock_held, "being searched by another driver (host"),
+    Case("search --experiment unsafe", lambda w: w.search("--budget", "2trials", "--experiment", "../up"),
+         "--experiment '../up'"),
+    # results, ensemble, export, report
+    Case("results unknown category", lambda w: ["results", "-c", "gadget", "--storage", str(w.results)], "gadget"),
+    Case("results unsafe experiment", lambda w: ["results", "-c", CAT, "--storage", str(w.results),
+                                                 "--experiment", "../x"], "--experiment '../x'"),
+    Case("ensemble corrupt search.json", _corrupt_record, "corrupt"),
+    Case("ensemble unknown experiment", lambda w: ["ensemble", "-c", CAT, "--storage", str(w.results), "-e", "nope"],
+         "no search named 'nope'"),
+    Case("export unknown format", lambda w: ["export", "-c", CAT, *w.store(), "--format", "tflite",
+                                             "--out", str(w.tmp / "b")], "--format 'tflite'"),
+    Case("export --fpr out of range", lambda w: ["export", "-c", CAT, *w.store(), "--fpr", "2",
+                                                 "--out", str(w.tmp / "b")], "--fpr 2.0"),
+    Case("export every checkpoint damaged", _all_checkpoints_damaged, "has a usable checkpoint"),
+    Case("report tampered bundle", lambda w: ["report", "-c", CAT, *w.store(), "--bundle",
+                                              str(_predict_damaged(lambda b: truncate(b / "model.onnx"))(w)[1]),
+                                              "--out", str(w.tmp / "r.html")], "truncated or replaced"),
+    # predict: bundles checked before they run
+    Case("predict truncated graph", _predict_damaged(lambda b: truncate(b / "model.onnx")), "truncated or replaced"),
+    Case("predict modified graph", _predict_damaged(lambda b: _flip_byte(b / "model.onnx")), "modified after export"),
+    Case("predict foreign graph", _predict_damaged(_foreign_graph), "cannot be loaded by ONNX Runtime"),
+    Case("predict name outside bundle", _predict_damaged(_outside_name), "outside the bundle folder"),
+    Case("predict newer format", _predict_damaged(lambda b: rewrite_manifest(b, bundle_version=99)),
+         "format version 99, newer than this automl-ad reads"),
+    Case("predict format without checksums", _predict_damaged(lambda b: rewrite_manifest(b, bundle_version=1)),
+         "records no checksums"),
+    Case("predict edited manifest", _predict_damaged(
+        lambda b: rewrite_manifest(b, rehash=False, operating_point={"threshold": 0.0})), "edited after export"),
+    Case("predict missing manifest", _predict_damaged(lambda b: (b / MANIFEST).unlink()), "not a model bundle"),
+    Case("predict broken manifest", _predict_damaged(lambda b: (b / MANIFEST).write_text("{")), "corrupt"),
+    Case("predict no images", lambda w: ["predict", str(w.bundle), str(_mkdir(w.tmp / "empty"))], "no image files"),
+    Case("predict --batch-size", lambda w: ["predict", str(w.bundle), str(w.images), "--batch-size", "0"],
+         "'--batch-size'"),
+    Case("predict decompression bomb", lambda w: ["predict", str(w.bundle),
+                                                  str(bomb_png(w.tmp / "bomb.png", 30000, 30000))],
+         "too large to decode safely", code=1),
+]
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under ``root`` (the case's copies and outputs) with its SHA-256."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def invoke(argv: list[str]):
+    return CliRunner().invoke(main, argv)
+
+
+def _no_traceback(result) -> None:
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+
+
+def test_there_are_at_least_thirty_cases():
+    assert len(CASES) >= 30 and len({c.id for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_refused_in_one_line_leaving_everything_as_it_was(case: Case, built: Path, tmp_path: Path):
+    world = World(built, tmp_path)
+    argv = case.argv(world)
+    before = snapshot(tmp_path)
+    result = invoke(argv)
+    _no_traceback(result)
+    assert result.exit_code == case.code, result.output
+    if case.report:
+        assert result.stderr == "" and "NOT usable" in result.stdout
+        assert case.needle in result.stdout
+    else:
+        # notice: and warning: lines (a damaged file left out on the way) are not errors
+        lines = [line for line in result.stderr.splitlines() if line.strip()
+                 and not line.startswith(("notice:", "warning:"))]
+        assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+        assert case.needle in lines[0], lines[0]
+    assert snapshot(tmp_path) == before
+
+
+# --- damaged files that are isolated, not fatal -------------------------------------------
+
+def _assert_set_aside(world: World, result, damaged: Path) -> None:
+    _no_traceback(result)
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert any(str(damaged) in line and "moved to" in line for line in warnings), result.stderr
+    assert not damaged.exists()
+    assert (world.exp / "damaged" / damaged.parent.name / damaged.name).is_file()  # kept, not deleted
+
+
+def test_results_leave_out_a_truncated_trial_file_and_show_the_rest(built, tmp_path):
+    world = World(built, tmp_path)
+    damaged = truncate(trial_file(world, 0))
+    result = invoke(["results", "-c", CAT, "--storage", str(world.results)])
+    _assert_set_aside(world, result, damaged)
+    assert TRIALS[1][0] in result.stdout and TRIALS[2][0] in result.stdout and TRIALS[0][0] not in result.stdout
+    again = invoke(["results", "-c", CAT, "--storage", str(world.results)])  # set aside once, then quiet
+    assert again.exit_code == 0 and "warning" not in again.stderr
+
+
+def test_a_foreign_parquet_file_among_the_trials_is_set_aside(built, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    world = World(built, tmp_path)
+    foreign = world.exp / "trials" / "foreign.parquet"
+    pq.write_table(pa.table({"x": [1, 2]}), foreign)
+    result = invoke(["results", "-c", CAT, "--storage", str(world.results), "--experiment", "exp1"])
+    _assert_set_aside(world, result, foreign)
+    assert all(t[0] in result.stdout for t in TRIALS)
+
+
+def test_report_and_ensemble_go_on_without_a_damaged_trial_file(built, tmp_path):
+    world = World(built, tmp_path)
+    damaged = trial_file(world, 1)
+    damaged.write_bytes(b"PAR1 not really parquet")
+    report = invoke(["report", "-c", CAT, *world.store(), "--bundle", str(world.bundle), "--out",
+                     str(tmp_path / "r.html")])
+    _assert_set_aside(world, report, damaged)
+    assert (tmp_path / "r.html").is_file()
+    ensemble = invoke(["ensemble", "-c", CAT, *world.store(), "--k", "2", "--top", "3"])
+    assert ensemble.exit_code == 0, ensemble.output
+    assert TRIALS[1][0] not in ensemble.stdout and "chosen:" in ensemble.stdout
+
+
+def test_export_falls_back_to_an_earlier_checkpoint_or_leaves_the_trial_out(built, tmp_path):
+    world = World(built, tmp_path)
+    best = TRIALS[0][0]
+    # Trial 0 as Tune keeps it: checkpoint_000002 (damaged: wrong shapes) after checkpoint_000001.
+    trial_dir = world.exp / "checkpoints" / best
+    older, newer = trial_dir / "checkpoint_000001", trial_dir / "checkpoint_000002"
+    older.mkdir()
+    shutil.copy(trial_dir / "checkpoint.pt", older / "checkpoint.pt")
+    newer.mkdir()
+    _swap_weights(trial_dir / "checkpoint.pt", checkpoint_file(world, 2), newer / "checkpoint.pt")
+    _point_trial_at(world, 0, newer)
+    truncate(checkpoint_file(world, 1), 0.2)  # trial 1 has no earlier checkpoint: left out
+    out = tmp_path / "bundle_out"
+    result = invoke(["export", "-c", CAT, *world.store(), "--out", str(out), "--format", "onnx", "--k", "3"])
+    _no_traceback(result)
+    assert result.exit_code == 0, result.output
+    assert f"trial {best}: using its earlier checkpoint {older}" in result.stderr
+    assert f"trial {TRIALS[1][0]} left out" in result.stderr
+    assert "damaged checkpoint" in result.stderr and "do not fit" in result.stderr
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert TRIALS[1][0] not in {m["trial_id"] for m in manifest["members"]}
+    assert invoke(["predict", str(out), str(world.images)]).exit_code == 0
+
+
+def _swap_weights(own: Path, other: Path, out: Path) -> None:
+    """A checkpoint with its own config but another trial's weights (other shapes)."""
+    import torch
+
+    state = torch.load(own, weights_only=True)
+    state["method"] = torch.load(other, weights_only=True)["method"]
+    torch.save(state, out)
+
+
+def _point_trial_at(world: World, index: int, checkpoint: Path) -> None:
+    from automl_ad import store
+
+    row = store.read_table(world.exp).to_pylist()
+    row = next(r for r in row if r["trial_id"] == TRIALS[index][0])
+    row["checkpoint"] = str(checkpoint)
+    row["params"] = json.loads(row["params"])
+    store.write_trial(world.exp, {k: v for k, v in row.items() if not k.startswith("param_")})
+
+
+def test_a_failed_export_leaves_the_previous_bundle_untouched(built, tmp_path):
+    world = World(built, tmp_path)
+    before = snapshot(world.bundle)
+    for index in range(len(TRIALS)):
+        truncate(checkpoint_file(world, index), 0.3)
+    result = invoke(["export", "-c", CAT, *world.store(), "--out", str(world.bundle)])
+    assert result.exit_code == 2 and snapshot(world.bundle) == before
+
+
+# --- bundles, images and the driver lock at the library level -------------------------------
+
+def test_a_verified_bundle_loads_and_ignores_files_written_beside_it(built, tmp_path):
+    from automl_ad.export import BUNDLE_VERSION, load_bundle
+
+    world = World(built, tmp_path)
+    (world.bundle / "report.html").write_text("<html></html>")  # what search writes next to it
+    bundle = load_bundle(world.bundle)
+    assert bundle.manifest["bundle_version"] == BUNDLE_VERSION == 2
+    for name, recorded in bundle.manifest["checksums"].items():
+        assert recorded == file_checksum(world.bundle / name)
+
+
+def test_an_8k_image_passes_the_size_limit_and_a_bomb_does_not(tmp_path):
+    from automl_ad.data.images import image_size_of, read_image
+    from automl_ad.errors import UserError
+
+    assert image_size_of(bomb_png(tmp_path / "8k.png", 8192, 8192)) == (8192, 8192)
+    for width, height in ((30000, 30000), (9500, 9500), (70000, 4)):
+        with pytest.raises(UserError, match="too large to decode safely"):
+            read_image(bomb_png(tmp_path / f"b{width}.png", width, height))
+
+
+def test_a_stale_lock_from_a_killed_driver_is_taken_over(tmp_path):
+    import socket
+
+    from automl_ad.tuning.lock import acquire
+
+    folder = tmp_path / "exp"
+    folder.mkdir()
+    (folder / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": dead_pid(),
+                                                "started": "2026-01-01T00:00:00+00:00", "token": "old"}))
+    lock = acquire(folder, "exp")
+    assert json.loads((folder / LOCK_FILE).read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not (folder / LOCK_FILE).exists()
+
+
+def test_a_lock_from_another_host_is_stale_only_once_its_heartbeat_stops(tmp_path):
+    import time
+
+    from automl_ad.errors import UserError
+    from automl_ad.tuning.lock import STALE_AFTER_S, acquire
+
+    folder = tmp_path / "exp"
+    folder.mkdir()
+    lock_path = folder / LOCK_FILE
+    lock_path.write_text(json.dumps({"host": "node-7", "pid": 1, "started": "2026-01-01T00:00:00+00:00", "token": "x"}))
+    with pytest.raises(UserError, match="host node-7, pid 1"):
+        acquire(folder, "exp")
+    old = time.time() - STALE_AFTER_S - 5
+    os.utime(lock_path, (old, old))
+    acquire(folder, "exp").release()
