@@ -525,3 +525,35 @@ def test_a_lock_from_another_host_is_stale_only_once_its_heartbeat_stops(tmp_pat
     old = time.time() - STALE_AFTER_S - 5
     os.utime(lock_path, (old, old))
     acquire(folder, "exp").release()
+
+
+# --- the search: a resume after damage, and a second driver ---------------------------------
+
+def test_resume_stores_a_damaged_trial_row_again_and_a_second_driver_is_refused(tmp_path, tiny_mvtec, ray_session):
+    from automl_ad import store
+    from automl_ad.errors import UserError
+    from automl_ad.tuning.lock import acquire
+    from automl_ad.tuning.search import run_search
+    from conftest import search_options as options
+
+    summary = run_search(options(tmp_path, tiny_mvtec, budget="2trials", experiment="dmg"))
+    folder = summary.experiment_dir
+    rows = {r["trial_id"]: r for r in store.read_table(folder).to_pylist()}
+    assert len(rows) == 2 and not (folder / LOCK_FILE).exists(), "the lock goes with the driver"
+    lost = sorted(rows)[0]
+    damaged = truncate(folder / "trials" / f"{lost}.parquet")
+    ledger = (folder / "budget.json").read_bytes()
+
+    held = acquire(folder, "dmg")  # another driver is running this experiment
+    try:
+        with pytest.raises(UserError, match=r"being searched by another driver \(host .*, pid \d+, since "):
+            run_search(options(tmp_path, tiny_mvtec, budget="2trials", experiment="dmg", resume=True))
+    finally:
+        held.release()
+    assert (folder / "budget.json").read_bytes() == ledger and damaged.is_file(), "the refused driver wrote nothing"
+
+    run_search(options(tmp_path, tiny_mvtec, budget="2trials", experiment="dmg", resume=True))
+    again = {r["trial_id"]: r for r in store.read_table(folder).to_pylist()}
+    assert sorted(again) == sorted(rows), "the lost row is stored again, no trial twice"
+    assert again[lost]["objective"] == pytest.approx(rows[lost]["objective"])
+    assert (folder / "damaged" / "trials" / damaged.name).is_file()
