@@ -1,15 +1,150 @@
-"""Shared fixtures. ``ray_session``: one local Ray instance for the whole test run,
-started only when a test asks for it (most tests never import Ray); ``one_torch_thread``
-and ``offline_weight_caches`` for the tests of pretrained backbones."""
+"""Shared fixtures and helpers. ``ray_session``: one local Ray instance for the whole test
+run, started only when a test asks for it (most tests never import Ray); ``one_torch_thread``
+and ``offline_weight_caches`` for the tests of pretrained backbones; ``tiny_mvtec``, a
+built-in product on disk. Helpers a test module or a spawned test process calls directly
+(``from conftest import toy_category``): ``toy_category``/``toy_val``, a tiny category in
+memory, ``search_options`` over ``TINY_SPACES``, and the private test methods ``_tiny_seg`` and ``_two_phase`` (registered here, so
+every test module sees them without importing another test module)."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
+import torch
+from torch import nn
+
+from automl_ad.data.types import CategoryData, ImageSet
+from automl_ad.methods.base import Batch, Method, register
+from automl_ad.validation import val_set_for
+
+if TYPE_CHECKING:
+    from automl_ad.tuning.search import SearchOptions
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class _TinyConfig:
+    lr: float = 1e-2
+    width: int = 4
+
+
+@register
+class _TinySegmenter(Method):
+    """A two-layer segmenter: enough to learn pasted squares at 32 px."""
+
+    name = "_tiny_seg"
+    synthesis = "cutpaste"
+    Config = _TinyConfig
+
+    def __init__(self, config: _TinyConfig, image_size: int, category: str) -> None:
+        super().__init__(config, image_size, category)
+        self.net = nn.Sequential(
+            nn.Conv2d(3, config.width, 3, padding=1), nn.ReLU(), nn.Dropout2d(0.1), nn.Conv2d(config.width, 1, 3, padding=1)
+        )
+
+    def training_step(self, batch: Batch, phase: str) -> dict[str, torch.Tensor]:
+        logits = self.net(batch.images)
+        return {"loss": nn.functional.binary_cross_entropy_with_logits(logits, batch.masks)}
+
+    def anomaly_map(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.net(images))[:, 0]
+
+
+@register
+class _TwoPhase(_TinySegmenter):
+    name = "_two_phase"
+    phases = ("first", "second")
+    synthesis = None
+
+    def training_step(self, batch: Batch, phase: str) -> dict[str, torch.Tensor]:
+        target = batch.clean.mean(dim=1, keepdim=True) * (1.0 if phase == "first" else 0.5)
+        return {"loss": nn.functional.mse_loss(self.net(batch.images), target)}
+
+
+def toy_category(n_fit: int = 16, size: int = 32, seed: int = 0) -> CategoryData:
+    """A tiny uint8 category: a horizontal ramp plus noise; test has 2 good images and 2
+    with a bright square (pixel masks). Seeded, no files."""
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.linspace(60, 180, size).view(1, 1, 1, size).expand(n_fit + 8, 3, size, size)
+    noise = torch.randint(0, 20, (n_fit + 8, 3, size, size), generator=generator)
+    images = (base + noise).clamp(0, 255).to(torch.uint8)
+    test_images = images[n_fit + 4 :].clone()
+    masks = torch.zeros(4, 1, size, size, dtype=torch.uint8)
+    test_images[2:, :, 8:16, 8:16] = 255
+    masks[2:, :, 8:16, 8:16] = 1
+    test = ImageSet(
+        images=test_images,
+        masks=masks,
+        labels=torch.tensor([0, 0, 1, 1]),
+        has_mask=torch.ones(4, dtype=torch.bool),
+        defect_types=["good", "good", "spot", "spot"],
+        paths=[""] * 4,
+    )
+    return CategoryData("toy", Path("."), size, images[:n_fit], images[n_fit : n_fit + 4], test, "f" * 8)
+
+
+def toy_val(data: CategoryData) -> ImageSet:
+    """val-good + the two defective test images relabelled perlin/cutpaste, as a trial
+    trained with cutpaste would validate on (cutpaste's is left out)."""
+    anomalies = data.test.subset([2, 3])
+    anomalies.defect_types = ["perlin", "cutpaste"]
+    return val_set_for(data.val_good, anomalies, train_family="cutpaste")
+
+
+# The tiny search space the search tests run: two from-scratch methods at 4-8 channels.
+TINY_SPACES = {
+    "draem": {
+        "method": "draem",
+        "synthesis": ["perlin", "cutpaste"],
+        "params": {
+            "lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-3, "log": True, "default": 3.0e-4},
+            "rec_width": {"type": "int", "low": 4, "high": 8, "step": 4, "default": 4},
+            "disc_width": {"type": "categorical", "choices": [4], "default": 4},
+        },
+    },
+    "ssae": {
+        "method": "ssae",
+        "synthesis": ["corruption"],
+        "params": {
+            "lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-3, "log": True, "default": 3.0e-4},
+            "width": {"type": "categorical", "choices": [4, 8], "default": 4},
+            "depth": {"type": "int", "low": 1, "high": 2, "default": 1},
+        },
+    },
+}
+TINY_FIDELITY = {"max_epochs": 2, "grace_period": 1, "reduction_factor": 2, "steps_per_epoch": 2, "batch_size": 4}
+
+
+def tiny_space_dir(folder: Path) -> Path:
+    """A whole space folder (``space_dir``): the shipped common.yaml with TINY_FIDELITY,
+    and TINY_SPACES' methods only."""
+    import yaml
+
+    from automl_ad.tuning.space import packaged_space_files
+
+    folder.mkdir(parents=True, exist_ok=True)
+    common = yaml.safe_load(packaged_space_files()["common"].read_text())
+    common["fidelity"] = TINY_FIDELITY
+    (folder / "common.yaml").write_text(yaml.safe_dump(common))
+    for name, spec in TINY_SPACES.items():
+        (folder / f"{name}.yaml").write_text(yaml.safe_dump(spec))
+    return folder
+
+
+def search_options(tmp_path: Path, data: Path, **overrides: Any) -> "SearchOptions":
+    """SearchOptions of a tiny search on ``data`` under ``tmp_path`` (imported lazily:
+    the search module imports Ray, which most tests never need)."""
+    from automl_ad.tuning.search import SearchOptions
+
+    base = dict(category="screw", budget="3trials", data=data, storage=tmp_path / "results", experiment="exp",
+                image_size=32, use_train=False, live=False, seed=0, space_dir=tiny_space_dir(tmp_path / "spaces"))
+    base.update(overrides)
+    return SearchOptions(**base)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_training import _category, _val  # noqa: E402
+from conftest import toy_category, toy_val  # noqa: E402
 
 from automl_ad.distributed import DataParallel  # noqa: E402
 from automl_ad.training import TrainConfig, fit  # noqa: E402
@@ -25,8 +25,8 @@ def _rank_main(rank: int, world_size: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        data = _category()
-        result = fit(TrainConfig(**CFG), data, _val(data), evaluate_test=False, data_parallel=DataParallel(),
+        data = toy_category()
+        result = fit(TrainConfig(**CFG), data, toy_val(data), evaluate_test=False, data_parallel=DataParallel(),
                      checkpoint_dir=Path(out) / f"ckpt{rank}")
         torch.save({"state": result.method.state_dict(), "losses": [r.train_loss for r in result.reports],
                     "val": result.reports[-1].val}, Path(out) / f"rank{rank}.pt")
@@ -56,11 +56,11 @@ def test_two_ranks_average_gradients_and_stay_identical(tmp_path):
 
 def test_one_rank_trains_exactly_like_plain_fit(tmp_path):
     mp.spawn(_rank_main, args=(1, _free_port(), str(tmp_path)), nprocs=1, join=True)
-    data = _category()
+    data = toy_category()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the rank process: thread count changes float sums
     try:
-        plain = fit(TrainConfig(**CFG), data, _val(data), evaluate_test=False)
+        plain = fit(TrainConfig(**CFG), data, toy_val(data), evaluate_test=False)
     finally:
         torch.set_num_threads(threads)
     single = torch.load(tmp_path / "rank0.pt", weights_only=True)

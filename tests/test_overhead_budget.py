@@ -20,8 +20,8 @@ from automl_ad.training import CHECKPOINT_FILE, TrainConfig, fit
 from automl_ad.tuning.budget import DeadlineWatch, Ledger, parse_budget, start_clock
 from automl_ad.tuning.search import run_search
 
-from test_search import options
-from test_training import _category, _val
+from conftest import search_options as options
+from conftest import toy_category, toy_val
 
 
 def _stop_after(steps: int):
@@ -35,12 +35,12 @@ def _stop_after(steps: int):
 
 
 def test_fit_stops_mid_epoch_and_resumes_bit_exactly(tmp_path):
-    data = _category()
+    data = toy_category()
     cfg = TrainConfig(method="_tiny_seg", image_size=32, epochs=4, steps_per_epoch=3, batch_size=4, seed=5)
-    straight = fit(cfg, data, _val(data), checkpoint_dir=tmp_path / "a", evaluate_test=False)
+    straight = fit(cfg, data, toy_val(data), checkpoint_dir=tmp_path / "a", evaluate_test=False)
 
     seen = []
-    stopped = fit(cfg, data, _val(data), checkpoint_dir=tmp_path / "b", evaluate_test=False,
+    stopped = fit(cfg, data, toy_val(data), checkpoint_dir=tmp_path / "b", evaluate_test=False,
                   on_epoch=lambda r, d: seen.append(r.epoch), should_stop=_stop_after(10))
     # Asked before each step and before each validation: 4 asks per epoch of 3 steps, so
     # the 10th ask comes before the 8th step, inside epoch 3, which is dropped.
@@ -49,7 +49,7 @@ def test_fit_stops_mid_epoch_and_resumes_bit_exactly(tmp_path):
     saved = torch.load(tmp_path / "b" / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
     assert saved["epoch"] == 2 and saved["step"] == 6, "the checkpoint is the last complete epoch"
 
-    resumed = fit(cfg, data, _val(data), checkpoint_dir=tmp_path / "b", resume_from=tmp_path / "b",
+    resumed = fit(cfg, data, toy_val(data), checkpoint_dir=tmp_path / "b", resume_from=tmp_path / "b",
                   evaluate_test=False)
     assert [r.train_loss for r in resumed.reports] == [r.train_loss for r in straight.reports]
     for key, value in straight.method.state_dict().items():
@@ -57,9 +57,9 @@ def test_fit_stops_mid_epoch_and_resumes_bit_exactly(tmp_path):
 
 
 def test_fit_stopped_in_its_first_epoch_reports_nothing(tmp_path):
-    data = _category()
+    data = toy_category()
     cfg = TrainConfig(method="_tiny_seg", image_size=32, epochs=2, steps_per_epoch=5, batch_size=4)
-    result = fit(cfg, data, _val(data), checkpoint_dir=tmp_path, should_stop=_stop_after(6))  # 5 steps
+    result = fit(cfg, data, toy_val(data), checkpoint_dir=tmp_path, should_stop=_stop_after(6))  # 5 steps
     assert result.stopped_early and result.reports == [] and result.test == {}
     assert not (tmp_path / CHECKPOINT_FILE).exists()
 

@@ -19,52 +19,15 @@ from pathlib import Path
 
 import optuna
 import pytest
-import yaml
 
 from automl_ad import store
 from automl_ad.errors import UserError
-from automl_ad.tuning.space import packaged_space_files
-from automl_ad.tuning.search import SearchOptions, run_search
+from automl_ad.tuning.search import run_search
+from conftest import TINY_FIDELITY as FIDELITY
+from conftest import TINY_SPACES as SPACES
+from conftest import search_options as options
 
 REPO = Path(__file__).resolve().parents[1]
-SPACES = {
-    "draem": {
-        "method": "draem",
-        "synthesis": ["perlin", "cutpaste"],
-        "params": {
-            "lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-3, "log": True, "default": 3.0e-4},
-            "rec_width": {"type": "int", "low": 4, "high": 8, "step": 4, "default": 4},
-            "disc_width": {"type": "categorical", "choices": [4], "default": 4},
-        },
-    },
-    "ssae": {
-        "method": "ssae",
-        "synthesis": ["corruption"],
-        "params": {
-            "lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-3, "log": True, "default": 3.0e-4},
-            "width": {"type": "categorical", "choices": [4, 8], "default": 4},
-            "depth": {"type": "int", "low": 1, "high": 2, "default": 1},
-        },
-    },
-}
-FIDELITY = {"max_epochs": 2, "grace_period": 1, "reduction_factor": 2, "steps_per_epoch": 2, "batch_size": 4}
-
-
-def tiny_space_dir(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    common = yaml.safe_load(packaged_space_files()["common"].read_text())
-    common["fidelity"] = FIDELITY
-    (folder / "common.yaml").write_text(yaml.safe_dump(common))
-    for name, spec in SPACES.items():
-        (folder / f"{name}.yaml").write_text(yaml.safe_dump(spec))
-    return folder
-
-
-def options(tmp_path: Path, data: Path, **overrides) -> SearchOptions:
-    base = dict(category="screw", budget="3trials", data=data, storage=tmp_path / "results", experiment="exp",
-                image_size=32, use_train=False, live=False, seed=0, space_dir=tiny_space_dir(tmp_path / "spaces"))
-    base.update(overrides)
-    return SearchOptions(**base)
 
 
 def test_search_stores_every_trial_with_val_and_test(tmp_path, tiny_mvtec, ray_session):
@@ -222,7 +185,7 @@ RESUME_SCRIPT = textwrap.dedent(
     import sys
     from pathlib import Path
     sys.path.insert(0, {tests!r})
-    from test_search import options
+    from conftest import search_options as options
     from automl_ad.tuning.search import run_search
     run_search(options(Path({tmp!r}), Path({data!r}), budget="4trials", experiment="resume"))
     """

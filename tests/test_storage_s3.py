@@ -34,7 +34,7 @@ SEARCH_SCRIPT = textwrap.dedent(
     import sys
     from pathlib import Path
     sys.path.insert(0, {tests!r})
-    from test_search import options
+    from conftest import search_options as options
     from automl_ad.tuning.search import run_search
     run_search(options(Path({tmp!r}), Path({data!r}), budget="{trials}trials", experiment="exp",
                        storage={storage!r}, resume={resume}, use_train=True))
