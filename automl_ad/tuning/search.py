@@ -792,7 +792,7 @@ def preview_plan(opts: SearchOptions) -> Plan:
 
 # --- the driver ------------------------------------------------------------------------
 
-def _init_ray(opts: SearchOptions, wandb_dir: Path) -> None:
+def _init_ray(opts: SearchOptions) -> None:
     import ray
 
     # A trial the budget deadline stops inside its first epoch reports nothing, which
@@ -965,7 +965,7 @@ def run_search(opts: SearchOptions) -> SearchSummary:
         raise UserError(f"experiment {experiment!r} exists in {storage}; pass --resume or a new --experiment")
     lock = _lock_experiment(folder, experiment, opts.resume)
     try:
-        _init_ray(opts, folder)
+        _init_ray(opts)
         import ray
 
         resources = {k: float(v) for k, v in ray.cluster_resources().items()}
