@@ -147,6 +147,19 @@ def search_options(tmp_path: Path, data: Path, **overrides: Any) -> "SearchOptio
     return SearchOptions(**base)
 
 
+# Tests that start Ray, an S3 server or a cluster are marked slow by the fixtures they use
+# (no list of test names to keep); `pytest -m "not slow"` runs the rest in a few minutes,
+# `make test` and CI run everything. Tests that start a cluster or a browser themselves
+# carry the marker in their module.
+SLOW_FIXTURES = frozenset({"ray_session", "s3_server"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """The machine's 2 cores are shared: two torch threads each thrash (10x slower here)."""

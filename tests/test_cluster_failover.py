@@ -25,7 +25,10 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import yaml
+
+pytestmark = pytest.mark.slow  # a 3-node Ray cluster in subprocesses
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_EPOCHS = 4

@@ -87,6 +87,7 @@ def _artifact_dir() -> Path:
     return Path(os.environ.get("REPORT_ARTIFACT_DIR", Path(__file__).parent / "artifacts"))
 
 
+@pytest.mark.slow  # a headless Chromium
 def test_report_page_renders_offline_with_every_plot(experiment, tmp_path):
     """The page a person opens: built through the CLI, rendered by Chromium from a file
     URL; every plot and overlay decodes, no script error, one screenshot kept."""
