@@ -72,7 +72,7 @@ class DriverLock:
     token: str
     _stop: threading.Event
     _thread: threading.Thread
-    made_folder: bool = False
+    made: Path | None = None  # the highest folder acquire() created, removed again if left empty
 
     def release(self) -> None:
         self._stop.set()
@@ -80,8 +80,19 @@ class DriverLock:
         holder = _holder(self.path)
         if holder is not None and holder.get("token") == self.token:  # never remove another's lock
             self.path.unlink(missing_ok=True)
-        if self.made_folder and self.path.parent.is_dir() and not any(self.path.parent.iterdir()):
-            self.path.parent.rmdir()  # a search refused before its first file leaves nothing behind
+        _remove_empty(self.path.parent, self.made)  # a search refused before its first file leaves nothing
+
+
+def _remove_empty(folder: Path, top: Path | None) -> None:
+    """Remove ``folder`` and its parents up to ``top`` while they are empty."""
+    if top is None:
+        return
+    current = folder
+    while current.is_dir() and not any(current.iterdir()):
+        current.rmdir()
+        if current == top:
+            return
+        current = current.parent
 
     def __enter__(self) -> "DriverLock":
         return self
@@ -111,7 +122,8 @@ def _create(path: Path, content: dict[str, Any]) -> bool:
 def acquire(folder: Path, experiment: str) -> DriverLock:
     """Hold the experiment's driver lock, or UserError naming the driver that holds it."""
     folder = Path(folder)
-    made_folder = not folder.exists()
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    made = missing[-1] if missing else None
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_FILE
     content = {"host": socket.gethostname(), "pid": os.getpid(),
@@ -122,15 +134,15 @@ def acquire(folder: Path, experiment: str) -> DriverLock:
             stop = threading.Event()
             thread = threading.Thread(target=_heartbeat, args=(path, stop), daemon=True)
             thread.start()
-            return DriverLock(path, content["token"], stop, thread, made_folder)
+            return DriverLock(path, content["token"], stop, thread, made)
         holder = _holder(path)
         if not _is_stale(path, holder):
+            _remove_empty(folder, made)
             who = holder or {}
             raise UserError(
                 f"experiment {experiment!r} is being searched by another driver (host {who.get('host', '?')}, "
                 f"pid {who.get('pid', '?')}, since {who.get('started', '?')}); wait for it to end "
                 f"(a killed driver's lock {path} is taken over once it is stale)")
         path.unlink(missing_ok=True)
-    if made_folder and not any(folder.iterdir()):
-        folder.rmdir()
+    _remove_empty(folder, made)
     raise UserError(f"experiment {experiment!r}: could not take the driver lock {path}")
