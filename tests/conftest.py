@@ -3,7 +3,8 @@ run, started only when a test asks for it (most tests never import Ray); ``one_t
 and ``offline_weight_caches`` for the tests of pretrained backbones; ``tiny_mvtec``, a
 built-in product on disk. Helpers a test module or a spawned test process calls directly
 (``from conftest import toy_category``): ``toy_category``/``toy_val``, a tiny category in
-memory, ``search_options`` over ``TINY_SPACES``, and the private test methods ``_tiny_seg`` and ``_two_phase`` (registered here, so
+memory, ``make_category``/``make_broken_category``, MVTec-style folders on disk,
+``search_options`` over ``TINY_SPACES``, and the private test methods ``_tiny_seg`` and ``_two_phase`` (registered here, so
 every test module sees them without importing another test module)."""
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from automl_ad.data.types import CategoryData, ImageSet
@@ -145,6 +148,90 @@ def search_options(tmp_path: Path, data: Path, **overrides: Any) -> "SearchOptio
                 image_size=32, use_train=False, live=False, seed=0, space_dir=tiny_space_dir(tmp_path / "spaces"))
     base.update(overrides)
     return SearchOptions(**base)
+
+
+# --- image folders on disk (test_data, test_cli_data) ----------------------------------
+
+IMAGE_SIDE = 32
+
+
+def random_rgb(seed: int, height: int = IMAGE_SIDE, width: int = IMAGE_SIDE) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+
+
+def save_rgb(path: Path, seed: int, height: int = IMAGE_SIDE, width: int = IMAGE_SIDE) -> np.ndarray:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = random_rgb(seed, height, width)
+    Image.fromarray(pixels).save(path)
+    return pixels
+
+
+def save_mask(path: Path, box: tuple[int, int, int, int], height: int = IMAGE_SIDE, width: int = IMAGE_SIDE) -> np.ndarray:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mask = np.zeros((height, width), np.uint8)
+    top, left, bottom, right = box
+    mask[top:bottom, left:right] = 255
+    Image.fromarray(mask).save(path)
+    return mask > 0
+
+
+def make_category(root: Path, name: str = "widget", *, with_masks: bool = True) -> dict[str, object]:
+    """A small MVTec-style category mixing every source format the loader converts."""
+    folder = root / name
+    train = folder / "train" / "good"
+    train.mkdir(parents=True)
+    Image.fromarray(random_rgb(1)).save(train / "000.png")
+    Image.fromarray(random_rgb(2)[..., 0]).save(train / "001.png")  # grayscale L
+    rgba = np.dstack([random_rgb(3), np.full((IMAGE_SIDE, IMAGE_SIDE), 7, np.uint8)])
+    Image.fromarray(rgba, mode="RGBA").save(train / "002.png")
+    Image.fromarray((np.arange(IMAGE_SIDE * IMAGE_SIDE).reshape(IMAGE_SIDE, IMAGE_SIDE) * 60).astype(np.uint16)).save(train / "003.png")
+    Image.fromarray(random_rgb(4)).save(train / "004.JPG", quality=95)  # upper-case suffix
+    Image.fromarray(random_rgb(5)).save(train / "005.bmp")
+    (train / ".DS_Store").write_bytes(b"junk")  # hidden files are skipped silently
+    save_rgb(folder / "test" / "good" / "000.png", 10)
+    save_rgb(folder / "test" / "good" / "001.png", 11)
+    save_rgb(folder / "test" / "crack" / "000.png", 20)
+    save_rgb(folder / "test" / "crack" / "001.png", 21)
+    save_rgb(folder / "test" / "stain" / "000.png", 30)  # stain never has masks
+    masks = {}
+    if with_masks:
+        masks["crack/000"] = save_mask(folder / "ground_truth" / "crack" / "000_mask.png", (0, 0, 8, 8))
+        masks["crack/001"] = save_mask(folder / "ground_truth" / "crack" / "001_mask.png", (8, 8, 24, 24))
+    return {"folder": folder, "masks": masks, "n_train": 6, "n_test": 5}
+
+
+def make_broken_category(root: Path, name: str = "broken") -> dict[str, Path]:
+    """One of each problem ``check`` must report."""
+    folder = root / name
+    for index in range(3):
+        save_rgb(folder / "train" / "good" / f"{index:03d}.png", index)
+    truncated = folder / "train" / "good" / "003.png"
+    good_bytes = (folder / "train" / "good" / "000.png").read_bytes()
+    truncated.write_bytes(good_bytes[: len(good_bytes) // 2])
+    save_rgb(folder / "test" / "good" / "000.png", 40)
+    save_rgb(folder / "test" / "crack" / "000.png", 41)
+    save_mask(folder / "ground_truth" / "crack" / "000_mask.png", (0, 0, 4, 4))
+    without_mask = folder / "test" / "crack" / "001.png"
+    save_rgb(without_mask, 42)
+    wrong_size_image = folder / "test" / "crack" / "002.png"
+    save_rgb(wrong_size_image, 43)
+    wrong_size_mask = folder / "ground_truth" / "crack" / "002_mask.png"
+    save_mask(wrong_size_mask, (0, 0, 4, 4), height=IMAGE_SIDE + 8, width=IMAGE_SIDE)
+    orphan_mask = folder / "ground_truth" / "crack" / "099_mask.png"
+    save_mask(orphan_mask, (0, 0, 4, 4))
+    unknown_top = folder / "foo"
+    unknown_top.mkdir()
+    nested = folder / "test" / "crack" / "sub"
+    nested.mkdir()
+    save_rgb(nested / "x.png", 44)
+    return {
+        "truncated": truncated,
+        "without_mask": without_mask,
+        "wrong_size_mask": wrong_size_mask,
+        "orphan_mask": orphan_mask,
+        "unknown_top": unknown_top,
+        "nested": nested,
+    }
 
 
 # Tests that start Ray, an S3 server or a cluster are marked slow by the fixtures they use

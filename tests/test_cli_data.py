@@ -12,8 +12,7 @@ from click.testing import CliRunner
 from automl_ad.cli import data as data_cli
 from automl_ad.errors import UserError
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_data import make_broken_category, make_category  # noqa: E402
+from conftest import make_broken_category, make_category
 
 
 class _UserErrorGroup(click.Group):

@@ -26,28 +26,7 @@ from automl_ad.data.dataset import (
 from automl_ad.data.images import image_size_of, read_image, read_mask
 from automl_ad.data.layout import discover_category
 from automl_ad.errors import UserError
-
-SIDE = 32
-
-
-def _rgb(seed: int, height: int = SIDE, width: int = SIDE) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
-
-
-def _save_rgb(path: Path, seed: int, height: int = SIDE, width: int = SIDE) -> np.ndarray:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = _rgb(seed, height, width)
-    Image.fromarray(pixels).save(path)
-    return pixels
-
-
-def _save_mask(path: Path, box: tuple[int, int, int, int], height: int = SIDE, width: int = SIDE) -> np.ndarray:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mask = np.zeros((height, width), np.uint8)
-    top, left, bottom, right = box
-    mask[top:bottom, left:right] = 255
-    Image.fromarray(mask).save(path)
-    return mask > 0
+from conftest import IMAGE_SIDE, make_broken_category, make_category, random_rgb, save_mask, save_rgb
 
 
 def _png_with_sbit(pixels16: np.ndarray, bits: int) -> bytes:
@@ -61,65 +40,6 @@ def _png_with_sbit(pixels16: np.ndarray, bits: int) -> bytes:
     return data[:ihdr_end] + chunk + data[ihdr_end:]
 
 
-def make_category(root: Path, name: str = "widget", *, with_masks: bool = True) -> dict[str, object]:
-    """A small MVTec-style category mixing every source format the loader converts."""
-    folder = root / name
-    train = folder / "train" / "good"
-    train.mkdir(parents=True)
-    Image.fromarray(_rgb(1)).save(train / "000.png")
-    Image.fromarray(_rgb(2)[..., 0]).save(train / "001.png")  # grayscale L
-    rgba = np.dstack([_rgb(3), np.full((SIDE, SIDE), 7, np.uint8)])
-    Image.fromarray(rgba, mode="RGBA").save(train / "002.png")
-    Image.fromarray((np.arange(SIDE * SIDE).reshape(SIDE, SIDE) * 60).astype(np.uint16)).save(train / "003.png")
-    Image.fromarray(_rgb(4)).save(train / "004.JPG", quality=95)  # upper-case suffix
-    Image.fromarray(_rgb(5)).save(train / "005.bmp")
-    (train / ".DS_Store").write_bytes(b"junk")  # hidden files are skipped silently
-    _save_rgb(folder / "test" / "good" / "000.png", 10)
-    _save_rgb(folder / "test" / "good" / "001.png", 11)
-    _save_rgb(folder / "test" / "crack" / "000.png", 20)
-    _save_rgb(folder / "test" / "crack" / "001.png", 21)
-    _save_rgb(folder / "test" / "stain" / "000.png", 30)  # stain never has masks
-    masks = {}
-    if with_masks:
-        masks["crack/000"] = _save_mask(folder / "ground_truth" / "crack" / "000_mask.png", (0, 0, 8, 8))
-        masks["crack/001"] = _save_mask(folder / "ground_truth" / "crack" / "001_mask.png", (8, 8, 24, 24))
-    return {"folder": folder, "masks": masks, "n_train": 6, "n_test": 5}
-
-
-def make_broken_category(root: Path, name: str = "broken") -> dict[str, Path]:
-    """One of each problem ``check`` must report."""
-    folder = root / name
-    for index in range(3):
-        _save_rgb(folder / "train" / "good" / f"{index:03d}.png", index)
-    truncated = folder / "train" / "good" / "003.png"
-    good_bytes = (folder / "train" / "good" / "000.png").read_bytes()
-    truncated.write_bytes(good_bytes[: len(good_bytes) // 2])
-    _save_rgb(folder / "test" / "good" / "000.png", 40)
-    _save_rgb(folder / "test" / "crack" / "000.png", 41)
-    _save_mask(folder / "ground_truth" / "crack" / "000_mask.png", (0, 0, 4, 4))
-    without_mask = folder / "test" / "crack" / "001.png"
-    _save_rgb(without_mask, 42)
-    wrong_size_image = folder / "test" / "crack" / "002.png"
-    _save_rgb(wrong_size_image, 43)
-    wrong_size_mask = folder / "ground_truth" / "crack" / "002_mask.png"
-    _save_mask(wrong_size_mask, (0, 0, 4, 4), height=SIDE + 8, width=SIDE)
-    orphan_mask = folder / "ground_truth" / "crack" / "099_mask.png"
-    _save_mask(orphan_mask, (0, 0, 4, 4))
-    unknown_top = folder / "foo"
-    unknown_top.mkdir()
-    nested = folder / "test" / "crack" / "sub"
-    nested.mkdir()
-    _save_rgb(nested / "x.png", 44)
-    return {
-        "truncated": truncated,
-        "without_mask": without_mask,
-        "wrong_size_mask": wrong_size_mask,
-        "orphan_mask": orphan_mask,
-        "unknown_top": unknown_top,
-        "nested": nested,
-    }
-
-
 @pytest.fixture(autouse=True)
 def _fresh_memory_cache():
     clear_memory_cache()
@@ -130,7 +50,7 @@ def _fresh_memory_cache():
 # --- images ---------------------------------------------------------------------------
 
 def test_read_image_converts_every_mode_to_rgb_uint8(tmp_path: Path) -> None:
-    base = _rgb(0)
+    base = random_rgb(0)
     gray = base[..., 1]
     Image.fromarray(gray).save(tmp_path / "l.png")
     Image.fromarray(np.dstack([gray, np.zeros_like(gray)]), mode="LA").save(tmp_path / "la.png")
@@ -142,7 +62,7 @@ def test_read_image_converts_every_mode_to_rgb_uint8(tmp_path: Path) -> None:
 
     for name in ("l.png", "la.png"):
         out = read_image(tmp_path / name)
-        assert out.dtype == np.uint8 and out.shape == (SIDE, SIDE, 3)
+        assert out.dtype == np.uint8 and out.shape == (IMAGE_SIDE, IMAGE_SIDE, 3)
         for channel in range(3):
             np.testing.assert_array_equal(out[..., channel], gray)
     # Alpha is dropped, not composited: fully transparent pixels keep their colour.
@@ -153,8 +73,8 @@ def test_read_image_converts_every_mode_to_rgb_uint8(tmp_path: Path) -> None:
 
     Image.fromarray(base).save(tmp_path / "rgb.jpg", quality=95)
     jpeg = read_image(tmp_path / "rgb.jpg")
-    assert jpeg.shape == (SIDE, SIDE, 3) and jpeg.dtype == np.uint8
-    smooth = np.full((SIDE, SIDE, 3), (200, 40, 90), np.uint8)
+    assert jpeg.shape == (IMAGE_SIDE, IMAGE_SIDE, 3) and jpeg.dtype == np.uint8
+    smooth = np.full((IMAGE_SIDE, IMAGE_SIDE, 3), (200, 40, 90), np.uint8)
     Image.fromarray(smooth).save(tmp_path / "smooth.jpeg", quality=95)
     assert np.abs(read_image(tmp_path / "smooth.jpeg").astype(int) - smooth).max() <= 3
 
@@ -177,11 +97,11 @@ def test_sixteen_bit_images_scale_by_bit_range_not_clipping(tmp_path: Path) -> N
 
 
 def test_unreadable_and_truncated_files_raise_user_error_naming_the_file(tmp_path: Path) -> None:
-    Image.fromarray(_rgb(0, 64, 64)).save(tmp_path / "ok.png")
+    Image.fromarray(random_rgb(0, 64, 64)).save(tmp_path / "ok.png")
     data = (tmp_path / "ok.png").read_bytes()
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
     (tmp_path / "text.png").write_text("not an image")
-    Image.fromarray(_rgb(0, 64, 64)).save(tmp_path / "ok.jpg")
+    Image.fromarray(random_rgb(0, 64, 64)).save(tmp_path / "ok.jpg")
     jpeg = (tmp_path / "ok.jpg").read_bytes()
     (tmp_path / "cut.jpg").write_bytes(jpeg[: len(jpeg) // 2])
     for name in ("cut.png", "text.png", "cut.jpg", "missing.png"):
@@ -193,7 +113,7 @@ def test_unreadable_and_truncated_files_raise_user_error_naming_the_file(tmp_pat
 
 
 def test_read_mask_and_header_size(tmp_path: Path) -> None:
-    mask = _save_mask(tmp_path / "m.png", (2, 3, 5, 9), height=12, width=20)
+    mask = save_mask(tmp_path / "m.png", (2, 3, 5, 9), height=12, width=20)
     out = read_mask(tmp_path / "m.png")
     assert out.dtype == np.bool_ and out.shape == (12, 20)
     np.testing.assert_array_equal(out, mask)
@@ -238,7 +158,7 @@ def test_check_reports_counts_sizes_and_mask_coverage(tmp_path: Path) -> None:
     report = check_category(tmp_path, "widget")
     assert report.usable and not report.errors
     assert report.counts == {"train": {"good": 6}, "test": {"crack": 2, "good": 2, "stain": 1}}
-    assert report.sizes == {(SIDE, SIDE): 11}
+    assert report.sizes == {(IMAGE_SIDE, IMAGE_SIDE): 11}
     crack = report.masks["crack"]
     assert (crack.images, crack.with_mask) == (2, 2)
     assert crack.mean_area_fraction == pytest.approx((64 / 1024 + 256 / 1024) / 2)
@@ -272,7 +192,7 @@ def test_check_names_the_file_of_every_problem(tmp_path: Path) -> None:
 
 
 def test_check_empty_splits(tmp_path: Path) -> None:
-    _save_rgb(tmp_path / "notest" / "train" / "good" / "000.png", 0)
+    save_rgb(tmp_path / "notest" / "train" / "good" / "000.png", 0)
     report = check_category(tmp_path, "notest")
     assert report.usable  # an empty test split is only a warning
     assert any(p.severity == WARNING and "test split is empty" in p.message for p in report.problems)
@@ -282,7 +202,7 @@ def test_check_empty_splits(tmp_path: Path) -> None:
         assert len(loaded.test) == 0 and loaded.test.images.shape == (0, 3, 16, 16)
         assert len(loaded.fit) == 1 and len(loaded.val_good) == 0
 
-    _save_rgb(tmp_path / "notrain" / "test" / "good" / "000.png", 0)
+    save_rgb(tmp_path / "notrain" / "test" / "good" / "000.png", 0)
     (tmp_path / "notrain" / "train" / "good").mkdir(parents=True)
     report = check_category(tmp_path, "notrain")
     assert not report.usable
@@ -416,8 +336,8 @@ def test_bad_input_raises_one_line_user_errors(tmp_path: Path) -> None:
 
 
 def test_resize_rules() -> None:
-    image = _rgb(9)
-    assert torch.equal(resize_image(image, SIDE), torch.from_numpy(image).permute(2, 0, 1))
+    image = random_rgb(9)
+    assert torch.equal(resize_image(image, IMAGE_SIDE), torch.from_numpy(image).permute(2, 0, 1))
     flat = np.full((40, 24, 3), 77, np.uint8)
     assert torch.equal(resize_image(flat, 16), torch.full((3, 16, 16), 77, dtype=torch.uint8))
     mask = np.zeros((8, 8), bool)
