@@ -33,7 +33,7 @@ from torch import Tensor
 
 from automl_ad.backbones import create_backbone, default_layers
 from automl_ad.errors import UserError
-from automl_ad.methods.base import Method, register
+from automl_ad.methods.base import Method, check_config, register
 from automl_ad.methods.cfa import gaussian_blur
 
 _SETUP_CHUNK = 16  # fit images per backbone pass in setup()
@@ -46,9 +46,6 @@ _CORESET_SEED = 0
 # holds at most _MAX_BANK patches.
 _MAX_CANDIDATES = 163_840
 _MAX_BANK = 8192
-# Feature strides the backbone's default multi-scale layers sit at (4, 8, 16); the
-# paper takes the two middle ResNet stages, which are strides 8 and 16.
-FEATURE_STRIDE_CHOICES = ("4+8", "8+16", "4+8+16")
 
 
 @dataclass
@@ -63,21 +60,9 @@ class PatchCoreConfig:
     smoothing_sigma: float = 4.0  # Gaussian sigma in pixels at 224 px, scaled with size
 
     def __post_init__(self) -> None:
-        if self.feature_strides not in FEATURE_STRIDE_CHOICES:
-            raise UserError(
-                f"patchcore: feature_strides must be one of {', '.join(FEATURE_STRIDE_CHOICES)}, "
-                f"got {self.feature_strides!r}"
-            )
-        if int(self.neighbourhood) < 1 or int(self.neighbourhood) % 2 == 0:
+        check_config(self, "patchcore")  # ranges and stride choices (4, 8, 16 = the backbone's layers): space.yaml
+        if self.neighbourhood % 2 == 0:
             raise UserError(f"patchcore: neighbourhood must be an odd number >= 1, got {self.neighbourhood}")
-        if not 0.0 < float(self.coreset_ratio) <= 1.0:
-            raise UserError(f"patchcore: coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
-        if int(self.projection_dim) < 1:
-            raise UserError(f"patchcore: projection_dim must be >= 1, got {self.projection_dim}")
-        if int(self.reweight_neighbours) < 1:
-            raise UserError(f"patchcore: reweight_neighbours must be >= 1, got {self.reweight_neighbours}")
-        if float(self.smoothing_sigma) < 0:
-            raise UserError(f"patchcore: smoothing_sigma must be >= 0, got {self.smoothing_sigma}")
 
 
 def _layers_for(backbone: str, feature_strides: str) -> list[str]:
