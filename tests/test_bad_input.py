@@ -13,6 +13,7 @@ per module without Ray) is copied for each case, so cases cannot disturb each ot
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -557,3 +558,55 @@ def test_resume_stores_a_damaged_trial_row_again_and_a_second_driver_is_refused(
     assert sorted(again) == sorted(rows), "the lost row is stored again, no trial twice"
     assert again[lost]["objective"] == pytest.approx(rows[lost]["objective"])
     assert (folder / "damaged" / "trials" / damaged.name).is_file()
+
+
+# --- a trial Tune restores from a damaged checkpoint -----------------------------------------
+
+class _RestoringReporter:
+    """What Ray Tune hands a restored trial, without a cluster: its last checkpoint (a
+    real ``ray.tune.Checkpoint`` over a folder) and a record of what the trial reports."""
+
+    rank = 0
+    trial_id = TRIALS[0][0]
+
+    def __init__(self, folder: Path) -> None:
+        from ray.tune import Checkpoint
+
+        self.checkpoint = Checkpoint.from_directory(str(folder))
+        self.epochs: list[int] = []
+
+    def get_checkpoint(self):
+        return self.checkpoint
+
+    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
+        self.epochs.append(int(metrics["epoch"]))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "wrong shapes"])
+def test_a_trial_restored_from_a_damaged_checkpoint_runs_again_from_the_start(
+        built, tmp_path, damage, monkeypatch, capfd):
+    from automl_ad.tuning import trainable
+
+    world = World(built, tmp_path)
+    restored = tmp_path / "restored"
+    restored.mkdir()
+    if damage == "truncated":
+        truncate(shutil.copy(checkpoint_file(world, 0), restored / "checkpoint.pt"), 0.4)
+    else:  # reads as a checkpoint, but holds another backbone's weights
+        _swap_weights(checkpoint_file(world, 0), checkpoint_file(world, 2), restored / "checkpoint.pt")
+    reporter = _RestoringReporter(restored)
+    monkeypatch.setattr(trainable, "_Reporter", lambda use_train: reporter)
+    trial_id, method, _, params = TRIALS[0]
+    context = trainable.TrialContext(
+        experiment="exp1", experiment_dir=str(world.exp), category=CAT, data_root=str(world.data), seed=0,
+        default_image_size=32, max_epochs=2, steps_per_epoch=1, batch_size=4, use_train=False)
+    flat = {"method": method, "image_size": 32, **{f"{method}.{k}": v for k, v in params.items()}}
+
+    trainable.train_worker_loop({"context": dataclasses.asdict(context), "config": flat})
+
+    assert reporter.epochs == [1, 2], "the damaged checkpoint's epoch 1 was not resumed: epoch 1 ran again"
+    warnings = [line for line in capfd.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1, warnings
+    # It names the worker's copy of the restored checkpoint (Tune's folder may be remote).
+    assert f"trial {trial_id}: damaged checkpoint " in warnings[0] and "checkpoint.pt" in warnings[0]
+    assert warnings[0].endswith("running it again from the start")

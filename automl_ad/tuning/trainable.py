@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from automl_ad.errors import DamagedCheckpoint
 from automl_ad.tuning.space import split_config
 
 
@@ -229,24 +231,36 @@ def train_worker_loop(loop_config: dict[str, Any]) -> None:
     saved = _restored_state(resume_from, reporter.trial_id) if resume_from is not None else None
     if saved is None:
         resume_from = None  # no checkpoint, or a damaged one: the trial runs again from the start
-    try:
-        if saved is not None and saved["epoch"] >= cfg.epochs:
+
+    def train(resume: Path | None) -> None:
+        if saved is not None and resume is not None and saved["epoch"] >= cfg.epochs:
             # Killed after its last checkpoint but before Tune saw the report: say it again,
             # in full, naming the checkpoint (Train's reports carry its path, not the files).
             from automl_ad.training import EpochReport
 
             metrics = {**epoch_metrics(EpochReport(**saved["reports"][-1])),
-                       **_test_metrics(resume_from, data, device), "checkpoint_path": checkpoint.path}
+                       **_test_metrics(resume, data, device), "checkpoint_path": checkpoint.path}
             reporter.report(metrics, None)
-        else:
-            data_parallel = None
-            if context.num_workers > 1:  # TorchTrainer has set up the process group
-                from automl_ad.distributed import DataParallel
+            return
+        data_parallel = None
+        if context.num_workers > 1:  # TorchTrainer has set up the process group
+            from automl_ad.distributed import DataParallel
 
-                data_parallel = DataParallel()
-            fit(cfg, data, val_set, checkpoint_dir=work / "checkpoint", resume_from=resume_from,
-                on_epoch=on_epoch, evaluate_test=False, data_parallel=data_parallel,
-                should_stop=budget_spent if budget_spent.active else None)
+            data_parallel = DataParallel()
+        fit(cfg, data, val_set, checkpoint_dir=work / "checkpoint", resume_from=resume,
+            on_epoch=on_epoch, evaluate_test=False, data_parallel=data_parallel,
+            should_stop=budget_spent if budget_spent.active else None)
+
+    try:
+        try:
+            train(resume_from)
+        except DamagedCheckpoint as error:
+            # The file read, but its weights do not fit the model (found only once the
+            # model is built, before any step is taken): the same re-run from the start.
+            if resume_from is None:
+                raise
+            _warn_rerun(reporter.trial_id, error)
+            train(None)
     finally:
         if tracker is not None:
             tracker.finish()
@@ -267,16 +281,17 @@ def _test_metrics(folder: Path, data: Any, device: str) -> dict[str, Any]:
 def _restored_state(folder: Path, trial_id: str) -> dict[str, Any] | None:
     """The training state of the checkpoint Tune restored, or None (with one warning
     line) when that checkpoint is damaged, so the trial is re-run instead of failing."""
-    import sys
-
-    from automl_ad.errors import DamagedCheckpoint
     from automl_ad.training import read_checkpoint
 
     try:
         return read_checkpoint(Path(folder))
     except DamagedCheckpoint as error:
-        print(f"warning: trial {trial_id}: {error}; running it again from the start", file=sys.stderr)
+        _warn_rerun(trial_id, error)
         return None
+
+
+def _warn_rerun(trial_id: str, error: DamagedCheckpoint) -> None:
+    print(f"warning: trial {trial_id}: {error}; running it again from the start", file=sys.stderr)
 
 
 class _WandbRun:
