@@ -282,9 +282,11 @@ def check_config(config: Any, name: str) -> None:
     accepts = accepted_values(name)
     for config_field in dataclasses.fields(config):
         value = getattr(config, config_field.name)
-        kinds = _FIELD_TYPES.get(str(config_field.type))
+        # A string under ``from __future__ import annotations``, else the type itself.
+        annotation = config_field.type if isinstance(config_field.type, str) else getattr(config_field.type, "__name__", "")
+        kinds = _FIELD_TYPES.get(annotation)
         if kinds is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
-            raise UserError(f"method {name!r}: {config_field.name} must be {config_field.type}, got {value!r}")
+            raise UserError(f"method {name!r}: {config_field.name} must be {annotation}, got {value!r}")
         rule = accepts.get(config_field.name)
         problem = rule.problem(config_field.name, value) if rule is not None else None
         if problem is not None:
