@@ -22,7 +22,9 @@ chromium:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "install Debian's chromium package (sudo apt-get install chromium) for the report test" >&2; exit 1; fi; }
 
+# lint-imports: the layer contracts in pyproject.toml ([tool.importlinter]).
 test: venv chromium
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q tests
 
 bench: venv

@@ -33,9 +33,8 @@ from automl_ad.ensemble import (
     ensemble_test_metrics,
 )
 from automl_ad.errors import DamagedCheckpoint, UserError
-from automl_ad.jsonio import read_json
-
-SEARCH_RECORD = "search.json"
+from automl_ad.experiment import (ENSEMBLES, cache_dir, checkpoints_newest_first, has_record, read_record,
+                                  read_val_anomalies)
 
 
 @dataclass
@@ -65,45 +64,12 @@ class Choice:
     candidates: list[Candidate]
 
 
-def read_record(folder: Path) -> dict[str, Any]:
-    """The experiment's search record; one line naming it when it is missing or corrupt."""
-    record = read_json(Path(folder) / SEARCH_RECORD, f"not an experiment folder (no {SEARCH_RECORD}): {folder}")
-    if not isinstance(record, dict) or not {"category", "data"} <= set(record):
-        raise UserError(f"corrupt {Path(folder) / SEARCH_RECORD}: no category and data")
-    return record
-
-
-def read_val_anomalies(folder: Path, size: int) -> ImageSet:
-    """The experiment's frozen val anomalies at ``size``; one line naming the file when it
-    is missing or damaged (every trial was judged on it, so there is nothing to skip to)."""
-    from automl_ad.validation import load_image_set
-
-    path = Path(folder) / "val" / f"val_anomalies_{size}px.safetensors"
-    if not path.is_file():
-        raise UserError(f"no frozen val anomalies at {size} px in {path.parent}")
-    try:
-        return load_image_set(path)
-    except Exception as error:  # safetensors, JSON and key errors alike: the file is not what we wrote
-        reason = " ".join(str(error).split())[:200] or type(error).__name__
-        raise UserError(f"damaged val set {path} ({reason})") from None
-
-
-def _checkpoints_newest_first(checkpoint: Path) -> list[Path]:
-    """A trial's checkpoint, then the earlier ones Tune kept beside it (``checkpoint_000002``
-    before ``checkpoint_000003``): where to fall back when the newest is damaged."""
-    if not checkpoint.name.startswith("checkpoint_"):
-        return [checkpoint]
-    earlier = sorted((p for p in checkpoint.parent.glob("checkpoint_*") if p.is_dir() and p.name < checkpoint.name),
-                     reverse=True)
-    return [checkpoint, *earlier]
-
-
 def _load_candidate(candidate: Candidate, category: str) -> Any | None:
     """The candidate's model from its newest usable checkpoint, or None (left out) when
     every one is damaged; each damaged checkpoint is named in one warning line."""
     from automl_ad.training import load_trained_method
 
-    for folder in _checkpoints_newest_first(candidate.checkpoint):
+    for folder in checkpoints_newest_first(candidate.checkpoint):
         try:
             method, _ = load_trained_method(folder, category)
         except DamagedCheckpoint as error:
@@ -120,7 +86,7 @@ def find_experiment(storage: Path, category: str, experiment: str | None) -> Pat
     storage = Path(storage)
     if experiment:
         folder = storage / experiment
-        if not (folder / SEARCH_RECORD).is_file():
+        if not has_record(folder):
             raise UserError(f"no search named {experiment!r} in {storage}")
         return folder
     found = [name for name in store.list_experiments(storage, category)]
@@ -199,7 +165,7 @@ def choose_model(
     if not candidates:
         raise UserError(f"no trial in {folder} has a usable checkpoint (see the warnings above)")
     size = candidates[0].image_size
-    data = load_category(Path(record["data"]), category, size, seed=seed, cache_dir=folder / "cache")
+    data = load_category(Path(record["data"]), category, size, seed=seed, cache_dir=cache_dir(folder))
     anomalies = read_val_anomalies(folder, size)
     trained = {c.synthesis for c in candidates if c.synthesis}
     val, families = shared_val_set(data.val_good, anomalies, trained)
@@ -272,7 +238,7 @@ def store_choice(folder: Path, choice: Choice, k: int) -> None:
         "latency_ms": choice.latency_ms,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    store.write_rows(folder, "ensembles", f"choice-k{k}", [row])
+    store.write_rows(folder, ENSEMBLES, f"choice-k{k}", [row])
 
 
 def export_choice(
@@ -290,7 +256,7 @@ def export_choice(
     record = read_record(folder)
     size = choice.candidates[0].image_size
     operating_point = calibrate_threshold(choice.val_scores, choice.val_labels, fpr=fpr)
-    data = load_category(Path(record["data"]), record["category"], size, seed=int(record.get("seed", 0)), cache_dir=folder / "cache")
+    data = load_category(Path(record["data"]), record["category"], size, seed=int(record.get("seed", 0)), cache_dir=cache_dir(folder))
     real = data.test.images[:4] if len(data.test) else data.val_good[:4]
     scalers = {
         name: {

@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -36,9 +35,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from automl_ad import __version__
 from automl_ad.errors import UserError
 from automl_ad.jsonio import read_json
+from automl_ad.store import code_version
 
 MANIFEST = "manifest.json"
 ONNX_FILE = "model.onnx"
@@ -47,17 +46,6 @@ FORMATS = ("onnx", "torchscript")
 BUNDLE_VERSION = 2  # 2: checksums and manifest_sha256 (1 had neither and is refused)
 _HASH_CHUNK = 1 << 20
 _GRAPH_INPUTS, _GRAPH_OUTPUTS = ["images"], ["maps", "scores"]
-
-
-def code_version() -> str:
-    """Package version plus the git commit when run from a checkout."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return f"{__version__}+{commit}" if commit else __version__
 
 
 def calibrate_threshold(scores: Tensor, labels: Tensor, *, fpr: float | None = None) -> dict[str, float]:

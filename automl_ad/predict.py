@@ -34,14 +34,22 @@ def _prepare(path: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
     return resized.astype(np.float32) / 255.0, resized.transpose(1, 2, 0)
 
 
-def overlay_png(image: np.ndarray, heat: np.ndarray, threshold_map: float | None, out: Path) -> None:
-    """Blend a JET heat map over the image; the map is scaled to its own robust range."""
+def heat_overlay(image: np.ndarray, heat: np.ndarray, value_range: tuple[float, float]) -> np.ndarray:
+    """A JET heat map blended over ``image`` (H x W x 3 uint8), ``heat`` scaled from
+    ``value_range`` (low, high) to the colour map's ends."""
     import cv2
 
-    low, high = np.percentile(heat, 1), np.percentile(heat, 99.5)
+    low, high = value_range
     scaled = np.clip((heat - low) / max(high - low, 1e-6), 0, 1)
     colour = cv2.applyColorMap((scaled * 255).astype(np.uint8), cv2.COLORMAP_JET)[:, :, ::-1]
-    blended = (0.55 * image + 0.45 * colour).astype(np.uint8)
+    return np.ascontiguousarray((0.55 * image + 0.45 * colour).astype(np.uint8))
+
+
+def overlay_png(image: np.ndarray, heat: np.ndarray, threshold_map: float | None, out: Path) -> None:
+    """Write the heat overlay of one image; the map is scaled to its own robust range."""
+    import cv2
+
+    blended = heat_overlay(image, heat, (float(np.percentile(heat, 1)), float(np.percentile(heat, 99.5))))
     if threshold_map is not None:
         contour_mask = (heat >= threshold_map).astype(np.uint8)
         contours, _ = cv2.findContours(contour_mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)

@@ -28,20 +28,21 @@ from pathlib import Path, PurePosixPath
 from typing import Iterable
 from urllib.parse import unquote, urlparse
 
+from automl_ad import store
 from automl_ad.errors import UserError
+from automl_ad.experiment import (BUNDLE_DIR, CACHE_DIR, ENSEMBLES, EPOCHS, SEARCH_RECORD, TRAIN_DIR, TRIALS,
+                                  TUNE_DIR)
 
 OBJECT_STORE_SCHEMES = ("s3", "gs")
 MIRROR_ENV = "AUTOML_AD_STORAGE_MIRROR"
-SEARCH_RECORD = "search.json"
-TUNE_FOLDER = "tune"  # Ray Tune's own state: Tune writes it to the bucket itself
-TABLE_PARTS = (SEARCH_RECORD, "trials", "epochs", "ensembles")
+TABLE_PARTS = (SEARCH_RECORD, TRIALS, EPOCHS, ENSEMBLES)
 # Never pulled by default: Tune's state (read remotely), the decoded-image cache
 # (rebuilt from the data), checkpoints (pulled one by one when a reader needs them),
 # the exported bundle.
-_NOT_PULLED = {TUNE_FOLDER, "cache", "train", "bundle"}
-_NOT_PUSHED = {TUNE_FOLDER, "cache"}
+_NOT_PULLED = {TUNE_DIR, CACHE_DIR, TRAIN_DIR, BUNDLE_DIR}
+_NOT_PUSHED = {TUNE_DIR, CACHE_DIR}
 # A resuming driver also needs train/: Train runs restart from their own checkpoints there.
-DRIVER_NOT_PULLED = frozenset({TUNE_FOLDER, "cache", "bundle"})
+DRIVER_NOT_PULLED = frozenset({TUNE_DIR, CACHE_DIR, BUNDLE_DIR})
 _UNFINISHED_SUFFIXES = (".tmp", "-journal", "-wal", "-shm")
 
 # Local files this process has pulled or pushed, with the (size, mtime_ns) they had
@@ -293,8 +294,6 @@ def reading_view(storage_text: Path | str, category: str, experiment: str | None
     (named, else the newest of ``category``) is pulled into the mirror first: its
     tables, and with ``checkpoints`` also its val sets and the checkpoint folders its
     trials name (what ensembling, export and the report load)."""
-    from automl_ad import store
-
     storage = parse_storage(storage_text)
     if not storage.is_remote:
         return storage, experiment

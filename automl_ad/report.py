@@ -24,9 +24,13 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from automl_ad import store
+from automl_ad import experiment, leaderboard, store
+from automl_ad.data.dataset import load_category
 from automl_ad.errors import UserError
+from automl_ad.export import load_bundle
 from automl_ad.jsonio import read_json
+from automl_ad.predict import heat_overlay
+from automl_ad.validation import val_set_for
 
 EXAMPLES_PER_GROUP = 4  # overlays shown per defect type, and false alarms
 THUMBNAIL_PX = 160  # overlays are upscaled (nearest) so 32-64 px images stay legible
@@ -106,14 +110,7 @@ def _finished(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in rows if _number(r.get("objective")) is not None and r.get("status") != "error"]
 
 
-def _number(value: Any) -> float | None:
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(number) or math.isinf(number) else number
+_number = leaderboard.number  # one rule, shared with the text leaderboard, for what counts as a value
 
 
 def _timestamp(value: Any) -> dt.datetime | None:
@@ -198,18 +195,13 @@ def figure_objective_progress(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def spearman_text(xs: Sequence[float], ys: Sequence[float]) -> str:
-    """Spearman's rho as text; 'n/a' for fewer than 3 pairs or a constant side."""
-    from scipy.stats import spearmanr
-
-    if len(xs) < 3 or len(set(xs)) < 2 or len(set(ys)) < 2:
-        return "n/a"
-    rho = spearmanr(xs, ys).statistic
-    return "n/a" if rho is None or math.isnan(float(rho)) else f"{float(rho):.2f}"
+    """Spearman's rho as text (``leaderboard.spearman``'s rules); 'n/a' where undefined."""
+    rho = leaderboard.spearman(xs, ys)
+    return "n/a" if rho is None else f"{rho:.2f}"
 
 
 def figure_val_vs_test(rows: Sequence[dict[str, Any]]) -> str:
-    pairs = [(float(r["objective"]), _number(r.get("test_image_auroc")), r) for r in _finished(rows)]
-    pairs = [(x, y, r) for x, y, r in pairs if y is not None]
+    pairs = leaderboard.val_test_pairs(rows)
     figure = _figure(6.4, 4.2)
     axes = figure.subplots()
     colours = _method_colours([r for _, _, r in pairs])
@@ -328,23 +320,19 @@ def score_with_bundle(bundle: Any, images: np.ndarray, batch_size: int = 16) -> 
 def scored_sets(folder: Path, bundle: Any) -> tuple[list[ScoredSet], list[str]]:
     """The bundle's val set (val-good + the frozen anomalies its threshold was calibrated
     on) and the test split, scored by the ONNX graph; plus notes for the reader."""
-    from automl_ad.data.dataset import load_category
-    from automl_ad.deploy import read_record, read_val_anomalies
-    from automl_ad.validation import val_set_for
-
     notes: list[str] = []
-    record = read_record(folder)
+    record = experiment.read_record(folder)
     size = bundle.image_size
     data = load_category(Path(record["data"]), record["category"], size, seed=int(record.get("seed", 0)),
-                         cache_dir=folder / "cache")
+                         cache_dir=experiment.cache_dir(folder))
     fingerprint = bundle.manifest.get("data_fingerprint")
     if fingerprint and fingerprint != data.fingerprint:
         notes.append(f"The data folder changed since the bundle was exported (fingerprint {fingerprint} then, "
                      f"{data.fingerprint} now): the curves below use today's files.")
     sets = []
-    anomalies_file = folder / "val" / f"val_anomalies_{size}px.safetensors"
+    anomalies_file = experiment.val_anomalies_path(folder, size)
     if anomalies_file.is_file():
-        anomalies = read_val_anomalies(folder, size)
+        anomalies = experiment.read_val_anomalies(folder, size)
         families = set(bundle.manifest.get("val_anomaly_families") or [])
         keep = [i for i, t in enumerate(anomalies.defect_types) if t != "good" and (not families or t in families)]
         sets.append(("val", val_set_for(data.val_good, anomalies.subset(keep), train_family=None)))
@@ -403,15 +391,13 @@ def _map_range(sets: Sequence[ScoredSet]) -> tuple[float, float]:
     return low, max(high, low + 1e-6)
 
 
-def overlay_png(image: np.ndarray, heat: np.ndarray, mask: np.ndarray | None, value_range: tuple[float, float]) -> bytes:
-    """Original | JET heat map blended over it (as ``automl_ad.predict.overlay_png``, but on
-    a shared scale), ground-truth outline in white; upscaled for display."""
+def side_by_side_png(image: np.ndarray, heat: np.ndarray, mask: np.ndarray | None,
+                     value_range: tuple[float, float]) -> bytes:
+    """Original | ``predict.heat_overlay`` on the page's shared scale, ground-truth outline
+    in white; upscaled for display."""
     import cv2
 
-    low, high = value_range
-    scaled = np.clip((heat - low) / (high - low), 0, 1)
-    colour = cv2.applyColorMap((scaled * 255).astype(np.uint8), cv2.COLORMAP_JET)[:, :, ::-1]
-    blended = np.ascontiguousarray((0.55 * image + 0.45 * colour).astype(np.uint8))
+    blended = heat_overlay(image, heat, value_range)
     factor = max(1, THUMBNAIL_PX // image.shape[0])
     big = lambda array: cv2.resize(array, None, fx=factor, fy=factor, interpolation=cv2.INTER_NEAREST)  # noqa: E731
     left, right = big(np.ascontiguousarray(image)), big(blended)
@@ -435,7 +421,7 @@ def _tile(scored: ScoredSet, index: int, threshold: float, value_range: tuple[fl
     else:
         verdict = '<span class="bad">false alarm</span>' if flagged else '<span class="good">passed</span>'
     name = Path(scored.paths[index]).name if scored.paths and scored.paths[index] else f"#{index}"
-    png = overlay_png(scored.images[index], scored.maps[index], scored.masks[index] if defective else None, value_range)
+    png = side_by_side_png(scored.images[index], scored.maps[index], scored.masks[index] if defective else None, value_range)
     alt = f"{scored.defect_types[index]} {name} score {score:.3g}"
     return (f'<figure class="tile">{_img_tag(png, alt, "overlay", width=None)}<figcaption>'
             f"{html.escape(scored.defect_types[index])} · {html.escape(name)} · score {score:.3g} · {verdict}"
@@ -486,7 +472,7 @@ def _short_params(row: dict[str, Any]) -> str:
 
 
 def leaderboard_html(rows: Sequence[dict[str, Any]], deployed: set[str]) -> str:
-    ordered = sorted(rows, key=lambda r: (_number(r.get("objective")) is None, -(_number(r.get("objective")) or 0.0), str(r["trial_id"])))
+    ordered = leaderboard.ranked(rows)
     header = ("#", "trial", "method", "backbone", "synthesis", "size", "status", "epochs", "objective",
               "val img AUROC", "val AUPRO", "test img AUROC", "test px AUROC", "test AUPRO", "budget", "wall s", "parameters")
     lines = ["<table><thead><tr>" + "".join(f"<th>{h}</th>" for h in header) + "</tr></thead><tbody>"]
@@ -551,11 +537,8 @@ def build_report(folder: Path, out: Path, *, bundle_dir: Path | None = None, bun
 
     ``bundle_dir``: the exported model to show; when it is missing the model section
     says how to make one, unless ``bundle_required`` (then UserError)."""
-    from automl_ad.deploy import SEARCH_RECORD
-    from automl_ad.export import load_bundle
-
     folder = Path(folder)
-    record = read_json(folder / SEARCH_RECORD, f"not an experiment folder (no {SEARCH_RECORD}): {folder}")
+    record = read_json(experiment.record_path(folder), f"not an experiment folder (no {experiment.SEARCH_RECORD}): {folder}")
     rows = load_trials(folder)
     bundle = None
     if bundle_dir is not None and (Path(bundle_dir) / "manifest.json").is_file():

@@ -24,24 +24,28 @@ rest. A resumed search then stores that trial again from its checkpoint.
 
 from __future__ import annotations
 
+import datetime as dt
+import functools
 import json
 import math
 import os
 import re
+import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from automl_ad import __version__
 from automl_ad.errors import UserError
+# The table folders and damaged/ (<experiment>/damaged/<table>/<file>: store files set aside unread).
+from automl_ad.experiment import DAMAGED, EPOCHS, TRIALS
 
 SCHEMA_VERSION = 1
-TRIALS = "trials"
-EPOCHS = "epochs"
-DAMAGED = "damaged"  # <experiment>/damaged/<table>/<file>: store files set aside unread
 # Tables whose every row names its trial: a file without the column is not one of ours.
 _KEYED_TABLES = (TRIALS, EPOCHS)
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
@@ -92,6 +96,99 @@ EPOCH_FIELDS: dict[str, pa.DataType] = {
     "objective": pa.float64(),
     "elapsed_s": pa.float64(),
 }
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    """What the search driver knows of one ended trial; :func:`trial_row` makes its row."""
+
+    experiment: str
+    category: str
+    trial_id: str
+    method: str
+    synthesis: str
+    image_size: int
+    params: Mapping[str, Any]  # the flat sampled configuration
+    status: str  # finished, stopped or error
+    # The trial's last reported metrics: epoch, val_*, objective, test_*, test_threshold.
+    result: Mapping[str, Any]
+    max_epochs: int
+    wall_s: float
+    devices: float  # allocated while it ran (budget accounting, not utilisation)
+    device_kind: str
+    budget_used: float
+    seed: int
+    backbone: str | None = None
+    checkpoint: str | None = None
+    data_fingerprint: str | None = None
+    started: dt.datetime | None = None
+    ended: dt.datetime | None = None  # None: now
+    error: str | None = None
+
+
+def trial_row(outcome: TrialOutcome) -> dict[str, Any]:
+    """The ``trials`` row of an ended trial (columns of TRIAL_FIELDS)."""
+    result = outcome.result
+    return {
+        "experiment": outcome.experiment,
+        "category": outcome.category,
+        "trial_id": outcome.trial_id,
+        "method": outcome.method,
+        "backbone": outcome.backbone,
+        "synthesis": outcome.synthesis,
+        "image_size": outcome.image_size,
+        "params": dict(outcome.params),
+        "status": outcome.status,
+        "epochs": int(result.get("epoch", 0) or 0),
+        "max_epochs": outcome.max_epochs,
+        "wall_s": outcome.wall_s,
+        "devices": outcome.devices,
+        "device_kind": outcome.device_kind,
+        "device_s": outcome.devices * outcome.wall_s,
+        "budget_used": outcome.budget_used,
+        **{f"val_{k}": result.get(f"val_{k}") for k in METRIC_KEYS},
+        "objective": result.get("objective"),
+        **{f"test_{k}": result.get(f"test_{k}") for k in METRIC_KEYS},
+        "threshold": result.get("test_threshold"),
+        "checkpoint": outcome.checkpoint,
+        "seed": outcome.seed,
+        "code_version": code_version(),
+        "data_fingerprint": outcome.data_fingerprint,
+        "started": outcome.started,
+        "ended": outcome.ended or dt.datetime.now(dt.timezone.utc),
+        "error": outcome.error,
+    }
+
+
+def epoch_rows(reports: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """``epochs`` rows from a trial's epoch reports (``training.EpochReport`` as dicts,
+    as its checkpoint keeps them)."""
+    rows = []
+    for report in reports:
+        val = report.get("val") or {}
+        rows.append({
+            "epoch": report["epoch"], "phase": report["phase"], "step": report["step"],
+            "train_loss": report["train_loss"], "objective": report["objective"],
+            "elapsed_s": report["elapsed_s"], **{f"val_{k}": val.get(k) for k in METRIC_KEYS},
+        })
+    return rows
+
+
+def store_trial(folder: Path, outcome: TrialOutcome, reports: Iterable[Mapping[str, Any]] = ()) -> Path:
+    """Store an ended trial: its row and one row per epoch report."""
+    return write_trial(folder, trial_row(outcome), epoch_rows(reports))
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """Package version plus the git commit when run from a checkout (asked once per process)."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{__version__}+{commit}" if commit else __version__
 
 
 def experiment_dir(storage: Path | str, experiment: str) -> Path:

@@ -21,14 +21,12 @@ from torch import Tensor
 
 from automl_ad.data.types import CategoryData, ImageSet, to_float
 from automl_ad.errors import DamagedCheckpoint, UserError
+from automl_ad.experiment import checkpoint_file, read_checkpoint, write_checkpoint
 from automl_ad.methods.base import Batch, Method, create_method
 from automl_ad.validation import objective
 
 if TYPE_CHECKING:
     from automl_ad.distributed import DataParallel
-
-CHECKPOINT_FILE = "checkpoint.pt"
-
 
 @dataclass
 class TrainConfig:
@@ -197,7 +195,7 @@ def fit(
     checkpoint = read_checkpoint(resume_from) if resume_from is not None else None
     if checkpoint is not None:
         start_epoch, step = int(checkpoint["epoch"]), int(checkpoint["step"])
-        _load_weights(method, checkpoint["method"], Path(resume_from) / CHECKPOINT_FILE)
+        _load_weights(method, checkpoint["method"], checkpoint_file(resume_from))
         sampler.load_state_dict(checkpoint["sampler"])
         synth_generator.set_state(checkpoint["synth_rng"])
         reports = [EpochReport(**r) for r in checkpoint["reports"]]
@@ -372,12 +370,7 @@ def _save_checkpoint(
     synth_generator: torch.Generator,
     reports: list[EpochReport],
 ) -> None:
-    import os
-    import tempfile
-
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {
-        "format": 1,
+    write_checkpoint(folder, {
         "config": dataclasses.asdict(cfg),
         "method": method.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
@@ -389,40 +382,7 @@ def _save_checkpoint(
         "synth_rng": synth_generator.get_state(),
         "torch_rng": torch.get_rng_state(),
         "reports": [dataclasses.asdict(r) for r in reports],
-    }
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".checkpoint.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, folder / CHECKPOINT_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-# Keys every checkpoint this loop writes holds (``_save_checkpoint``).
-_CHECKPOINT_KEYS = ("config", "method", "epoch", "step", "sampler", "synth_rng", "torch_rng", "reports")
-
-
-def read_checkpoint(folder: Path) -> dict[str, Any]:
-    """The saved state (``weights_only``: no code runs); DamagedCheckpoint naming the file
-    when it is truncated, not a torch file, or not one this loop wrote."""
-    import pickle
-    import zipfile
-
-    path = Path(folder) / CHECKPOINT_FILE
-    if not path.exists():
-        raise UserError(f"no checkpoint to resume from: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
-        # First sentence only: torch appends a paragraph of advice to its zip errors.
-        reason = str(error).strip().splitlines()[0].split(". ")[0][:200] if str(error).strip() else type(error).__name__
-        raise DamagedCheckpoint(f"damaged checkpoint {path}: {reason}") from None
-    missing = [k for k in _CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise DamagedCheckpoint(f"damaged checkpoint {path}: not an automl_ad training checkpoint (no {', '.join(missing)})")
-    return state
+    })
 
 
 def _load_weights(method: Method, state: Mapping[str, Any], path: Path) -> None:
@@ -437,7 +397,7 @@ def _load_weights(method: Method, state: Mapping[str, Any], path: Path) -> None:
 def load_trained_method(folder: Path, category: str, device: str = "cpu") -> tuple[Method, TrainConfig]:
     """Rebuild a method from a checkpoint folder (no training state needed)."""
     checkpoint = read_checkpoint(folder)
-    path = Path(folder) / CHECKPOINT_FILE
+    path = checkpoint_file(folder)
     try:
         cfg = TrainConfig(**checkpoint["config"])
     except TypeError as error:

@@ -128,7 +128,7 @@ def test_search_survives_losing_the_worker_node_mid_trial(tmp_path, tiny_mvtec):
     import torch
 
     from automl_ad import store
-    from automl_ad.training import CHECKPOINT_FILE
+    from automl_ad.experiment import CHECKPOINT_FILE
 
     out = tmp_path / "scenario.json"
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "RAY_AIR_NEW_OUTPUT": "0"}

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from automl_ad import store
-from automl_ad.training import CHECKPOINT_FILE, TrainConfig, fit
+from automl_ad.experiment import CHECKPOINT_FILE
+from automl_ad.training import TrainConfig, fit
 from automl_ad.tuning.budget import DeadlineWatch, Ledger, parse_budget, start_clock
 from automl_ad.tuning.search import run_search
 

@@ -4,6 +4,7 @@ rendered in headless Chromium with its plots counted and its console watched."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -32,7 +33,8 @@ def build_tiny_experiment(root: Path) -> tuple[Path, Path]:
     from automl_ad import store
     from automl_ad.data.builtin import generate_builtin
     from automl_ad.data.dataset import load_category
-    from automl_ad.deploy import SEARCH_RECORD, choose_model, export_choice
+    from automl_ad.deploy import choose_model, export_choice
+    from automl_ad.experiment import SEARCH_RECORD
     from automl_ad.training import TrainConfig, fit
     from automl_ad.validation import build_val_anomalies, save_image_set, val_set_for
 
@@ -55,23 +57,22 @@ def build_tiny_experiment(root: Path) -> tuple[Path, Path]:
         flat = {"method": method, f"{method}.synthesis": None if family == "none" else family,
                 "image_size": SIZE, **{f"{method}.{k}": v for k, v in params.items()}}
         started = clock + dt.timedelta(minutes=10 * index)
-        store.write_trial(folder, {
-            "experiment": folder.name, "category": CATEGORY, "trial_id": trial_id, "method": method,
-            "backbone": params.get("backbone"), "synthesis": family, "image_size": SIZE, "params": flat,
-            "status": "finished", "epochs": 1, "max_epochs": 1, "wall_s": 60.0 + index, "devices": 1.0,
-            "device_kind": "cpu", "device_s": 60.0 + index, "budget_used": 0.01 * (index + 1),
-            **{f"val_{k}": result.val.get(k) for k in store.METRIC_KEYS}, "objective": result.objective,
-            **{f"test_{k}": result.test.get(k) for k in store.METRIC_KEYS},
-            "checkpoint": str(checkpoint), "seed": index, "started": started,
-            "ended": started + dt.timedelta(minutes=5),
-        })
+        # What the search driver hands the store for a finished trial (store.TrialOutcome).
+        store.store_trial(folder, store.TrialOutcome(
+            experiment=folder.name, category=CATEGORY, trial_id=trial_id, method=method,
+            backbone=params.get("backbone"), synthesis=family, image_size=SIZE, params=flat, status="finished",
+            result={"epoch": 1, **{f"val_{k}": v for k, v in result.val.items()}, "objective": result.objective,
+                    **{f"test_{k}": v for k, v in result.test.items()}},
+            max_epochs=1, wall_s=60.0 + index, devices=1.0, device_kind="cpu", budget_used=0.01 * (index + 1),
+            seed=index, checkpoint=str(checkpoint), started=started, ended=started + dt.timedelta(minutes=5),
+        ), [dataclasses.asdict(report) for report in result.reports])
     failed_start = clock + dt.timedelta(minutes=10 * len(TRIALS))
-    store.write_trial(folder, {
-        "experiment": folder.name, "category": CATEGORY, "trial_id": FAILED_TRIAL, "method": "draem",
-        "synthesis": "perlin", "image_size": SIZE, "params": {"method": "draem", "draem.lr": 1e-4},
-        "status": "error", "epochs": 0, "wall_s": 3.0, "budget_used": 0.001, "started": failed_start,
-        "ended": failed_start + dt.timedelta(seconds=3), "error": "RuntimeError: out of memory",
-    })
+    store.store_trial(folder, store.TrialOutcome(
+        experiment=folder.name, category=CATEGORY, trial_id=FAILED_TRIAL, method="draem", synthesis="perlin",
+        image_size=SIZE, params={"method": "draem", "draem.lr": 1e-4}, status="error", result={}, max_epochs=1,
+        wall_s=3.0, devices=1.0, device_kind="cpu", budget_used=0.001, seed=len(TRIALS), started=failed_start,
+        ended=failed_start + dt.timedelta(seconds=3), error="RuntimeError: out of memory",
+    ))
     bundle = root / "models" / CATEGORY
     choice = choose_model(folder, k=3, top=3)
     export_choice(folder, choice, bundle, formats=["onnx"])

@@ -80,10 +80,10 @@ def test_search_stores_every_trial_with_val_and_test(tmp_path, tiny_mvtec, ray_s
         run_search(options(tmp_path, tiny_mvtec))
 
     # The end of `search`: ensemble on val, bundle, report; then predict from the bundle alone.
-    from automl_ad.cli.search import finish_with_bundle
+    from automl_ad.pipeline import ship
 
     bundle = tmp_path / "models" / "screw"
-    finish_with_bundle(folder, "screw", bundle, k=3)
+    ship(folder, folder.name, "screw", bundle, k=3)
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["kind"] in {"single", "ensemble"} and manifest["members"]
     assert manifest["export_check"]["onnx_vs_torch_max_abs_map_diff"] <= 1e-4
@@ -173,11 +173,11 @@ def test_workers_get_bucket_location_never_credentials_and_local_train_settings(
 
 
 def test_spearman_line_says_whether_val_selection_can_be_trusted():
-    from automl_ad.cli.search import _trust
+    from automl_ad.leaderboard import trust
 
-    assert _trust(0.9) == "val selection tracks test"
-    assert _trust(0.5) == "val selection only partly tracks test"
-    assert "--val-defects" in _trust(0.1) and "does not track" in _trust(-0.4)
+    assert trust(0.9) == "val selection tracks test"
+    assert trust(0.5) == "val selection only partly tracks test"
+    assert "--val-defects" in trust(0.1) and "does not track" in trust(-0.4)
 
 
 RESUME_SCRIPT = textwrap.dedent(
@@ -374,7 +374,7 @@ def two_products(tmp_path_factory) -> Path:
 
 
 def test_all_categories_one_search_each_with_its_own_budget_and_ledger(tmp_path, two_products, ray_session):
-    from automl_ad.cli.search import leaderboard_text
+    from automl_ad.leaderboard import leaderboard_text
     from automl_ad.tuning.search import Job, all_categories, run_jobs
 
     assert all_categories(two_products) == ["screw", "washer"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -10,7 +9,6 @@ import click
 from automl_ad.errors import UserError
 
 DEFAULT_STORAGE = "results"
-KEY_PARAMS_SHOWN = 3
 
 
 def _methods_option(value: str | None) -> list[str] | None:
@@ -114,7 +112,8 @@ def search_command(category, budget, jobs_file, data, methods, space_file, max_c
             click.echo(schedule.text())
         return
 
-    from automl_ad.remote_storage import parse_storage, reading_view
+    from automl_ad.leaderboard import leaderboard_text
+    from automl_ad.remote_storage import parse_storage
 
     remote = parse_storage(storage)
 
@@ -123,16 +122,9 @@ def search_command(category, budget, jobs_file, data, methods, space_file, max_c
         click.echo(f"\n[{summary.category}] experiment {summary.experiment}: {summary.trials} trials stored in "
                    f"{where}; budget used {summary.budget.describe(summary.budget_used)}")
         click.echo(leaderboard_text(summary.experiment_dir))
-        if no_export:
-            return
-        bundle_dir = models_dir / summary.category
-        if remote.is_remote:  # checkpoints Tune wrote straight to the bucket
-            reading_view(storage, summary.category, summary.experiment, checkpoints=True)
-        finish_with_bundle(summary.experiment_dir, summary.category, bundle_dir, ensemble_k)
-        if remote.is_remote:
-            remote.push(summary.experiment)
-            remote.push(summary.experiment, folder=bundle_dir, under="bundle")
-            click.echo(f"copied to {remote.experiment_uri(summary.experiment)}/ (ensembles/, bundle/)")
+        if not no_export:
+            finish_with_bundle(summary.experiment_dir, summary.experiment, summary.category,
+                               models_dir / summary.category, ensemble_k, storage)
 
     if jobs:
         summaries = run_jobs(options, jobs, on_done=finish)
@@ -160,21 +152,20 @@ def _jobs_of(category: str | None, budget: str | None, jobs_file: Path | None, d
     return []
 
 
-def finish_with_bundle(folder: Path, category: str, bundle_dir: Path, k: int) -> None:
-    """Ensemble, choose, export and report: the user's last step, done for them."""
+def finish_with_bundle(folder: Path, experiment: str, category: str, bundle_dir: Path, k: int,
+                       storage: Path | str | None = None) -> None:
+    """Ensemble, choose, export and report (``pipeline.ship``), and say what was made."""
     from automl_ad.cli.export import print_choice
-    from automl_ad.deploy import choose_model, export_choice, store_choice
-    from automl_ad.report import build_report
+    from automl_ad.pipeline import ship
 
-    choice = choose_model(folder, k=k)
-    store_choice(folder, choice, k)
-    print_choice(choice)
-    manifest = export_choice(folder, choice, bundle_dir, formats=("onnx", "torchscript"))
-    point = manifest["operating_point"]
+    shipped = ship(folder, experiment, category, bundle_dir, k, storage)
+    print_choice(shipped.choice)
+    point = shipped.manifest["operating_point"]
     click.echo(f"deployable bundle: {bundle_dir} (threshold {point['threshold']:.4f}, {point['rule']})")
-    report = build_report(folder, bundle_dir / "report.html", bundle_dir=bundle_dir)
-    click.echo(f"report: {report}")
+    click.echo(f"report: {shipped.report}")
     click.echo(f"next: automl-ad predict {bundle_dir} <images...> --out overlays/")
+    if shipped.pushed_to:
+        click.echo(f"copied to {shipped.pushed_to}/ (ensembles/, bundle/)")
 
 
 @click.command("results")
@@ -186,6 +177,7 @@ def finish_with_bundle(folder: Path, category: str, bundle_dir: Path, k: int) ->
 def results_command(category, experiment, storage, top):
     """Leaderboard of a search, and how well val objective ranks trials on test."""
     from automl_ad import store
+    from automl_ad.leaderboard import leaderboard_text
     from automl_ad.remote_storage import reading_view
 
     view, experiment = reading_view(storage, category, experiment)
@@ -200,80 +192,6 @@ def results_command(category, experiment, storage, top):
         raise UserError(f"no trials stored in {folder}")
     click.echo(f"experiment {experiment} ({folder})")
     click.echo(leaderboard_text(folder, top))
-
-
-def leaderboard_rows(folder: Path) -> list[dict]:
-    from automl_ad import store
-
-    rows = [r for r in store.read_table(folder).to_pylist()]
-    return sorted(rows, key=lambda r: -1.0 if r.get("objective") is None else -r["objective"])
-
-
-def spearman_val_test(rows: list[dict]) -> tuple[float | None, int]:
-    """Spearman rank correlation between val objective and test image AUROC."""
-    pairs = [(r["objective"], r["test_image_auroc"]) for r in rows
-             if r.get("objective") is not None and r.get("test_image_auroc") is not None]
-    if len(pairs) < 3:
-        return None, len(pairs)
-    from scipy.stats import spearmanr
-
-    value = spearmanr([p[0] for p in pairs], [p[1] for p in pairs]).statistic
-    return (None if value != value else float(value)), len(pairs)
-
-
-def _key_params(row: dict) -> str:
-    params = json.loads(row.get("params") or "{}")
-    method = row.get("method") or ""
-    shown = [f"{k.split('.', 1)[1]}={_fmt(v)}" for k, v in params.items()
-             if k.startswith(f"{method}.") and k != f"{method}.synthesis"]
-    return ", ".join(shown[:KEY_PARAMS_SHOWN])
-
-
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    return str(value)
-
-
-def leaderboard_text(folder: Path, top: int = 20) -> str:
-    """The leaderboard as a rich table rendered to text."""
-    from rich.console import Console
-    from rich.table import Table
-
-    rows = leaderboard_rows(folder)
-    table = Table(title="leaderboard (val objective; test reported, never optimised)")
-    for column in ("#", "trial", "method", "backbone", "synthesis", "key params", "status", "epochs",
-                   "val obj", "test AUROC", "test AUPRO", "device-h"):
-        table.add_column(column)
-    for rank, row in enumerate(rows[:top], 1):
-        table.add_row(
-            str(rank), row["trial_id"], row.get("method") or "-", row.get("backbone") or "-",
-            row.get("synthesis") or "-", _key_params(row), row.get("status") or "-", str(row.get("epochs") or 0),
-            _num(row.get("objective")), _num(row.get("test_image_auroc")), _num(row.get("test_aupro")),
-            f"{(row.get('device_s') or 0.0) / 3600:.4f}",
-        )
-    rho, n = spearman_val_test(rows)
-    console = Console(width=160, record=True, force_terminal=False)
-    with console.capture() as capture:
-        console.print(table)
-        if rho is None:
-            console.print(f"Spearman(val objective, test image AUROC): needs >= 3 trials with both, have {n}")
-        else:
-            console.print(f"Spearman(val objective, test image AUROC) over {n} trials: {rho:+.3f} "
-                          f"({_trust(rho)}; 1 would mean val ranks trials as test does)")
-    return capture.get()
-
-
-def _trust(rho: float) -> str:
-    if rho >= 0.7:
-        return "val selection tracks test"
-    if rho >= 0.3:
-        return "val selection only partly tracks test"
-    return "val selection does not track test: add real defects with --val-defects"
-
-
-def _num(value) -> str:
-    return "-" if value is None else f"{value:.4f}"
 
 
 commands = [search_command, results_command]

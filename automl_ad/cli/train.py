@@ -81,6 +81,7 @@ def command(method, category, data, image_size, epochs, steps, batch_size, seed,
       automl-ad train -m draem -c screw --out runs/x --resume
     """
     from automl_ad.data.dataset import load_category, resolve_data_root
+    from automl_ad.experiment import checkpoint_file, has_checkpoint, read_checkpoint
     from automl_ad.methods.base import get_method_class
     from automl_ad.training import TrainConfig, fit, synthesis_family
     from automl_ad.validation import build_val_anomalies, load_image_set, save_image_set, val_set_for
@@ -92,13 +93,11 @@ def command(method, category, data, image_size, epochs, steps, batch_size, seed,
     out = out or Path("runs") / f"{category}-{method}"
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file, not a folder")
-    if resume and not (out / "checkpoint.pt").exists():
+    if resume and not has_checkpoint(out):
         raise UserError(f"--resume: no checkpoint.pt in {out}")
     if resume:
-        from automl_ad.training import read_checkpoint
-
         read_checkpoint(out)  # a damaged checkpoint: one line now, before anything is written
-    if not resume and (out / "checkpoint.pt").exists():
+    if not resume and has_checkpoint(out):
         raise UserError(f"{out} already holds a run: pass --resume to continue it or --out for a new folder")
     root = resolve_data_root(data, category)
     loaded = load_category(root, category, image_size, seed=seed)
@@ -151,7 +150,7 @@ def command(method, category, data, image_size, epochs, steps, batch_size, seed,
     }
     _write_json(out / "metrics.json", summary)
     click.echo(_format_summary(result.val, result.objective, result.test))
-    click.echo(f"wrote {out / 'checkpoint.pt'} and {out / 'metrics.json'}")
+    click.echo(f"wrote {checkpoint_file(out)} and {out / 'metrics.json'}")
 
 
 def _format_summary(val: dict, objective: float, test: dict) -> str:

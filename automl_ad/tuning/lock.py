@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from automl_ad.errors import UserError
+from automl_ad.experiment import LOCK_FILE
 
 # A dot file: never copied to an s3:// / gs:// store (a lock guards one filesystem,
 # local or a shared mount), and a resumed copy elsewhere does not inherit it.
-LOCK_FILE = ".driver.lock"
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 180.0
 

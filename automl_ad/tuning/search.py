@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 import os
 import threading
 import time
@@ -24,6 +23,7 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.stopper import Stopper
 
+from automl_ad import experiment as layout
 from automl_ad import store
 from automl_ad.errors import UserError
 from automl_ad.remote_storage import DRIVER_NOT_PULLED, Storage, parse_storage
@@ -35,9 +35,7 @@ from automl_ad.tuning.schedule import Plan
 from automl_ad.tuning.space import SearchSpace, load_space, split_config
 from automl_ad.tuning.trainable import TrialContext, allocated_devices, make_trainable
 
-TUNE_NAME = "tune"
 DRIVER_RESOURCE = "TRAIN_DRIVER"  # declared by the on-demand node types in cluster/
-_OPTIONS_FILE = "search.json"
 _ACTIVE: dict[str, SearchProgress] = {}  # driver-process live views, by experiment dir
 
 
@@ -228,8 +226,8 @@ def _has_search(storage: Storage, category: str, experiment: str | None) -> bool
     if storage.is_remote:
         return storage.has_search(experiment) if experiment is not None else bool(storage.searches(category))
     if experiment is not None:
-        return (storage.local / experiment / _OPTIONS_FILE).exists()
-    return any((p / _OPTIONS_FILE).exists() for p in storage.local.glob(f"{category}-*"))
+        return layout.has_record(storage.local / experiment)
+    return any(layout.has_record(p) for p in storage.local.glob(f"{category}-*"))
 
 
 def _trial_dirname(trial: Any) -> str:
@@ -239,12 +237,6 @@ def _trial_dirname(trial: Any) -> str:
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
-
-
-def _code_version() -> str:
-    from automl_ad import __version__
-
-    return str(__version__)
 
 
 def _pick_experiment(opts: SearchOptions, spec: Storage) -> str:
@@ -258,7 +250,7 @@ def _pick_experiment(opts: SearchOptions, spec: Storage) -> str:
         return found[0]
     if opts.resume:
         candidates = sorted(
-            (p for p in storage.glob(f"{opts.category}-*") if (p / _OPTIONS_FILE).exists()),
+            (p for p in storage.glob(f"{opts.category}-*") if layout.has_record(p)),
             key=lambda p: p.stat().st_mtime,
         )
         if not candidates:
@@ -589,8 +581,8 @@ def finalize_trial(experiment_dir: Path, context: TrialContext, category: str, t
                    config: dict[str, Any], result: dict[str, Any], checkpoint: str | None, status: str,
                    wall_s: float | None, ledger: Ledger, device_kind: str, fingerprints: dict[int, str],
                    started: dt.datetime | None = None, storage: Storage | None = None) -> None:
-    """Write a trial's row (and epochs) to the store; evaluates test metrics when the
-    trial was stopped before it could. Idempotent: a rewrite replaces the same file."""
+    """Hand a trial's outcome (and its epoch reports) to the store; evaluates test metrics
+    when the trial was stopped before it could. Idempotent: a rewrite replaces the same file."""
     if "method" not in config:
         return
     split = split_config(config, context.default_image_size)
@@ -601,39 +593,18 @@ def finalize_trial(experiment_dir: Path, context: TrialContext, category: str, t
         except Exception as exc:  # a broken checkpoint must not lose the whole row
             error = f"test evaluation failed: {type(exc).__name__}: {exc}"
     entry = ledger.trial(trial_id) or {}
-    wall = float(wall_s if wall_s is not None else entry.get("wall_s", 0.0))
-    devices = allocated_devices(context, device_kind)
-    row = {
-        "experiment": context.experiment,
-        "category": category,
-        "trial_id": trial_id,
-        "method": split.method,
-        "backbone": split.method_params.get("backbone") or _default_backbone(split.method),
-        "synthesis": split.synthesis,
-        "image_size": split.image_size,
-        "params": config,
-        "status": status,
-        "epochs": int(result.get("epoch", 0) or 0),
-        "max_epochs": context.max_epochs,
-        "wall_s": wall,
-        "devices": devices,
-        "device_kind": device_kind,
-        "device_s": devices * wall,
-        "budget_used": float(entry.get("used", 0.0)),
-        **{f"val_{k}": result.get(f"val_{k}") for k in store.METRIC_KEYS},
-        "objective": result.get("objective"),
-        **{f"test_{k}": result.get(f"test_{k}") for k in store.METRIC_KEYS},
-        "threshold": result.get("test_threshold"),
+    outcome = store.TrialOutcome(
+        experiment=context.experiment, category=category, trial_id=trial_id, method=split.method,
+        backbone=split.method_params.get("backbone") or _default_backbone(split.method),
+        synthesis=split.synthesis, image_size=split.image_size, params=config, status=status, result=result,
+        max_epochs=context.max_epochs, wall_s=float(wall_s if wall_s is not None else entry.get("wall_s", 0.0)),
+        devices=allocated_devices(context, device_kind), device_kind=device_kind,
+        budget_used=float(entry.get("used", 0.0)), seed=context.seed,
         # Inside the experiment: relative, so any copy or mirror of it finds the file.
-        "checkpoint": storage.relative_to_experiment(checkpoint, context.experiment) if storage else checkpoint,
-        "seed": context.seed,
-        "code_version": _code_version(),
-        "data_fingerprint": fingerprints.get(split.image_size),
-        "started": started,
-        "ended": _now(),
-        "error": error,
-    }
-    store.write_trial(experiment_dir, row, _epoch_rows(checkpoint))
+        checkpoint=storage.relative_to_experiment(checkpoint, context.experiment) if storage else checkpoint,
+        data_fingerprint=fingerprints.get(split.image_size), started=started, ended=_now(), error=error,
+    )
+    store.store_trial(experiment_dir, outcome, _saved_reports(checkpoint))
 
 
 def _default_backbone(method: str) -> str | None:
@@ -646,32 +617,20 @@ def _default_backbone(method: str) -> str | None:
     return None
 
 
-def _epoch_rows(checkpoint: str | None) -> list[dict[str, Any]]:
-    """Per-epoch rows from the reports saved inside the trial's checkpoint."""
+def _saved_reports(checkpoint: str | None) -> list[dict[str, Any]]:
+    """The epoch reports saved inside the trial's checkpoint ([] without a readable one)."""
     if not checkpoint:
         return []
     import tempfile
 
-    import torch
     from ray.train import Checkpoint
-
-    from automl_ad.training import CHECKPOINT_FILE
 
     try:
         with tempfile.TemporaryDirectory() as folder:
             Checkpoint(checkpoint).to_directory(folder)
-            state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+            return list(layout.read_checkpoint(Path(folder)).get("reports", []))
     except Exception:
         return []
-    rows = []
-    for report in state.get("reports", []):
-        val = report.get("val") or {}
-        rows.append({
-            "epoch": report["epoch"], "phase": report["phase"], "step": report["step"],
-            "train_loss": report["train_loss"], "objective": report["objective"],
-            "elapsed_s": report["elapsed_s"], **{f"val_{k}": val.get(k) for k in store.METRIC_KEYS},
-        })
-    return rows
 
 
 # --- the schedule ----------------------------------------------------------------------
@@ -772,9 +731,9 @@ def preview_plan(opts: SearchOptions) -> Plan:
         if spec.is_remote:
             raise UserError("--plan --resume reads the stored plan from a local --storage folder only")
         folder = store.experiment_dir(spec.local, _pick_experiment(opts, spec))
-        saved = json.loads((folder / _OPTIONS_FILE).read_text()) if (folder / _OPTIONS_FILE).exists() else {}
+        saved = layout.read_record(folder) if layout.has_record(folder) else {}
         if not saved.get("plan"):
-            raise UserError(f"--resume: no stored plan in {folder / _OPTIONS_FILE}")
+            raise UserError(f"--resume: no stored plan in {layout.record_path(folder)}")
         return Plan.from_dict(saved["plan"])
     space = load_space(opts.methods, opts.space_file, **({"space_dir": opts.space_dir} if opts.space_dir else {}),
                        image_size=opts.image_size)
@@ -901,11 +860,11 @@ def warm_start_points(space: SearchSpace, schedule: Plan) -> list[dict[str, Any]
 
 
 def _check_resume(folder: Path, opts: SearchOptions, record: dict[str, Any]) -> None:
-    saved = json.loads((folder / _OPTIONS_FILE).read_text())
+    saved = layout.read_record(folder)
     for key in ("category", "budget", "seed", "searcher"):
         if saved.get(key, "tpe" if key == "searcher" else None) != record.get(key):
             raise UserError(
-                f"--resume: {key} {record.get(key)!r} differs from {saved.get(key)!r} in {folder / _OPTIONS_FILE}"
+                f"--resume: {key} {record.get(key)!r} differs from {saved.get(key)!r} in {layout.record_path(folder)}"
             )
 
 
@@ -913,7 +872,7 @@ def _lock_experiment(folder: Path, experiment: str, resume: bool) -> DriverLock:
     """The experiment's driver lock (``automl_ad.tuning.lock``); for a new search, also
     checks that no other driver made the experiment in the meantime."""
     lock = acquire_lock(folder, experiment)
-    if not resume and (folder / _OPTIONS_FILE).exists():
+    if not resume and layout.has_record(folder):
         lock.release()
         raise UserError(f"experiment {experiment!r} was started by another driver just now; pass a new --experiment")
     return lock
@@ -956,12 +915,12 @@ def run_search(opts: SearchOptions) -> SearchSummary:
     # Tune state and trial checkpoints go to the bucket itself, so a trial lost with its
     # node resumes from there.
     tune_root = remote.experiment_uri(experiment) if remote is not None else str(folder)
-    tune_path = f"{tune_root}/{TUNE_NAME}"
+    tune_path = layout.tune_path(tune_root)
     if opts.resume:
-        if not (folder / _OPTIONS_FILE).exists():
+        if not layout.has_record(folder):
             raise UserError(f"--resume: no search in {folder}")
         _check_resume(folder, opts, record)
-    elif (folder / _OPTIONS_FILE).exists():
+    elif layout.has_record(folder):
         raise UserError(f"experiment {experiment!r} exists in {storage}; pass --resume or a new --experiment")
     lock = _lock_experiment(folder, experiment, opts.resume)
     try:
@@ -977,7 +936,7 @@ def run_search(opts: SearchOptions) -> SearchSummary:
 
             print(f"notice: the cluster has {resources.get('GPU', 0.0):g} GPUs now; trials will ask for up to "
                   f"{devices.gpus:g} and wait while the autoscaler starts GPU nodes", file=sys.stderr)
-        saved = json.loads((folder / _OPTIONS_FILE).read_text()) if opts.resume else {}
+        saved = layout.read_record(folder) if opts.resume else {}
         if saved.get("plan"):
             schedule = Plan.from_dict(saved["plan"])  # never re-planned: the trials so far ran this
         else:
@@ -991,8 +950,7 @@ def run_search(opts: SearchOptions) -> SearchSummary:
         record["methods"] = sorted(space.methods)
         record["plan"] = schedule.to_dict()
         record["image_sizes"] = list(space.all_image_sizes())
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / _OPTIONS_FILE).write_text(json.dumps(record, indent=1))
+        layout.write_record(folder, record)
         use_gpu = devices.use_gpu
         device_kind = "gpu" if use_gpu else "cpu"
         fidelity = space.fidelity
@@ -1041,7 +999,7 @@ def run_search(opts: SearchOptions) -> SearchSummary:
                 known = {Path(r.path).name for r in tuner.get_results()} | store.stored_trial_ids(folder)
                 ledger.mark_lost(set(ledger.trials()) - known)
             else:
-                storage_url = f"sqlite:///{folder / 'optuna.db'}"
+                storage_url = layout.optuna_url(folder)
                 searcher = BudgetedOptunaSearch(
                     space.suggest,
                     metric="objective",
@@ -1086,7 +1044,7 @@ def run_search(opts: SearchOptions) -> SearchSummary:
                         reuse_actors=not opts.use_train,
                     ),
                     run_config=tune.RunConfig(
-                        name=TUNE_NAME,
+                        name=layout.TUNE_DIR,
                         storage_path=tune_root,
                         stop=stopper,
                         callbacks=[callback],

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from automl_ad import experiment as layout
 from automl_ad.errors import DamagedCheckpoint
 from automl_ad.tuning.space import split_config
 
@@ -74,11 +75,11 @@ class TrialContext:
         return int(planned["steps_per_epoch"]), int(planned["batch_size"])
 
     def val_anomalies_path(self, image_size: int) -> Path:
-        return Path(self.experiment_dir) / "val" / f"val_anomalies_{image_size}px.safetensors"
+        return layout.val_anomalies_path(self.experiment_dir, image_size)
 
     @property
     def cache_dir(self) -> Path:
-        return Path(self.experiment_dir) / "cache"
+        return layout.cache_dir(self.experiment_dir)
 
 
 def train_config(context: TrialContext, flat: Mapping[str, Any], device: str = "cpu"):
@@ -281,10 +282,8 @@ def _test_metrics(folder: Path, data: Any, device: str) -> dict[str, Any]:
 def _restored_state(folder: Path, trial_id: str) -> dict[str, Any] | None:
     """The training state of the checkpoint Tune restored, or None (with one warning
     line) when that checkpoint is damaged, so the trial is re-run instead of failing."""
-    from automl_ad.training import read_checkpoint
-
     try:
-        return read_checkpoint(Path(folder))
+        return layout.read_checkpoint(Path(folder))
     except DamagedCheckpoint as error:
         _warn_rerun(trial_id, error)
         return None
@@ -365,8 +364,7 @@ def make_trainable(context: TrialContext) -> Callable[[dict[str, Any]], None]:
             run_config=ray.train.RunConfig(
                 name=f"train-{trial_id}",
                 # On a bucket, so the trial resumes on any node when its node is lost.
-                storage_path=(f"{context.storage_uri}/train" if context.storage_uri
-                              else str(Path(context.experiment_dir) / "train")),
+                storage_path=layout.train_path(context.storage_uri or str(Path(context.experiment_dir))),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                 failure_config=ray.train.FailureConfig(max_failures=context.train_retries),
                 callbacks=[TuneReportCallback()],

@@ -1,0 +1,172 @@
+"""The experiment folder: every name under ``<storage>/<experiment>/`` and the checkpoint format.
+
+The one place that spells them; every other module asks here::
+
+    search.json                               the search record (options, plan, data root)
+    budget.json                               the budget ledger (tuning.budget.Ledger)
+    optuna.db                                 the Optuna study (sqlite)
+    .driver.lock                              the running driver (tuning.lock)
+    val/val_anomalies_<size>px.safetensors    frozen val anomalies, one file per image size
+    cache/                                    decoded images (rebuilt from the data)
+    tune/                                     Ray Tune's state; trials' checkpoint_*/checkpoint.pt
+    train/                                    Ray Train runs (their own checkpoints)
+    trials/ epochs/ ensembles/                the results store's tables (store.py)
+    damaged/<table>/                          store files set aside unread
+    bundle/                                   the exported bundle, in a bucket
+
+A checkpoint is a folder holding ``checkpoint.pt``: a ``torch.save`` dict with the keys
+of ``CHECKPOINT_KEYS`` (``training.fit`` fills them), read with ``weights_only`` so no
+code runs. Tune keeps a trial's checkpoints side by side as ``checkpoint_000001``, …
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from automl_ad.data.types import ImageSet
+from automl_ad.errors import DamagedCheckpoint, UserError
+from automl_ad.jsonio import read_json
+from automl_ad.validation import load_image_set
+
+SEARCH_RECORD = "search.json"
+LEDGER_FILE = "budget.json"
+OPTUNA_DB = "optuna.db"
+LOCK_FILE = ".driver.lock"
+VAL_DIR = "val"
+CACHE_DIR = "cache"
+TUNE_DIR = "tune"  # Ray Tune's own state: on a bucket Tune writes it there itself
+TRAIN_DIR = "train"
+TRIALS = "trials"
+EPOCHS = "epochs"
+ENSEMBLES = "ensembles"
+DAMAGED = "damaged"
+BUNDLE_DIR = "bundle"
+
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1
+# Keys every checkpoint the training loop writes holds.
+CHECKPOINT_KEYS = ("config", "method", "epoch", "step", "sampler", "synth_rng", "torch_rng", "reports")
+_TUNE_CHECKPOINT_PREFIX = "checkpoint_"
+
+
+# --- the search record ------------------------------------------------------------------
+
+def record_path(folder: Path) -> Path:
+    return Path(folder) / SEARCH_RECORD
+
+
+def has_record(folder: Path) -> bool:
+    """Whether ``folder`` holds a search (its record is the mark of one)."""
+    return record_path(folder).is_file()
+
+
+def read_record(folder: Path) -> dict[str, Any]:
+    """The experiment's search record; one line naming it when it is missing or corrupt."""
+    path = record_path(folder)
+    record = read_json(path, f"not an experiment folder (no {SEARCH_RECORD}): {folder}")
+    if not isinstance(record, dict) or not {"category", "data"} <= set(record):
+        raise UserError(f"corrupt {path}: no category and data")
+    return record
+
+
+def write_record(folder: Path, record: Mapping[str, Any]) -> None:
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    record_path(folder).write_text(json.dumps(dict(record), indent=1))
+
+
+# --- other files and folders -----------------------------------------------------------
+
+def val_anomalies_path(folder: Path | str, image_size: int) -> Path:
+    return Path(folder) / VAL_DIR / f"val_anomalies_{int(image_size)}px.safetensors"
+
+
+def read_val_anomalies(folder: Path, size: int) -> ImageSet:
+    """The experiment's frozen val anomalies at ``size``; one line naming the file when it
+    is missing or damaged (every trial was judged on it, so there is nothing to skip to)."""
+    path = val_anomalies_path(folder, size)
+    if not path.is_file():
+        raise UserError(f"no frozen val anomalies at {size} px in {path.parent}")
+    try:
+        return load_image_set(path)
+    except Exception as error:  # safetensors, JSON and key errors alike: the file is not what we wrote
+        reason = " ".join(str(error).split())[:200] or type(error).__name__
+        raise UserError(f"damaged val set {path} ({reason})") from None
+
+
+def cache_dir(folder: Path | str) -> Path:
+    return Path(folder) / CACHE_DIR
+
+
+def optuna_url(folder: Path) -> str:
+    return f"sqlite:///{Path(folder) / OPTUNA_DB}"
+
+
+def tune_path(root: str) -> str:
+    """Tune's folder under an experiment root (a local path or a bucket URI)."""
+    return f"{root}/{TUNE_DIR}"
+
+
+def train_path(root: str) -> str:
+    """Ray Train's folder under an experiment root (a local path or a bucket URI)."""
+    return f"{root}/{TRAIN_DIR}"
+
+
+# --- checkpoints -----------------------------------------------------------------------
+
+def checkpoint_file(folder: Path | str) -> Path:
+    return Path(folder) / CHECKPOINT_FILE
+
+
+def has_checkpoint(folder: Path | str) -> bool:
+    return checkpoint_file(folder).exists()
+
+
+def write_checkpoint(folder: Path, state: Mapping[str, Any]) -> None:
+    """Save ``state`` (the keys of CHECKPOINT_KEYS) to ``folder/checkpoint.pt`` through a
+    temporary file and a rename, so a kill mid-write leaves the previous checkpoint."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".checkpoint.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
+        os.replace(tmp, checkpoint_file(folder))
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_checkpoint(folder: Path) -> dict[str, Any]:
+    """The saved state (``weights_only``: no code runs); DamagedCheckpoint naming the file
+    when it is truncated, not a torch file, or not one the training loop wrote."""
+    path = checkpoint_file(folder)
+    if not path.exists():
+        raise UserError(f"no checkpoint to resume from: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+        # First sentence only: torch appends a paragraph of advice to its zip errors.
+        reason = str(error).strip().splitlines()[0].split(". ")[0][:200] if str(error).strip() else type(error).__name__
+        raise DamagedCheckpoint(f"damaged checkpoint {path}: {reason}") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise DamagedCheckpoint(f"damaged checkpoint {path}: not an automl_ad training checkpoint (no {', '.join(missing)})")
+    return state
+
+
+def checkpoints_newest_first(checkpoint: Path) -> list[Path]:
+    """A trial's checkpoint, then the earlier ones Tune kept beside it (``checkpoint_000002``
+    before ``checkpoint_000003``): where to fall back when the newest is damaged."""
+    if not checkpoint.name.startswith(_TUNE_CHECKPOINT_PREFIX):
+        return [checkpoint]
+    earlier = sorted((p for p in checkpoint.parent.glob(f"{_TUNE_CHECKPOINT_PREFIX}*")
+                      if p.is_dir() and p.name < checkpoint.name), reverse=True)
+    return [checkpoint, *earlier]
