@@ -24,17 +24,22 @@ from typing import Any, Sequence
 import torch
 
 from automl_ad import store
-from automl_ad.data.types import ImageSet
+from automl_ad.data.dataset import load_category
+from automl_ad.data.types import ImageSet, to_float
 from automl_ad.ensemble import (
     EnsembleModel,
     EnsembleResult,
     MemberPredictions,
     caruana_select,
     ensemble_test_metrics,
+    fuse,
 )
 from automl_ad.errors import DamagedCheckpoint, UserError
 from automl_ad.experiment import (ENSEMBLES, cache_dir, checkpoints_newest_first, has_record, read_record,
                                   read_val_anomalies)
+from automl_ad.export import calibrate_threshold, export_bundle
+from automl_ad.training import load_trained_method, predict
+from automl_ad.validation import val_set_for
 
 
 @dataclass
@@ -67,8 +72,6 @@ class Choice:
 def _load_candidate(candidate: Candidate, category: str) -> Any | None:
     """The candidate's model from its newest usable checkpoint, or None (left out) when
     every one is damaged; each damaged checkpoint is named in one warning line."""
-    from automl_ad.training import load_trained_method
-
     for folder in checkpoints_newest_first(candidate.checkpoint):
         try:
             method, _ = load_trained_method(folder, category)
@@ -120,8 +123,6 @@ def load_candidates(folder: Path, top: int) -> list[Candidate]:
 
 
 def shared_val_set(val_good: torch.Tensor, anomalies: ImageSet, trained_families: set[str]) -> tuple[ImageSet, list[str]]:
-    from automl_ad.validation import val_set_for
-
     unused = sorted({t for t in anomalies.defect_types if t != "good"} - trained_families)
     if unused:
         keep = [i for i, t in enumerate(anomalies.defect_types) if t in unused]
@@ -155,9 +156,6 @@ def choose_model(
     max_latency_ms: float | None = None,
 ) -> Choice:
     """Ensemble the top trials and choose the deployable model on val (see module doc)."""
-    from automl_ad.data.dataset import load_category
-    from automl_ad.training import predict
-
     record = read_record(folder)
     category, seed = record["category"], int(record.get("seed", 0))
     loaded = {c.trial_id: (c, _load_candidate(c, category)) for c in load_candidates(folder, top)}
@@ -218,8 +216,6 @@ def choose_model(
 
 
 def model_scores_from_predictions(result: EnsembleResult, predictions: Sequence[MemberPredictions]) -> torch.Tensor:
-    from automl_ad.ensemble import fuse
-
     by_name = {p.name: p for p in predictions}
     return fuse([result.scalers[n].scores(by_name[n].val_scores) for n in result.members], result.fusion)
 
@@ -249,10 +245,6 @@ def export_choice(
     formats: Sequence[str],
     fpr: float | None = None,
 ) -> dict[str, Any]:
-    from automl_ad.data.dataset import load_category
-    from automl_ad.data.types import to_float
-    from automl_ad.export import calibrate_threshold, export_bundle
-
     record = read_record(folder)
     size = choice.candidates[0].image_size
     operating_point = calibrate_threshold(choice.val_scores, choice.val_labels, fpr=fpr)

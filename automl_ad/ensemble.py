@@ -21,6 +21,7 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor, nn
 
+from automl_ad.metrics import evaluate
 from automl_ad.validation import objective
 
 Fusion = Literal["mean", "max"]
@@ -110,8 +111,6 @@ def caruana_select(
     ``val_labels`` etc. describe the shared val set; the scalers are fitted on its good
     images (label 0) only.
     """
-    from automl_ad.metrics import evaluate
-
     if not candidates:
         raise ValueError("no candidates to ensemble")
     if fusion not in ("mean", "max"):
@@ -161,8 +160,6 @@ def ensemble_test_metrics(
     test_has_mask: Tensor,
 ) -> dict[str, float | None]:
     """Reported only: fused test metrics of the selected members."""
-    from automl_ad.metrics import evaluate
-
     by_name = {c.name: c for c in candidates}
     scores = fuse([result.scalers[n].scores(by_name[n].test_scores) for n in result.members], result.fusion)
     maps = fuse([result.scalers[n].maps(by_name[n].test_maps) for n in result.members], result.fusion)

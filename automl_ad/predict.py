@@ -12,6 +12,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from automl_ad.data.dataset import resize_image
+from automl_ad.data.images import is_image_file, read_image
 from automl_ad.errors import UserError
 from automl_ad.export import Bundle
 
@@ -27,9 +29,6 @@ class Prediction:
 
 def _prepare(path: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
     """(network input 3 x S x S float32 in [0, 1], display image S x S x 3 uint8)."""
-    from automl_ad.data.dataset import resize_image
-    from automl_ad.data.images import read_image
-
     resized = resize_image(read_image(path), size).numpy()  # 3 x S x S uint8
     return resized.astype(np.float32) / 255.0, resized.transpose(1, 2, 0)
 
@@ -106,8 +105,6 @@ def predict_files(
 
 def expand_inputs(inputs: Iterable[Path]) -> list[Path]:
     """Files as given, folders expanded to their image files (sorted)."""
-    from automl_ad.data.images import is_image_file
-
     files: list[Path] = []
     for item in inputs:
         item = Path(item)

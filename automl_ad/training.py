@@ -10,6 +10,7 @@ checkpoint holds the model, optimizer and scheduler states and every RNG state u
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from automl_ad.data.types import CategoryData, ImageSet, to_float
 from automl_ad.errors import DamagedCheckpoint, UserError
 from automl_ad.experiment import checkpoint_file, read_checkpoint, write_checkpoint
 from automl_ad.methods.base import Batch, Method, create_method
+from automl_ad.metrics import evaluate as compute_metrics
+from automl_ad.synthesis import build_synthesizer
 from automl_ad.validation import objective
 
 if TYPE_CHECKING:
@@ -98,8 +101,6 @@ def predict(method: Method, images: Tensor, device: torch.device, batch_size: in
 
 def evaluate(method: Method, image_set: ImageSet, device: torch.device, batch_size: int = 32) -> dict[str, float | None]:
     """Image and pixel metrics of ``method`` on a labelled image set."""
-    from automl_ad.metrics import evaluate as compute_metrics
-
     maps, scores = predict(method, image_set.images, device, batch_size)
     return compute_metrics(scores, maps, image_set.labels, image_set.masks[:, 0], image_set.has_mask)
 
@@ -136,6 +137,22 @@ def _phase_plan(method: Method, epochs: int) -> list[str]:
     return plan
 
 
+def _own_rng(function: Callable[..., TrainResult]) -> Callable[..., TrainResult]:
+    """Run ``function(cfg, ...)`` on a copy of torch's global RNG (CPU, and cfg's CUDA
+    device), restored afterwards: training seeds it and draws from it (initial weights,
+    dropout), but the process's own random stream is the caller's business."""
+
+    @functools.wraps(function)
+    def wrapper(cfg: TrainConfig, *args: Any, **kwargs: Any) -> TrainResult:
+        device = torch.device(cfg.device)
+        cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            return function(cfg, *args, **kwargs)
+
+    return wrapper
+
+
+@_own_rng
 def fit(
     cfg: TrainConfig,
     data: CategoryData,
@@ -162,13 +179,8 @@ def fit(
     none) and the last checkpoint stays that of the last completed epoch, so a resume is
     still bit-exact. Data-parallel ranks agree on the answer (one tiny all-reduce).
     """
-    from automl_ad.runtime import tune_cpu_allocator
-    from automl_ad.synthesis import build_synthesizer
-
-    tune_cpu_allocator()  # trial workers are fresh processes that never ran the CLI
-
     device = torch.device(cfg.device)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # on fit's own copy of the global RNG (_own_rng)
     method = create_method(cfg.method, cfg.method_params, cfg.image_size, data.category).to(device)
     family = synthesis_family(cfg, type(method))
     synthesizer = None

@@ -28,8 +28,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from automl_ad.data.dataset import resize_image, resize_mask
+from automl_ad.data.images import IMAGE_SUFFIXES, read_image, read_mask
 from automl_ad.data.types import CategoryData, ImageSet, to_float
 from automl_ad.errors import UserError
+from automl_ad.synthesis import build_synthesizer
 
 VAL_FAMILIES: tuple[str, ...] = ("perlin", "nsa", "cutpaste", "cutpaste_scar", "corruption")
 # NSA's validation masks must be binary ground truth, not soft training targets.
@@ -65,8 +68,6 @@ def build_val_anomalies(
 
     Patch sources are fit images (other normal parts), never test images.
     """
-    from automl_ad.synthesis import build_synthesizer
-
     base = to_float(data.val_good)
     sources = to_float(data.fit)
     parts: list[ImageSet] = []
@@ -107,9 +108,6 @@ def val_set_for(
 def load_val_defects(folder: Path, image_size: int) -> ImageSet:
     """Real defects for validation: ``<folder>/<defect-type>/*`` images with optional
     ``<folder>/ground_truth/<defect-type>/<stem>_mask.png`` masks (MVTec naming)."""
-    from automl_ad.data.dataset import resize_image, resize_mask
-    from automl_ad.data.images import IMAGE_SUFFIXES, read_image, read_mask
-
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"--val-defects folder not found: {folder}")

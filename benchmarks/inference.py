@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
-    tune_cpu_allocator()  # as the CLI and the training loop do
+    tune_cpu_allocator()  # as the CLI and trial workers do
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    tune_cpu_allocator()  # as the CLI and the training loop do
+    tune_cpu_allocator()  # as the CLI and trial workers do
 
     device = torch.device(args.device)
     scores, maps, labels, masks = synthetic_evaluation_set(args.images, args.size, args.seed)

@@ -18,7 +18,7 @@ For the ratio the batched family runs with SAME_WORK (the same amount of work as
 reference: other images as sources, one NSA patch); its default settings are timed too,
 with ``--category`` those of that product (NSA: its patch sizes, patch count and, for
 objects such as screw, the foreground test that keeps patches on the part).
-Both sides run under automl_ad.runtime.tune_cpu_allocator, as training does.
+Both sides run under automl_ad.runtime.tune_cpu_allocator, as the CLI and trial workers do.
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def main() -> None:
     unknown = sorted(set(args.families.split(",")) - set(FAMILIES))
     if unknown:
         parser.error(f"unknown --families {', '.join(unknown)}; known: {', '.join(FAMILIES)}")
-    tune_cpu_allocator()  # as the CLI and the training loop do; both sides run under it
+    tune_cpu_allocator()  # as the CLI and trial workers do; both sides run under it
     threads = len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     cv2.setNumThreads(1)  # references run one image at a time, as in a loader worker

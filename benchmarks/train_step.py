@@ -122,7 +122,7 @@ def main() -> None:
     parser.add_argument("--setup-images", type=int, default=4)
     parser.add_argument("--methods", default="", help="comma-separated subset (default: all registered)")
     args = parser.parse_args()
-    tune_cpu_allocator()  # as the CLI and the training loop do
+    tune_cpu_allocator()  # as the CLI and trial workers do
     device = torch.device(args.device)
     names = [n for n in args.methods.split(",") if n] or available_methods()
     print(

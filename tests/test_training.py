@@ -94,3 +94,19 @@ def test_bad_config_is_a_user_error():
         TrainConfig(method="_tiny_seg", epochs=0)
     with pytest.raises(UserError, match="unknown method"):
         fit(TrainConfig(method="nope", image_size=32), toy_category(), good_set(toy_category().val_good))
+
+
+def test_fit_leaves_the_process_random_stream_and_allocator_alone(tmp_path):
+    """Process-wide state is the caller's (the CLI, the trial worker): fit trains on its own
+    copy of torch's global RNG and never tunes the allocator itself."""
+    import automl_ad.training
+
+    assert not hasattr(automl_ad.training, "tune_cpu_allocator"), "the training loop does not tune the allocator"
+    data = toy_category()
+    cfg = TrainConfig(method="_tiny_seg", image_size=32, epochs=1, steps_per_epoch=2, batch_size=4, seed=5)
+    torch.manual_seed(1234)
+    before = torch.get_rng_state()
+    first = fit(cfg, data, toy_val(data), checkpoint_dir=tmp_path / "a")
+    assert torch.equal(torch.get_rng_state(), before), "the caller's random stream is where it was"
+    second = fit(cfg, data, toy_val(data), checkpoint_dir=tmp_path / "b")
+    assert first.objective == second.objective, "and training is still seeded by cfg.seed alone"

@@ -37,6 +37,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from automl_ad.data import builtin
 from automl_ad.data.images import read_image, read_mask
 from automl_ad.data.layout import GOOD, CategoryLayout, discover_category
 from automl_ad.data.types import CategoryData, ImageSet
@@ -286,7 +287,6 @@ def resolve_data_root(data: Path | None, category: str) -> Path:
         if not root.is_dir():
             raise UserError(f"--data folder not found: {root}")
         return root
-    from automl_ad.data import builtin
 
     if category not in builtin.BUILTIN_CATEGORIES:
         raise UserError(

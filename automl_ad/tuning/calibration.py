@@ -34,6 +34,10 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable
 
+from automl_ad.methods.base import Batch, create_method, get_method_class
+from automl_ad.metrics import evaluate
+from automl_ad.synthesis import build_synthesizer
+
 CALIBRATION_VERSION = 1
 CACHE_ENV = "AUTOML_AD_CALIBRATION"
 
@@ -248,8 +252,6 @@ def measure_metrics(size: int, n_images: int = 64) -> float:
     """Seconds per image of ``automl_ad.metrics.evaluate`` on maps of ``size`` (CPU)."""
     import torch
 
-    from automl_ad.metrics import evaluate
-
     generator = torch.Generator().manual_seed(0)
     maps = torch.rand(n_images, size, size, generator=generator)
     masks = torch.zeros(n_images, size, size, dtype=torch.uint8)
@@ -266,10 +268,6 @@ def measure(method: str, size: int, batch: int, *, device: str = "cpu", backbone
             infer_images: int | None = None, metrics_s: float | None = None) -> Speed:
     """Time ``method`` (default Config, ``backbone`` if given) at ``size`` and ``batch``."""
     import torch
-
-    from automl_ad.methods.base import create_method, get_method_class
-    from automl_ad.methods.base import Batch
-    from automl_ad.synthesis import build_synthesizer
 
     before = torch.get_num_threads()
     if threads is not None and not device.startswith("cuda"):

@@ -11,7 +11,7 @@ from typing import Any
 from automl_ad.tuning.budget import Ledger
 
 
-# What the store callback reports when a trial ends (search.LedgerAndStoreCallback._end).
+# What the store callback reports when a trial ends (search.LiveViewCallback).
 FINAL_STATES = frozenset({"finished", "stopped", "error"})
 
 

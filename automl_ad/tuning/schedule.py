@@ -43,8 +43,11 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping
 
+from automl_ad.data.layout import discover_category
+from automl_ad.methods.base import create_method, get_method_class
 from automl_ad.tuning.budget import Budget
 from automl_ad.tuning.calibration import Probe, Speed, SpeedBook
+from automl_ad.validation import VAL_FAMILIES
 
 # Below this share of its paper schedule a trained method is not worth a budget's trials
 # (DRAEM at 0.4 % of its 700 epochs detects little): it is left out of the search.
@@ -89,8 +92,6 @@ DEFAULT_RECIPE = Recipe(100, 8, 256, "no recipe known: 100 epochs, batch 8, 256 
 def recipe_for(method: str) -> Recipe:
     """The method's recipe: ``RECIPES``, or a ``recipe`` class attribute, else a default;
     a method without a gradient phase (``phases == ()``) has 0 epochs."""
-    from automl_ad.methods.base import get_method_class
-
     cls = get_method_class(method)
     recipe = RECIPES.get(method) or getattr(cls, "recipe", None) or DEFAULT_RECIPE
     if not tuple(cls.phases) and recipe.epochs:
@@ -139,8 +140,6 @@ def data_counts(data_root: Any, category: str, val_fraction: float = 0.2) -> Dat
     """Image counts of a category from its layout (no decoding), split as the loader does."""
     from pathlib import Path
 
-    from automl_ad.data.layout import discover_category
-
     layout = discover_category(Path(data_root), category)
     count = len(layout.train)
     n_val = 0 if count < 2 else min(count - 1, max(1, math.floor(count * val_fraction + 0.5)))
@@ -150,8 +149,6 @@ def data_counts(data_root: Any, category: str, val_fraction: float = 0.2) -> Dat
 def val_images(method_synthesis: str | None, val_good: int) -> int:
     """Images a trial validates on: val-good + the frozen anomalies of every val family
     but the one it trains with (``automl_ad.validation``)."""
-    from automl_ad.validation import VAL_FAMILIES
-
     families = len(VAL_FAMILIES) - (1 if method_synthesis in VAL_FAMILIES else 0)
     return val_good * (1 + families)
 
@@ -594,8 +591,6 @@ def config_cost_factor(method: str, params: Mapping[str, Any], image_size: int) 
     import warnings
 
     import torch
-
-    from automl_ad.methods.base import create_method
 
     key = (method, int(image_size), repr(sorted(params.items())))
     if key not in _FACTORS:

@@ -27,8 +27,16 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from automl_ad import experiment as layout
+from automl_ad.data.dataset import load_category
+from automl_ad.distributed import DataParallel
 from automl_ad.errors import DamagedCheckpoint
+from automl_ad.methods.base import get_method_class
+from automl_ad.remote_storage import ensure_file
+from automl_ad.runtime import tune_cpu_allocator
+from automl_ad.training import EpochReport, TrainConfig, evaluate, fit, load_trained_method, synthesis_family
+from automl_ad.tuning.budget import DeadlineWatch
 from automl_ad.tuning.space import split_config
+from automl_ad.validation import load_image_set, load_val_defects, val_set_for
 
 
 @dataclass(frozen=True)
@@ -84,8 +92,6 @@ class TrialContext:
 
 def train_config(context: TrialContext, flat: Mapping[str, Any], device: str = "cpu"):
     """The ``training.TrainConfig`` of a sampled flat config."""
-    from automl_ad.training import TrainConfig
-
     split = split_config(flat, context.default_image_size)
     steps_per_epoch, batch_size = context.schedule_of(split.method, split.image_size)
     return TrainConfig(
@@ -104,15 +110,10 @@ def train_config(context: TrialContext, flat: Mapping[str, Any], device: str = "
 
 def load_trial_data(context: TrialContext, image_size: int):
     """(CategoryData, frozen val anomalies, user val defects or None) at ``image_size``."""
-    from automl_ad.data.dataset import load_category
-    from automl_ad.validation import load_image_set, load_val_defects
-
     data = load_category(Path(context.data_root), context.category, image_size,
                          seed=context.seed, cache_dir=context.cache_dir)
     val_path = context.val_anomalies_path(image_size)
     if context.storage_uri is not None:
-        from automl_ad.remote_storage import ensure_file
-
         relative = val_path.relative_to(context.experiment_dir).as_posix()
         for name in (relative, relative + ".json"):  # tensors, then their list sidecar
             ensure_file(context.storage_uri, context.experiment_dir, name)
@@ -186,11 +187,7 @@ class _Reporter:
 
 def train_worker_loop(loop_config: dict[str, Any]) -> None:
     """Per-worker loop: fit one sampled config, report every epoch, resume if restarted."""
-    from automl_ad.training import fit, synthesis_family
-    from automl_ad.methods.base import get_method_class
-    from automl_ad.tuning.budget import DeadlineWatch
-    from automl_ad.validation import val_set_for
-
+    tune_cpu_allocator()  # a trial worker is a fresh process that never ran the CLI
     context = TrialContext(**loop_config["context"])
     flat = loop_config["config"]
     # Stop at the next step once the search's budget is spent, not at the epoch's end;
@@ -237,7 +234,6 @@ def train_worker_loop(loop_config: dict[str, Any]) -> None:
         if saved is not None and resume is not None and saved["epoch"] >= cfg.epochs:
             # Killed after its last checkpoint but before Tune saw the report: say it again,
             # in full, naming the checkpoint (Train's reports carry its path, not the files).
-            from automl_ad.training import EpochReport
 
             metrics = {**epoch_metrics(EpochReport(**saved["reports"][-1])),
                        **_test_metrics(resume, data, device), "checkpoint_path": checkpoint.path}
@@ -245,7 +241,6 @@ def train_worker_loop(loop_config: dict[str, Any]) -> None:
             return
         data_parallel = None
         if context.num_workers > 1:  # TorchTrainer has set up the process group
-            from automl_ad.distributed import DataParallel
 
             data_parallel = DataParallel()
         fit(cfg, data, val_set, checkpoint_dir=work / "checkpoint", resume_from=resume,
@@ -271,8 +266,6 @@ def train_worker_loop(loop_config: dict[str, Any]) -> None:
 def _test_metrics(folder: Path, data: Any, device: str) -> dict[str, Any]:
     """``test_*`` metrics of the model saved in ``folder`` (never used for selection)."""
     import torch
-
-    from automl_ad.training import evaluate, load_trained_method
 
     method, _ = load_trained_method(Path(folder), data.category, device)
     metrics = evaluate(method, data.test, torch.device(device)) if len(data.test) else {}
