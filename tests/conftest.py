@@ -10,6 +10,7 @@ every test module sees them without importing another test module)."""
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -268,9 +269,26 @@ def offline_weight_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Pa
     return tmp_path
 
 
+_RAY_SESSION_STARTED = False
+
+
+@pytest.fixture(autouse=True)
+def no_stray_ray():
+    """A test that starts Ray in this process without ``ray_session`` (a refused search that
+    got as far as ray.init, say) fails here, not as 'ray.init twice' in a later module."""
+    yield
+    ray = sys.modules.get("ray")
+    if ray is not None and not _RAY_SESSION_STARTED and ray.is_initialized():
+        ray.shutdown()
+        pytest.fail("this test left a Ray instance running in the test process")
+
+
 @pytest.fixture(scope="session")
 def ray_session():
+    global _RAY_SESSION_STARTED
     import ray
+
+    _RAY_SESSION_STARTED = True
 
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")

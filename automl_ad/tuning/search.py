@@ -28,7 +28,7 @@ from automl_ad import experiment as layout
 from automl_ad import store
 from automl_ad.data.builtin import BUILTIN_CATEGORIES
 from automl_ad.data.dataset import load_category, resolve_data_root
-from automl_ad.data.layout import list_categories
+from automl_ad.data.layout import category_folder, list_categories
 from automl_ad.errors import UserError
 from automl_ad.methods.base import get_method_class
 from automl_ad.remote_storage import DRIVER_NOT_PULLED, Storage, parse_storage
@@ -820,7 +820,8 @@ def preview_plan(opts: SearchOptions) -> Plan:
 
 # --- the driver ------------------------------------------------------------------------
 
-def _init_ray(opts: SearchOptions) -> None:
+def _init_ray(opts: SearchOptions) -> bool:
+    """Start (or join) Ray unless this process already has it; True when it started here."""
     import ray
 
     # A trial the budget deadline stops inside its first epoch reports nothing, which
@@ -828,7 +829,7 @@ def _init_ray(opts: SearchOptions) -> None:
     # fails Tune's "objective missing" check (tune_controller._validate_result_metrics).
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     if ray.is_initialized():
-        return
+        return False
 
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": _worker_env(opts), "worker_process_setup_hook": HOOK},
                               "log_to_driver": False}
@@ -836,6 +837,7 @@ def _init_ray(opts: SearchOptions) -> None:
         ray.init(address=opts.address, **kwargs)
     else:
         ray.init(address="local", num_cpus=os.cpu_count() or 1, **kwargs)
+    return True
 
 
 _STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
@@ -965,8 +967,9 @@ def run_search(opts: SearchOptions) -> SearchSummary:
     """Run (or resume) one search; returns a summary once the budget is spent."""
     prep = _prepare(opts)
     lock = _lock_experiment(prep.folder, prep.experiment, opts.resume)
+    started_ray = False
     try:
-        _init_ray(opts)
+        started_ray = _init_ray(opts)
         devices = _plan_devices(prep)
         schedule, space = _plan(prep, devices)
         context = trial_context(opts, devices, space, schedule=schedule, experiment=prep.experiment,
@@ -979,6 +982,12 @@ def run_search(opts: SearchOptions) -> SearchSummary:
         device_kind = "gpu" if devices.use_gpu else "cpu"
         results = _tune(prep, context, schedule, space, ledger, devices, fingerprints)
         return _collect(prep, context, results, ledger, device_kind, fingerprints)
+    except BaseException:
+        if started_ray:  # a refused or failed search leaves no Ray instance behind in the caller
+            import ray
+
+            ray.shutdown()
+        raise
     finally:
         lock.release()
 
@@ -991,6 +1000,7 @@ def _prepare(opts: SearchOptions) -> _Prepared:
         image_size=opts.image_size,
     )
     data_root = resolve_data_root(opts.data, opts.category)
+    category_folder(data_root, opts.category)  # a missing product is refused before Ray starts
     if opts.val_defects is not None and not Path(opts.val_defects).is_dir():
         raise UserError(f"--val-defects folder not found: {opts.val_defects}")
     spec = parse_storage(opts.storage)
