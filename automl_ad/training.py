@@ -181,105 +181,62 @@ def fit(
     """
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)  # on fit's own copy of the global RNG (_own_rng)
-    method = create_method(cfg.method, cfg.method_params, cfg.image_size, data.category).to(device)
-    family = synthesis_family(cfg, type(method))
-    synthesizer = None
-    if family is not None:
-        params = {**cfg.synthesis_params, **method.synthesis_overrides(family)}
-        synthesizer = build_synthesizer(family, params, category=data.category)
-    if len(data.fit) == 0:
-        raise UserError(f"category {data.category!r} has no fit images")
-
+    method, synthesizer = _build(cfg, data, device)
     fit_float = to_float(data.fit)
     method.setup(fit_float.to(device))
-    steps_per_epoch = cfg.steps_per_epoch or max(1, math.ceil(len(data.fit) / cfg.batch_size))
-    plan = _phase_plan(method, cfg.epochs) if method.phases else []
     rank = data_parallel.rank if data_parallel is not None else 0
-    # Rank 0 keeps the single-process streams, so one worker trains exactly as fit() alone.
-    rank_seed = cfg.seed + 104_729 * rank
-    sampler = _BatchSampler(len(data.fit), cfg.batch_size, rank_seed)
-    synth_generator = torch.Generator(device=device).manual_seed(rank_seed + 1)
     lead = rank == 0
-
-    reports: list[EpochReport] = []
-    start_epoch, step = 0, 0
-    optimizer = scheduler = None
+    streams = _Streams.for_rank(cfg, len(data.fit), rank, device)
     checkpoint = read_checkpoint(resume_from) if resume_from is not None else None
+    start_epoch, step, reports = 0, 0, []
     if checkpoint is not None:
-        start_epoch, step = int(checkpoint["epoch"]), int(checkpoint["step"])
-        _load_weights(method, checkpoint["method"], checkpoint_file(resume_from))
-        sampler.load_state_dict(checkpoint["sampler"])
-        synth_generator.set_state(checkpoint["synth_rng"])
-        reports = [EpochReport(**r) for r in checkpoint["reports"]]
-        torch.set_rng_state(checkpoint["torch_rng"])
+        start_epoch, step, reports = _restore(checkpoint, method, streams, checkpoint_file(resume_from))
         if not lead:  # the checkpoint holds rank 0's streams; others draw their own again
-            sampler = _BatchSampler(len(data.fit), cfg.batch_size, rank_seed + 7 * start_epoch)
-            synth_generator.manual_seed(rank_seed + 1 + 7 * start_epoch)
+            streams = _Streams.for_rank(cfg, len(data.fit), rank, device, start_epoch)
     if data_parallel is not None:
         data_parallel.broadcast_(method)
 
     if not method.phases:
         return _fit_without_gradients(cfg, method, data, val_set, device, lead, checkpoint_dir, on_epoch,
-                                      evaluate_test, should_stop, sampler, synth_generator, data_parallel)
+                                      evaluate_test, should_stop, streams, data_parallel)
+
+    steps_per_epoch = cfg.steps_per_epoch or max(1, math.ceil(len(data.fit) / cfg.batch_size))
+    plan = _phase_plan(method, cfg.epochs)
+
+    def next_batch() -> Batch:
+        return _make_batch(fit_float, streams.sampler.next_indices(), synthesizer, streams.synth, device)
+
+    def stop_now() -> bool:
+        return should_stop is not None and _agreed_stop(should_stop, data_parallel, device)
 
     bar = _ProgressBar(cfg, plan, steps_per_epoch, start_epoch) if progress and lead else None
     began = time.perf_counter() - (reports[-1].elapsed_s if reports else 0.0)
     stopped_early = stopped_mid_epoch = False
+    optimizer = scheduler = None
     try:
         for epoch in range(start_epoch, cfg.epochs):
             phase = plan[epoch]
             if optimizer is None or plan[epoch - 1] != phase or epoch == start_epoch:
-                phase_steps = plan.count(phase) * steps_per_epoch
-                optimizer, scheduler = method.configure_optimizer(phase, phase_steps)
+                optimizer, scheduler = method.configure_optimizer(phase, plan.count(phase) * steps_per_epoch)
                 if checkpoint is not None and epoch == start_epoch and checkpoint["phase"] == phase:
-                    optimizer.load_state_dict(checkpoint["optimizer"])
-                    if scheduler is not None and checkpoint["scheduler"] is not None:
-                        scheduler.load_state_dict(checkpoint["scheduler"])
-            method.train()
-            losses = []
-            for _ in range(steps_per_epoch):
-                if should_stop is not None and _agreed_stop(should_stop, data_parallel, device):
-                    stopped_mid_epoch = True
-                    break
-                batch = _make_batch(fit_float, sampler.next_indices(), synthesizer, synth_generator, device)
-                optimizer.zero_grad(set_to_none=True)
-                loss = method.training_step(batch, phase)["loss"]
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"{cfg.method}: loss became {loss.item()} at step {step}")
-                loss.backward()
-                if data_parallel is not None:
-                    data_parallel.average_gradients_(method)
-                optimizer.step()
-                if scheduler is not None:
-                    scheduler.step()
-                step += 1
-                losses.append(float(loss.detach()))
-                if bar is not None:
-                    bar.advance(losses[-1])
-            if not stopped_mid_epoch and should_stop is not None:
-                # Asked again before validation: an epoch is complete only once validated.
-                stopped_mid_epoch = _agreed_stop(should_stop, data_parallel, device)
+                    _restore_optimizer(checkpoint, optimizer, scheduler)
+            losses, step, stopped_mid_epoch = _train_epoch(
+                cfg, method, phase, optimizer, scheduler, steps_per_epoch, step, next_batch, stop_now,
+                data_parallel, bar)
+            # Asked again before validation: an epoch is complete only once validated.
+            stopped_mid_epoch = stopped_mid_epoch or stop_now()
             if stopped_mid_epoch:
                 stopped_early = True
                 break
             val = evaluate(method, val_set, device, cfg.eval_batch_size) if lead else {}
-            report = EpochReport(
-                epoch=epoch + 1,
-                phase=phase,
-                step=step,
-                train_loss=sum(losses) / len(losses),
-                val=val,
-                objective=objective(val),
-                elapsed_s=time.perf_counter() - began,
-            )
+            report = EpochReport(epoch=epoch + 1, phase=phase, step=step, train_loss=sum(losses) / len(losses),
+                                 val=val, objective=objective(val), elapsed_s=time.perf_counter() - began)
             reports.append(report)
             if bar is not None:
                 bar.epoch_done(report)
             if checkpoint_dir is not None and lead:
-                _save_checkpoint(
-                    Path(checkpoint_dir), cfg, method, optimizer, scheduler, phase, epoch + 1, step,
-                    sampler, synth_generator, reports,
-                )
+                _save_checkpoint(Path(checkpoint_dir), cfg, method, optimizer, scheduler, phase, epoch + 1, step,
+                                 streams, reports)
             if on_epoch is not None and on_epoch(report, checkpoint_dir if lead else None) and epoch + 1 < cfg.epochs:
                 stopped_early = True
                 break
@@ -294,14 +251,91 @@ def fit(
     if not reports:  # resumed from a finished run
         raise UserError("nothing to train: the checkpoint already covers every epoch")
     test = evaluate(method, data.test, device, cfg.eval_batch_size) if evaluate_test and lead and len(data.test) else {}
-    return TrainResult(
-        method=method,
-        reports=reports,
-        val=reports[-1].val,
-        objective=reports[-1].objective,
-        test=test,
-        stopped_early=stopped_early,
-    )
+    return TrainResult(method=method, reports=reports, val=reports[-1].val, objective=reports[-1].objective,
+                       test=test, stopped_early=stopped_early)
+
+
+def _build(cfg: TrainConfig, data: CategoryData, device: torch.device) -> tuple[Method, Any]:
+    """The method on ``device`` and its synthesizer (None when it trains on normal images)."""
+    method = create_method(cfg.method, cfg.method_params, cfg.image_size, data.category).to(device)
+    family = synthesis_family(cfg, type(method))
+    synthesizer = None
+    if family is not None:
+        params = {**cfg.synthesis_params, **method.synthesis_overrides(family)}
+        synthesizer = build_synthesizer(family, params, category=data.category)
+    if len(data.fit) == 0:
+        raise UserError(f"category {data.category!r} has no fit images")
+    return method, synthesizer
+
+
+@dataclass
+class _Streams:
+    """The seeded draws of one rank: which fit images make each batch, and the synthetic
+    anomalies pasted into them. Rank 0 keeps the single-process streams, so one worker
+    trains exactly as fit() alone."""
+
+    sampler: _BatchSampler
+    synth: torch.Generator
+
+    @classmethod
+    def for_rank(cls, cfg: TrainConfig, n_fit: int, rank: int, device: torch.device,
+                 start_epoch: int = 0) -> "_Streams":
+        seed = cfg.seed + 104_729 * rank + 7 * start_epoch
+        return cls(_BatchSampler(n_fit, cfg.batch_size, seed), torch.Generator(device=device).manual_seed(seed + 1))
+
+
+def _restore(checkpoint: Mapping[str, Any], method: Method, streams: _Streams,
+             path: Path) -> tuple[int, int, list[EpochReport]]:
+    """Weights, streams and the global RNG from ``checkpoint``; (epoch, step, reports)."""
+    _load_weights(method, checkpoint["method"], path)
+    streams.sampler.load_state_dict(checkpoint["sampler"])
+    streams.synth.set_state(checkpoint["synth_rng"])
+    torch.set_rng_state(checkpoint["torch_rng"])
+    return int(checkpoint["epoch"]), int(checkpoint["step"]), [EpochReport(**r) for r in checkpoint["reports"]]
+
+
+def _restore_optimizer(checkpoint: Mapping[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    if scheduler is not None and checkpoint["scheduler"] is not None:
+        scheduler.load_state_dict(checkpoint["scheduler"])
+
+
+def _train_epoch(
+    cfg: TrainConfig,
+    method: Method,
+    phase: str,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    steps: int,
+    step: int,
+    next_batch: Callable[[], Batch],
+    stop_now: Callable[[], bool],
+    data_parallel: "DataParallel | None",
+    bar: "_ProgressBar | None",
+) -> tuple[list[float], int, bool]:
+    """Up to ``steps`` optimizer steps; (losses, the step count after them, whether
+    ``stop_now`` ended the epoch early)."""
+    method.train()
+    losses: list[float] = []
+    for _ in range(steps):
+        if stop_now():
+            return losses, step, True
+        batch = next_batch()
+        optimizer.zero_grad(set_to_none=True)
+        loss = method.training_step(batch, phase)["loss"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{cfg.method}: loss became {loss.item()} at step {step}")
+        loss.backward()
+        if data_parallel is not None:
+            data_parallel.average_gradients_(method)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        step += 1
+        losses.append(float(loss.detach()))
+        if bar is not None:
+            bar.advance(losses[-1])
+    return losses, step, False
 
 
 def _fit_without_gradients(
@@ -315,8 +349,7 @@ def _fit_without_gradients(
     on_epoch: EpochHook | None,
     evaluate_test: bool,
     should_stop: Callable[[], bool] | None,
-    sampler: "_BatchSampler",
-    synth_generator: torch.Generator,
+    streams: _Streams,
     data_parallel: "DataParallel | None",
 ) -> TrainResult:
     """A method with no gradient phase (a memory bank): ``setup`` was the training, so it
@@ -329,8 +362,7 @@ def _fit_without_gradients(
     report = EpochReport(epoch=cfg.epochs, phase="setup", step=0, train_loss=float("nan"), val=val,
                          objective=objective(val), elapsed_s=time.perf_counter() - began)
     if checkpoint_dir is not None and lead:
-        _save_checkpoint(Path(checkpoint_dir), cfg, method, None, None, "setup", cfg.epochs, 0,
-                         sampler, synth_generator, [report])
+        _save_checkpoint(Path(checkpoint_dir), cfg, method, None, None, "setup", cfg.epochs, 0, streams, [report])
     if on_epoch is not None:
         on_epoch(report, checkpoint_dir if lead else None)
     test = evaluate(method, data.test, device, cfg.eval_batch_size) if evaluate_test and lead and len(data.test) else {}
@@ -378,8 +410,7 @@ def _save_checkpoint(
     phase: str,
     epoch: int,
     step: int,
-    sampler: _BatchSampler,
-    synth_generator: torch.Generator,
+    streams: _Streams,
     reports: list[EpochReport],
 ) -> None:
     write_checkpoint(folder, {
@@ -390,8 +421,8 @@ def _save_checkpoint(
         "phase": phase,
         "epoch": epoch,
         "step": step,
-        "sampler": sampler.state_dict(),
-        "synth_rng": synth_generator.get_state(),
+        "sampler": streams.sampler.state_dict(),
+        "synth_rng": streams.synth.get_state(),
         "torch_rng": torch.get_rng_state(),
         "reports": [dataclasses.asdict(r) for r in reports],
     })

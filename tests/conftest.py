@@ -4,11 +4,15 @@ and ``offline_weight_caches`` for the tests of pretrained backbones; ``tiny_mvte
 built-in product on disk. Helpers a test module or a spawned test process calls directly
 (``from conftest import toy_category``): ``toy_category``/``toy_val``, a tiny category in
 memory, ``make_category``/``make_broken_category``, MVTec-style folders on disk,
-``search_options`` over ``TINY_SPACES``, and the private test methods ``_tiny_seg`` and ``_two_phase`` (registered here, so
+``search_options`` over ``TINY_SPACES``, ``build_tiny_experiment`` (a finished search on disk,
+with its bundle, written without Ray), and the private test methods ``_tiny_seg`` and ``_two_phase`` (registered here, so
 every test module sees them without importing another test module)."""
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -315,3 +319,70 @@ def tiny_mvtec(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("mvtec")
     generate_builtin(root, ["screw"], n_train=12, n_test=6, image_size=32, seed=0)
     return root
+
+
+# --- a finished search on disk (without Ray), for the report and the damaged-file tests ---
+
+TINY_EXPERIMENT_CATEGORY = "washer"
+TINY_EXPERIMENT_SIZE = 32
+# CFA with random backbones trains in seconds and exports cleanly; the failed DRAEM row
+# is what a crashed trial leaves (no objective, no checkpoint) and must not break the page.
+TINY_EXPERIMENT_TRIALS = (
+    ("t_cfa_r18_k3", "cfa", "none", {"lr": 1e-3, "K": 3, "backbone": "resnet18", "weights": "random"}),
+    ("t_cfa_r18_k1", "cfa", "none", {"lr": 3e-3, "K": 1, "backbone": "resnet18", "weights": "random"}),
+    ("t_cfa_eff", "cfa", "none", {"lr": 2e-3, "K": 2, "backbone": "efficientnet_lite0", "weights": "random"}),
+)
+TINY_EXPERIMENT_FAILED_TRIAL = "t_draem_crashed"
+
+
+def build_tiny_experiment(root: Path) -> tuple[Path, Path]:
+    """A finished search as the search writes it (without Ray), plus its bundle.
+
+    Returns (experiment folder, bundle folder)."""
+    from automl_ad import store
+    from automl_ad.data.builtin import generate_builtin
+    from automl_ad.data.dataset import load_category
+    from automl_ad.deploy import choose_model, export_choice
+    from automl_ad.experiment import SEARCH_RECORD
+    from automl_ad.training import TrainConfig, fit
+    from automl_ad.validation import build_val_anomalies, save_image_set, val_set_for
+
+    data_root = generate_builtin(root / "data", [TINY_EXPERIMENT_CATEGORY], n_train=16, n_test=8, image_size=TINY_EXPERIMENT_SIZE)
+    folder = root / "results" / "exp1"
+    folder.mkdir(parents=True)
+    (folder / SEARCH_RECORD).write_text(json.dumps(
+        {"category": TINY_EXPERIMENT_CATEGORY, "data": str(data_root), "seed": 0, "image_sizes": [TINY_EXPERIMENT_SIZE], "budget": "1cpu-h"}))
+    data = load_category(data_root, TINY_EXPERIMENT_CATEGORY, TINY_EXPERIMENT_SIZE, seed=0, cache_dir=folder / "cache")
+    anomalies = build_val_anomalies(data, seed=0)
+    save_image_set(anomalies, folder / "val" / f"val_anomalies_{TINY_EXPERIMENT_SIZE}px.safetensors")
+
+    clock = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.timezone.utc)
+    for index, (trial_id, method, family, params) in enumerate(TINY_EXPERIMENT_TRIALS):
+        cfg = TrainConfig(method=method, method_params=params, synthesis=family, image_size=TINY_EXPERIMENT_SIZE, epochs=1,
+                          steps_per_epoch=2, batch_size=4, seed=index, eval_batch_size=64)
+        checkpoint = folder / "checkpoints" / trial_id
+        result = fit(cfg, data, val_set_for(data.val_good, anomalies, None if family == "none" else family),
+                     checkpoint_dir=checkpoint)
+        flat = {"method": method, f"{method}.synthesis": None if family == "none" else family,
+                "image_size": TINY_EXPERIMENT_SIZE, **{f"{method}.{k}": v for k, v in params.items()}}
+        started = clock + dt.timedelta(minutes=10 * index)
+        # What the search driver hands the store for a finished trial (store.TrialOutcome).
+        store.store_trial(folder, store.TrialOutcome(
+            experiment=folder.name, category=TINY_EXPERIMENT_CATEGORY, trial_id=trial_id, method=method,
+            backbone=params.get("backbone"), synthesis=family, image_size=TINY_EXPERIMENT_SIZE, params=flat, status="finished",
+            result={"epoch": 1, **{f"val_{k}": v for k, v in result.val.items()}, "objective": result.objective,
+                    **{f"test_{k}": v for k, v in result.test.items()}},
+            max_epochs=1, wall_s=60.0 + index, devices=1.0, device_kind="cpu", budget_used=0.01 * (index + 1),
+            seed=index, checkpoint=str(checkpoint), started=started, ended=started + dt.timedelta(minutes=5),
+        ), [dataclasses.asdict(report) for report in result.reports])
+    failed_start = clock + dt.timedelta(minutes=10 * len(TINY_EXPERIMENT_TRIALS))
+    store.store_trial(folder, store.TrialOutcome(
+        experiment=folder.name, category=TINY_EXPERIMENT_CATEGORY, trial_id=TINY_EXPERIMENT_FAILED_TRIAL, method="draem", synthesis="perlin",
+        image_size=TINY_EXPERIMENT_SIZE, params={"method": "draem", "draem.lr": 1e-4}, status="error", result={}, max_epochs=1,
+        wall_s=3.0, devices=1.0, device_kind="cpu", budget_used=0.001, seed=len(TINY_EXPERIMENT_TRIALS), started=failed_start,
+        ended=failed_start + dt.timedelta(seconds=3), error="RuntimeError: out of memory",
+    ))
+    bundle = root / "models" / TINY_EXPERIMENT_CATEGORY
+    choice = choose_model(folder, k=3, top=3)
+    export_choice(folder, choice, bundle, formats=["onnx"])
+    return folder, bundle

@@ -36,7 +36,9 @@ from automl_ad.export import MANIFEST, file_checksum, manifest_digest
 from automl_ad.tuning.lock import LOCK_FILE
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_report import CATEGORY, TRIALS, build_tiny_experiment  # noqa: E402
+from conftest import TINY_EXPERIMENT_CATEGORY as CATEGORY  # noqa: E402
+from conftest import TINY_EXPERIMENT_TRIALS as TRIALS  # noqa: E402
+from conftest import build_tiny_experiment  # noqa: E402
 
 CAT = CATEGORY  # washer, 32 px
 

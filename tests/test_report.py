@@ -4,8 +4,6 @@ rendered in headless Chromium with its plots counted and its console watched."""
 
 from __future__ import annotations
 
-import dataclasses
-import datetime as dt
 import json
 import os
 from pathlib import Path
@@ -13,70 +11,11 @@ from pathlib import Path
 import pytest
 
 from automl_ad.errors import UserError
-
-CATEGORY = "washer"
-SIZE = 32
-# CFA with random backbones trains in seconds and exports cleanly; the failed DRAEM row
-# is what a crashed trial leaves (no objective, no checkpoint) and must not break the page.
-TRIALS = (
-    ("t_cfa_r18_k3", "cfa", "none", {"lr": 1e-3, "K": 3, "backbone": "resnet18", "weights": "random"}),
-    ("t_cfa_r18_k1", "cfa", "none", {"lr": 3e-3, "K": 1, "backbone": "resnet18", "weights": "random"}),
-    ("t_cfa_eff", "cfa", "none", {"lr": 2e-3, "K": 2, "backbone": "efficientnet_lite0", "weights": "random"}),
-)
-FAILED_TRIAL = "t_draem_crashed"
-
-
-def build_tiny_experiment(root: Path) -> tuple[Path, Path]:
-    """A finished search as the search writes it (without Ray), plus its bundle.
-
-    Returns (experiment folder, bundle folder)."""
-    from automl_ad import store
-    from automl_ad.data.builtin import generate_builtin
-    from automl_ad.data.dataset import load_category
-    from automl_ad.deploy import choose_model, export_choice
-    from automl_ad.experiment import SEARCH_RECORD
-    from automl_ad.training import TrainConfig, fit
-    from automl_ad.validation import build_val_anomalies, save_image_set, val_set_for
-
-    data_root = generate_builtin(root / "data", [CATEGORY], n_train=16, n_test=8, image_size=SIZE)
-    folder = root / "results" / "exp1"
-    folder.mkdir(parents=True)
-    (folder / SEARCH_RECORD).write_text(json.dumps(
-        {"category": CATEGORY, "data": str(data_root), "seed": 0, "image_sizes": [SIZE], "budget": "1cpu-h"}))
-    data = load_category(data_root, CATEGORY, SIZE, seed=0, cache_dir=folder / "cache")
-    anomalies = build_val_anomalies(data, seed=0)
-    save_image_set(anomalies, folder / "val" / f"val_anomalies_{SIZE}px.safetensors")
-
-    clock = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.timezone.utc)
-    for index, (trial_id, method, family, params) in enumerate(TRIALS):
-        cfg = TrainConfig(method=method, method_params=params, synthesis=family, image_size=SIZE, epochs=1,
-                          steps_per_epoch=2, batch_size=4, seed=index, eval_batch_size=64)
-        checkpoint = folder / "checkpoints" / trial_id
-        result = fit(cfg, data, val_set_for(data.val_good, anomalies, None if family == "none" else family),
-                     checkpoint_dir=checkpoint)
-        flat = {"method": method, f"{method}.synthesis": None if family == "none" else family,
-                "image_size": SIZE, **{f"{method}.{k}": v for k, v in params.items()}}
-        started = clock + dt.timedelta(minutes=10 * index)
-        # What the search driver hands the store for a finished trial (store.TrialOutcome).
-        store.store_trial(folder, store.TrialOutcome(
-            experiment=folder.name, category=CATEGORY, trial_id=trial_id, method=method,
-            backbone=params.get("backbone"), synthesis=family, image_size=SIZE, params=flat, status="finished",
-            result={"epoch": 1, **{f"val_{k}": v for k, v in result.val.items()}, "objective": result.objective,
-                    **{f"test_{k}": v for k, v in result.test.items()}},
-            max_epochs=1, wall_s=60.0 + index, devices=1.0, device_kind="cpu", budget_used=0.01 * (index + 1),
-            seed=index, checkpoint=str(checkpoint), started=started, ended=started + dt.timedelta(minutes=5),
-        ), [dataclasses.asdict(report) for report in result.reports])
-    failed_start = clock + dt.timedelta(minutes=10 * len(TRIALS))
-    store.store_trial(folder, store.TrialOutcome(
-        experiment=folder.name, category=CATEGORY, trial_id=FAILED_TRIAL, method="draem", synthesis="perlin",
-        image_size=SIZE, params={"method": "draem", "draem.lr": 1e-4}, status="error", result={}, max_epochs=1,
-        wall_s=3.0, devices=1.0, device_kind="cpu", budget_used=0.001, seed=len(TRIALS), started=failed_start,
-        ended=failed_start + dt.timedelta(seconds=3), error="RuntimeError: out of memory",
-    ))
-    bundle = root / "models" / CATEGORY
-    choice = choose_model(folder, k=3, top=3)
-    export_choice(folder, choice, bundle, formats=["onnx"])
-    return folder, bundle
+from conftest import TINY_EXPERIMENT_CATEGORY as CATEGORY
+from conftest import TINY_EXPERIMENT_FAILED_TRIAL as FAILED_TRIAL
+from conftest import TINY_EXPERIMENT_SIZE as SIZE
+from conftest import TINY_EXPERIMENT_TRIALS as TRIALS
+from conftest import build_tiny_experiment
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from automl_ad.errors import UserError
+from automl_ad.experiment import LEDGER_FILE
 
 _UNIT_SECONDS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 _DEVICE = re.compile(r"^(?P<amount>\d+(?:\.\d+)?)\s*(?P<device>gpu|cpu)-(?P<unit>[smh])$")
@@ -104,7 +105,7 @@ class Ledger:
     Thread-safe: Tune callbacks and the searcher may call it from the driver's threads.
     """
 
-    FILE = "budget.json"
+    FILE = LEDGER_FILE
 
     def __init__(self, folder: Path, budget: Budget, clock: Callable[[], float] = time.monotonic) -> None:
         self.path = Path(folder) / self.FILE
