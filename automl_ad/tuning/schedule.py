@@ -417,168 +417,195 @@ def make_plan(
 def _make_plan(budget: Budget, methods: list[MethodInput], bounds: Bounds, speeds: SpeedBook, data: DataCounts,
                **options: Any) -> Plan:
     """One plan for exactly ``methods``; ``options`` are ``make_plan``'s keywords."""
-    category: str | None = options["category"]
-    devices_per_trial: float = options["devices_per_trial"]
-    concurrency: int = options["concurrency"]
-    workers: int = options["workers"]
-    use_train: bool = options["use_train"]
-    overhead_s: float | None = options["overhead_s"]
     if not methods:
         raise ValueError("no methods to plan")
-    rounds = int(bounds.rounds)
-    eta = int(bounds.reduction_factor)
-    rungs = asha_rungs(rounds, int(bounds.grace_period), eta)
-    promotions = len(rungs) - 1
-    n_req = max(math.ceil(bounds.min_trials / len(methods)), round(eta ** promotions), 1)
-    total_s = trial_seconds(budget, devices_per_trial, concurrency)
-    cap = math.inf if total_s is None else total_s / n_req
-    overhead = OVERHEAD_S[(speeds.device_kind, bool(use_train))] if overhead_s is None else overhead_s
+    planner = _Planner(budget, methods, bounds, speeds, data, **options)
+    chosen, phi, dropped = planner.choose_sizes()
+    return planner.plan(chosen, phi, dropped)
 
-    batch = {m.name: int(bounds.batch_size or m.recipe.batch_size) for m in methods}
-    paper_steps = {m.name: (math.ceil(m.recipe.epochs_for(category) * data.fit / (batch[m.name] * workers))
-                            if m.trainable else 0) for m in methods}
 
-    def steps_at(m: MethodInput, phi: float) -> int:
+class _Planner:
+    """The arithmetic of one plan: each method's steps for a schedule share ``phi`` (of
+    its paper schedule), a trial's expected cost, and the largest ``phi`` that lets the
+    budget hold ``n_req`` trials per method."""
+
+    def __init__(self, budget: Budget, methods: list[MethodInput], bounds: Bounds, speeds: SpeedBook,
+                 data: DataCounts, **options: Any) -> None:
+        self.budget, self.methods, self.bounds, self.speeds, self.data = budget, methods, bounds, speeds, data
+        self.category: str | None = options["category"]
+        self.devices_per_trial: float = options["devices_per_trial"]
+        self.concurrency: int = options["concurrency"]
+        self.workers = workers = int(options["workers"])
+        overhead_s: float | None = options["overhead_s"]
+        self.rounds = int(bounds.rounds)
+        self.eta = int(bounds.reduction_factor)
+        self.rungs = asha_rungs(self.rounds, int(bounds.grace_period), self.eta)
+        self.promotions = len(self.rungs) - 1
+        self.n_req = max(math.ceil(bounds.min_trials / len(methods)), round(self.eta ** self.promotions), 1)
+        self.total_s = trial_seconds(budget, self.devices_per_trial, self.concurrency)
+        self.cap = math.inf if self.total_s is None else self.total_s / self.n_req
+        self.overhead = (OVERHEAD_S[(speeds.device_kind, bool(options["use_train"]))] if overhead_s is None
+                         else overhead_s)
+        self.batch = {m.name: int(bounds.batch_size or m.recipe.batch_size) for m in methods}
+        self.paper_steps = {m.name: (math.ceil(m.recipe.epochs_for(self.category) * data.fit
+                                               / (self.batch[m.name] * workers)) if m.trainable else 0)
+                            for m in methods}
+        self._speeds: dict[Probe, Speed] = {}
+
+    def steps_at(self, m: MethodInput, phi: float) -> int:
+        bounds = self.bounds
         if not m.trainable:
             return 0
         if bounds.steps_per_epoch:
-            return rounds * int(bounds.steps_per_epoch)
-        target = min(phi, 1.0) * paper_steps[m.name]
+            return self.rounds * int(bounds.steps_per_epoch)
+        target = min(phi, 1.0) * self.paper_steps[m.name]
         target = max(target, bounds.min_steps)
         if bounds.max_steps:
             target = min(target, bounds.max_steps)
-        return rounds * max(1, round(target / rounds))
+        return self.rounds * max(1, round(target / self.rounds))
 
-    speed_cache: dict[Probe, Speed] = {}
+    def speed(self, m: MethodInput, size: int, backbone: str | None) -> Speed:
+        probe = Probe(m.name, size, self.batch[m.name], backbone)
+        if probe not in self._speeds:
+            self._speeds[probe] = self.speeds.lookup(probe, Probe(m.name, size, self.batch[m.name], m.measured_backbone))
+        return self._speeds[probe]
 
-    def speed(m: MethodInput, size: int, backbone: str | None) -> Speed:
-        probe = Probe(m.name, size, batch[m.name], backbone)
-        if probe not in speed_cache:
-            speed_cache[probe] = speeds.lookup(probe, Probe(m.name, size, batch[m.name], m.measured_backbone))
-        return speed_cache[probe]
-
-    def costs(m: MethodInput, size: int, steps: int) -> dict[str, dict[str, float]]:
+    def costs(self, m: MethodInput, size: int, steps: int) -> dict[str, dict[str, float]]:
         out = {}
         for backbone in m.backbones:
-            s = speed(m, size, backbone)
+            s = self.speed(m, size, backbone)
             per_image = s.infer_s + s.metrics_s
             out[backbone or "-"] = {
-                "fixed": overhead + s.build_s + s.setup_s(data.fit),
-                "round": (steps / rounds) * s.step_s if m.trainable else 0.0,
+                "fixed": self.overhead + s.build_s + s.setup_s(self.data.fit),
+                "round": (steps / self.rounds) * s.step_s if m.trainable else 0.0,
                 "val": m.val_images * per_image,
-                "test": data.test * per_image,
+                "test": self.data.test * per_image,
             }
         return out
 
-    def mean_expected(m: MethodInput, size: int, steps: int) -> float:
-        parts = costs(m, size, steps).values()
-        return sum(expected_cost(c, rungs, eta, m.trainable) for c in parts) / len(parts)
+    def mean_expected(self, m: MethodInput, size: int, steps: int) -> float:
+        parts = self.costs(m, size, steps).values()
+        return sum(expected_cost(c, self.rungs, self.eta, m.trainable) for c in parts) / len(parts)
 
-    def load(chosen: Mapping[str, list[int]], phi: float) -> float:
+    def load(self, chosen: Mapping[str, list[int]], phi: float) -> float:
         total = 0.0
-        for m in methods:
+        for m in self.methods:
             sizes = chosen[m.name]
-            steps = steps_at(m, phi)
-            total += sum(mean_expected(m, s, steps) for s in sizes) / len(sizes)
+            steps = self.steps_at(m, phi)
+            total += sum(self.mean_expected(m, s, steps) for s in sizes) / len(sizes)
         return total
 
-    def solve(chosen: Mapping[str, list[int]]) -> tuple[float, bool]:
+    def solve(self, chosen: Mapping[str, list[int]]) -> tuple[float, bool]:
         """(largest phi whose load fits the cap, whether the floor itself fits)."""
-        if load(chosen, 0.0) > cap:
+        if self.load(chosen, 0.0) > self.cap:
             return 0.0, False
-        if bounds.steps_per_epoch or load(chosen, PHI_MAX) <= cap:
+        if self.bounds.steps_per_epoch or self.load(chosen, PHI_MAX) <= self.cap:
             return PHI_MAX, True
         low, high = 0.0, 1.0
-        while load(chosen, high) <= cap:
+        while self.load(chosen, high) <= self.cap:
             low, high = high, high * 2
         for _ in range(60):
             mid = (low + high) / 2
-            low, high = (mid, high) if load(chosen, mid) <= cap else (low, mid)
+            low, high = (mid, high) if self.load(chosen, mid) <= self.cap else (low, mid)
         return low, True
 
-    chosen = {m.name: [min(m.sizes)] for m in methods}
-    phi0, feasible0 = solve(chosen)
-    dropped: list[dict[str, Any]] = []
-    candidates = []
-    for m in methods:
-        base = mean_expected(m, min(m.sizes), steps_at(m, phi0))
-        paper_size = min(m.sizes, key=lambda size: (abs(size - m.recipe.image_size), size))
-        for size in sorted(m.sizes)[1:]:
-            # the size nearest the paper's (where the recipe is known to work) is offered first
-            candidates.append((size != paper_size, mean_expected(m, size, steps_at(m, phi0)) - base, size, m.name))
-    by_name = {m.name: m for m in methods}
-    phi = phi0
-    for _, _, size, name in sorted(candidates):
-        m = by_name[name]
-        trial = {k: sorted(v + [size]) if k == name else v for k, v in chosen.items()}
-        phi_new, feasible = solve(trial)
-        reason = None
-        if not feasible0:
-            reason = "the budget is too small even for the smallest sizes"
-        elif not feasible:
-            reason = f"the budget cannot hold {n_req} trials per method with it"
-        elif not bounds.steps_per_epoch:
-            # A size of a method that trains nothing may take schedule from the others
-            # down to the joining share: its larger images are what the budget buys.
-            keeps = (phi_new >= 1.0 or phi_new >= KEEP_SCHEDULE * phi0
-                     or (not m.trainable and phi_new >= MIN_SCHEDULE_TO_JOIN))
-            if not keeps:
-                reason = (f"it would cut every method's schedule from {100 * min(phi, 1):.3g} % to "
-                          f"{100 * min(phi_new, 1):.3g} % of the paper's")
-            elif m.trainable and phi_new < SIZE_MIN_SCHEDULE:
-                reason = (f"methods reach only {100 * min(phi_new, 1):.3g} % of their paper schedule; larger "
-                          f"images need {100 * SIZE_MIN_SCHEDULE:.0f} %")
-        if reason is None:
-            chosen, phi = trial, phi_new
-        else:
-            dropped.append({"method": name, "image_size": size, "reason": reason})
+    def choose_sizes(self) -> tuple[dict[str, list[int]], float, list[dict[str, Any]]]:
+        """Each method's image sizes, the schedule share they leave, and the sizes left out
+        (with why): every method starts at its smallest size; a larger one joins when the
+        budget still holds its trials without cutting everyone's schedule too far."""
+        chosen = {m.name: [min(m.sizes)] for m in self.methods}
+        self.phi0, self.feasible0 = phi0, feasible0 = self.solve(chosen)
+        dropped: list[dict[str, Any]] = []
+        candidates = []
+        for m in self.methods:
+            base = self.mean_expected(m, min(m.sizes), self.steps_at(m, phi0))
+            paper_size = min(m.sizes, key=lambda size: (abs(size - m.recipe.image_size), size))
+            for size in sorted(m.sizes)[1:]:
+                # the size nearest the paper's (where the recipe is known to work) is offered first
+                extra = self.mean_expected(m, size, self.steps_at(m, phi0)) - base
+                candidates.append((size != paper_size, extra, size, m.name))
+        by_name = {m.name: m for m in self.methods}
+        phi = phi0
+        for _, _, size, name in sorted(candidates):
+            trial = {k: sorted(v + [size]) if k == name else v for k, v in chosen.items()}
+            phi_new, feasible = self.solve(trial)
+            reason = self._why_not(by_name[name], phi, phi_new, feasible)
+            if reason is None:
+                chosen, phi = trial, phi_new
+            else:
+                dropped.append({"method": name, "image_size": size, "reason": reason})
+        return chosen, phi, dropped
 
-    entries: list[Entry] = []
-    for m in methods:
-        steps = steps_at(m, phi)
-        for size in chosen[m.name]:
-            parts = costs(m, size, steps)
-            sources = sorted({speed(m, size, b).source for b in m.backbones})
-            entry = Entry(
-                method=m.name, image_size=size, batch_size=batch[m.name], steps=steps,
-                steps_per_epoch=max(1, steps // rounds) if m.trainable else 1,
-                paper_steps=paper_steps[m.name], paper_epochs=m.recipe.epochs_for(category),
-                epochs=steps * batch[m.name] * workers / max(1, data.fit),
-                rungs=[r * (steps // rounds) for r in rungs] if m.trainable else [],
-                costs=parts, source="/".join(sources), trainable=m.trainable,
-            )
-            mean = entry.mean_costs()
-            entry.expected_s = mean_expected(m, size, steps)
-            entry.full_s = trial_cost(mean, rounds, rounds, m.trainable)
-            entry.first_rung_s = trial_cost(mean, rungs[0], rounds, m.trainable)
-            entries.append(entry)
+    def _why_not(self, m: MethodInput, phi: float, phi_new: float, feasible: bool) -> str | None:
+        """Why a larger size of ``m`` that leaves schedule share ``phi_new`` cannot join."""
+        if not self.feasible0:
+            return "the budget is too small even for the smallest sizes"
+        if not feasible:
+            return f"the budget cannot hold {self.n_req} trials per method with it"
+        if self.bounds.steps_per_epoch:
+            return None
+        # A size of a method that trains nothing may take schedule from the others
+        # down to the joining share: its larger images are what the budget buys.
+        keeps = (phi_new >= 1.0 or phi_new >= KEEP_SCHEDULE * self.phi0
+                 or (not m.trainable and phi_new >= MIN_SCHEDULE_TO_JOIN))
+        if not keeps:
+            return (f"it would cut every method's schedule from {100 * min(phi, 1):.3g} % to "
+                    f"{100 * min(phi_new, 1):.3g} % of the paper's")
+        if m.trainable and phi_new < SIZE_MIN_SCHEDULE:
+            return (f"methods reach only {100 * min(phi_new, 1):.3g} % of their paper schedule; larger "
+                    f"images need {100 * SIZE_MIN_SCHEDULE:.0f} %")
+        return None
 
-    # expected counts with configurations sampled uniformly over methods, then sizes
-    share = {e.key: 1.0 / (len(methods) * len(chosen[e.method])) for e in entries}
-    mean_trial = sum(share[e.key] * e.expected_s for e in entries)
-    total_trials = budget.amount if total_s is None else total_s / mean_trial
-    reach_full = eta ** -promotions
-    for e in entries:
-        e.expected_trials = total_trials * share[e.key]
-        e.expected_full = e.expected_trials * (reach_full if e.trainable else 1.0)
-    notes = []
-    if not feasible0:
-        notes.append(f"the budget is too small for {n_req} trials per method even at fidelity.min_steps: "
-                     "every method trains at the floor")
-    if speeds.device is None:
-        notes.append("speeds are the project's prior" + (" (GPU: an estimate scaled from CPU, see "
-                     "automl_ad/tuning/calibration.py)" if speeds.device_kind == "gpu" else ""))
-    notes.append("timings are of each method's default configuration; wider sampled ones train slower")
-    return Plan(
-        budget=budget.text, budget_kind=budget.kind, device_kind=speeds.device_kind,
-        device_label=speeds.device_label, devices_per_trial=devices_per_trial, concurrency=int(concurrency),
-        trial_seconds=total_s, rounds=rounds, grace_period=int(bounds.grace_period), reduction_factor=eta,
-        rung_rounds=rungs, trials_per_method=n_req, phi=min(phi, PHI_MAX), fixed_steps=bool(bounds.steps_per_epoch),
-        data=asdict(data), entries=entries, dropped=dropped,
-        expected_trials=sum(e.expected_trials for e in entries),
-        expected_full=sum(e.expected_full for e in entries), notes=notes, overhead_s=overhead,
-        heavy_limit_s=None if total_s is None else total_s / max(1, bounds.min_trials),
-    )
+    def entry(self, m: MethodInput, size: int, steps: int) -> Entry:
+        rounds = self.rounds
+        sources = sorted({self.speed(m, size, b).source for b in m.backbones})
+        entry = Entry(
+            method=m.name, image_size=size, batch_size=self.batch[m.name], steps=steps,
+            steps_per_epoch=max(1, steps // rounds) if m.trainable else 1,
+            paper_steps=self.paper_steps[m.name], paper_epochs=m.recipe.epochs_for(self.category),
+            epochs=steps * self.batch[m.name] * self.workers / max(1, self.data.fit),
+            rungs=[r * (steps // rounds) for r in self.rungs] if m.trainable else [],
+            costs=self.costs(m, size, steps), source="/".join(sources), trainable=m.trainable,
+        )
+        mean = entry.mean_costs()
+        entry.expected_s = self.mean_expected(m, size, steps)
+        entry.full_s = trial_cost(mean, rounds, rounds, m.trainable)
+        entry.first_rung_s = trial_cost(mean, self.rungs[0], rounds, m.trainable)
+        return entry
+
+    def plan(self, chosen: Mapping[str, list[int]], phi: float, dropped: list[dict[str, Any]]) -> Plan:
+        entries = [self.entry(m, size, self.steps_at(m, phi)) for m in self.methods for size in chosen[m.name]]
+        # expected counts with configurations sampled uniformly over methods, then sizes
+        share = {e.key: 1.0 / (len(self.methods) * len(chosen[e.method])) for e in entries}
+        mean_trial = sum(share[e.key] * e.expected_s for e in entries)
+        total_trials = self.budget.amount if self.total_s is None else self.total_s / mean_trial
+        reach_full = self.eta ** -self.promotions
+        for e in entries:
+            e.expected_trials = total_trials * share[e.key]
+            e.expected_full = e.expected_trials * (reach_full if e.trainable else 1.0)
+        bounds, speeds = self.bounds, self.speeds
+        return Plan(
+            budget=self.budget.text, budget_kind=self.budget.kind, device_kind=speeds.device_kind,
+            device_label=speeds.device_label, devices_per_trial=self.devices_per_trial,
+            concurrency=int(self.concurrency), trial_seconds=self.total_s, rounds=self.rounds,
+            grace_period=int(bounds.grace_period), reduction_factor=self.eta, rung_rounds=self.rungs,
+            trials_per_method=self.n_req, phi=min(phi, PHI_MAX), fixed_steps=bool(bounds.steps_per_epoch),
+            data=asdict(self.data), entries=entries, dropped=dropped,
+            expected_trials=sum(e.expected_trials for e in entries),
+            expected_full=sum(e.expected_full for e in entries), notes=self.notes(), overhead_s=self.overhead,
+            heavy_limit_s=None if self.total_s is None else self.total_s / max(1, bounds.min_trials),
+        )
+
+    def notes(self) -> list[str]:
+        notes = []
+        if not self.feasible0:
+            notes.append(f"the budget is too small for {self.n_req} trials per method even at fidelity.min_steps: "
+                         "every method trains at the floor")
+        if self.speeds.device is None:
+            notes.append("speeds are the project's prior" + (" (GPU: an estimate scaled from CPU, see "
+                         "automl_ad/tuning/calibration.py)" if self.speeds.device_kind == "gpu" else ""))
+        notes.append("timings are of each method's default configuration; wider sampled ones train slower")
+        return notes
 
 
 _FACTORS: dict[tuple[str, int, str], float] = {}
