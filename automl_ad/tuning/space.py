@@ -33,9 +33,12 @@ from typing import Any, Mapping, Union
 
 import yaml
 
+from automl_ad import backbones
 from automl_ad.errors import UserError
 from automl_ad.methods.base import accepted_values, available_methods, get_method_class, packaged_space_file, \
     packaged_spec
+from automl_ad.synthesis import FAMILIES
+from automl_ad.tuning.schedule import recipe_for
 
 # A YAML file: a Path, or package data (a Path too for an installed wheel, but only a
 # Traversable is promised).
@@ -275,9 +278,8 @@ def _backbone_param(cls: type) -> Param | None:
     config_field = next((f for f in dataclasses.fields(cls.Config) if f.name == "backbone"), None)
     if config_field is None:
         return None
-    from automl_ad.backbones import searchable_backbones
 
-    choices = list(searchable_backbones())
+    choices = list(backbones.searchable_backbones())
     default = config_field.default if isinstance(config_field.default, str) else None
     if not choices or choices == [default]:
         return None
@@ -291,7 +293,6 @@ def _config_fields(config_type: type) -> set[str]:
 
 def family_param_fields(family: str) -> set[str] | None:
     """Field names of a synthesis family's parameter dataclass (None: cannot tell)."""
-    from automl_ad.synthesis import FAMILIES
 
     target = FAMILIES[family]
     for candidate in (getattr(target, "Params", None), getattr(target, "params_type", None), target):
@@ -301,7 +302,6 @@ def family_param_fields(family: str) -> set[str] | None:
 
 
 def _families() -> set[str]:
-    from automl_ad.synthesis import FAMILIES
 
     return set(FAMILIES)
 
@@ -528,7 +528,6 @@ def load_space(
     else:
         image_sizes = _parse_sizes(user_path if "image_size" in user else common_path, "image_size", sizes,
                                    keep_order=True)
-    from automl_ad.tuning.schedule import recipe_for
 
     for name, method_space in list(method_spaces.items()):
         if image_size is not None:
