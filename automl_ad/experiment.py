@@ -15,7 +15,7 @@ The one place that spells them; every other module asks here::
     bundle/                                   the exported bundle, in a bucket
 
 A checkpoint is a folder holding ``checkpoint.pt``: a ``torch.save`` dict with the keys
-of ``CHECKPOINT_KEYS`` (``training.fit`` fills them), read with ``weights_only`` so no
+of ``CHECKPOINT_KEYS`` (``training.loop.fit`` fills them), read with ``weights_only`` so no
 code runs. Tune keeps a trial's checkpoints side by side as ``checkpoint_000001``, …
 """
 
@@ -34,7 +34,7 @@ import torch
 from automl_ad.data.types import ImageSet
 from automl_ad.errors import DamagedCheckpoint, UserError
 from automl_ad.jsonio import read_json
-from automl_ad.validation import load_image_set
+from automl_ad.evaluation.validation import load_image_set
 
 SEARCH_RECORD = "search.json"
 LEDGER_FILE = "budget.json"

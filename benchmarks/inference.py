@@ -33,7 +33,7 @@ def _time(fn, repeats: int) -> float:
 
 
 def bench_model(name: str, model: torch.nn.Module, folder: Path, size: int, batch: int, repeats: int, device: str) -> dict:
-    from automl_ad.export import OnnxPredictor
+    from automl_ad.deploy.export import OnnxPredictor
 
     images = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
     row = {"model": name, "batch": batch, "image_size": size, "device": device}
@@ -85,8 +85,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from automl_ad.ensemble import EnsembleModel, RobustScaler
-    from automl_ad.export import export_bundle
+    from automl_ad.deploy.ensemble import EnsembleModel, RobustScaler
+    from automl_ad.deploy.export import export_bundle
     from automl_ad.methods import create_method
 
     rows = []

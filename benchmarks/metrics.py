@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from sklearn.metrics import roc_auc_score
 
-from automl_ad.metrics import aupro, evaluate, pixel_auroc
+from automl_ad.evaluation.metrics import aupro, evaluate, pixel_auroc
 from automl_ad.runtime import tune_cpu_allocator
 
 

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import yaml  # noqa: E402
 
-from automl_ad import store  # noqa: E402
+from automl_ad.results import store  # noqa: E402
 from automl_ad.tuning.space import packaged_space_files  # noqa: E402
 
 
@@ -63,9 +63,9 @@ def bare(rows: list[dict], data_root: Path, category: str, image_size: int, step
     torch.set_num_threads(threads)
     from automl_ad.data.dataset import load_category
     from automl_ad.methods.base import get_method_class
-    from automl_ad.training import TrainConfig, fit, synthesis_family
+    from automl_ad.training.loop import TrainConfig, fit, synthesis_family
     from automl_ad.tuning.space import split_config
-    from automl_ad.validation import build_val_anomalies, val_set_for
+    from automl_ad.evaluation.validation import build_val_anomalies, val_set_for
 
     began = time.perf_counter()
     data = load_category(data_root, category, image_size, seed=seed)

@@ -65,9 +65,9 @@ def baseline_patch_features(extractor: torch.nn.Module, images: torch.Tensor) ->
 @torch.no_grad()
 def nearest_neighbour_baseline(data_root: Path, category: str, image_size: int, seed: int) -> dict:
     """Test metrics of the plain baseline (module docstring, (a))."""
-    from automl_ad.backbones import create_backbone
+    from automl_ad.methods.backbones import create_backbone
     from automl_ad.data.dataset import load_category
-    from automl_ad.metrics import evaluate
+    from automl_ad.evaluation.metrics import evaluate
 
     began = time.perf_counter()
     data = load_category(data_root, category, image_size, seed=seed)

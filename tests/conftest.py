@@ -27,7 +27,7 @@ from torch import nn
 
 from automl_ad.data.types import CategoryData, ImageSet
 from automl_ad.methods.base import Batch, Method, register
-from automl_ad.validation import val_set_for
+from automl_ad.evaluation.validation import val_set_for
 
 if TYPE_CHECKING:
     from automl_ad.tuning.search import SearchOptions
@@ -339,13 +339,13 @@ def build_tiny_experiment(root: Path) -> tuple[Path, Path]:
     """A finished search as the search writes it (without Ray), plus its bundle.
 
     Returns (experiment folder, bundle folder)."""
-    from automl_ad import store
+    from automl_ad.results import store
     from automl_ad.data.builtin import generate_builtin
     from automl_ad.data.dataset import load_category
-    from automl_ad.deploy import choose_model, export_choice
+    from automl_ad.deploy.choice import choose_model, export_choice
     from automl_ad.experiment import SEARCH_RECORD
-    from automl_ad.training import TrainConfig, fit
-    from automl_ad.validation import build_val_anomalies, save_image_set, val_set_for
+    from automl_ad.training.loop import TrainConfig, fit
+    from automl_ad.evaluation.validation import build_val_anomalies, save_image_set, val_set_for
 
     data_root = generate_builtin(root / "data", [TINY_EXPERIMENT_CATEGORY], n_train=16, n_test=8, image_size=TINY_EXPERIMENT_SIZE)
     folder = root / "results" / "exp1"

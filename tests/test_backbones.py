@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from skimage.data import chelsea
 
-from automl_ad.backbones import (
+from automl_ad.methods.backbones import (
     BACKBONES,
     IMAGENET_MEAN,
     IMAGENET_STD,

@@ -32,7 +32,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from automl_ad.cli import main
-from automl_ad.export import MANIFEST, file_checksum, manifest_digest
+from automl_ad.deploy.export import MANIFEST, file_checksum, manifest_digest
 from automl_ad.tuning.lock import LOCK_FILE
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -457,7 +457,7 @@ def _swap_weights(own: Path, other: Path, out: Path) -> None:
 
 
 def _point_trial_at(world: World, index: int, checkpoint: Path) -> None:
-    from automl_ad import store
+    from automl_ad.results import store
 
     row = store.read_table(world.exp).to_pylist()
     row = next(r for r in row if r["trial_id"] == TRIALS[index][0])
@@ -478,7 +478,7 @@ def test_a_failed_export_leaves_the_previous_bundle_untouched(built, tmp_path):
 # --- bundles, images and the driver lock at the library level -------------------------------
 
 def test_a_verified_bundle_loads_and_ignores_files_written_beside_it(built, tmp_path):
-    from automl_ad.export import BUNDLE_VERSION, load_bundle
+    from automl_ad.deploy.export import BUNDLE_VERSION, load_bundle
 
     world = World(built, tmp_path)
     (world.bundle / "report.html").write_text("<html></html>")  # what search writes next to it
@@ -533,7 +533,7 @@ def test_a_lock_from_another_host_is_stale_only_once_its_heartbeat_stops(tmp_pat
 # --- the search: a resume after damage, and a second driver ---------------------------------
 
 def test_resume_stores_a_damaged_trial_row_again_and_a_second_driver_is_refused(tmp_path, tiny_mvtec, ray_session):
-    from automl_ad import store
+    from automl_ad.results import store
     from automl_ad.errors import UserError
     from automl_ad.tuning.lock import acquire
     from automl_ad.tuning.search import run_search

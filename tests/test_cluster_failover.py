@@ -127,7 +127,7 @@ def run_scenario(work: Path, data: Path, out: Path) -> None:
 def test_search_survives_losing_the_worker_node_mid_trial(tmp_path, tiny_mvtec):
     import torch
 
-    from automl_ad import store
+    from automl_ad.results import store
     from automl_ad.experiment import CHECKPOINT_FILE
 
     out = tmp_path / "scenario.json"

@@ -13,8 +13,8 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import toy_category, toy_val  # noqa: E402
 
-from automl_ad.distributed import DataParallel  # noqa: E402
-from automl_ad.training import TrainConfig, fit  # noqa: E402
+from automl_ad.training.distributed import DataParallel  # noqa: E402
+from automl_ad.training.loop import TrainConfig, fit  # noqa: E402
 
 CFG = dict(method="draem", method_params={"rec_width": 4, "disc_width": 4}, image_size=32, epochs=2,
            steps_per_epoch=2, batch_size=2, seed=5)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from automl_ad.ensemble import EnsembleModel, MemberPredictions, RobustScaler, caruana_select, fuse
+from automl_ad.deploy.ensemble import EnsembleModel, MemberPredictions, RobustScaler, caruana_select, fuse
 
 
 def _two_complementary_members(seed: int = 0):

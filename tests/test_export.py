@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from automl_ad.ensemble import EnsembleModel, RobustScaler
+from automl_ad.deploy.ensemble import EnsembleModel, RobustScaler
 from automl_ad.errors import UserError
-from automl_ad.export import calibrate_threshold, export_bundle, load_bundle
-from automl_ad.predict import expand_inputs, predict_files
+from automl_ad.deploy.export import calibrate_threshold, export_bundle, load_bundle
+from automl_ad.deploy.predict import expand_inputs, predict_files
 
 
 class _ConvScorer(nn.Module):

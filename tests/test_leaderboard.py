@@ -1,4 +1,4 @@
-"""The one leaderboard ranking and Spearman rule set (automl_ad.leaderboard), shared by
+"""The one leaderboard ranking and Spearman rule set (automl_ad.results.leaderboard), shared by
 ``automl-ad results``/``search`` and the HTML report: its edge cases."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from automl_ad import leaderboard
-from automl_ad.report import spearman_text
+from automl_ad.results import leaderboard
+from automl_ad.deploy.report import spearman_text
 
 
 def row(trial_id: str, objective, test=None, status: str = "finished") -> dict:

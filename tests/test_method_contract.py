@@ -20,12 +20,12 @@ from conftest import toy_category, toy_val
 from PIL import Image
 
 from automl_ad.data.types import to_float
-from automl_ad.export import export_bundle, load_bundle
+from automl_ad.deploy.export import export_bundle, load_bundle
 from automl_ad.methods import Batch, Method, available_methods, create_method, get_method_class
 from automl_ad.methods.base import packaged_spec
-from automl_ad.predict import predict_files
+from automl_ad.deploy.predict import predict_files
 from automl_ad.synthesis import FAMILIES
-from automl_ad.training import TrainConfig, fit, load_trained_method
+from automl_ad.training.loop import TrainConfig, fit, load_trained_method
 
 SIZE = 32
 METHODS = available_methods()  # the registry; names starting with "_" are test helpers

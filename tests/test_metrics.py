@@ -9,7 +9,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from automl_ad.errors import UserError
-from automl_ad.metrics import aupro, evaluate, f1_max, image_auroc, pixel_auroc
+from automl_ad.evaluation.metrics import aupro, evaluate, f1_max, image_auroc, pixel_auroc
 
 # ---------------------------------------------------------------- references written here
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from automl_ad import store
+from automl_ad.results import store
 from automl_ad.experiment import CHECKPOINT_FILE
-from automl_ad.training import TrainConfig, fit
+from automl_ad.training.loop import TrainConfig, fit
 from automl_ad.tuning.budget import DeadlineWatch, Ledger, parse_budget, start_clock
 from automl_ad.tuning.search import run_search
 

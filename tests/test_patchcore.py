@@ -132,7 +132,7 @@ def test_checkpoint_round_trip_needs_no_setup_and_config_is_checked() -> None:
 
 def test_the_training_loop_runs_patchcore_as_one_full_fidelity_epoch(tmp_path) -> None:
     from automl_ad.data.types import CategoryData, ImageSet
-    from automl_ad.training import TrainConfig, fit, load_trained_method
+    from automl_ad.training.loop import TrainConfig, fit, load_trained_method
 
     images = (normal_images(10, seed=0) * 255).to(torch.uint8)
     test_images = images[6:].clone()
@@ -154,8 +154,8 @@ def test_the_training_loop_runs_patchcore_as_one_full_fidelity_epoch(tmp_path) -
 
 
 def test_exported_patchcore_scores_equal_eager_scores(tmp_path) -> None:
-    from automl_ad.ensemble import EnsembleModel, RobustScaler
-    from automl_ad.export import export_bundle, load_bundle
+    from automl_ad.deploy.ensemble import EnsembleModel, RobustScaler
+    from automl_ad.deploy.export import export_bundle, load_bundle
 
     torch.manual_seed(0)
     method = create_method("patchcore", {**RANDOM, "coreset_ratio": 0.3}, SIZE, "toy").eval()

@@ -77,9 +77,9 @@ def test_deployed_model_scores_are_what_predict_says(experiment):
     """The ROC and overlays use the bundle's ONNX graph exactly as `predict` does on files."""
     import numpy as np
 
-    from automl_ad.export import load_bundle
-    from automl_ad.predict import predict_files
-    from automl_ad.report import scored_sets
+    from automl_ad.deploy.export import load_bundle
+    from automl_ad.deploy.predict import predict_files
+    from automl_ad.deploy.report import scored_sets
 
     folder, bundle_dir = experiment
     bundle = load_bundle(bundle_dir)
@@ -106,7 +106,7 @@ def test_deployed_model_scores_are_what_predict_says(experiment):
 
 
 def test_spearman_text_says_na_when_undefined():
-    from automl_ad.report import spearman_text
+    from automl_ad.deploy.report import spearman_text
 
     assert spearman_text([0.1, 0.2], [0.3, 0.4]) == "n/a"
     assert spearman_text([0.1, 0.2, 0.3], [0.5, 0.5, 0.5]) == "n/a"
@@ -117,7 +117,7 @@ def test_spearman_text_says_na_when_undefined():
 def test_importances_find_the_parameter_that_drives_the_objective():
     import numpy as np
 
-    from automl_ad.report import param_importances
+    from automl_ad.deploy.report import param_importances
 
     rng = np.random.default_rng(0)
     rows = []
@@ -149,6 +149,6 @@ def test_report_command_refuses_bad_input_in_one_line(experiment, tmp_path):
     assert missing_experiment.exit_code == 2 and "nope" in missing_experiment.output
     assert not (tmp_path / "r.html").exists()
     with pytest.raises(UserError, match="search.json"):
-        from automl_ad.report import build_report
+        from automl_ad.deploy.report import build_report
 
         build_report(tmp_path, tmp_path / "r.html")

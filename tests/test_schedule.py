@@ -374,7 +374,7 @@ def test_cli_plan_prints_the_schedule_without_training_or_ray(tmp_path, budget):
 def test_warm_start_runs_defaults_trainless_first_at_their_largest_size_and_every_backbone():
     import dataclasses
 
-    from automl_ad.backbones import searchable_backbones
+    from automl_ad.methods.backbones import searchable_backbones
     from automl_ad.tuning.search import method_inputs, warm_start_points
     from automl_ad.tuning.space import load_space, split_config
 

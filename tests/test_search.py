@@ -20,7 +20,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from automl_ad import store
+from automl_ad.results import store
 from automl_ad.errors import UserError
 from automl_ad.tuning.search import run_search
 from conftest import TINY_FIDELITY as FIDELITY
@@ -80,7 +80,7 @@ def test_search_stores_every_trial_with_val_and_test(tmp_path, tiny_mvtec, ray_s
         run_search(options(tmp_path, tiny_mvtec))
 
     # The end of `search`: ensemble on val, bundle, report; then predict from the bundle alone.
-    from automl_ad.pipeline import ship
+    from automl_ad.deploy.pipeline import ship
 
     bundle = tmp_path / "models" / "screw"
     ship(folder, folder.name, "screw", bundle, k=3)
@@ -173,7 +173,7 @@ def test_workers_get_bucket_location_never_credentials_and_local_train_settings(
 
 
 def test_spearman_line_says_whether_val_selection_can_be_trusted():
-    from automl_ad.leaderboard import trust
+    from automl_ad.results.leaderboard import trust
 
     assert trust(0.9) == "val selection tracks test"
     assert trust(0.5) == "val selection only partly tracks test"
@@ -374,7 +374,7 @@ def two_products(tmp_path_factory) -> Path:
 
 
 def test_all_categories_one_search_each_with_its_own_budget_and_ledger(tmp_path, two_products, ray_session):
-    from automl_ad.leaderboard import leaderboard_text
+    from automl_ad.results.leaderboard import leaderboard_text
     from automl_ad.tuning.search import Job, all_categories, run_jobs
 
     assert all_categories(two_products) == ["screw", "washer"]

@@ -45,14 +45,14 @@ def test_shipped_common_yaml_is_valid(tmp_path):
 @pytest.fixture
 def one_backbone(monkeypatch):
     """Only the Configs' default backbone has weights (as on the reference machine)."""
-    import automl_ad.backbones as backbones
+    import automl_ad.methods.backbones as backbones
 
     monkeypatch.setattr(backbones, "searchable_backbones", lambda: ["efficientnet_lite0"])
 
 
 @pytest.fixture
 def two_backbones(monkeypatch):
-    import automl_ad.backbones as backbones
+    import automl_ad.methods.backbones as backbones
 
     monkeypatch.setattr(backbones, "searchable_backbones", lambda: ["efficientnet_lite0", "resnet18"])
 

@@ -63,7 +63,7 @@ def s3_server(monkeypatch, tmp_path):
            "AUTOML_AD_STORAGE_MIRROR": str(tmp_path / "mirror")}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    from automl_ad import remote_storage
+    from automl_ad.results import remote_storage
 
     remote_storage._filesystem.cache_clear()  # built once per endpoint
     import boto3
@@ -90,7 +90,7 @@ def _search(tmp_path: Path, data: Path, resume: bool) -> subprocess.Popen:
 
 
 def test_storage_uris_are_parsed_into_a_mirror_and_unknown_schemes_refused(tmp_path, monkeypatch):
-    from automl_ad.remote_storage import parse_storage
+    from automl_ad.results.remote_storage import parse_storage
 
     monkeypatch.setenv("AUTOML_AD_STORAGE_MIRROR", str(tmp_path / "m"))
     s3 = parse_storage("s3://bucket/a//b/")

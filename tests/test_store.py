@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 import pyarrow.parquet as pq
 import pytest
 
-from automl_ad import store
+from automl_ad.results import store
 from automl_ad.errors import UserError
 
 

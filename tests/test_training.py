@@ -9,8 +9,8 @@ import torch
 from conftest import toy_category, toy_val
 
 from automl_ad.errors import UserError
-from automl_ad.training import TrainConfig, evaluate, fit, load_trained_method, predict
-from automl_ad.validation import good_set, objective
+from automl_ad.training.loop import TrainConfig, evaluate, fit, load_trained_method, predict
+from automl_ad.evaluation.validation import good_set, objective
 
 
 def test_val_set_excludes_the_trial_family_and_keeps_good_images():
@@ -99,9 +99,9 @@ def test_bad_config_is_a_user_error():
 def test_fit_leaves_the_process_random_stream_and_allocator_alone(tmp_path):
     """Process-wide state is the caller's (the CLI, the trial worker): fit trains on its own
     copy of torch's global RNG and never tunes the allocator itself."""
-    import automl_ad.training
+    import automl_ad.training.loop
 
-    assert not hasattr(automl_ad.training, "tune_cpu_allocator"), "the training loop does not tune the allocator"
+    assert not hasattr(automl_ad.training.loop, "tune_cpu_allocator"), "the training loop does not tune the allocator"
     data = toy_category()
     cfg = TrainConfig(method="_tiny_seg", image_size=32, epochs=1, steps_per_epoch=2, batch_size=4, seed=5)
     torch.manual_seed(1234)

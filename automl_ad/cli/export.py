@@ -19,8 +19,8 @@ _STORAGE = click.option("--storage", default="results", show_default=True,
 def _experiment_folder(storage: str, category: str, experiment: str | None):
     """(experiment folder to read, the storage it is in): an object store is pulled into
     its local mirror first, tables, val sets and the checkpoints its trials name."""
-    from automl_ad.deploy import find_experiment
-    from automl_ad.remote_storage import reading_view
+    from automl_ad.deploy.choice import find_experiment
+    from automl_ad.results.remote_storage import reading_view
 
     view, experiment = reading_view(storage, category, experiment, checkpoints=True)
     return find_experiment(view.local, category, experiment), view
@@ -35,7 +35,7 @@ _EXPERIMENT = click.option("--experiment", "-e", help="Search name (default: the
 
 def _formats(text: str) -> list[str]:
     """``--format`` names, checked before any work (nothing is stored for a bad one)."""
-    from automl_ad.export import FORMATS
+    from automl_ad.deploy.export import FORMATS
 
     names = [f.strip() for f in text.split(",") if f.strip()]
     unknown = sorted(set(names) - set(FORMATS))
@@ -66,7 +66,7 @@ def ensemble_command(category, experiment, storage, k, top, fusion, max_latency_
     Example:
       automl-ad ensemble --category screw --k 5
     """
-    from automl_ad.deploy import choose_model, store_choice
+    from automl_ad.deploy.choice import choose_model, store_choice
 
     folder, view = _experiment_folder(storage, category, experiment)
     choice = choose_model(folder, k=k, top=top, fusion=fusion, max_latency_ms=max_latency_ms)
@@ -102,7 +102,7 @@ def export_command(category, out, experiment, storage, formats, k, fpr, max_late
       automl-ad export --category screw --out models/screw
       automl-ad export -c screw --fpr 0.01 --format onnx
     """
-    from automl_ad.deploy import choose_model, export_choice, store_choice
+    from automl_ad.deploy.choice import choose_model, export_choice, store_choice
 
     chosen_formats = _formats(formats)
     _check_fpr(fpr)
@@ -136,8 +136,8 @@ def predict_command(bundle, images, out, fmt, batch_size):
     Example:
       automl-ad predict models/screw images/*.png --out overlays
     """
-    from automl_ad.export import load_bundle
-    from automl_ad.predict import expand_inputs, predict_files
+    from automl_ad.deploy.export import load_bundle
+    from automl_ad.deploy.predict import expand_inputs, predict_files
 
     loaded = load_bundle(bundle)
     files = expand_inputs(images)

@@ -87,7 +87,7 @@ def _check_string(key: str, value: str, where: str) -> None:
     """Names checked before any work: a backbone must exist; a field that takes a word or
     a file path (weights) must be one of the words or an existing file."""
     if key == "backbone":
-        from automl_ad.backbones import get_spec
+        from automl_ad.methods.backbones import get_spec
 
         try:
             get_spec(value)

@@ -24,9 +24,9 @@ def command(category: str, experiment: str | None, storage: str, bundle: Path | 
     Example:
       automl-ad report --category screw --out screw_report.html
     """
-    from automl_ad.deploy import find_experiment
-    from automl_ad.remote_storage import reading_view
-    from automl_ad.report import build_report
+    from automl_ad.deploy.choice import find_experiment
+    from automl_ad.results.remote_storage import reading_view
+    from automl_ad.deploy.report import build_report
 
     view, experiment = reading_view(storage, category, experiment, checkpoints=True)
     folder = find_experiment(view.local, category, experiment)

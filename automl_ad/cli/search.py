@@ -112,8 +112,8 @@ def search_command(category, budget, jobs_file, data, methods, space_file, max_c
             click.echo(schedule.text())
         return
 
-    from automl_ad.leaderboard import leaderboard_text
-    from automl_ad.remote_storage import parse_storage
+    from automl_ad.results.leaderboard import leaderboard_text
+    from automl_ad.results.remote_storage import parse_storage
 
     remote = parse_storage(storage)
 
@@ -156,7 +156,7 @@ def finish_with_bundle(folder: Path, experiment: str, category: str, bundle_dir:
                        storage: Path | str | None = None) -> None:
     """Ensemble, choose, export and report (``pipeline.ship``), and say what was made."""
     from automl_ad.cli.export import print_choice
-    from automl_ad.pipeline import ship
+    from automl_ad.deploy.pipeline import ship
 
     shipped = ship(folder, experiment, category, bundle_dir, k, storage)
     print_choice(shipped.choice)
@@ -176,9 +176,9 @@ def finish_with_bundle(folder: Path, experiment: str, category: str, bundle_dir:
 @click.option("--top", default=20, show_default=True, type=click.IntRange(1))
 def results_command(category, experiment, storage, top):
     """Leaderboard of a search, and how well val objective ranks trials on test."""
-    from automl_ad import store
-    from automl_ad.leaderboard import leaderboard_text
-    from automl_ad.remote_storage import reading_view
+    from automl_ad.results import store
+    from automl_ad.results.leaderboard import leaderboard_text
+    from automl_ad.results.remote_storage import reading_view
 
     view, experiment = reading_view(storage, category, experiment)
     storage = view.local

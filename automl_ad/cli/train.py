@@ -33,7 +33,7 @@ def _checked_synthesis(method: str, synthesis: str | None, pairs: tuple[str, ...
     """``--synth-param`` values, checked against the family the run will train with."""
     from automl_ad.methods.base import get_method_class
     from automl_ad.synthesis import build_synthesizer
-    from automl_ad.training import TrainConfig, synthesis_family
+    from automl_ad.training.loop import TrainConfig, synthesis_family
 
     params = yaml_scalars(split_pairs(pairs, "--synth-param"), "--synth-param")
     family = synthesis_family(TrainConfig(method=method, synthesis=synthesis), get_method_class(method))
@@ -83,8 +83,8 @@ def command(method, category, data, image_size, epochs, steps, batch_size, seed,
     from automl_ad.data.dataset import load_category, resolve_data_root
     from automl_ad.experiment import checkpoint_file, has_checkpoint, read_checkpoint
     from automl_ad.methods.base import get_method_class
-    from automl_ad.training import TrainConfig, fit, synthesis_family
-    from automl_ad.validation import build_val_anomalies, load_image_set, save_image_set, val_set_for
+    from automl_ad.training.loop import TrainConfig, fit, synthesis_family
+    from automl_ad.evaluation.validation import build_val_anomalies, load_image_set, save_image_set, val_set_for
 
     # Every option is checked before any data is read or folder made.
     typed_params = method_params(method, params)

@@ -6,7 +6,7 @@ YAML is the one source of the method's search ranges, of the values its Config a
 (``bounds``, checked by ``check_config``) and of its default synthesis family (the first
 of ``synthesis``, set as the class's ``synthesis`` by ``register``). It is a
 ``torch.nn.Module`` (so ``state_dict``/``to(device)`` come for free), knows
-nothing of Ray, and is driven by the generic loop in ``automl_ad.training``.
+nothing of Ray, and is driven by the generic loop in ``automl_ad.training.loop``.
 
 Images reaching a method are float32 in [0, 1], shape B x 3 x H x W (grayscale data is
 replicated to 3 channels by the data layer). Any normalisation a method needs (e.g.

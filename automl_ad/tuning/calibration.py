@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from automl_ad.methods.base import Batch, create_method, get_method_class
-from automl_ad.metrics import evaluate
+from automl_ad.evaluation.metrics import evaluate
 from automl_ad.synthesis import build_synthesizer
 
 CALIBRATION_VERSION = 1
@@ -249,7 +249,7 @@ def _timed(fn, device) -> float:
 
 
 def measure_metrics(size: int, n_images: int = 64) -> float:
-    """Seconds per image of ``automl_ad.metrics.evaluate`` on maps of ``size`` (CPU)."""
+    """Seconds per image of ``automl_ad.evaluation.metrics.evaluate`` on maps of ``size`` (CPU)."""
     import torch
 
     generator = torch.Generator().manual_seed(0)

@@ -25,14 +25,14 @@ from ray.tune.search.optuna import OptunaSearch
 from ray.tune.stopper import Stopper
 
 from automl_ad import experiment as layout
-from automl_ad import store
+from automl_ad.results import store
 from automl_ad.data.builtin import BUILTIN_CATEGORIES
 from automl_ad.data.dataset import load_category, resolve_data_root
 from automl_ad.data.layout import category_folder, list_categories
 from automl_ad.errors import UserError
 from automl_ad.methods.base import get_method_class
-from automl_ad.remote_storage import DRIVER_NOT_PULLED, Storage, parse_storage
-from automl_ad.training import evaluate, load_trained_method
+from automl_ad.results.remote_storage import DRIVER_NOT_PULLED, Storage, parse_storage
+from automl_ad.training.loop import evaluate, load_trained_method
 from automl_ad.tuning import budget as budget_module
 from automl_ad.tuning.budget import Budget, Ledger, parse_budget, shared_ledger, start_clock
 from automl_ad.tuning.calibration import SpeedBook
@@ -52,7 +52,7 @@ from automl_ad.tuning.schedule import (
 )
 from automl_ad.tuning.space import SearchSpace, load_space, split_config
 from automl_ad.tuning.trainable import TrialContext, allocated_devices, load_trial_data, make_trainable
-from automl_ad.validation import build_val_anomalies, load_val_defects, save_image_set
+from automl_ad.evaluation.validation import build_val_anomalies, load_val_defects, save_image_set
 
 DRIVER_RESOURCE = "TRAIN_DRIVER"  # declared by the on-demand node types in cluster/
 _ACTIVE: dict[str, SearchProgress] = {}  # driver-process live views, by experiment dir
@@ -156,7 +156,7 @@ def plan_devices(budget: Budget, resources: Mapping[str, float], *, max_gpus: fl
 def storage_folder(storage: Path | str) -> Path:
     """The folder the results are read and written in: ``--storage`` itself (a path or a
     ``file://`` URI, local or a shared mount), or the local mirror of an ``s3://`` /
-    ``gs://`` store (see ``automl_ad.remote_storage``). Other schemes: UserError."""
+    ``gs://`` store (see ``automl_ad.results.remote_storage``). Other schemes: UserError."""
     return parse_storage(storage).local
 
 
@@ -727,7 +727,7 @@ def _trial_shape(opts: SearchOptions, devices: DevicePlan) -> dict[str, Any]:
     use_gpu = devices.use_gpu
     return {
         # More than one GPU per trial: one Train worker per GPU, gradients averaged
-        # each step (automl_ad.distributed); fractional GPUs share one worker.
+        # each step (automl_ad.training.distributed); fractional GPUs share one worker.
         "num_workers": int(opts.gpus_per_trial) if use_gpu and opts.gpus_per_trial >= 2 else 1,
         "use_gpu": use_gpu,
         "cpus_per_worker": opts.cpus_per_trial,

@@ -33,7 +33,7 @@ from typing import Any, Mapping, Union
 
 import yaml
 
-from automl_ad import backbones
+from automl_ad.methods import backbones
 from automl_ad.errors import UserError
 from automl_ad.methods.base import accepted_values, available_methods, get_method_class, packaged_space_file, \
     packaged_spec
@@ -483,7 +483,7 @@ def load_space(
     names); ``image_size`` pins one size for every method instead of the candidates
     (common.yaml's choices plus each method's paper size, or a method spec's own
     ``image_size``). Methods whose Config has a ``backbone`` get ``backbone`` as a
-    categorical over ``automl_ad.backbones.searchable_backbones()`` unless their spec
+    categorical over ``automl_ad.methods.backbones.searchable_backbones()`` unless their spec
     sets it.
     """
     files = space_files(space_dir)

@@ -3,14 +3,14 @@
 Ray 2.60 (Train V2) no longer accepts ``Tuner(trainer)``. Each Tune trial is a Train
 *driver*: ``run_trial`` builds a ``TorchTrainer`` named ``train-<tune trial id>`` (the
 name is what lets a restarted trial resume from its last Train checkpoint) whose
-per-worker loop, ``train_worker_loop``, calls ``training.fit`` and reports val metrics
+per-worker loop, ``train_worker_loop``, calls ``training.loop.fit`` and reports val metrics
 plus a checkpoint every epoch; ``TuneReportCallback`` forwards them to Tune, where ASHA
 and the budget stopper read them.
 
 ``TrialContext.use_train=False`` runs the same worker loop in the Tune function itself,
 reporting with ``tune.report`` (about 15 s faster per trial on 2 CPUs: no Train
 controller, worker and helper actors to start; used by tests). The methods and
-``training.fit`` import nothing from Ray.
+``training.loop.fit`` import nothing from Ray.
 
 Every trial watches the search's budget deadline (``budget.DeadlineWatch``) and stops at
 the next optimizer step once it has passed.
@@ -28,15 +28,15 @@ from typing import Any, Callable, Mapping
 
 from automl_ad import experiment as layout
 from automl_ad.data.dataset import load_category
-from automl_ad.distributed import DataParallel
+from automl_ad.training.distributed import DataParallel
 from automl_ad.errors import DamagedCheckpoint
 from automl_ad.methods.base import get_method_class
-from automl_ad.remote_storage import ensure_file
+from automl_ad.results.remote_storage import ensure_file
 from automl_ad.runtime import tune_cpu_allocator
-from automl_ad.training import EpochReport, TrainConfig, evaluate, fit, load_trained_method, synthesis_family
+from automl_ad.training.loop import EpochReport, TrainConfig, evaluate, fit, load_trained_method, synthesis_family
 from automl_ad.tuning.budget import DeadlineWatch
 from automl_ad.tuning.space import split_config
-from automl_ad.validation import load_image_set, load_val_defects, val_set_for
+from automl_ad.evaluation.validation import load_image_set, load_val_defects, val_set_for
 
 
 @dataclass(frozen=True)

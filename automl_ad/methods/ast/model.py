@@ -23,7 +23,7 @@ from FrEIA.modules import GLOWCouplingBlock
 from FrEIA.modules.base import InvertibleModule
 from torch import Tensor, nn
 
-from automl_ad.backbones import create_backbone, default_layers
+from automl_ad.methods.backbones import create_backbone, default_layers
 from automl_ad.errors import UserError
 from automl_ad.methods.base import Batch, Method, check_config, register
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from automl_ad.backbones import create_backbone, default_layers
+from automl_ad.methods.backbones import create_backbone, default_layers
 from automl_ad.errors import UserError
 from automl_ad.methods.base import Batch, Method, check_config, register
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from automl_ad.backbones import create_backbone, default_layers
+from automl_ad.methods.backbones import create_backbone, default_layers
 from automl_ad.errors import UserError
 from automl_ad.methods.base import Method, check_config, register
 from automl_ad.methods.cfa import gaussian_blur

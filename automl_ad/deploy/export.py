@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from automl_ad.errors import UserError
 from automl_ad.jsonio import read_json
-from automl_ad.store import code_version
+from automl_ad.results.store import code_version
 
 MANIFEST = "manifest.json"
 ONNX_FILE = "model.onnx"

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from automl_ad.deploy import Choice, choose_model, export_choice, store_choice
+from automl_ad.deploy.choice import Choice, choose_model, export_choice, store_choice
 from automl_ad.experiment import BUNDLE_DIR
-from automl_ad.remote_storage import parse_storage, reading_view
-from automl_ad.report import build_report
+from automl_ad.results.remote_storage import parse_storage, reading_view
+from automl_ad.deploy.report import build_report
 
 BUNDLE_FORMATS = ("onnx", "torchscript")
 

@@ -15,7 +15,7 @@ import numpy as np
 from automl_ad.data.dataset import resize_image
 from automl_ad.data.images import is_image_file, read_image
 from automl_ad.errors import UserError
-from automl_ad.export import Bundle
+from automl_ad.deploy.export import Bundle
 
 
 @dataclass

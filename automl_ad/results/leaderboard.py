@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 from scipy.stats import spearmanr
 
-from automl_ad import store
+from automl_ad.results import store
 
 MIN_SPEARMAN_PAIRS = 3
 KEY_PARAMS_SHOWN = 3

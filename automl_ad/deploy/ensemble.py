@@ -21,8 +21,8 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor, nn
 
-from automl_ad.metrics import evaluate
-from automl_ad.validation import objective
+from automl_ad.evaluation.metrics import evaluate
+from automl_ad.evaluation.validation import objective
 
 Fusion = Literal["mean", "max"]
 _MAD_TO_SIGMA = 1.4826

@@ -28,7 +28,7 @@ from pathlib import Path, PurePosixPath
 from typing import Iterable
 from urllib.parse import unquote, urlparse
 
-from automl_ad import store
+from automl_ad.results import store
 from automl_ad.errors import UserError
 from automl_ad.experiment import (BUNDLE_DIR, CACHE_DIR, ENSEMBLES, EPOCHS, SEARCH_RECORD, TRAIN_DIR, TRIALS,
                                   TUNE_DIR)

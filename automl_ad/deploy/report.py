@@ -24,13 +24,14 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from automl_ad import experiment, leaderboard, store
+from automl_ad import experiment
 from automl_ad.data.dataset import load_category
+from automl_ad.deploy.export import load_bundle
+from automl_ad.deploy.predict import heat_overlay
 from automl_ad.errors import UserError
-from automl_ad.export import load_bundle
+from automl_ad.evaluation.validation import val_set_for
 from automl_ad.jsonio import read_json
-from automl_ad.predict import heat_overlay
-from automl_ad.validation import val_set_for
+from automl_ad.results import leaderboard, store
 
 EXAMPLES_PER_GROUP = 4  # overlays shown per defect type, and false alarms
 THUMBNAIL_PX = 160  # overlays are upscaled (nearest) so 32-64 px images stay legible

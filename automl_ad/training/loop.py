@@ -24,12 +24,12 @@ from automl_ad.data.types import CategoryData, ImageSet, to_float
 from automl_ad.errors import DamagedCheckpoint, UserError
 from automl_ad.experiment import checkpoint_file, read_checkpoint, write_checkpoint
 from automl_ad.methods.base import Batch, Method, create_method
-from automl_ad.metrics import evaluate as compute_metrics
+from automl_ad.evaluation.metrics import evaluate as compute_metrics
 from automl_ad.synthesis import build_synthesizer
-from automl_ad.validation import objective
+from automl_ad.evaluation.validation import objective
 
 if TYPE_CHECKING:
-    from automl_ad.distributed import DataParallel
+    from automl_ad.training.distributed import DataParallel
 
 @dataclass
 class TrainConfig:

@@ -6,7 +6,7 @@
    families *no* candidate trained with (each trial was validated without its own
    family; judging members on one set must keep that rule). When the candidates
    together cover every family, all frozen anomalies are used and the manifest says so.
-3. Caruana selection of up to k members (``automl_ad.ensemble``); the ensemble and every
+3. Caruana selection of up to k members (``automl_ad.deploy.ensemble``); the ensemble and every
    single candidate are compared on that same val set, optionally only among those whose
    measured latency fits ``max_latency_ms``. The winner is stored in the ``ensembles``
    table and exported with its threshold calibrated on val.
@@ -23,10 +23,10 @@ from typing import Any, Sequence
 
 import torch
 
-from automl_ad import store
+from automl_ad.results import store
 from automl_ad.data.dataset import load_category
 from automl_ad.data.types import ImageSet, to_float
-from automl_ad.ensemble import (
+from automl_ad.deploy.ensemble import (
     EnsembleModel,
     EnsembleResult,
     MemberPredictions,
@@ -37,9 +37,9 @@ from automl_ad.ensemble import (
 from automl_ad.errors import DamagedCheckpoint, UserError
 from automl_ad.experiment import (ENSEMBLES, cache_dir, checkpoints_newest_first, has_record, read_record,
                                   read_val_anomalies)
-from automl_ad.export import calibrate_threshold, export_bundle
-from automl_ad.training import load_trained_method, predict
-from automl_ad.validation import val_set_for
+from automl_ad.deploy.export import calibrate_threshold, export_bundle
+from automl_ad.training.loop import load_trained_method, predict
+from automl_ad.evaluation.validation import val_set_for
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""From stored trials to a deployable model: choice, ensemble, export, predict, report."""

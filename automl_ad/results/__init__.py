@@ -1,0 +1,1 @@
+"""What a search leaves: Parquet tables, their bucket mirror, the leaderboard."""

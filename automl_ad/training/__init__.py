@@ -1,0 +1,1 @@
+"""The generic training loop (no Ray) and its data-parallel helper."""
