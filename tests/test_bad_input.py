@@ -281,6 +281,9 @@ CASES = [
     Case("search --searcher", lambda w: w.search("--budget", "2trials", "--searcher", "grid"), "'--searcher'"),
     Case("search --gpus-per-trial", lambda w: w.search("--budget", "2trials", "--gpus-per-trial", "0"),
          "'--gpus-per-trial'"),
+    # --max-gpus 0: the same refusal on a machine with a GPU as on one without
+    Case("search GPU budget without GPUs", lambda w: w.search("--budget", "1gpu-h", "--max-gpus", "0"),
+         "--budget 1gpu-h: the Ray cluster has no GPU"),
     Case("search --resume nothing to resume", lambda w: w.search("--budget", "2trials", "--resume"), "--resume"),
     Case("search second driver", _lock_held, "being searched by another driver (host"),
     Case("search --experiment unsafe", lambda w: w.search("--budget", "2trials", "--experiment", "../up"),

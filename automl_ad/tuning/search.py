@@ -792,8 +792,6 @@ def preview_plan(opts: SearchOptions) -> Plan:
     without training (unless ``opts.calibrate``). The devices are this machine's; a GPU
     budget on a machine without one is planned for ``--max-gpus`` GPUs (default 1) with
     the GPU prior."""
-    import torch
-
     budget = parse_budget(opts.budget)
     if opts.resume:  # the schedule the search runs is the one it stored
         spec = parse_storage(opts.storage)
@@ -807,15 +805,22 @@ def preview_plan(opts: SearchOptions) -> Plan:
     space = load_space(opts.methods, opts.space_file, **({"space_dir": opts.space_dir} if opts.space_dir else {}),
                        image_size=opts.image_size)
     data_root = resolve_data_root(opts.data, opts.category)
-    local_gpus = float(torch.cuda.device_count()) if torch.cuda.is_available() else 0.0
-    resources = {"CPU": float(os.cpu_count() or 1), "GPU": local_gpus}
+    resources = _local_resources()
     max_gpus = opts.max_gpus
-    if max_gpus is None and budget.device == "gpu" and local_gpus == 0:
+    if max_gpus is None and budget.device == "gpu" and resources["GPU"] == 0:
         max_gpus = max(1.0, opts.gpus_per_trial)
     devices = plan_devices(budget, resources, max_gpus=max_gpus, gpus_per_trial=opts.gpus_per_trial,
                            cpus_per_trial=opts.cpus_per_trial, use_train=opts.use_train,
                            max_concurrent=opts.max_concurrent)
     return plan_schedule(opts, budget, space, data_root, devices, calibrate=opts.calibrate, log=_log)
+
+
+def _local_resources() -> dict[str, float]:
+    """What a local Ray instance started here would offer."""
+    import torch
+
+    return {"CPU": float(os.cpu_count() or 1),
+            "GPU": float(torch.cuda.device_count()) if torch.cuda.is_available() else 0.0}
 
 
 # --- the driver ------------------------------------------------------------------------
@@ -1001,6 +1006,9 @@ def _prepare(opts: SearchOptions) -> _Prepared:
     )
     data_root = resolve_data_root(opts.data, opts.category)
     category_folder(data_root, opts.category)  # a missing product is refused before Ray starts
+    if not opts.address:  # the local Ray instance will see this machine: refuse what it cannot run first
+        plan_devices(budget, _local_resources(), max_gpus=opts.max_gpus, gpus_per_trial=opts.gpus_per_trial,
+                     cpus_per_trial=opts.cpus_per_trial, use_train=opts.use_train, max_concurrent=opts.max_concurrent)
     if opts.val_defects is not None and not Path(opts.val_defects).is_dir():
         raise UserError(f"--val-defects folder not found: {opts.val_defects}")
     spec = parse_storage(opts.storage)
