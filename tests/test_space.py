@@ -90,12 +90,12 @@ def test_define_by_run_space_is_conditional_and_seeded(tmp_path, one_backbone):
             assert family in {"perlin", "cutpaste"}
             assert params["draem.rec_width"] in {8, 16, 24, 32}
             assert all(not k.startswith("cfa.") for k in params)
-            assert any(k.startswith(f"{family}.") for k in params)
+            assert any(k.startswith(f"synthesis.{family}.") for k in params)
             split = split_config(params, 64)
             assert split.method == "draem" and split.synthesis == family
             assert split.image_size == params["draem.image_size"] in {128, 256}
             assert set(split.method_params) == {"lr", "rec_width", "score_window"}
-            assert all(f"{family}.{k}" in params for k in split.synthesis_params)
+            assert all(f"synthesis.{family}.{k}" in params for k in split.synthesis_params)
 
 
 def test_methods_restrict_and_defaults(tmp_path, one_backbone):
@@ -103,7 +103,7 @@ def test_methods_restrict_and_defaults(tmp_path, one_backbone):
     assert list(space.methods) == ["cfa"]
     point = load_space(space_dir=_space_dir(tmp_path / "b", draem=DRAEM)).defaults("draem")
     assert point["draem.lr"] == pytest.approx(1e-4) and point["draem.synthesis"] == "perlin"
-    assert point["perlin.threshold"] == pytest.approx(0.5)
+    assert point["synthesis.perlin.threshold"] == pytest.approx(0.5)
     assert point["draem.image_size"] == 128, "the smallest size first"
 
 
@@ -343,3 +343,19 @@ def test_register_takes_the_default_family_from_the_yaml_only():
     with pytest.raises(TypeError, match="sets synthesis; its default family is the first of synthesis in"):
         base.register(Draem2)
     assert base.get_method_class("draem") is not Draem2
+
+
+
+def test_a_family_named_like_its_method_keeps_its_parameters_apart():
+    """NSA trains with the NSA family: the family's parameters must not read as the
+    method's (a random search once failed a trial with "method 'nsa' has no parameter(s)
+    gamma_scale, n_patches")."""
+    space = load_space(["nsa"])
+    point = space.defaults("nsa")
+    assert point["nsa.synthesis"] == "nsa"
+    split = split_config(point, 128)
+    assert set(split.method_params) == set(space.methods["nsa"].params)
+    assert split.synthesis == "nsa" and split.synthesis_params
+    assert set(split.synthesis_params) == set(space.synthesis["nsa"])
+    from automl_ad.methods.base import create_method
+    create_method("nsa", split.method_params, 32, "screw")  # the Config accepts what the split hands it

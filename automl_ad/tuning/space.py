@@ -15,8 +15,10 @@ method's paper size, narrowed by the schedule to what the budget affords, see
 among the backbones whose weights are present, for methods whose Config has a
 ``backbone``), then ``synthesis`` among the method's families (as ``<method>.synthesis``
 so each method keeps its own choice list), then that family's parameters as
-``<family>.<param>``. The prefixes keep names unique per distribution kind, which Optuna
-requires; ``split_config`` is the one place that undoes them.
+``synthesis.<family>.<param>`` (``synthesis_key``; a family may share its method's name,
+as NSA does, so a bare ``<family>.`` prefix would read as a method parameter). The
+prefixes keep names unique per distribution kind, which Optuna requires;
+``split_config`` is the one place that undoes them.
 """
 
 from __future__ import annotations
@@ -144,7 +146,7 @@ class SearchSpace:
         if space.synthesis:
             family = trial.suggest_categorical(f"{method}.synthesis", list(space.synthesis))
             for name, param in self.synthesis.get(family, {}).items():
-                param.suggest(trial, f"{family}.{name}")
+                param.suggest(trial, synthesis_key(family, name))
         return {}
 
     def defaults(self, method: str) -> dict[str, Any]:
@@ -157,7 +159,7 @@ class SearchSpace:
         if space.synthesis:
             family = space.synthesis[0]
             point[f"{method}.synthesis"] = family
-            point.update({f"{family}.{n}": p.default for n, p in self.synthesis.get(family, {}).items()})
+            point.update({synthesis_key(family, n): p.default for n, p in self.synthesis.get(family, {}).items()})
         return point
 
 
@@ -172,13 +174,21 @@ class TrialConfig:
     image_size: int
 
 
+def synthesis_key(family: str, name: str) -> str:
+    """The flat key of a synthesis family's parameter."""
+    return f"{SYNTHESIS_PREFIX}{family}.{name}"
+
+
+SYNTHESIS_PREFIX = "synthesis."
+
+
 def split_config(flat: Mapping[str, Any], default_image_size: int) -> TrialConfig:
     """Undo the prefixes of a flat sampled config (see the module docstring). The size is
     ``<method>.image_size``, else ``image_size`` (searches before sizes were per method),
     else ``default_image_size``."""
     method = str(flat["method"])
     family = flat.get(f"{method}.synthesis")
-    family_prefix = f"{family}." if family else None
+    family_prefix = synthesis_key(str(family), "") if family else None
     special = {f"{method}.synthesis", f"{method}.image_size"}
     method_params = {k[len(method) + 1:]: v for k, v in flat.items()
                      if k.startswith(f"{method}.") and k not in special}
