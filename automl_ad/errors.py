@@ -15,3 +15,9 @@ class DamagedCheckpoint(UserError):
     Callers that can fall back (an earlier checkpoint, a re-run, the next candidate)
     catch this one; elsewhere it is an ordinary one-line ``error:``.
     """
+
+
+class Interrupted(Exception):
+    """Work stopped part-way because its caller asked it to (a search's budget deadline
+    passed during a memory bank's coreset search or a validation). Not a user error:
+    the training loop turns it into an early stop with nothing reported."""

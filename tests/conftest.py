@@ -345,6 +345,7 @@ def build_tiny_experiment(root: Path) -> tuple[Path, Path]:
     from automl_ad.deploy.choice import choose_model, export_choice
     from automl_ad.experiment import SEARCH_RECORD
     from automl_ad.training.loop import TrainConfig, fit
+    from automl_ad.tuning.trainable import objective_noise
     from automl_ad.evaluation.validation import build_val_anomalies, save_image_set, val_set_for
 
     data_root = generate_builtin(root / "data", [TINY_EXPERIMENT_CATEGORY], n_train=16, n_test=8, image_size=TINY_EXPERIMENT_SIZE)
@@ -361,8 +362,8 @@ def build_tiny_experiment(root: Path) -> tuple[Path, Path]:
         cfg = TrainConfig(method=method, method_params=params, synthesis=family, image_size=TINY_EXPERIMENT_SIZE, epochs=1,
                           steps_per_epoch=2, batch_size=4, seed=index, eval_batch_size=64)
         checkpoint = folder / "checkpoints" / trial_id
-        result = fit(cfg, data, val_set_for(data.val_good, anomalies, None if family == "none" else family),
-                     checkpoint_dir=checkpoint)
+        val_set = val_set_for(data.val_good, anomalies, None if family == "none" else family)
+        result = fit(cfg, data, val_set, checkpoint_dir=checkpoint)
         flat = {"method": method, f"{method}.synthesis": None if family == "none" else family,
                 "image_size": TINY_EXPERIMENT_SIZE, **{f"{method}.{k}": v for k, v in params.items()}}
         started = clock + dt.timedelta(minutes=10 * index)
@@ -371,7 +372,7 @@ def build_tiny_experiment(root: Path) -> tuple[Path, Path]:
             experiment=folder.name, category=TINY_EXPERIMENT_CATEGORY, trial_id=trial_id, method=method,
             backbone=params.get("backbone"), synthesis=family, image_size=TINY_EXPERIMENT_SIZE, params=flat, status="finished",
             result={"epoch": 1, **{f"val_{k}": v for k, v in result.val.items()}, "objective": result.objective,
-                    **{f"test_{k}": v for k, v in result.test.items()}},
+                    **objective_noise(result.val, val_set), **{f"test_{k}": v for k, v in result.test.items()}},
             max_epochs=1, wall_s=60.0 + index, devices=1.0, device_kind="cpu", budget_used=0.01 * (index + 1),
             seed=index, checkpoint=str(checkpoint), started=started, ended=started + dt.timedelta(minutes=5),
         ), [dataclasses.asdict(report) for report in result.reports])

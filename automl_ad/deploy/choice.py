@@ -1,25 +1,39 @@
-"""From a finished search to the model to ship: ensemble, choice, threshold, bundle.
+"""From a finished search to the model to ship: which trials, single or ensemble, threshold.
 
-1. Candidates: the top trials by val objective that finished with a checkpoint, at the
-   image size of the best trial (members of one graph share the input size).
-2. A shared val set for all candidates: val-good + the frozen val anomalies of the
-   families *no* candidate trained with (each trial was validated without its own
-   family; judging members on one set must keep that rule). When the candidates
-   together cover every family, all frozen anomalies are used and the manifest says so.
-3. Caruana selection of up to k members (``automl_ad.deploy.ensemble``); the ensemble and every
-   single candidate are compared on that same val set, optionally only among those whose
-   measured latency fits ``max_latency_ms``. The winner is stored in the ``ensembles``
-   table and exported with its threshold calibrated on val.
+The val set is small (tens of good images), so its AUROC is noisy: a choice by the larger
+number among trials that differ by less than that noise is a choice by chance (on real
+solar-cell photographs such a choice cost 0.055 test AUROC). The rule
+(``automl_ad.evaluation.uncertainty``):
+
+1. **Plausible trials**: those whose stored val objective is within noise of the best
+   (one-sided 95 %, from each trial's ``objective_se``; unpaired, since trials at other
+   sizes or with other held-out families saw other val images).
+2. **Image size**: the largest size among them (a documented prior, docs/search.md "Warm
+   start": finer patch grids resolve smaller defects; the val set ranks sizes weakly).
+   Members of one graph share the input size.
+3. **Shared val set** for the plausible trials at that size: val-good + the frozen val
+   anomalies of the families *no* candidate trained with (when the candidates together
+   cover every family, all of them, and the manifest says so).
+4. **Ties**: a paired bootstrap over those val images (the same resample for every
+   candidate) keeps the candidates not significantly worse than the best; with two or
+   more, the export is their equal-weight ensemble (robust z-score per member on
+   val-good), unless the best single one is significantly better than that ensemble.
+   Averaging detectors the val set cannot tell apart needs no label and does not bet on
+   one of them; one clearly better detector is exported alone.
+
+Test metrics are computed for the exported model only, reported, never used.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -30,10 +44,13 @@ from automl_ad.deploy.ensemble import (
     EnsembleModel,
     EnsembleResult,
     MemberPredictions,
-    caruana_select,
+    RobustScaler,
     ensemble_test_metrics,
     fuse,
 )
+from automl_ad.evaluation.metrics import evaluate
+from automl_ad.evaluation.uncertainty import CONFIDENCE, paired_bootstrap, within_noise
+from automl_ad.evaluation.validation import objective as val_objective
 from automl_ad.errors import DamagedCheckpoint, UserError
 from automl_ad.experiment import (ENSEMBLES, cache_dir, checkpoints_newest_first, has_record, read_record,
                                   read_val_anomalies)
@@ -51,6 +68,7 @@ class Candidate:
     objective: float
     checkpoint: Path
     params: dict[str, Any]
+    objective_se: float | None = None
 
 
 @dataclass
@@ -67,6 +85,12 @@ class Choice:
     val_scores: torch.Tensor
     val_labels: torch.Tensor
     candidates: list[Candidate]
+    # The selection's evidence: the candidates compared on the shared val set, each one's
+    # 90 % bootstrap interval, those tied with the best, and the rule that decided.
+    compared: list[str] = dataclasses.field(default_factory=list)
+    intervals: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
+    tied: list[str] = dataclasses.field(default_factory=list)
+    rule: str = ""
 
 
 def _load_candidate(candidate: Candidate, category: str) -> Any | None:
@@ -98,16 +122,36 @@ def find_experiment(storage: Path, category: str, experiment: str | None) -> Pat
     return storage / found[0]
 
 
+def _number(value: Any) -> float | None:
+    try:
+        result = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if result != result else result
+
+
 def load_candidates(folder: Path, top: int) -> list[Candidate]:
+    """The plausible trials (module doc, 1-2): within noise of the best val objective,
+    at the largest image size among them, best first, at most ``top``. Trials stored
+    without ``objective_se`` (older searches) fall back to the top trials at the best
+    one's size."""
     table = store.read_table(folder, store.TRIALS)
     if table.num_rows == 0:
         raise UserError(f"no trials stored in {folder}")
-    rows = [r for r in table.to_pylist() if r.get("checkpoint") and r.get("objective") is not None and r.get("status") != "error"]
+    rows = [r for r in table.to_pylist() if r.get("checkpoint") and _number(r.get("objective")) is not None
+            and r.get("status") != "error"]
     if not rows:
         raise UserError(f"no trial in {folder} finished with a checkpoint")
     rows.sort(key=lambda r: (-float(r["objective"]), str(r["trial_id"])))
-    size = int(rows[0]["image_size"])
-    picked = [r for r in rows if int(r["image_size"]) == size][:top]
+    best = rows[0]
+    if any(_number(r.get("objective_se")) is not None for r in rows):
+        plausible = [r for r in rows if within_noise(float(best["objective"]), _number(best.get("objective_se")),
+                                                     float(r["objective"]), _number(r.get("objective_se")))]
+        size = max(int(r["image_size"]) for r in plausible)
+        picked = [r for r in plausible if int(r["image_size"]) == size][:top]
+    else:
+        size = int(best["image_size"])
+        picked = [r for r in rows if int(r["image_size"]) == size][:top]
     return [
         Candidate(
             trial_id=str(r["trial_id"]),
@@ -117,6 +161,7 @@ def load_candidates(folder: Path, top: int) -> list[Candidate]:
             objective=float(r["objective"]),
             checkpoint=Path(r["checkpoint"]),
             params=json.loads(r["params"]) if isinstance(r.get("params"), str) else dict(r.get("params") or {}),
+            objective_se=_number(r.get("objective_se")),
         )
         for r in picked
     ]
@@ -147,6 +192,18 @@ def measure_latency_ms(model: torch.nn.Module, image_size: int, repeats: int = 5
     return sorted(times)[len(times) // 2]
 
 
+class _Quiet:
+    """Progress that shows nothing (a caller without a display)."""
+
+    @contextmanager
+    def step(self, description: str, total: int | None = None) -> Iterator[Any]:
+        class _Step:
+            def advance(self, n: int = 1) -> None:
+                pass
+
+        yield _Step()
+
+
 def choose_model(
     folder: Path,
     *,
@@ -154,65 +211,116 @@ def choose_model(
     top: int = 10,
     fusion: str = "mean",
     max_latency_ms: float | None = None,
+    progress: Any = None,
 ) -> Choice:
-    """Ensemble the top trials and choose the deployable model on val (see module doc)."""
+    """The deployable model of a finished search (module doc). ``progress``: an object
+    with ``step(description, total)`` (``automl_ad.deploy.progress``), or None."""
+    progress = progress or _Quiet()
     record = read_record(folder)
     category, seed = record["category"], int(record.get("seed", 0))
-    loaded = {c.trial_id: (c, _load_candidate(c, category)) for c in load_candidates(folder, top)}
+    listed = load_candidates(folder, top)
+    with progress.step(f"loading {len(listed)} candidate model(s)", total=len(listed)) as step:
+        loaded = {}
+        for c in listed:
+            loaded[c.trial_id] = (c, _load_candidate(c, category))
+            step.advance()
     candidates = [c for c, method in loaded.values() if method is not None]
     if not candidates:
         raise UserError(f"no trial in {folder} has a usable checkpoint (see the warnings above)")
     size = candidates[0].image_size
     data = load_category(Path(record["data"]), category, size, seed=seed, cache_dir=cache_dir(folder))
     anomalies = read_val_anomalies(folder, size)
+    models = {c.trial_id: loaded[c.trial_id][1] for c in candidates}
+    if max_latency_ms is not None:
+        candidates = _within_latency(candidates, models, size, max_latency_ms)
     trained = {c.synthesis for c in candidates if c.synthesis}
     val, families = shared_val_set(data.val_good, anomalies, trained)
 
     device = torch.device("cpu")
-    models, predictions, latency = {}, [], {}
-    for candidate in candidates:
-        method = loaded[candidate.trial_id][1]
-        models[candidate.trial_id] = method
-        val_maps, val_scores = predict(method, val.images, device, 16)
-        test_maps, test_scores = predict(method, data.test.images, device, 16) if len(data.test) else (None, None)
-        predictions.append(MemberPredictions(candidate.trial_id, val_scores, val_maps, test_scores, test_maps))
-        latency[candidate.trial_id] = measure_latency_ms(method, size)
+    predictions: list[MemberPredictions] = []
+    with progress.step(f"scoring {len(candidates)} candidate(s) on {len(val)} val images", total=len(candidates)) as step:
+        for candidate in candidates:
+            val_maps, val_scores = predict(models[candidate.trial_id], val.images, device, 16)
+            predictions.append(MemberPredictions(candidate.trial_id, val_scores, val_maps))
+            step.advance()
 
     masks = val.masks[:, 0]
-    options: list[tuple[str, EnsembleResult]] = []
-    for prediction in predictions:
-        if max_latency_ms is None or latency[prediction.name] <= max_latency_ms:
-            options.append(("single", caruana_select([prediction], val.labels, masks, val.has_mask, k=1, fusion=fusion)))
-    allowed = [p for p in predictions if max_latency_ms is None or latency[p.name] <= max_latency_ms]
-    if len(allowed) > 1:
-        options.append(("ensemble", caruana_select(allowed, val.labels, masks, val.has_mask, k=k, fusion=fusion)))
-    if not options:
-        fastest = min(latency.values())
-        raise UserError(f"no model meets --max-latency-ms {max_latency_ms}: the fastest candidate takes {fastest:.1f} ms")
-
-    kind, best = max(options, key=lambda option: (option[1].objective, option[0] == "single"))
-    if kind == "ensemble" and len(set(best.members)) == 1:
-        kind = "single"
+    good = val.labels == 0
+    bootstrap = paired_bootstrap(torch.stack([p.val_scores for p in predictions]), val.labels, seed=seed)
+    tied = [predictions[i] for i in bootstrap.tied_with_best()][:k]
+    best = tied[0]
+    single = _result([best], val, masks, good, fusion)
+    kind, chosen, rule = "single", single, "the best candidate is significantly better than the others on val"
+    if len(tied) > 1:
+        ensemble = _result(tied, val, masks, good, fusion)
+        fused = fuse([single_scores(ensemble, member) for member in tied], fusion)
+        versus = paired_bootstrap(torch.stack([single_scores(single, best), fused]), val.labels, seed=seed)
+        if versus.worse_probability(1, 0) >= CONFIDENCE:
+            rule = (f"{len(tied)} candidates tied on val, but the best alone is significantly better than their "
+                    "ensemble")
+        else:
+            kind, chosen = "ensemble", ensemble
+            rule = (f"{len(tied)} candidates tied with the best on val (paired bootstrap, {int(CONFIDENCE * 100)} %): "
+                    "their equal-weight ensemble")
     if len(data.test):
-        best.test = ensemble_test_metrics(best, predictions, data.test.labels, data.test.masks[:, 0], data.test.has_mask)
-    weights = best.weights
+        with progress.step(f"test metrics of the {kind} (reported, never used)", total=len(chosen.scalers)) as step:
+            by_name = {p.name: p for p in predictions}
+            for name in chosen.scalers:
+                by_name[name].test_maps, by_name[name].test_scores = predict(models[name], data.test.images, device, 16)
+                step.advance()
+        chosen.test = ensemble_test_metrics(chosen, predictions, data.test.labels, data.test.masks[:, 0],
+                                            data.test.has_mask)
+    weights = chosen.weights
     names = list(weights)
-    model = EnsembleModel([models[n] for n in names], [best.scalers[n] for n in names], [weights[n] for n in names], fusion=best.fusion)
-    fused_val = model_scores_from_predictions(best, predictions)
+    model = EnsembleModel([models[n] for n in names], [chosen.scalers[n] for n in names],
+                          [weights[n] for n in names], fusion=chosen.fusion)
+    with progress.step("measuring latency"):
+        latency = measure_latency_ms(model, size)
     return Choice(
         kind=kind,
         members=names,
         weights=weights,
-        val=best.val,
-        objective=best.objective,
-        test=best.test,
-        latency_ms=measure_latency_ms(model, size),
+        val=chosen.val,
+        objective=chosen.objective,
+        test=chosen.test,
+        latency_ms=latency,
         val_families=families,
         model=model,
-        val_scores=fused_val,
+        val_scores=model_scores_from_predictions(chosen, predictions),
         val_labels=val.labels,
         candidates=[c for c in candidates if c.trial_id in weights],
+        compared=[p.name for p in predictions],
+        intervals={p.name: bootstrap.interval(i) for i, p in enumerate(predictions)},
+        tied=[p.name for p in tied],
+        rule=rule,
     )
+
+
+def _result(members: Sequence[MemberPredictions], val: ImageSet, masks: torch.Tensor, good: torch.Tensor,
+            fusion: str) -> EnsembleResult:
+    """The equal-weight ensemble of ``members`` (one member: itself) on the shared val set,
+    each member normalised on val-good."""
+    scalers = {m.name: RobustScaler.fit(m.val_scores[good], m.val_maps[good]) for m in members}
+    scores = fuse([scalers[m.name].scores(m.val_scores) for m in members], fusion)
+    maps = fuse([scalers[m.name].maps(m.val_maps) for m in members], fusion)
+    metrics = evaluate(scores, maps, val.labels, masks, val.has_mask)
+    return EnsembleResult(members=[m.name for m in members], scalers=scalers, fusion=fusion, val=metrics,
+                          objective=val_objective(metrics))
+
+
+def single_scores(result: EnsembleResult, member: MemberPredictions) -> torch.Tensor:
+    return result.scalers[member.name].scores(member.val_scores)
+
+
+def _within_latency(candidates: list[Candidate], models: dict[str, Any], size: int,
+                    max_latency_ms: float) -> list[Candidate]:
+    """The candidates whose single-image CPU latency fits ``max_latency_ms``."""
+    latency = {c.trial_id: measure_latency_ms(models[c.trial_id], size) for c in candidates}
+    kept = [c for c in candidates if latency[c.trial_id] <= max_latency_ms]
+    if not kept:
+        raise UserError(f"no model meets --max-latency-ms {max_latency_ms}: the fastest candidate takes "
+                        f"{min(latency.values()):.1f} ms")
+    return kept
 
 
 def model_scores_from_predictions(result: EnsembleResult, predictions: Sequence[MemberPredictions]) -> torch.Tensor:
@@ -232,6 +340,9 @@ def store_choice(folder: Path, choice: Choice, k: int) -> None:
         "objective": choice.objective,
         **{f"test_{key}": choice.test.get(key) for key in store.METRIC_KEYS},
         "latency_ms": choice.latency_ms,
+        "compared": ",".join(choice.compared),
+        "tied": ",".join(choice.tied),
+        "rule": choice.rule,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     store.write_rows(folder, ENSEMBLES, f"choice-k{k}", [row])
@@ -274,6 +385,12 @@ def export_choice(
         "val": choice.val,
         "val_objective": choice.objective,
         "val_anomaly_families": choice.val_families,
+        "selection": {
+            "rule": choice.rule,
+            "compared": choice.compared,
+            "tied_with_best": choice.tied,
+            "val_auroc_interval_90": {name: list(bounds) for name, bounds in choice.intervals.items()},
+        },
         "test": choice.test,
         "latency_ms_cpu_batch1": choice.latency_ms,
         "data_fingerprint": data.fingerprint,

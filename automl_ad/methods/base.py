@@ -21,13 +21,13 @@ import functools
 from dataclasses import dataclass
 from importlib import resources
 from importlib.resources.abc import Traversable
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 import yaml
 from torch import Tensor, nn
 
-from automl_ad.errors import UserError
+from automl_ad.errors import Interrupted, UserError
 
 
 @dataclass
@@ -77,8 +77,26 @@ class Method(nn.Module):
     def setup(self, fit_images: Tensor) -> None:
         """Called once before training with all fit images (float, on the device).
 
-        For memory banks (CFA, PatchCore) or feature statistics. Default: nothing.
+        For memory banks (CFA, PatchCore) or feature statistics. Default: nothing. A long
+        setup calls ``self.check_interrupt()`` now and then, so a search's budget
+        deadline stops it like it stops a training loop.
         """
+
+    def estimated_work(self, fit_images: int, eval_images: int) -> float | None:
+        """Relative cost of ``setup`` on ``fit_images`` plus inference on ``eval_images``
+        (any unit, compared only with another configuration of the same method), for the
+        planner to cost a sampled configuration. None: the planner scales by parameter
+        count instead, which fits methods whose cost is their network's size."""
+        return None
+
+    # Set by the training loop for the duration of ``setup`` (a search's deadline);
+    # an instance attribute, never a module, so it is not saved or exported.
+    interrupt_requested: Callable[[], bool] | None = None
+
+    def check_interrupt(self) -> None:
+        """Raise ``Interrupted`` when the loop has asked this method to stop."""
+        if self.interrupt_requested is not None and self.interrupt_requested():
+            raise Interrupted(f"{self.name}: setup stopped at the budget deadline")
 
     def synthesis_overrides(self, family: str) -> dict[str, Any]:
         """Synthesis parameters this method's config fixes for ``family``.

@@ -18,13 +18,16 @@ from rich.console import Console
 from rich.table import Table
 from scipy.stats import spearmanr
 
+from automl_ad.evaluation.uncertainty import within_noise
 from automl_ad.results import store
+
+Z_TWO_SIDED = 1.96  # the leaderboard's interval: objective ± 1.96 standard errors
 
 MIN_SPEARMAN_PAIRS = 3
 KEY_PARAMS_SHOWN = 3
 TITLE = "leaderboard (val objective; test reported, never optimised)"
 COLUMNS = ("#", "trial", "method", "backbone", "synthesis", "key params", "status", "epochs",
-           "val obj", "test AUROC", "test AUPRO", "device-h")
+           "val obj", "± 95%", "tied", "test AUROC", "test AUPRO", "device-h")
 
 
 def number(value: Any) -> float | None:
@@ -106,14 +109,40 @@ def _cell(value: Any) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def table_cells(rank: int, row: Mapping[str, Any]) -> list[str]:
-    """One leaderboard line, in COLUMNS order."""
+def tied_with_best(row: Mapping[str, Any], best: Mapping[str, Any] | None) -> bool | None:
+    """Whether the val set cannot tell ``row`` from the best trial (one-sided 95 %, from
+    the stored standard errors; ``evaluation.uncertainty``); None when unknown."""
+    if best is None or number(row.get("objective")) is None or number(row.get("objective_se")) is None:
+        return None
+    return within_noise(float(best["objective"]), number(best.get("objective_se")),
+                        float(row["objective"]), number(row.get("objective_se")))
+
+
+def table_cells(rank: int, row: Mapping[str, Any], best: Mapping[str, Any] | None = None) -> list[str]:
+    """One leaderboard line, in COLUMNS order (``best``: the top-ranked row, for "tied")."""
+    se = number(row.get("objective_se"))
+    tied = tied_with_best(row, best)
     return [
         str(rank), str(row["trial_id"]), row.get("method") or "-", row.get("backbone") or "-",
         row.get("synthesis") or "-", key_params(row), row.get("status") or "-", str(row.get("epochs") or 0),
-        _cell(row.get("objective")), _cell(row.get("test_image_auroc")), _cell(row.get("test_aupro")),
+        _cell(row.get("objective")), "-" if se is None else f"{Z_TWO_SIDED * se:.4f}",
+        "-" if tied is None else ("yes" if tied else "no"),
+        _cell(row.get("test_image_auroc")), _cell(row.get("test_aupro")),
         f"{(row.get('device_s') or 0.0) / 3600:.4f}",
     ]
+
+
+def ties_line(rows: Sequence[Mapping[str, Any]]) -> str | None:
+    """How many trials the val set cannot tell from the best, or None when unknown."""
+    order = [r for r in ranked(rows) if r.get("status") != "error"]
+    if not order:
+        return None
+    flags = [tied_with_best(r, order[0]) for r in order]
+    if all(flag is None for flag in flags):
+        return None
+    count = sum(1 for flag in flags if flag)
+    return (f"{count} trial(s) within val noise of the best (one-sided 95 %): the val set cannot rank them; "
+            "the export ensembles the tied ones (docs/search.md, \"Choosing the model\")")
 
 
 def leaderboard_text(folder: Path, top: int = 20) -> str:
@@ -122,10 +151,15 @@ def leaderboard_text(folder: Path, top: int = 20) -> str:
     table = Table(title=TITLE)
     for column in COLUMNS:
         table.add_column(column)
-    for rank, row in enumerate(ranked(rows)[:top], 1):
-        table.add_row(*table_cells(rank, row))
-    console = Console(width=160, record=True, force_terminal=False)
+    order = ranked(rows)
+    best = next((r for r in order if r.get("status") != "error" and number(r.get("objective")) is not None), None)
+    for rank, row in enumerate(order[:top], 1):
+        table.add_row(*table_cells(rank, row, best))
+    console = Console(width=180, record=True, force_terminal=False)
     with console.capture() as capture:
         console.print(table)
         console.print(verdict(rows))
+        ties = ties_line(rows)
+        if ties:
+            console.print(ties)
     return capture.get()

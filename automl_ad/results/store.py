@@ -72,6 +72,7 @@ TRIAL_FIELDS: dict[str, pa.DataType] = {
     "budget_used": pa.float64(),
     **{f"val_{k}": pa.float64() for k in METRIC_KEYS},
     "objective": pa.float64(),
+    "objective_se": pa.float64(),  # the val objective's standard error (evaluation.uncertainty)
     **{f"test_{k}": pa.float64() for k in METRIC_KEYS},
     "threshold": pa.float64(),
     "checkpoint": pa.string(),
@@ -148,6 +149,7 @@ def trial_row(outcome: TrialOutcome) -> dict[str, Any]:
         "budget_used": outcome.budget_used,
         **{f"val_{k}": result.get(f"val_{k}") for k in METRIC_KEYS},
         "objective": result.get("objective"),
+        "objective_se": result.get("objective_se"),
         **{f"test_{k}": result.get(f"test_{k}") for k in METRIC_KEYS},
         "threshold": result.get("test_threshold"),
         "checkpoint": outcome.checkpoint,
@@ -279,6 +281,25 @@ def write_trial(folder: Path, row: Mapping[str, Any], epochs: Iterable[Mapping[s
     if epoch_rows:
         write_rows(folder, EPOCHS, trial_id, epoch_rows, EPOCH_FIELDS)
     return write_rows(folder, TRIALS, trial_id, [full], TRIAL_FIELDS)
+
+
+def set_test_metrics(folder: Path, trial_id: str, metrics: Mapping[str, Any], error: str | None = None) -> Path:
+    """Write ``test_*`` metrics into a stored trial's row (the driver evaluates the test
+    set after the search, from the trial's checkpoint); atomic like every write."""
+    path = Path(folder) / TRIALS / f"{trial_id}.parquet"
+    row = pq.read_table(path).to_pylist()[0]
+    row.update({f"test_{k}": metrics.get(k) for k in METRIC_KEYS})
+    if error:
+        row["error"] = error
+    table = _rows_to_table([row], TRIAL_FIELDS)
+    return _write_table(table, path)
+
+
+def needs_test_metrics(folder: Path) -> list[str]:
+    """Stored trials with a checkpoint and no test metrics yet, by trial id."""
+    return sorted(str(r["trial_id"]) for r in read_table(folder).to_pylist()
+                  if r.get("checkpoint") and r.get("status") != "error" and r.get("test_image_auroc") is None
+                  and not r.get("error"))
 
 
 def _relative_checkpoint(folder: Path, checkpoint: Any) -> Any:

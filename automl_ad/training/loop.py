@@ -21,11 +21,12 @@ import torch
 from torch import Tensor
 
 from automl_ad.data.types import CategoryData, ImageSet, to_float
-from automl_ad.errors import DamagedCheckpoint, UserError
+from automl_ad.errors import DamagedCheckpoint, Interrupted, UserError
 from automl_ad.experiment import checkpoint_file, read_checkpoint, write_checkpoint
 from automl_ad.methods.base import Batch, Method, create_method
 from automl_ad.evaluation.metrics import evaluate as compute_metrics
 from automl_ad.synthesis import build_synthesizer
+from automl_ad.evaluation.uncertainty import delong_standard_error
 from automl_ad.evaluation.validation import objective
 
 if TYPE_CHECKING:
@@ -87,11 +88,15 @@ def synthesis_family(cfg: TrainConfig, method_cls: type[Method]) -> str | None:
 
 
 @torch.no_grad()
-def predict(method: Method, images: Tensor, device: torch.device, batch_size: int) -> tuple[Tensor, Tensor]:
-    """(maps N x H x W, scores N) on CPU for uint8 or float images."""
+def predict(method: Method, images: Tensor, device: torch.device, batch_size: int,
+            should_stop: Callable[[], bool] | None = None) -> tuple[Tensor, Tensor]:
+    """(maps N x H x W, scores N) on CPU for uint8 or float images. ``should_stop`` is
+    asked before every batch; ``Interrupted`` is raised when it says yes."""
     method.eval()
     maps, scores = [], []
     for start in range(0, len(images), batch_size):
+        if should_stop is not None and should_stop():
+            raise Interrupted(f"{method.name}: inference stopped at the budget deadline")
         chunk = to_float(images[start : start + batch_size]).to(device)
         batch_maps, batch_scores = method(chunk)
         maps.append(batch_maps.float().cpu())
@@ -99,10 +104,16 @@ def predict(method: Method, images: Tensor, device: torch.device, batch_size: in
     return torch.cat(maps), torch.cat(scores)
 
 
-def evaluate(method: Method, image_set: ImageSet, device: torch.device, batch_size: int = 32) -> dict[str, float | None]:
-    """Image and pixel metrics of ``method`` on a labelled image set."""
-    maps, scores = predict(method, image_set.images, device, batch_size)
-    return compute_metrics(scores, maps, image_set.labels, image_set.masks[:, 0], image_set.has_mask)
+def evaluate(method: Method, image_set: ImageSet, device: torch.device, batch_size: int = 32,
+             should_stop: Callable[[], bool] | None = None) -> dict[str, float | None]:
+    """Image and pixel metrics of ``method`` on a labelled image set (``should_stop``:
+    see ``predict``)."""
+    maps, scores = predict(method, image_set.images, device, batch_size, should_stop)
+    metrics = compute_metrics(scores, maps, image_set.labels, image_set.masks[:, 0], image_set.has_mask)
+    # how far the image AUROC can be trusted on this many images (a search's leaderboard
+    # and choice read it: evaluation.uncertainty)
+    metrics["image_auroc_se"] = delong_standard_error(scores, image_set.labels)
+    return metrics
 
 
 class _BatchSampler:
@@ -183,7 +194,9 @@ def fit(
     torch.manual_seed(cfg.seed)  # on fit's own copy of the global RNG (_own_rng)
     method, synthesizer = _build(cfg, data, device)
     fit_float = to_float(data.fit)
-    method.setup(fit_float.to(device))
+    alone = data_parallel is None or data_parallel.world_size == 1
+    if not _setup(method, fit_float.to(device), should_stop if alone else None):
+        return _stopped(method, [])
     rank = data_parallel.rank if data_parallel is not None else 0
     lead = rank == 0
     streams = _Streams.for_rank(cfg, len(data.fit), rank, device)
@@ -228,7 +241,12 @@ def fit(
             if stopped_mid_epoch:
                 stopped_early = True
                 break
-            val = evaluate(method, val_set, device, cfg.eval_batch_size) if lead else {}
+            try:
+                val = evaluate(method, val_set, device, cfg.eval_batch_size, should_stop if alone else None) \
+                    if lead else {}
+            except Interrupted:
+                stopped_early = stopped_mid_epoch = True
+                break
             report = EpochReport(epoch=epoch + 1, phase=phase, step=step, train_loss=sum(losses) / len(losses),
                                  val=val, objective=objective(val), elapsed_s=time.perf_counter() - began)
             reports.append(report)
@@ -245,14 +263,32 @@ def fit(
             bar.close()
 
     if stopped_mid_epoch:
-        last = reports[-1] if reports else None
-        return TrainResult(method=method, reports=reports, val=last.val if last else {},
-                           objective=last.objective if last else float("nan"), test={}, stopped_early=True)
+        return _stopped(method, reports)
     if not reports:  # resumed from a finished run
         raise UserError("nothing to train: the checkpoint already covers every epoch")
     test = evaluate(method, data.test, device, cfg.eval_batch_size) if evaluate_test and lead and len(data.test) else {}
     return TrainResult(method=method, reports=reports, val=reports[-1].val, objective=reports[-1].objective,
                        test=test, stopped_early=stopped_early)
+
+
+def _setup(method: Method, fit_images: Tensor, should_stop: Callable[[], bool] | None) -> bool:
+    """``method.setup`` that a deadline may stop (a coreset search takes minutes at large
+    sizes); False when it was stopped."""
+    method.interrupt_requested = should_stop
+    try:
+        method.setup(fit_images)
+    except Interrupted:
+        return False
+    finally:
+        method.interrupt_requested = None
+    return True
+
+
+def _stopped(method: Method, reports: list[EpochReport]) -> TrainResult:
+    """The result of a run ``should_stop`` ended: the completed epochs only."""
+    last = reports[-1] if reports else None
+    return TrainResult(method=method, reports=reports, val=last.val if last else {},
+                       objective=last.objective if last else float("nan"), test={}, stopped_early=True)
 
 
 def _build(cfg: TrainConfig, data: CategoryData, device: torch.device) -> tuple[Method, Any]:
@@ -357,8 +393,12 @@ def _fit_without_gradients(
     which a search's scheduler reads as a full-fidelity trial."""
     began = time.perf_counter()
     if should_stop is not None and _agreed_stop(should_stop, data_parallel, device):
-        return TrainResult(method=method, reports=[], val={}, objective=float("nan"), test={}, stopped_early=True)
-    val = evaluate(method, val_set, device, cfg.eval_batch_size) if lead else {}
+        return _stopped(method, [])
+    alone = data_parallel is None or data_parallel.world_size == 1
+    try:
+        val = evaluate(method, val_set, device, cfg.eval_batch_size, should_stop if alone else None) if lead else {}
+    except Interrupted:
+        return _stopped(method, [])
     report = EpochReport(epoch=cfg.epochs, phase="setup", step=0, train_loss=float("nan"), val=val,
                          objective=objective(val), elapsed_s=time.perf_counter() - began)
     if checkpoint_dir is not None and lead:

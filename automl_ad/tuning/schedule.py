@@ -59,6 +59,10 @@ WALL_EFFICIENCY = 0.9  # share of a wall budget that trials run (scheduling gaps
 # load), docs/search.md "Overhead": about 15 s with a Ray Train TorchTrainer, about 3 s as
 # a reused Tune function actor; a GPU adds CUDA initialisation.
 OVERHEAD_S = {("cpu", True): 15.0, ("cpu", False): 3.0, ("gpu", True): 20.0, ("gpu", False): 8.0}
+# A method without a gradient phase runs in the Tune function itself even when the others
+# get a TorchTrainer (trainable.runs_direct), in a fresh actor (no reuse beside Train
+# trials): process start + torch import, measured on the 2-core VM (docs/search.md).
+DIRECT_OVERHEAD_S = {"cpu": 6.0, "gpu": 11.0}
 PHI_MAX = 1.0e6
 
 
@@ -187,6 +191,7 @@ class Entry:
     first_rung_s: float = 0.0  # cost up to the first rung
     expected_trials: float = 0.0
     expected_full: float = 0.0
+    overhead_s: float | None = None  # start-up in ``fixed`` (None: the plan's, in older plans)
 
     @property
     def key(self) -> str:
@@ -202,11 +207,12 @@ def schedule_key(method: str, image_size: int) -> str:
 
 
 def trial_cost(costs: Mapping[str, float], rounds_done: int, rounds: int, trainable: bool) -> float:
-    """Seconds of a trial that ran ``rounds_done`` of ``rounds`` rounds."""
+    """Seconds of a trial that ran ``rounds_done`` of ``rounds`` rounds. The test set is
+    not part of it: the driver evaluates it after the search, outside the budget."""
     if not trainable:
-        return costs["fixed"] + costs["val"] + costs["test"]
+        return costs["fixed"] + costs["val"]
     done = max(0, min(rounds_done, rounds))
-    return costs["fixed"] + done * (costs["round"] + costs["val"]) + (costs["test"] if done >= rounds else 0.0)
+    return costs["fixed"] + done * (costs["round"] + costs["val"])
 
 
 def expected_cost(costs: Mapping[str, float], rungs: list[int], eta: int, trainable: bool) -> float:
@@ -217,7 +223,7 @@ def expected_cost(costs: Mapping[str, float], rungs: list[int], eta: int, traina
     for k, rung in enumerate(rungs):
         total += eta ** -k * (rung - previous) * (costs["round"] + costs["val"])
         previous = rung
-    return total + eta ** -(len(rungs) - 1) * costs["test"]
+    return total
 
 
 @dataclass
@@ -271,10 +277,11 @@ class Plan:
         costs = entry.costs.get(backbone or "-") or entry.mean_costs()
         return entry, costs
 
-    def _scaled(self, seconds: float, factor: float) -> float:
+    def _scaled(self, seconds: float, factor: float, entry: Entry | None = None) -> float:
         """``seconds`` of a configuration ``factor`` times as costly as the default
         (the start-up does not scale)."""
-        return self.overhead_s + factor * max(0.0, seconds - self.overhead_s)
+        overhead = self.overhead_s if entry is None or entry.overhead_s is None else entry.overhead_s
+        return overhead + factor * max(0.0, seconds - overhead)
 
     def first_rung_seconds(self, method: str, image_size: int, backbone: str | None = None,
                            factor: float = 1.0) -> float | None:
@@ -287,7 +294,7 @@ class Plan:
         if found is None:
             return None
         entry, costs = found
-        return self._scaled(trial_cost(costs, rounds_done, self.rounds, entry.trainable), factor)
+        return self._scaled(trial_cost(costs, rounds_done, self.rounds, entry.trainable), factor, entry)
 
     def too_heavy(self, method: str, image_size: int, backbone: str | None, factor: float) -> str | None:
         """Why a configuration is not worth running under this budget, or None: its
@@ -296,8 +303,9 @@ class Plan:
         found = self._costs(method, image_size, backbone)
         if found is None or self.heavy_limit_s is None:
             return None
-        _, costs = found
-        blocking = factor * (costs["fixed"] - self.overhead_s + costs["val"])
+        entry, costs = found
+        overhead = self.overhead_s if entry.overhead_s is None else entry.overhead_s
+        blocking = factor * (costs["fixed"] - overhead + costs["val"])
         if blocking <= self.heavy_limit_s:
             return None
         return (f"setup + one validation about {blocking:.0f} s ({factor:.3g} x the default configuration), "
@@ -333,7 +341,7 @@ class Plan:
             lines.append(f"schedule: every method at {100 * self.phi:.3g} % of its paper schedule "
                          "(phi, bounded below by fidelity.min_steps)")
         header = (f"{'method':<10}{'size':>5}{'batch':>6}{'steps':>8}{'epochs':>9}{'paper':>7}  "
-                  f"{'rungs (steps)':<20}{'s/full trial':>13} {'= setup + train + val + test':<30}"
+                  f"{'rungs (steps)':<20}{'s/full trial':>13} {'= setup + train + val (+ test after)':<38}"
                   f"{'E[s]':>8}{'trials':>8}{'full':>7}  speed")
         lines.append(header)
         for e in sorted(self.entries, key=lambda x: (x.method, x.image_size)):
@@ -341,10 +349,10 @@ class Plan:
             train = e.steps_per_epoch and c["round"] * self.rounds
             val = c["val"] * (self.rounds if e.trainable else 1)
             rungs = "/".join(map(str, e.rungs)) if e.trainable else "- (no training)"
-            parts = f"= {c['fixed']:.0f} + {train:.0f} + {val:.0f} + {c['test']:.0f}"
+            parts = f"= {c['fixed']:.0f} + {train:.0f} + {val:.0f} (+ {c['test']:.0f})"
             lines.append(
                 f"{e.method:<10}{e.image_size:>5}{e.batch_size:>6}{e.steps:>8}{e.epochs:>9.3g}"
-                f"{e.paper_epochs:>7.0f}  {rungs:<20}{e.full_s:>13,.0f} {parts:<30}{e.expected_s:>8,.0f}"
+                f"{e.paper_epochs:>7.0f}  {rungs:<20}{e.full_s:>13,.0f} {parts:<38}{e.expected_s:>8,.0f}"
                 f"{e.expected_trials:>8.1f}{e.expected_full:>7.1f}  {e.source}")
         for drop in self.dropped:
             lines.append(f"dropped: {drop['method']} at {drop['image_size']} px ({drop['reason']})")
@@ -446,6 +454,9 @@ class _Planner:
         self.cap = math.inf if self.total_s is None else self.total_s / self.n_req
         self.overhead = (OVERHEAD_S[(speeds.device_kind, bool(options["use_train"]))] if overhead_s is None
                          else overhead_s)
+        # without a gradient phase a trial skips the TorchTrainer (trainable.runs_direct)
+        self.direct_overhead = (DIRECT_OVERHEAD_S[speeds.device_kind] if overhead_s is None and options["use_train"]
+                                else self.overhead)
         self.batch = {m.name: int(bounds.batch_size or m.recipe.batch_size) for m in methods}
         self.paper_steps = {m.name: (math.ceil(m.recipe.epochs_for(self.category) * data.fit
                                                / (self.batch[m.name] * workers)) if m.trainable else 0)
@@ -476,12 +487,15 @@ class _Planner:
             s = self.speed(m, size, backbone)
             per_image = s.infer_s + s.metrics_s
             out[backbone or "-"] = {
-                "fixed": self.overhead + s.build_s + s.setup_s(self.data.fit),
+                "fixed": self.overhead_of(m) + s.build_s + s.setup_s(self.data.fit),
                 "round": (steps / self.rounds) * s.step_s if m.trainable else 0.0,
                 "val": m.val_images * per_image,
                 "test": self.data.test * per_image,
             }
         return out
+
+    def overhead_of(self, m: MethodInput) -> float:
+        return self.overhead if m.trainable else self.direct_overhead
 
     def mean_expected(self, m: MethodInput, size: int, steps: int) -> float:
         parts = self.costs(m, size, steps).values()
@@ -566,6 +580,7 @@ class _Planner:
             epochs=steps * self.batch[m.name] * self.workers / max(1, self.data.fit),
             rungs=[r * (steps // rounds) for r in self.rungs] if m.trainable else [],
             costs=self.costs(m, size, steps), source="/".join(sources), trainable=m.trainable,
+            overhead_s=self.overhead_of(m),
         )
         mean = entry.mean_costs()
         entry.expected_s = self.mean_expected(m, size, steps)
@@ -611,23 +626,31 @@ class _Planner:
 _FACTORS: dict[tuple[str, int, str], float] = {}
 
 
-def config_cost_factor(method: str, params: Mapping[str, Any], image_size: int) -> float:
+def config_cost_factor(method: str, params: Mapping[str, Any], image_size: int,
+                       data: Mapping[str, int] | None = None) -> float:
     """How much costlier a sampled configuration is than the method's default Config (the
-    one calibrated): the ratio of their parameter counts, both built on the meta device
-    (nothing allocated, no weights read); 1.0 when that cannot be told."""
+    one calibrated), both built on the meta device (nothing allocated, no weights read):
+    the ratio of the method's own ``estimated_work`` on the plan's image counts (``data``:
+    fit, val_good) where it has one (PatchCore: strides, coreset ratio), else of their
+    parameter counts; 1.0 when that cannot be told."""
     import warnings
 
     import torch
 
-    key = (method, int(image_size), repr(sorted(params.items())))
+    counts = dict(data or {})
+    fit = int(counts.get("fit", 200))
+    evaluated = val_images(None, int(counts.get("val_good", 50)))
+    key = (method, int(image_size), repr(sorted(params.items())), fit, evaluated)
     if key not in _FACTORS:
-        def count(values: Mapping[str, Any]) -> int:
+        def cost(values: Mapping[str, Any]) -> float:
             with warnings.catch_warnings(), torch.device("meta"):
                 warnings.simplefilter("ignore")
-                return sum(p.numel() for p in create_method(method, dict(values), image_size, "plan").parameters())
+                built = create_method(method, dict(values), image_size, "plan")
+                work = built.estimated_work(fit, evaluated)
+                return float(work) if work is not None else float(sum(p.numel() for p in built.parameters()))
 
         try:
-            default, sampled = count({}), count(params)
+            default, sampled = cost({}), cost(params)
             _FACTORS[key] = sampled / default if default > 0 and sampled > 0 else 1.0
         except Exception:  # a method that cannot be built on the meta device
             _FACTORS[key] = 1.0

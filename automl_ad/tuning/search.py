@@ -51,7 +51,8 @@ from automl_ad.tuning.schedule import (
     val_images,
 )
 from automl_ad.tuning.space import SearchSpace, load_space, split_config
-from automl_ad.tuning.trainable import TrialContext, allocated_devices, load_trial_data, make_trainable
+from automl_ad.tuning.trainable import (TrialContext, TrialDevices, allocated_devices, load_trial_data,
+                                       make_trainable)
 from automl_ad.evaluation.validation import build_val_anomalies, load_val_defects, save_image_set
 
 DRIVER_RESOURCE = "TRAIN_DRIVER"  # declared by the on-demand node types in cluster/
@@ -309,32 +310,56 @@ class BudgetedOptunaSearch(OptunaSearch):
     def _config_key(self, config: Mapping[str, Any]) -> tuple[str, int, str | None, float]:
         split = split_config(config, self.default_image_size)
         backbone = split.method_params.get("backbone")
-        factor = config_cost_factor(split.method, split.method_params, split.image_size)
+        plan = getattr(self, "plan", None)
+        factor = config_cost_factor(split.method, split.method_params, split.image_size,
+                                    plan.data if plan is not None else None)
         return split.method, split.image_size, str(backbone) if backbone else None, factor
 
-    def _correction(self) -> float:
-        """Used / planned cost over finished trials (1 before any), within [0.2, 5]."""
-        planned = used = 0.0
+    def _devices(self, config: Mapping[str, Any] | None) -> float:
+        devices = getattr(self, "devices_of", None)
+        return devices(config) if devices is not None and config is not None else self.devices_per_trial
+
+    def _correction(self, method: str | None = None) -> float:
+        """Used / planned cost over the finished trials of ``method`` (of every method while
+        it has none; 1 before any), within [0.2, 5]: a speed measured on other images, a
+        start-up the plan did not know, learnt from what the trials really cost."""
+        totals: dict[str | None, list[float]] = {}
         for trial_id, rounds in getattr(self, "_rounds", {}).items():
             entry = self.ledger.trial(trial_id)
             key = self._planned.get(trial_id)
             if not entry or entry.get("state") != "finished" or key is None:
                 continue
-            method, size, backbone, factor = (tuple(key) + (1.0,))[:4]
-            seconds = self.plan.seconds_at(method, size, backbone, rounds, factor)
+            name, size, backbone, factor = (tuple(key) + (1.0,))[:4]
+            seconds = self.plan.seconds_at(name, size, backbone, rounds, factor)
             if seconds:
-                planned += self.ledger.trial_cost(self.devices_per_trial, seconds)
-                used += float(entry.get("used", 0.0))
+                planned = self.ledger.trial_cost(float(entry.get("devices") or self.devices_per_trial), seconds)
+                for group in (name, None):
+                    pair = totals.setdefault(group, [0.0, 0.0])
+                    pair[0] += planned
+                    pair[1] += float(entry.get("used", 0.0))
+        planned, used = totals.get(method) or totals.get(None) or (0.0, 0.0)
         return 1.0 if planned <= 0 else min(5.0, max(0.2, used / planned))
+
+    def _full_estimate(self, config: Mapping[str, Any]) -> float | None:
+        """Budget a trial of ``config`` costs if it runs every round (corrected)."""
+        plan = getattr(self, "plan", None)
+        if plan is None or self.ledger.budget.kind == "trials":
+            return None
+        key = self._config_key(config)
+        seconds = plan.seconds_at(*key[:3], plan.rounds, key[3])
+        if seconds is None:
+            return None
+        return self.ledger.trial_cost(self._devices(config), seconds) * self._correction(key[0])
 
     def _estimate(self, config: Mapping[str, Any] | None = None) -> float:
         if self.ledger.budget.kind == "trials":
             return 1.0
         plan = getattr(self, "plan", None)
         if plan is not None and config is not None:
-            seconds = plan.first_rung_seconds(*self._config_key(config))
+            key = self._config_key(config)
+            seconds = plan.first_rung_seconds(*key)
             if seconds is not None:
-                return self.ledger.trial_cost(self.devices_per_trial, seconds) * self._correction()
+                return self.ledger.trial_cost(self._devices(config), seconds) * self._correction(key[0])
         done = [e["used"] for e in self.ledger.trials().values() if e.get("state") == "finished"]
         if done:
             return sum(done) / len(done)
@@ -346,7 +371,17 @@ class BudgetedOptunaSearch(OptunaSearch):
         plan = getattr(self, "plan", None)
         if plan is None or self.ledger.budget.kind == "trials":
             return None
-        return plan.too_heavy(*self._config_key(config))
+        reason = plan.too_heavy(*self._config_key(config))
+        if reason is not None:
+            return reason
+        # Alone, a trial that cannot reach its first report before the budget ends buys
+        # nothing: the deadline would stop it half-way (seen: a 333 s PatchCore started
+        # with 170 s left). With others running it waits instead (suggest).
+        first = self._estimate(config)
+        if not self._live and first > self.ledger.remaining():
+            return (f"its first report needs about {first:.0f} of the budget's units, "
+                    f"{self.ledger.remaining():.0f} are left")
+        return None
 
     def _tell_not_run(self, trial_id: str, reason: str) -> None:
         """Close a sampled configuration that never runs as FAIL in the study."""
@@ -360,6 +395,15 @@ class BudgetedOptunaSearch(OptunaSearch):
             self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
         except Exception:  # already closed in optuna.db (a restore): nothing to undo
             pass
+
+    def _cheapest(self) -> float:
+        """The least budget any planned configuration needs to reach its first report."""
+        plan = getattr(self, "plan", None)
+        if plan is None:
+            return 0.0
+        costs = [self.ledger.trial_cost(self.devices_per_trial, e.first_rung_s) * self._correction(e.method)
+                 for e in plan.entries]
+        return min(costs) if costs else 0.0
 
     def _drop_pending(self) -> None:
         pending, self._pending = getattr(self, "_pending", None), None
@@ -380,6 +424,8 @@ class BudgetedOptunaSearch(OptunaSearch):
                 if reason is None:
                     break
                 self._tell_not_run(trial_id, f"not run: {reason}")
+                if not self._live and self.ledger.remaining() < self._cheapest():
+                    return Searcher.FINISHED  # not even the cheapest planned trial fits what is left
             else:
                 return None if self._live else Searcher.FINISHED
         else:
@@ -389,7 +435,7 @@ class BudgetedOptunaSearch(OptunaSearch):
         self._pending = (trial_id, config)
         estimate = self._estimate(config)
         if not self._live and self.ledger.budget.kind != "trials":
-            estimate = min(estimate, self.ledger.remaining())  # alone: the deadline bounds it
+            estimate = min(estimate, self.ledger.remaining())  # alone: it fits (_too_heavy), the deadline bounds it
         if not self.ledger.try_reserve(trial_id, estimate):
             if self._live:
                 return None
@@ -464,9 +510,9 @@ class LedgerCallback(_DriverCallback):
     """Charges each trial's allocated devices x wall time to the ledger, only while this
     driver runs it: at its start, every report, every second while it runs, and its end."""
 
-    def __init__(self, ledger: Ledger, devices_per_trial: float) -> None:
+    def __init__(self, ledger: Ledger, devices_of: Callable[[Mapping[str, Any] | None], float]) -> None:
         self.ledger = ledger
-        self.devices_per_trial = devices_per_trial
+        self.devices_of = devices_of
         self._reset()
 
     def _reset(self) -> None:
@@ -484,7 +530,7 @@ class LedgerCallback(_DriverCallback):
         if tid not in self._started:
             self._begin(tid)
         wall = self._base[tid] + time.monotonic() - self._started[tid]
-        self.ledger.record(tid, self.devices_per_trial, wall, finished=finished)
+        self.ledger.record(tid, self.devices_of(trial.config), wall, finished=finished)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._begin(trial.trial_id)
@@ -514,10 +560,11 @@ class DeadlineClockCallback(_DriverCallback):
     """Device and wall budgets: the BudgetClock actor that tells every trial when the
     budget runs out if the trials running now go on (``budget.DeadlineWatch`` reads it)."""
 
-    def __init__(self, experiment_dir: Path, ledger: Ledger, devices_per_trial: float) -> None:
+    def __init__(self, experiment_dir: Path, ledger: Ledger,
+                 devices_of: Callable[[Mapping[str, Any] | None], float]) -> None:
         self.experiment_dir = Path(experiment_dir)
         self.ledger = ledger
-        self.devices_per_trial = devices_per_trial
+        self.devices_of = devices_of
         self._reset()
 
     def _reset(self) -> None:
@@ -527,7 +574,7 @@ class DeadlineClockCallback(_DriverCallback):
     def setup(self, **info):
         # Before any trial starts, so each trial's DeadlineWatch finds the clock.
         self._clock = start_clock(self.experiment_dir)
-        self._publish(running=0)
+        self._publish([])
 
     def on_experiment_end(self, trials, **info):
         if self._clock is not None:  # one idle process per search otherwise (--category all)
@@ -536,18 +583,18 @@ class DeadlineClockCallback(_DriverCallback):
             ray.kill(self._clock)
             self._clock = None
 
-    def _publish(self, running: int) -> None:
+    def _publish(self, running: Sequence[Any]) -> None:
         if self._clock is not None:
-            self._clock.set.remote(self.ledger.projected_end(running * self.devices_per_trial))
+            self._clock.set.remote(self.ledger.projected_end(sum(self.devices_of(t.config) for t in running)))
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._publish(sum(1 for t in trials if t.status == "RUNNING" or t is trial))
+        self._publish([t for t in trials if t.status == "RUNNING" or t is trial])
 
     def on_step_end(self, iteration, trials, **info):
         now = time.monotonic()
         if now - self._last_tick >= 1.0:
             self._last_tick = now
-            self._publish(len(_running(trials)))
+            self._publish(_running(trials))
 
 
 def _status(trial: Any, max_epochs: int) -> str:
@@ -621,7 +668,7 @@ def driver_callbacks(folder: Path, ledger: Ledger, context: TrialContext, device
                      fingerprints: dict[int, str], storage: Storage | None) -> list[Callback]:
     """The search driver's callbacks, in the order Tune must call them: the ledger first
     (the store reads the time it charged), the clock (device and wall budgets only)."""
-    devices = allocated_devices(context, device_kind)
+    devices = TrialDevices(context, device_kind)
     callbacks: list[Callback] = [LedgerCallback(ledger, devices)]
     if ledger.budget.kind != "trials":
         callbacks.append(DeadlineClockCallback(folder, ledger, devices))
@@ -646,37 +693,52 @@ def _checkpoint_location(reported: str | None, checkpoint: Any, storage: Storage
     return f"{filesystem.type_name.replace('gcs', 'gs')}://{checkpoint.path}"
 
 
-def _test_metrics_from_checkpoint(context: TrialContext, config: Mapping[str, Any], checkpoint: str) -> dict[str, Any]:
-    """Test metrics of a trial stopped before its end (ASHA or budget), from its checkpoint."""
+def evaluate_tests(folder: Path, context: TrialContext, log: Callable[[str], None] | None = None) -> int:
+    """Test metrics of every stored trial that has none yet, from its checkpoint, written
+    into its row (``store.set_test_metrics``). Run by the driver after the search: the
+    budget buys trials, and a test evaluation is neither charged nor delays the next
+    trial. Reported, never used for selection. Returns the trials evaluated."""
     import tempfile
 
     import torch
     from ray.train import Checkpoint
 
-    image_size = split_config(config, context.default_image_size).image_size
-    data, _, _ = load_trial_data(context, image_size)
-    with tempfile.TemporaryDirectory() as folder:
-        Checkpoint(checkpoint).to_directory(folder)
-        method, _ = load_trained_method(Path(folder), context.category, "cpu")
-        metrics = evaluate(method, data.test, torch.device("cpu")) if len(data.test) else {}
-    return {f"test_{k}": v for k, v in metrics.items() if v is not None}
+    pending = store.needs_test_metrics(folder)
+    rows = {str(r["trial_id"]): r for r in store.read_table(folder).to_pylist()}
+    data_by_size: dict[int, Any] = {}
+    for index, trial_id in enumerate(pending, 1):
+        row = rows[trial_id]
+        size = int(row["image_size"])
+        if size not in data_by_size:
+            data_by_size[size] = load_trial_data(context, size)[0]
+        data = data_by_size[size]
+        if not len(data.test):
+            return 0  # a product without a test split: nothing to report, for any trial
+        began = time.monotonic()
+        try:
+            with tempfile.TemporaryDirectory() as scratch:
+                Checkpoint(str(row["checkpoint"])).to_directory(scratch)
+                method, _ = load_trained_method(Path(scratch), context.category, "cpu")
+                metrics = evaluate(method, data.test, torch.device("cpu"))
+            store.set_test_metrics(folder, trial_id, metrics)
+        except Exception as exc:  # a broken checkpoint must not stop the others
+            store.set_test_metrics(folder, trial_id, {}, error=f"test evaluation failed: {type(exc).__name__}: {exc}")
+        if log is not None:
+            log(f"test metrics (reported, never used): trial {trial_id} [{index}/{len(pending)}] "
+                f"{row['method']} at {size} px, {len(data.test)} images, {time.monotonic() - began:.1f} s")
+    return len(pending)
 
 
 def finalize_trial(experiment_dir: Path, context: TrialContext, category: str, trial_id: str,
                    config: dict[str, Any], result: dict[str, Any], checkpoint: str | None, status: str,
                    wall_s: float | None, ledger: Ledger, device_kind: str, fingerprints: dict[int, str],
                    started: dt.datetime | None = None, storage: Storage | None = None) -> None:
-    """Hand a trial's outcome (and its epoch reports) to the store; evaluates test metrics
-    when the trial was stopped before it could. Idempotent: a rewrite replaces the same file."""
+    """Hand a trial's outcome (and its epoch reports) to the store; its test metrics come
+    after the search (``evaluate_tests``). Idempotent: a rewrite replaces the same file."""
     if "method" not in config:
         return
     split = split_config(config, context.default_image_size)
     error = None
-    if not result.get("test_done") and checkpoint and status != "error":
-        try:
-            result = {**result, **_test_metrics_from_checkpoint(context, config, checkpoint)}
-        except Exception as exc:  # a broken checkpoint must not lose the whole row
-            error = f"test evaluation failed: {type(exc).__name__}: {exc}"
     entry = ledger.trial(trial_id) or {}
     outcome = store.TrialOutcome(
         experiment=context.experiment, category=category, trial_id=trial_id, method=split.method,
@@ -1147,17 +1209,24 @@ def _new_tuner(prep: _Prepared, context: TrialContext, schedule: Plan, space: Se
 
     opts, budget = prep.opts, prep.budget
     device_kind = "gpu" if devices.use_gpu else "cpu"
+    warm: list[dict[str, Any]] = []
+    if opts.searcher == "tpe":
+        warm = warm_start_points(space, schedule)
+        warm = warm[: int(budget.amount)] if budget.kind == "trials" else warm
     searcher = BudgetedOptunaSearch(
         space.suggest,
         metric="objective",
         mode="max",
+        # TPE models the objective from right after the warm starts (n_startup_trials:
+        # as many as there are warm-start points, at least 2): its random start-up draws
+        # were the same on every dataset and, on a 10-15 minute budget, were all the
+        # search had time for. group=True: the space is conditional on the method.
         sampler=(optuna.samplers.RandomSampler(seed=opts.seed) if opts.searcher == "random" else
-                 optuna.samplers.TPESampler(multivariate=True, seed=opts.seed, n_startup_trials=5)),
+                 optuna.samplers.TPESampler(multivariate=True, group=True, seed=opts.seed,
+                                            n_startup_trials=max(2, len(warm)))),
         # (Optuna keeps an enqueued point the search never reaches as WAITING:
         # a trial-count budget enqueues no more points than it runs.)
-        points_to_evaluate=((warm_start_points(space, schedule)[: int(budget.amount)]
-                             if budget.kind == "trials" else warm_start_points(space, schedule))
-                            if opts.searcher == "tpe" else None),
+        points_to_evaluate=warm or None,
         storage=optuna.storages.RDBStorage(layout.optuna_url(prep.folder)),
         study_name=prep.experiment,
         ledger=ledger,
@@ -1166,6 +1235,7 @@ def _new_tuner(prep: _Prepared, context: TrialContext, schedule: Plan, space: Se
         devices_per_trial=allocated_devices(context, device_kind),
         default_image_size=context.default_image_size,
     )
+    searcher.devices_of = TrialDevices(context, device_kind)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -1204,6 +1274,7 @@ def _collect(prep: _Prepared, context: TrialContext, results: Any, ledger: Ledge
     """Store what no callback stored, push to the bucket, and sum the search up."""
     folder = prep.folder
     _store_missing(folder, context, prep.opts.category, results, ledger, device_kind, fingerprints, prep.remote)
+    evaluate_tests(folder, context, log=_log)
     if prep.remote is not None:
         prep.remote.push(prep.experiment)
     table = store.read_table(folder)

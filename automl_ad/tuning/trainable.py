@@ -33,9 +33,10 @@ from automl_ad.errors import DamagedCheckpoint
 from automl_ad.methods.base import get_method_class
 from automl_ad.results.remote_storage import ensure_file
 from automl_ad.runtime import tune_cpu_allocator
-from automl_ad.training.loop import EpochReport, TrainConfig, evaluate, fit, load_trained_method, synthesis_family
+from automl_ad.training.loop import EpochReport, TrainConfig, fit, synthesis_family
 from automl_ad.tuning.budget import DeadlineWatch
 from automl_ad.tuning.space import split_config
+from automl_ad.evaluation.uncertainty import auroc_standard_error
 from automl_ad.evaluation.validation import load_image_set, load_val_defects, val_set_for
 
 
@@ -196,9 +197,12 @@ def train_worker_loop(loop_config: dict[str, Any]) -> None:
     budget_spent = DeadlineWatch(context.experiment_dir)
     if context.num_workers == 1 and budget_spent.active and budget_spent():
         return
-    reporter = _Reporter(context.use_train)
+    direct = bool(loop_config.get("direct"))
+    reporter = _Reporter(context.use_train and not direct)
     device = "cpu"
-    if context.use_gpu:
+    if context.use_gpu and direct:
+        device = "cuda:0"  # Ray made the trial's one GPU the only visible one
+    elif context.use_gpu:
         import ray.train.torch
 
         device = str(ray.train.torch.get_device())
@@ -216,11 +220,9 @@ def train_worker_loop(loop_config: dict[str, Any]) -> None:
     tracker = _WandbRun(context, flat, reporter) if context.wandb and reporter.rank == 0 else None
 
     def on_epoch(report: Any, checkpoint_dir: Path | None) -> bool:
-        metrics = epoch_metrics(report)
-        if report.epoch >= cfg.epochs and checkpoint_dir is not None:
-            # ASHA stops a trial as soon as it reports max_t, so the test metrics ride
-            # on the last epoch's report rather than on a report after it.
-            metrics.update(_test_metrics(checkpoint_dir, data, device))
+        # Test metrics are not computed here: the driver evaluates every stored trial
+        # after the search, so the budget buys trials, not test evaluations.
+        metrics = {**epoch_metrics(report), **objective_noise(report.val, val_set)}
         if tracker is not None:
             tracker.log(metrics)
         reporter.report(metrics, checkpoint_dir)
@@ -235,8 +237,8 @@ def train_worker_loop(loop_config: dict[str, Any]) -> None:
             # Killed after its last checkpoint but before Tune saw the report: say it again,
             # in full, naming the checkpoint (Train's reports carry its path, not the files).
 
-            metrics = {**epoch_metrics(EpochReport(**saved["reports"][-1])),
-                       **_test_metrics(resume, data, device), "checkpoint_path": checkpoint.path}
+            last = EpochReport(**saved["reports"][-1])
+            metrics = {**epoch_metrics(last), **objective_noise(last.val, val_set), "checkpoint_path": checkpoint.path}
             reporter.report(metrics, None)
             return
         data_parallel = None
@@ -261,15 +263,6 @@ def train_worker_loop(loop_config: dict[str, Any]) -> None:
         if tracker is not None:
             tracker.finish()
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _test_metrics(folder: Path, data: Any, device: str) -> dict[str, Any]:
-    """``test_*`` metrics of the model saved in ``folder`` (never used for selection)."""
-    import torch
-
-    method, _ = load_trained_method(Path(folder), data.category, device)
-    metrics = evaluate(method, data.test, torch.device(device)) if len(data.test) else {}
-    return {**{f"test_{k}": v for k, v in metrics.items() if v is not None}, "test_done": 1}
 
 
 def _restored_state(folder: Path, trial_id: str) -> dict[str, Any] | None:
@@ -314,21 +307,63 @@ class _WandbRun:
         self._run.finish()
 
 
-def trial_resources(context: TrialContext) -> dict[str, float]:
-    """Resources of the Tune function itself (the Train driver)."""
-    if context.use_train:
+def runs_direct(context: TrialContext, config: Mapping[str, Any] | None) -> bool:
+    """Whether a trial runs its loop in the Tune function itself, without a TorchTrainer:
+    always when the search says so (``use_train=False``), and for a method without a
+    gradient phase (a memory bank), which has no training loop for Ray Train to wrap and
+    would only pay its start-up (controller, worker and helper actors; ~15 s on 2 CPUs)."""
+    if not context.use_train:
+        return True
+    if not config or "method" not in config:
+        return False
+    return not tuple(get_method_class(split_config(config, context.default_image_size).method).phases)
+
+
+def trial_resources(context: TrialContext, direct: bool | None = None) -> dict[str, float]:
+    """Resources of the Tune function itself: the Train driver, or the whole trial when
+    it runs ``direct`` (default: the search's ``use_train``)."""
+    direct = (not context.use_train) if direct is None else direct
+    if not direct:
         if context.driver_resource:
             return {"CPU": 0.0, context.driver_resource: 1.0}
         return {"CPU": 1.0}
-    return {"CPU": context.cpus_per_worker, "GPU": context.gpus_per_worker if context.use_gpu else 0.0}
+    gpus = context.gpus_per_worker if context.use_gpu else 0.0
+    return {"CPU": context.cpus_per_worker, "GPU": min(gpus, 1.0) if gpus else 0.0}
 
 
-def allocated_devices(context: TrialContext, device_kind: str) -> float:
-    """Devices a trial holds for budget accounting (allocation, not utilisation)."""
+def allocated_devices(context: TrialContext, device_kind: str, direct: bool | None = None) -> float:
+    """Devices a trial holds for budget accounting (allocation, not utilisation); a
+    ``direct`` trial holds one worker's and no driver's."""
+    direct = (not context.use_train) if direct is None else direct
+    workers = 1 if direct else context.num_workers
     if device_kind == "gpu":
-        return context.num_workers * context.gpus_per_worker if context.use_gpu else 0.0
-    workers = context.num_workers * context.cpus_per_worker
-    return workers + (1.0 if context.use_train and not context.driver_resource else 0.0)
+        return workers * context.gpus_per_worker if context.use_gpu else 0.0
+    return workers * context.cpus_per_worker + (0.0 if direct or context.driver_resource else 1.0)
+
+
+@dataclass(frozen=True)
+class TrialDevices:
+    """Devices a trial of a given configuration holds (``allocated_devices``); a small
+    picklable callable, since Tune saves the searcher and callbacks that hold it."""
+
+    context: TrialContext
+    device_kind: str
+
+    def __call__(self, config: Mapping[str, Any] | None) -> float:
+        return allocated_devices(self.context, self.device_kind, runs_direct(self.context, config))
+
+
+def objective_noise(val: Mapping[str, Any], val_set: Any) -> dict[str, float]:
+    """``objective_se``: the standard error of the val image AUROC, so the leaderboard and
+    the choice can tell which trials the val set cannot rank: DeLong's from the val scores
+    (``training.loop.evaluate``), else Hanley & McNeil's from the AUROC and the counts."""
+    auroc = val.get("image_auroc")
+    if auroc is None:
+        return {}
+    if val.get("image_auroc_se") is not None:
+        return {"objective_se": float(val["image_auroc_se"])}
+    anomalous = int(val_set.labels.sum())
+    return {"objective_se": auroc_standard_error(float(auroc), anomalous, len(val_set.labels) - anomalous)}
 
 
 def make_trainable(context: TrialContext) -> Callable[[dict[str, Any]], None]:
@@ -336,8 +371,9 @@ def make_trainable(context: TrialContext) -> Callable[[dict[str, Any]], None]:
     from ray import tune
 
     def run_trial(config: dict[str, Any]) -> None:
-        loop_config = {"context": asdict(context), "config": dict(config)}
-        if not context.use_train:
+        direct = runs_direct(context, config)
+        loop_config = {"context": asdict(context), "config": dict(config), "direct": direct}
+        if direct:
             train_worker_loop(loop_config)
             return
         import ray.train
@@ -365,4 +401,4 @@ def make_trainable(context: TrialContext) -> Callable[[dict[str, Any]], None]:
         )
         trainer.fit()
 
-    return tune.with_resources(run_trial, trial_resources(context))
+    return tune.with_resources(run_trial, lambda config: trial_resources(context, runs_direct(context, config)))

@@ -147,6 +147,7 @@ class CFA(Method):
     def setup(self, fit_images: Tensor) -> None:
         total: Tensor | None = None
         for start in range(0, len(fit_images), _SETUP_CHUNK):
+            self.check_interrupt()
             chunk = fit_images[start : start + _SETUP_CHUNK]
             summed = self.describe(chunk).sum(dim=0)
             total = summed if total is None else total + summed

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,13 @@ _CORESET_SEED = 0
 # holds at most _MAX_BANK patches.
 _MAX_CANDIDATES = 163_840
 _MAX_BANK = 8192
+# estimated_work's constants: one thread of the 2-core reference VM (timed with torch
+# 2.14: backbone forward per 256 px image, one greedy-coreset multiply-add, one distance
+# multiply-add); only their ratios matter to the planner.
+_FEATURE_S_AT_256 = 0.1
+_CORESET_S_PER_OP = 0.6e-9
+_DISTANCE_S_PER_OP = 0.086e-9
+_BACKBONE_COST = {"efficientnet_lite0": 1.0, "efficientnet_lite1": 1.36, "efficientnet_lite2": 1.42}  # same VM
 
 
 @dataclass
@@ -70,12 +77,17 @@ def _layers_for(backbone: str, feature_strides: str) -> list[str]:
     return [by_stride[int(stride)] for stride in feature_strides.split("+")]
 
 
-def greedy_coreset(points: Tensor, count: int, projection_dim: int, seed: int) -> Tensor:
+_INTERRUPT_EVERY = 64  # coreset steps between two looks at the caller's deadline
+
+
+def greedy_coreset(points: Tensor, count: int, projection_dim: int, seed: int,
+                   check_interrupt: Callable[[], None] | None = None) -> Tensor:
     """Indices of ``count`` points chosen by greedy k-center (farthest-point) selection.
 
     Distances are taken in a seeded random projection to ``projection_dim`` dimensions
     (the paper's Johnson-Lindenstrauss speed-up). Each step reads the projected points
-    once: the cost is count x N x projection_dim.
+    once: the cost is count x N x projection_dim. ``check_interrupt`` is called every
+    few steps and may raise to stop the selection (a search's budget deadline).
     """
     n, dim = points.shape
     if count >= n:
@@ -93,6 +105,8 @@ def greedy_coreset(points: Tensor, count: int, projection_dim: int, seed: int) -
     nearest = torch.full((n,), float("inf"), device=points.device, dtype=projected.dtype)
     scratch = torch.empty_like(nearest)
     for step in range(count):
+        if check_interrupt is not None and step % _INTERRUPT_EVERY == 0:
+            check_interrupt()
         chosen[step] = current
         centre = projected[current]
         # |x - c|^2 = |x|^2 - 2 x.c + |c|^2, written into one buffer per step.
@@ -120,6 +134,24 @@ class PatchCore(Method):
         self.register_buffer("memory_bank", torch.empty(0, channels))
         self.register_buffer("bank_neighbours", torch.empty(0, 1, dtype=torch.long))
 
+    # --- cost ---------------------------------------------------------------------------
+    def estimated_work(self, fit_images: int, eval_images: int) -> float:
+        """Seconds on one CPU thread, roughly (2-core VM, EfficientNet-Lite0 at 256 px):
+        a backbone pass per image, the coreset's count x candidates x projection steps,
+        and per inferred image its patches x bank x channels distances. The feature
+        strides and coreset ratio move it most: strides 4+8 at ratio 0.047 costs about
+        twice the default, which a parameter count (smaller for 4+8) got backwards."""
+        size, config = int(self.image_size), self.config
+        finest = min(int(stride) for stride in str(config.feature_strides).split("+"))
+        per_image = (size // finest) ** 2
+        patches = max(1, fit_images) * per_image
+        bank = min(_MAX_BANK, max(1, math.ceil(float(config.coreset_ratio) * patches)))
+        candidates = min(patches, _MAX_CANDIDATES)
+        features = _FEATURE_S_AT_256 * _BACKBONE_COST.get(str(config.backbone), 1.0) * (size / 256) ** 2
+        coreset = _CORESET_S_PER_OP * bank * candidates * int(config.projection_dim)
+        nearest = _DISTANCE_S_PER_OP * per_image * bank * sum(self.backbone.channels)
+        return fit_images * features + coreset + eval_images * (features + nearest)
+
     # --- features -------------------------------------------------------------------
     @torch.no_grad()
     def patch_features(self, images: Tensor) -> Tensor:
@@ -141,6 +173,7 @@ class PatchCore(Method):
             raise UserError("patchcore: setup() needs at least one fit image")
         chunks = []
         for start in range(0, len(fit_images), _SETUP_CHUNK):
+            self.check_interrupt()
             features = self.patch_features(fit_images[start : start + _SETUP_CHUNK])
             chunks.append(features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]))
         patches = torch.cat(chunks)
@@ -149,7 +182,7 @@ class PatchCore(Method):
             generator = torch.Generator().manual_seed(_CORESET_SEED)
             keep = torch.randperm(patches.shape[0], generator=generator)[:_MAX_CANDIDATES]
             patches = patches[keep.to(patches.device)]
-        chosen = greedy_coreset(patches, count, int(self.config.projection_dim), _CORESET_SEED)
+        chosen = greedy_coreset(patches, count, int(self.config.projection_dim), _CORESET_SEED, self.check_interrupt)
         self.memory_bank = patches[chosen].contiguous()
         self.bank_neighbours = self._bank_neighbourhoods(min(int(self.config.reweight_neighbours), len(chosen)))
 
