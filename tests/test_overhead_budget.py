@@ -116,3 +116,48 @@ def test_search_stops_a_long_epoch_when_the_budget_is_spent(tmp_path, tiny_mvtec
     assert wall < 120
 
 
+
+
+def test_a_memory_bank_setup_and_a_long_validation_stop_at_the_deadline():
+    """PatchCore's coreset search and a validation over many batches cannot be cut by a
+    step loop: they ask the deadline themselves (issue 21: a 333 s PatchCore trial had
+    started 2.8 minutes before the end of a 15-minute budget and overran it)."""
+    data = toy_category()
+    cfg = TrainConfig(method="patchcore", image_size=32, epochs=1, batch_size=4, seed=0, eval_batch_size=2,
+                      method_params={"backbone": "efficientnet_lite0", "coreset_ratio": 0.5, "weights": "random"})
+    asks = {"n": 0}
+
+    def during_setup() -> bool:
+        asks["n"] += 1
+        return asks["n"] >= 3  # the first ask is fit's own; the 3rd comes from inside setup
+
+    stopped = fit(cfg, data, toy_val(data), should_stop=during_setup, evaluate_test=False)
+    assert stopped.stopped_early and stopped.reports == [] and asks["n"] == 3
+    assert stopped.method.memory_bank.shape[0] == 0, "no bank: setup was left part-way"
+
+    # The deadline passes during validation, between two of its batches: nothing reported.
+    import inspect
+
+    def inside_validation() -> bool:
+        return inspect.stack()[1].function == "predict"
+
+    reported = []
+    stopped = fit(cfg, data, toy_val(data), should_stop=inside_validation, evaluate_test=False,
+                  on_epoch=lambda r, d: reported.append(r))
+    assert len(toy_val(data)) > cfg.eval_batch_size, "several validation batches"
+    assert stopped.stopped_early and stopped.reports == [] and reported == []
+    finished = fit(cfg, data, toy_val(data), evaluate_test=False)
+    assert finished.reports and not finished.stopped_early
+
+
+def test_a_patchcore_configuration_costs_what_drives_its_work():
+    """Strides 4+8 at a 4.7 % coreset cost about twice the default (measured 333 s against
+    about 140 s on real images); a parameter count had said they cost less."""
+    from automl_ad.tuning.schedule import config_cost_factor
+
+    counts = {"fit": 194, "val_good": 48}
+    heavy = config_cost_factor("patchcore", {"feature_strides": "4+8", "coreset_ratio": 0.047}, 256, counts)
+    light = config_cost_factor("patchcore", {"coreset_ratio": 0.0059}, 256, counts)
+    wider = config_cost_factor("patchcore", {"backbone": "efficientnet_lite2"}, 256, counts)
+    assert 1.8 < heavy < 3.0 and 0.7 < light < 1.0 and wider > 1.05
+    assert config_cost_factor("patchcore", {}, 256, counts) == pytest.approx(1.0)

@@ -82,9 +82,11 @@ def search_command(category, budget, jobs_file, data, methods, space_file, max_c
       automl-ad search --jobs jobs.yaml --address auto --storage /mnt/shared/automl_ad
       automl-ad search -c screw --budget 50gpu-h --plan      # the schedule only, from any machine
 
-    At the end: leaderboard, then the best trials are ensembled (Caruana selection on
-    val), the better of ensemble and single model is exported to <models>/<category>
-    (ONNX + TorchScript + manifest.json) and report.html is written next to it.
+    At the end: test metrics of every trial (not charged to the budget), the leaderboard
+    (val objective ± its noise, trials tied with the best), then the trials the val set
+    cannot tell from the best are ensembled (or the best alone, when it is clearly
+    better), exported to <models>/<category> (ONNX + TorchScript + manifest.json) and
+    report.html is written next to it.
     """
     from automl_ad.tuning.search import SearchOptions, run_jobs, run_search
 

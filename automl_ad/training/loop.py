@@ -91,11 +91,12 @@ def synthesis_family(cfg: TrainConfig, method_cls: type[Method]) -> str | None:
 def predict(method: Method, images: Tensor, device: torch.device, batch_size: int,
             should_stop: Callable[[], bool] | None = None) -> tuple[Tensor, Tensor]:
     """(maps N x H x W, scores N) on CPU for uint8 or float images. ``should_stop`` is
-    asked before every batch; ``Interrupted`` is raised when it says yes."""
+    asked before every batch but the first (its caller has just asked); ``Interrupted``
+    is raised when it says yes."""
     method.eval()
     maps, scores = [], []
     for start in range(0, len(images), batch_size):
-        if should_stop is not None and should_stop():
+        if should_stop is not None and start > 0 and should_stop():
             raise Interrupted(f"{method.name}: inference stopped at the budget deadline")
         chunk = to_float(images[start : start + batch_size]).to(device)
         batch_maps, batch_scores = method(chunk)

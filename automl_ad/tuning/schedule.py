@@ -590,13 +590,25 @@ class _Planner:
 
     def plan(self, chosen: Mapping[str, list[int]], phi: float, dropped: list[dict[str, Any]]) -> Plan:
         entries = [self.entry(m, size, self.steps_at(m, phi)) for m in self.methods for size in chosen[m.name]]
-        # expected counts with configurations sampled uniformly over methods, then sizes
+        # expected counts: the warm starts first (search.warm_start_points), then
+        # configurations sampled uniformly over methods, then sizes
         share = {e.key: 1.0 / (len(self.methods) * len(chosen[e.method])) for e in entries}
         mean_trial = sum(share[e.key] * e.expected_s for e in entries)
-        total_trials = self.budget.amount if self.total_s is None else self.total_s / mean_trial
+        warm = self.warm_starts(chosen, {e.key: e for e in entries})
+        counts = {e.key: 0.0 for e in entries}
+        if self.total_s is None:
+            rest = self.budget.amount
+        else:
+            left = self.total_s
+            for key, seconds in warm:
+                if left <= 0:
+                    break
+                counts[key] += min(1.0, left / max(seconds, 1e-9))
+                left -= seconds
+            rest = max(0.0, left) / mean_trial
         reach_full = self.eta ** -self.promotions
         for e in entries:
-            e.expected_trials = total_trials * share[e.key]
+            e.expected_trials = counts[e.key] + rest * share[e.key]
             e.expected_full = e.expected_trials * (reach_full if e.trainable else 1.0)
         bounds, speeds = self.bounds, self.speeds
         return Plan(
@@ -610,6 +622,22 @@ class _Planner:
             expected_full=sum(e.expected_full for e in entries), notes=self.notes(), overhead_s=self.overhead,
             heavy_limit_s=None if self.total_s is None else self.total_s / max(1, bounds.min_trials),
         )
+
+    def warm_starts(self, chosen: Mapping[str, list[int]], entries: Mapping[str, Entry]) -> list[tuple[str, float]]:
+        """(entry key, expected seconds) of the warm-start trials a TPE search runs first:
+        a method without training at its largest size once per backbone, a method that
+        trains at its size nearest the paper's (search.warm_start_points)."""
+        out = []
+        for m in sorted(self.methods, key=lambda m: (m.trainable, m.name)):
+            sizes = chosen[m.name]
+            if not m.trainable:
+                entry = entries[schedule_key(m.name, max(sizes))]
+                out += [(entry.key, trial_cost(entry.costs.get(b or "-") or entry.mean_costs(), 1, 1, False))
+                        for b in m.backbones]
+            else:
+                size = min(sizes, key=lambda size: (abs(size - m.recipe.image_size), size))
+                out.append((schedule_key(m.name, size), entries[schedule_key(m.name, size)].expected_s))
+        return out
 
     def notes(self) -> list[str]:
         notes = []

@@ -745,7 +745,7 @@ def finalize_trial(experiment_dir: Path, context: TrialContext, category: str, t
         backbone=split.method_params.get("backbone") or _default_backbone(split.method),
         synthesis=split.synthesis, image_size=split.image_size, params=config, status=status, result=result,
         max_epochs=context.max_epochs, wall_s=float(wall_s if wall_s is not None else entry.get("wall_s", 0.0)),
-        devices=allocated_devices(context, device_kind), device_kind=device_kind,
+        devices=TrialDevices(context, device_kind)(config), device_kind=device_kind,
         budget_used=float(entry.get("used", 0.0)), seed=context.seed,
         # Inside the experiment: relative, so any copy or mirror of it finds the file.
         checkpoint=storage.relative_to_experiment(checkpoint, context.experiment) if storage else checkpoint,
