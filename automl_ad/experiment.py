@@ -162,6 +162,77 @@ def read_checkpoint(folder: Path) -> dict[str, Any]:
     return state
 
 
+# --- what a trial's last validation scored (the model choice reuses it) ----------------
+
+VAL_SCORES_FILE = "val_scores.json"
+
+
+def write_val_scores(folder: Path, paths: list[str], scores: list[float], pixel_center: float,
+                     pixel_scale: float) -> None:
+    """The image scores of a trial's last validation, keyed by val image (``paths``: the
+    frozen val set's ids), and the robust centre/scale of its val-good maps, next to the
+    checkpoint: the model choice reads them instead of scoring the val set again."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    payload = {"paths": list(paths), "scores": [float(v) for v in scores],
+               "pixel_center": float(pixel_center), "pixel_scale": float(pixel_scale)}
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".val_scores.", suffix=".tmp")
+    os.close(fd)
+    try:
+        Path(tmp).write_text(json.dumps(payload))
+        os.replace(tmp, folder / VAL_SCORES_FILE)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_val_scores(folder: Path) -> dict[str, Any] | None:
+    """What ``write_val_scores`` wrote, or None (none written, or unreadable: the caller
+    scores the val set itself)."""
+    path = Path(folder) / VAL_SCORES_FILE
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(payload, dict) or len(payload.get("paths", [])) != len(payload.get("scores", [None])):
+        return None
+    return payload
+
+
+def test_predictions_path(folder: Path, trial_id: str) -> Path:
+    """Test scores and maps of a trial the choice may ship (``search.evaluate_tests``)."""
+    return cache_dir(folder) / "test_predictions" / f"{trial_id}.safetensors"
+
+
+def write_test_predictions(folder: Path, trial_id: str, scores: torch.Tensor, maps: torch.Tensor) -> None:
+    """Keep a trial's test scores and maps (maps as float16: the metrics need the ranking
+    of pixel scores, not their last digits) for the model choice's test report."""
+    from safetensors.torch import save_file
+
+    path = test_predictions_path(folder, trial_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({"scores": scores.float().contiguous(), "maps": maps.half().contiguous()}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_test_predictions(folder: Path, trial_id: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(scores, maps as float32) that ``write_test_predictions`` kept, or None."""
+    from safetensors.torch import load_file
+
+    path = test_predictions_path(folder, trial_id)
+    try:
+        tensors = load_file(str(path))
+    except (OSError, ValueError, RuntimeError):
+        return None
+    return tensors["scores"], tensors["maps"].float()
+
+
 def checkpoints_newest_first(checkpoint: Path) -> list[Path]:
     """A trial's checkpoint, then the earlier ones Tune kept beside it (``checkpoint_000002``
     before ``checkpoint_000003``): where to fall back when the newest is damaged."""

@@ -118,3 +118,25 @@ def test_the_choice_of_a_finished_search_says_what_it_compared(tmp_path):
     assert choice.rule
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["selection"]["tied_with_best"] and manifest["selection"]["rule"]
+
+
+def test_the_choice_reuses_each_trials_val_scores_and_agrees_with_scoring_again(tmp_path):
+    """After a search the choice reads every candidate's val scores from its trial
+    (experiment.VAL_SCORES_FILE) instead of scoring the val set again; without them it
+    scores the val set itself and decides the same."""
+    from automl_ad.deploy.choice import choose_model
+    from automl_ad.experiment import VAL_SCORES_FILE
+    from conftest import build_tiny_experiment
+
+    folder, _ = build_tiny_experiment(tmp_path)
+    stored = sorted(folder.rglob(VAL_SCORES_FILE))
+    assert len(stored) == 3, "one per trial, beside its checkpoint"
+    reused = choose_model(folder, k=3, top=3)
+    assert reused.val["aupro"] is None, "image scores only: no maps were kept"
+    for path in stored:
+        path.unlink()
+    scored = choose_model(folder, k=3, top=3)
+    assert scored.val["aupro"] is not None
+    assert (reused.kind, reused.tied, reused.members) == (scored.kind, scored.tied, scored.members)
+    assert reused.objective == pytest.approx(scored.objective, abs=1e-6)
+    assert torch.allclose(reused.val_scores, scored.val_scores, atol=1e-4)

@@ -48,12 +48,13 @@ from automl_ad.deploy.ensemble import (
     ensemble_test_metrics,
     fuse,
 )
-from automl_ad.evaluation.metrics import evaluate
+from automl_ad.evaluation.metrics import evaluate, f1_max, image_auroc
+from automl_ad.evaluation.normalisation import robust_center_scale
 from automl_ad.evaluation.uncertainty import CONFIDENCE, paired_bootstrap, within_noise
 from automl_ad.evaluation.validation import objective as val_objective
 from automl_ad.errors import DamagedCheckpoint, UserError
 from automl_ad.experiment import (ENSEMBLES, cache_dir, checkpoints_newest_first, has_record, read_record,
-                                  read_val_anomalies)
+                                  read_test_predictions, read_val_anomalies, read_val_scores)
 from automl_ad.deploy.export import calibrate_threshold, export_bundle
 from automl_ad.training.loop import load_trained_method, predict
 from automl_ad.evaluation.validation import val_set_for
@@ -238,21 +239,31 @@ def choose_model(
 
     device = torch.device("cpu")
     predictions: list[MemberPredictions] = []
-    with progress.step(f"scoring {len(candidates)} candidate(s) on {len(val)} val images", total=len(candidates)) as step:
-        for candidate in candidates:
-            val_maps, val_scores = predict(models[candidate.trial_id], val.images, device, 16)
-            predictions.append(MemberPredictions(candidate.trial_id, val_scores, val_maps))
-            step.advance()
+    pixel_stats: dict[str, tuple[float, float]] = {}
+    for candidate in candidates:  # what each trial's own last validation scored
+        cached = _cached_val_scores(candidate, val)
+        if cached is not None:
+            predictions.append(MemberPredictions(candidate.trial_id, cached[0], None))
+            pixel_stats[candidate.trial_id] = cached[1]
+    missing = [c for c in candidates if c.trial_id not in pixel_stats]
+    if missing:
+        with progress.step(f"scoring {len(missing)} candidate(s) on {len(val)} val images", total=len(missing)) as step:
+            for candidate in missing:
+                val_maps, val_scores = predict(models[candidate.trial_id], val.images, device, 16)
+                predictions.append(MemberPredictions(candidate.trial_id, val_scores, val_maps))
+                step.advance()
+    order = {c.trial_id: i for i, c in enumerate(candidates)}
+    predictions.sort(key=lambda p: order[p.name])
 
     masks = val.masks[:, 0]
     good = val.labels == 0
     bootstrap = paired_bootstrap(torch.stack([p.val_scores for p in predictions]), val.labels, seed=seed)
     tied = [predictions[i] for i in bootstrap.tied_with_best()][:k]
     best = tied[0]
-    single = _result([best], val, masks, good, fusion)
+    single = _result([best], val, masks, good, fusion, pixel_stats)
     kind, chosen, rule = "single", single, "the best candidate is significantly better than the others on val"
     if len(tied) > 1:
-        ensemble = _result(tied, val, masks, good, fusion)
+        ensemble = _result(tied, val, masks, good, fusion, pixel_stats)
         fused = fuse([single_scores(ensemble, member) for member in tied], fusion)
         versus = paired_bootstrap(torch.stack([single_scores(single, best), fused]), val.labels, seed=seed)
         if versus.worse_probability(1, 0) >= CONFIDENCE:
@@ -266,7 +277,12 @@ def choose_model(
         with progress.step(f"test metrics of the {kind} (reported, never used)", total=len(chosen.scalers)) as step:
             by_name = {p.name: p for p in predictions}
             for name in chosen.scalers:
-                by_name[name].test_maps, by_name[name].test_scores = predict(models[name], data.test.images, device, 16)
+                stored = read_test_predictions(folder, name)
+                if stored is not None and len(stored[0]) == len(data.test):
+                    by_name[name].test_scores, by_name[name].test_maps = stored
+                else:
+                    by_name[name].test_maps, by_name[name].test_scores = predict(models[name], data.test.images,
+                                                                                 device, 16)
                 step.advance()
         chosen.test = ensemble_test_metrics(chosen, predictions, data.test.labels, data.test.masks[:, 0],
                                             data.test.has_mask)
@@ -297,15 +313,40 @@ def choose_model(
 
 
 def _result(members: Sequence[MemberPredictions], val: ImageSet, masks: torch.Tensor, good: torch.Tensor,
-            fusion: str) -> EnsembleResult:
+            fusion: str, pixel_stats: dict[str, tuple[float, float]]) -> EnsembleResult:
     """The equal-weight ensemble of ``members`` (one member: itself) on the shared val set,
-    each member normalised on val-good."""
-    scalers = {m.name: RobustScaler.fit(m.val_scores[good], m.val_maps[good]) for m in members}
+    each member normalised on val-good. Members known by their trial's stored val scores
+    have no maps here: the val metrics are then the image ones only."""
+    scalers = {m.name: _scaler(m, good, pixel_stats) for m in members}
     scores = fuse([scalers[m.name].scores(m.val_scores) for m in members], fusion)
-    maps = fuse([scalers[m.name].maps(m.val_maps) for m in members], fusion)
-    metrics = evaluate(scores, maps, val.labels, masks, val.has_mask)
+    if all(m.val_maps is not None for m in members):
+        maps = fuse([scalers[m.name].maps(m.val_maps) for m in members], fusion)
+        metrics = evaluate(scores, maps, val.labels, masks, val.has_mask)
+    else:
+        best_f1 = f1_max(scores, val.labels)
+        metrics = {"image_auroc": image_auroc(scores, val.labels), "pixel_auroc": None, "aupro": None,
+                   "f1_max": best_f1[0] if best_f1 else None, "f1_threshold": best_f1[1] if best_f1 else None}
     return EnsembleResult(members=[m.name for m in members], scalers=scalers, fusion=fusion, val=metrics,
                           objective=val_objective(metrics))
+
+
+def _scaler(member: MemberPredictions, good: torch.Tensor, pixel_stats: dict[str, tuple[float, float]]) -> RobustScaler:
+    if member.val_maps is not None:
+        return RobustScaler.fit(member.val_scores[good], member.val_maps[good])
+    return RobustScaler(*robust_center_scale(member.val_scores[good]), *pixel_stats[member.name])
+
+
+def _cached_val_scores(candidate: Candidate, val: ImageSet) -> tuple[torch.Tensor, tuple[float, float]] | None:
+    """The candidate's image scores on ``val`` from its trial's last validation (and its
+    val-good maps' centre and scale), or None when that did not score every image of it."""
+    stored = read_val_scores(candidate.checkpoint)
+    if stored is None:
+        return None
+    by_path = dict(zip(stored["paths"], stored["scores"]))
+    if len(by_path) != len(stored["paths"]) or any(not path or path not in by_path for path in val.paths):
+        return None
+    scores = torch.tensor([by_path[path] for path in val.paths], dtype=torch.float32)
+    return scores, (float(stored["pixel_center"]), float(stored["pixel_scale"]))
 
 
 def single_scores(result: EnsembleResult, member: MemberPredictions) -> torch.Tensor:

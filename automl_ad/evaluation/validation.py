@@ -46,7 +46,8 @@ def objective(metrics: Mapping[str, float | None]) -> float:
 
 
 def good_set(images: Tensor) -> ImageSet:
-    """An ImageSet of normal images (labels 0, empty masks that count as known)."""
+    """An ImageSet of normal images (labels 0, empty masks that count as known); each is
+    named ``val-good:<i>`` so a trial's stored val scores can be matched to it."""
     n, _, h, w = images.shape
     return ImageSet(
         images=images,
@@ -54,7 +55,7 @@ def good_set(images: Tensor) -> ImageSet:
         labels=torch.zeros(n, dtype=torch.long),
         has_mask=torch.ones(n, dtype=torch.bool),
         defect_types=["good"] * n,
-        paths=[""] * n,
+        paths=[f"val-good:{i}" for i in range(n)],
     )
 
 
@@ -71,6 +72,7 @@ def build_val_anomalies(
     base = to_float(data.val_good)
     sources = to_float(data.fit)
     parts: list[ImageSet] = []
+    offset = 0
     for index, family in enumerate(families):
         params = {"normal_share": 0.0, **_VAL_FAMILY_PARAMS.get(family, {})}
         synthesizer = build_synthesizer(family, params, category=data.category)
@@ -85,9 +87,11 @@ def build_val_anomalies(
                 labels=labels,
                 has_mask=torch.ones(len(labels), dtype=torch.bool),
                 defect_types=[family if int(l) else "good" for l in labels],
-                paths=[""] * len(labels),
+                # an id per frozen anomaly, so a trial's stored val scores match it
+                paths=[f"val-anomaly:{offset + i}" for i in range(len(labels))],
             )
         )
+        offset += len(labels)
     return ImageSet.concat(parts)
 
 

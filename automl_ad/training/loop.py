@@ -22,10 +22,11 @@ from torch import Tensor
 
 from automl_ad.data.types import CategoryData, ImageSet, to_float
 from automl_ad.errors import DamagedCheckpoint, Interrupted, UserError
-from automl_ad.experiment import checkpoint_file, read_checkpoint, write_checkpoint
+from automl_ad.experiment import checkpoint_file, read_checkpoint, write_checkpoint, write_val_scores
 from automl_ad.methods.base import Batch, Method, create_method
 from automl_ad.evaluation.metrics import evaluate as compute_metrics
 from automl_ad.synthesis import build_synthesizer
+from automl_ad.evaluation.normalisation import robust_center_scale
 from automl_ad.evaluation.uncertainty import delong_standard_error
 from automl_ad.evaluation.validation import objective
 
@@ -106,10 +107,13 @@ def predict(method: Method, images: Tensor, device: torch.device, batch_size: in
 
 
 def evaluate(method: Method, image_set: ImageSet, device: torch.device, batch_size: int = 32,
-             should_stop: Callable[[], bool] | None = None) -> dict[str, float | None]:
+             should_stop: Callable[[], bool] | None = None,
+             kept: dict[str, Tensor] | None = None) -> dict[str, float | None]:
     """Image and pixel metrics of ``method`` on a labelled image set (``should_stop``:
-    see ``predict``)."""
+    see ``predict``); ``kept``, when given, receives the ``scores`` and ``maps``."""
     maps, scores = predict(method, image_set.images, device, batch_size, should_stop)
+    if kept is not None:
+        kept.update(scores=scores, maps=maps)
     metrics = compute_metrics(scores, maps, image_set.labels, image_set.masks[:, 0], image_set.has_mask)
     # how far the image AUROC can be trusted on this many images (a search's leaderboard
     # and choice read it: evaluation.uncertainty)
@@ -242,9 +246,10 @@ def fit(
             if stopped_mid_epoch:
                 stopped_early = True
                 break
+            kept: dict[str, Tensor] = {}
             try:
-                val = evaluate(method, val_set, device, cfg.eval_batch_size, should_stop if alone else None) \
-                    if lead else {}
+                val = evaluate(method, val_set, device, cfg.eval_batch_size, should_stop if alone else None,
+                               kept) if lead else {}
             except Interrupted:
                 stopped_early = stopped_mid_epoch = True
                 break
@@ -256,6 +261,7 @@ def fit(
             if checkpoint_dir is not None and lead:
                 _save_checkpoint(Path(checkpoint_dir), cfg, method, optimizer, scheduler, phase, epoch + 1, step,
                                  streams, reports)
+                _save_val_scores(Path(checkpoint_dir), val_set, kept)
             if on_epoch is not None and on_epoch(report, checkpoint_dir if lead else None) and epoch + 1 < cfg.epochs:
                 stopped_early = True
                 break
@@ -396,14 +402,17 @@ def _fit_without_gradients(
     if should_stop is not None and _agreed_stop(should_stop, data_parallel, device):
         return _stopped(method, [])
     alone = data_parallel is None or data_parallel.world_size == 1
+    kept: dict[str, Tensor] = {}
     try:
-        val = evaluate(method, val_set, device, cfg.eval_batch_size, should_stop if alone else None) if lead else {}
+        val = evaluate(method, val_set, device, cfg.eval_batch_size, should_stop if alone else None,
+                       kept) if lead else {}
     except Interrupted:
         return _stopped(method, [])
     report = EpochReport(epoch=cfg.epochs, phase="setup", step=0, train_loss=float("nan"), val=val,
                          objective=objective(val), elapsed_s=time.perf_counter() - began)
     if checkpoint_dir is not None and lead:
         _save_checkpoint(Path(checkpoint_dir), cfg, method, None, None, "setup", cfg.epochs, 0, streams, [report])
+        _save_val_scores(Path(checkpoint_dir), val_set, kept)
     if on_epoch is not None:
         on_epoch(report, checkpoint_dir if lead else None)
     test = evaluate(method, data.test, device, cfg.eval_batch_size) if evaluate_test and lead and len(data.test) else {}
@@ -440,6 +449,17 @@ def _make_batch(
     # whole fit set to the device per step.
     out = synthesizer(clean, generator)
     return Batch(images=out.images, clean=clean, masks=out.masks, labels=out.labels)
+
+
+def _save_val_scores(folder: Path, val_set: ImageSet, kept: Mapping[str, Tensor]) -> None:
+    """The validation's image scores and its val-good maps' robust statistics beside the
+    checkpoint (``experiment.write_val_scores``), so choosing the model after a search
+    does not score every candidate on the val set again."""
+    if "scores" not in kept:
+        return
+    good = val_set.labels == 0
+    center, scale = robust_center_scale(kept["maps"][good]) if bool(good.any()) else (0.0, 1.0)
+    write_val_scores(folder, list(val_set.paths), kept["scores"].tolist(), center, scale)
 
 
 def _save_checkpoint(

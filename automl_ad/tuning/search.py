@@ -25,7 +25,7 @@ from ray.tune.search.optuna import OptunaSearch
 from ray.tune.stopper import Stopper
 
 from automl_ad import experiment as layout
-from automl_ad.results import store
+from automl_ad.results import leaderboard, store
 from automl_ad.data.builtin import BUILTIN_CATEGORIES
 from automl_ad.data.dataset import load_category, resolve_data_root
 from automl_ad.data.layout import category_folder, list_categories
@@ -705,6 +705,10 @@ def evaluate_tests(folder: Path, context: TrialContext, log: Callable[[str], Non
 
     pending = store.needs_test_metrics(folder)
     rows = {str(r["trial_id"]): r for r in store.read_table(folder).to_pylist()}
+    # The trials the val set cannot tell from the best are the ones the model choice may
+    # ship: their test predictions are kept so it need not score the test set again.
+    ranked = [r for r in leaderboard.ranked(list(rows.values())) if r.get("status") != "error"]
+    shippable = {str(r["trial_id"]) for r in ranked if ranked and leaderboard.tied_with_best(r, ranked[0])}
     data_by_size: dict[int, Any] = {}
     for index, trial_id in enumerate(pending, 1):
         row = rows[trial_id]
@@ -719,8 +723,11 @@ def evaluate_tests(folder: Path, context: TrialContext, log: Callable[[str], Non
             with tempfile.TemporaryDirectory() as scratch:
                 Checkpoint(str(row["checkpoint"])).to_directory(scratch)
                 method, _ = load_trained_method(Path(scratch), context.category, "cpu")
-                metrics = evaluate(method, data.test, torch.device("cpu"))
+                kept: dict[str, Any] = {}
+                metrics = evaluate(method, data.test, torch.device("cpu"), kept=kept)
             store.set_test_metrics(folder, trial_id, metrics)
+            if trial_id in shippable:
+                layout.write_test_predictions(folder, trial_id, kept["scores"], kept["maps"])
         except Exception as exc:  # a broken checkpoint must not stop the others
             store.set_test_metrics(folder, trial_id, {}, error=f"test evaluation failed: {type(exc).__name__}: {exc}")
         if log is not None:
