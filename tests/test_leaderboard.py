@@ -49,3 +49,22 @@ def test_spearman_counts_only_usable_trials_and_the_verdict_names_the_trust():
 def test_key_params_shows_the_methods_own_parameters_only():
     assert leaderboard.key_params(row("a", 0.5)) == "lr=0.001"
     assert leaderboard.table_cells(1, row("a", None))[8] == "-", "no objective: a dash, not 'None' or 'nan'"
+
+
+def test_the_leaderboard_shows_each_trials_noise_and_which_are_tied_with_the_best(tmp_path):
+    from automl_ad.results import store
+
+    rows = [{**row("a", 0.9706, 0.91), "objective_se": 0.01, "experiment": "e"},
+            {**row("b", 0.9700, 0.96), "objective_se": 0.01, "experiment": "e"},
+            {**row("c", 0.80, 0.70), "objective_se": 0.02, "experiment": "e"}]
+    best = leaderboard.ranked(rows)[0]
+    assert [leaderboard.tied_with_best(r, best) for r in rows] == [True, True, False]
+    cells = leaderboard.table_cells(2, rows[1], best)
+    assert cells[9] == f"{1.96 * 0.01:.4f}" and cells[10] == "yes"
+    assert leaderboard.table_cells(3, rows[2], best)[10] == "no"
+    assert leaderboard.table_cells(1, row("d", 0.5), best)[9:11] == ["-", "-"], "older rows: no interval"
+    for r in rows:
+        store.write_trial(tmp_path, r)
+    text = leaderboard.leaderboard_text(tmp_path)
+    assert "± 95%" in text and "tied" in text
+    assert "2 trial(s) within val noise of the best" in text
