@@ -397,3 +397,20 @@ def test_warm_start_runs_defaults_trainless_first_at_their_largest_size_and_ever
     assert cfa.image_size == min(plan.sizes("cfa"), key=lambda s: (abs(s - 224), s))  # a trained one: paper-nearest
     assert dataclasses.asdict(cfa)["method_params"]["lr"] == 1e-3
 
+
+
+def test_no_warm_start_for_a_method_one_trial_of_which_would_block_too_much_of_the_budget():
+    """A warm start is a prior: one that takes more than budget / min_trials (CFA at its
+    full schedule on a 10-minute CPU budget) is left to TPE, and the plan's expected trial
+    count follows the same warm starts."""
+    from automl_ad.tuning.search import method_inputs, warm_start_points
+    from automl_ad.tuning.space import load_space
+
+    space = load_space(["cfa", "patchcore"])
+    slow = FakeBook({"cfa": 0.2}, {"patchcore": 0.05, "cfa": 0.01})
+    plan = make_plan(parse_budget("10m"), method_inputs(space, BUILTIN.val_good), Bounds(), slow, BUILTIN,
+                     category="screw")
+    cfa = min(e.full_s for e in plan.entries if e.method == "cfa")
+    assert plan.sizes("cfa") and cfa > plan.heavy_limit_s, plan.text()
+    space = space.with_sizes({name: plan.sizes(name) for name in space.methods})
+    assert {p["method"] for p in warm_start_points(space, plan)} == {"patchcore"}

@@ -628,8 +628,12 @@ class _Planner:
         a method without training at its largest size once per backbone, a method that
         trains at its size nearest the paper's (search.warm_start_points)."""
         out = []
+        limit = None if self.total_s is None else self.total_s / max(1, self.bounds.min_trials)
         for m in sorted(self.methods, key=lambda m: (m.trainable, m.name)):
             sizes = chosen[m.name]
+            if m.trainable and limit is not None and min(entries[schedule_key(m.name, size)].full_s
+                                                         for size in sizes) > limit:
+                continue  # no warm start for a method that costly (search.warm_start_points)
             if not m.trainable:
                 entry = entries[schedule_key(m.name, max(sizes))]
                 out += [(entry.key, trial_cost(entry.costs.get(b or "-") or entry.mean_costs(), 1, 1, False))

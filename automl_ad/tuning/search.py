@@ -974,14 +974,20 @@ def warm_start_points(space: SearchSpace, schedule: Plan) -> list[dict[str, Any]
     defects), and the plan only keeps sizes the budget affords (docs/search.md, "Warm
     start", has the measurement). Methods that train nothing come first
     (cheap, strong), then the others, cheapest full trial first. No data is looked at:
-    these are priors."""
+    these are priors. A method whose cheapest full trial would take more than the share
+    of the budget one trial may block (``Plan.heavy_limit_s``: budget / min_trials) gets no
+    warm start: a prior that costs a quarter of a 15-minute budget (CFA on a CPU, which
+    then tested 0.55 on KolektorSDD) is not where a small budget pays; TPE may still
+    sample it."""
     def full_cost(method: str) -> float:
         return min(e.full_s for e in schedule.entries if e.method == method)
 
     def trains(method: str) -> bool:
         return recipe_for(method).epochs > 0
 
-    methods = sorted(space.methods, key=lambda m: (trains(m), full_cost(m), m))
+    limit = schedule.heavy_limit_s
+    methods = sorted((m for m in space.methods if limit is None or not trains(m) or full_cost(m) <= limit),
+                     key=lambda m: (trains(m), full_cost(m), m))
     points = []
     for method in methods:
         point = space.defaults(method)
