@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -118,3 +120,35 @@ def test_load_bundle_names_a_missing_or_corrupt_manifest(tmp_path):
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(UserError, match=r"corrupt .*manifest\.json"):
         load_bundle(tmp_path)
+
+
+class _FrozenLoop(_ConvScorer):
+    """Scores in chunks of two images: tracing at batch 4 unrolls the loop to exactly two
+    chunks, so the graph silently drops every image past the fourth."""
+
+    def forward(self, images):
+        maps = torch.cat([self.net(images[start:start + 2])[:, 0] for start in range(0, images.shape[0], 2)])
+        return maps, maps.flatten(1).amax(dim=1)
+
+
+def test_a_graph_with_its_batch_size_frozen_by_tracing_is_refused(tmp_path):
+    model = EnsembleModel([_FrozenLoop()], [RobustScaler(0, 1, 0, 1)], [1])
+    with pytest.raises(RuntimeError, match=r"at batch 5 has shapes \(4, 32, 32\).*frozen during tracing"):
+        export_bundle(model, tmp_path / "b", image_size=32, manifest={}, example_images=_images(), formats=["onnx"])
+    assert not (tmp_path / "b").exists()
+
+
+def test_export_shows_and_times_each_step(tmp_path):
+    from automl_ad.deploy.progress import DeployProgress
+
+    log = io.StringIO()
+    progress = DeployProgress(file=log)
+    model = EnsembleModel([_ConvScorer()], [RobustScaler(0, 1, 0, 1)], [1])
+    export_bundle(model, tmp_path / "b", image_size=32, manifest={"operating_point": {"threshold": 0.0}},
+                  example_images=_images(), progress=progress)
+    steps = [t.name for t in progress.timings]
+    assert steps == ["export: PyTorch reference on 4 images", "export: ONNX graph", "export: ONNX Runtime session",
+                     "export: ONNX vs PyTorch at batches of 4, 1, 5", "export: TorchScript", "export: checksums"]
+    assert all(not t.failed and t.seconds >= 0 for t in progress.timings)
+    lines = log.getvalue().splitlines()
+    assert "export: ONNX graph ..." in lines and any(re.fullmatch(r"export: TorchScript \d+\.\d s", s) for s in lines)

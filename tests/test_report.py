@@ -152,3 +152,73 @@ def test_report_command_refuses_bad_input_in_one_line(experiment, tmp_path):
         from automl_ad.deploy.report import build_report
 
         build_report(tmp_path, tmp_path / "r.html")
+
+
+def test_report_shows_and_times_each_section(experiment, tmp_path):
+    """Each slow section is a step; scoring and the heat-map tiles count their work."""
+    import io
+
+    from automl_ad.deploy.export import load_bundle
+    from automl_ad.deploy.progress import DeployProgress
+    from automl_ad.deploy.report import build_report, gallery_indices, scored_sets
+
+    folder, bundle_dir = experiment
+    log = io.StringIO()
+    progress = DeployProgress(file=log, plain_every_s=0)  # a count line for every unit of work
+    build_report(folder, tmp_path / "r.html", bundle_dir=bundle_dir, progress=progress)
+    sets, _ = scored_sets(folder, load_bundle(bundle_dir))
+    images = {s.name: len(s.scores) for s in sets}
+    tiles = len(gallery_indices(next(s for s in sets if s.name == "test")))
+    scoring = f"report: scoring val ({images['val']}) and test ({images['test']}) images with the bundle's ONNX graph"
+    assert [t.name for t in progress.timings] == [
+        "report: check and load the bundle", "report: leaderboard and search plots (4 trials)",
+        "report: parameter importances (fANOVA)", scoring, "report: ROC curves", "report: heat-map tiles"]
+    lines = log.getvalue().splitlines()
+    assert f"report: heat-map tiles {tiles - 1}/{tiles}" in lines and f"report: heat-map tiles 1/{tiles}" in lines
+    assert f"{scoring} {images['val']}/{images['val'] + images['test']}" in lines  # after the val batch
+    assert (tmp_path / "r.html").is_file()
+
+
+def test_ship_runs_every_step_under_one_progress(experiment, tmp_path):
+    """ship's progress reaches export_bundle through export_choice, which takes none."""
+    from automl_ad.deploy.pipeline import ship
+    from automl_ad.deploy.progress import DeployProgress
+
+    folder, _ = experiment
+    progress = DeployProgress(quiet=True)
+    bundle = tmp_path / "bundle"
+    shipped = ship(folder, folder.name, CATEGORY, bundle, k=2, progress=progress)
+    assert shipped.report == bundle / "report.html" and shipped.report.is_file()
+    top = [t.name for t in progress.timings if t.depth == 0]
+    assert top == ["ensemble: choose among the best trials (k=2)", f"export: bundle to {bundle}", "report"]
+    seconds = progress.seconds()
+    assert {"export: ONNX graph", "export: checksums", "report: heat-map tiles"} <= set(seconds)
+    assert seconds[f"export: bundle to {bundle}"] >= seconds["export: ONNX graph"]
+    # The val scores the threshold was calibrated on are reused: only test goes through the graph.
+    assert "report: scoring test (8) images with the bundle's ONNX graph" in seconds
+    assert "Except on val: the val curve uses the scores the threshold was calibrated on" in shipped.report.read_text()
+
+
+def test_val_scores_from_the_caller_replace_the_graph_only_when_they_are_its_scores(experiment):
+    import numpy as np
+
+    from automl_ad.deploy.export import load_bundle
+    from automl_ad.deploy.report import scored_sets
+
+    folder, bundle_dir = experiment
+    bundle = load_bundle(bundle_dir)
+    graph = {s.name: s for s in scored_sets(folder, bundle)[0]}
+    val = graph["val"]
+    given = val.scores + np.float32(2e-4)  # what PyTorch gives: the graph's scores within float noise
+    sets, notes = scored_sets(folder, bundle, val_scores=given, val_labels=val.labels)
+    reused = {s.name: s for s in sets}
+    assert reused["val"].maps is None and np.array_equal(reused["val"].scores, given)
+    assert reused["test"].maps is not None and np.array_equal(reused["test"].scores, graph["test"].scores)
+    assert any(n.startswith("Except on val") for n in notes)
+    order = np.argsort(val.labels, kind="stable")[::-1].copy()  # same labels, scores of other images
+    wrong = [(val.scores + 1.0, val.labels), (val.scores[:-1], val.labels[:-1]), (val.scores[order], val.labels)]
+    for scores, labels in wrong:
+        sets, notes = scored_sets(folder, bundle, val_scores=scores, val_labels=labels)
+        fallback = {s.name: s for s in sets}["val"]
+        assert fallback.maps is not None and np.array_equal(fallback.scores, val.scores)
+        assert not any(n.startswith("Except on val") for n in notes)

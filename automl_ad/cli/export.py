@@ -7,10 +7,14 @@ import io
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from automl_ad.errors import UserError
+
+if TYPE_CHECKING:
+    from automl_ad.deploy.progress import DeployProgress
 
 _STORAGE = click.option("--storage", default="results", show_default=True,
                         help="Results folder, file:// URI, or s3:// / gs:// URI the search wrote to.")
@@ -31,6 +35,15 @@ def _push_back(view, folder: Path) -> None:
     if view.is_remote:
         view.push(folder.name)
 _EXPERIMENT = click.option("--experiment", "-e", help="Search name (default: the newest of the category).")
+
+
+def _progress() -> DeployProgress:
+    """Steps and bars on a terminal. In a pipe or a log, stderr stays what scripts read
+    from these commands: warnings and, for a refusal, its one ``error:`` line (``search``,
+    which runs the same steps unattended, always shows them: ``pipeline.ship``)."""
+    from automl_ad.deploy.progress import DeployProgress
+
+    return DeployProgress(quiet=not sys.stderr.isatty())
 
 
 def _formats(text: str) -> list[str]:
@@ -67,10 +80,14 @@ def ensemble_command(category, experiment, storage, k, top, fusion, max_latency_
       automl-ad ensemble --category screw --k 5
     """
     from automl_ad.deploy.choice import choose_model, store_choice
+    from automl_ad.deploy.progress import call_with_progress
 
     folder, view = _experiment_folder(storage, category, experiment)
-    choice = choose_model(folder, k=k, top=top, fusion=fusion, max_latency_ms=max_latency_ms)
-    store_choice(folder, choice, k)
+    progress = _progress()
+    with progress.step(f"ensemble: choose among the best {top} trials (k={k})"):
+        choice = call_with_progress(choose_model, folder, k=k, top=top, fusion=fusion, max_latency_ms=max_latency_ms,
+                                    progress=progress)
+        store_choice(folder, choice, k)
     _push_back(view, folder)
     print_choice(choice)
 
@@ -103,6 +120,7 @@ def export_command(category, out, experiment, storage, formats, k, fpr, max_late
       automl-ad export -c screw --fpr 0.01 --format onnx
     """
     from automl_ad.deploy.choice import choose_model, export_choice, store_choice
+    from automl_ad.deploy.progress import call_with_progress
 
     chosen_formats = _formats(formats)
     _check_fpr(fpr)
@@ -110,11 +128,15 @@ def export_command(category, out, experiment, storage, formats, k, fpr, max_late
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file, not a bundle folder")
     folder, view = _experiment_folder(storage, category, experiment)
-    choice = choose_model(folder, k=k, max_latency_ms=max_latency_ms)
-    store_choice(folder, choice, k)
+    progress = _progress()
+    with progress.step(f"ensemble: choose among the best trials (k={k})"):
+        choice = call_with_progress(choose_model, folder, k=k, max_latency_ms=max_latency_ms, progress=progress)
+        store_choice(folder, choice, k)
     _push_back(view, folder)
     print_choice(choice)
-    manifest = export_choice(folder, choice, out, formats=chosen_formats, fpr=fpr)
+    with progress.step(f"export: bundle to {out}"):
+        manifest = call_with_progress(export_choice, folder, choice, out, formats=chosen_formats, fpr=fpr,
+                                      progress=progress)
     point = manifest["operating_point"]
     click.echo(f"threshold {point['threshold']:.4f} ({point['rule']}; val false alarms {point['val_false_alarm_rate']:.3f}, recall {point['val_recall']:.3f})")
     click.echo(f"wrote {out} ({', '.join(manifest['files'].values())}, manifest.json)")

@@ -20,7 +20,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -28,6 +28,7 @@ from automl_ad import experiment
 from automl_ad.data.dataset import load_category
 from automl_ad.deploy.export import load_bundle
 from automl_ad.deploy.predict import heat_overlay
+from automl_ad.deploy.progress import DeployProgress, resolve
 from automl_ad.errors import UserError
 from automl_ad.evaluation.validation import val_set_for
 from automl_ad.jsonio import read_json
@@ -81,7 +82,7 @@ class ScoredSet:
 
     name: str
     images: np.ndarray  # N x S x S x 3 uint8, for display
-    maps: np.ndarray  # N x S x S float32
+    maps: np.ndarray | None  # N x S x S float32; None: scores given by the caller, not shown as heat maps
     scores: np.ndarray  # N float32
     labels: np.ndarray  # N int
     masks: np.ndarray  # N x S x S uint8
@@ -304,23 +305,35 @@ def figure_importances(importances: dict[str, float]) -> str:
 # --- the deployed model ---------------------------------------------------------------
 
 
-def score_with_bundle(bundle: Any, images: np.ndarray, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """(maps N x S x S, scores N) from the bundle's ONNX graph for uint8 N x 3 x S x S."""
+def score_with_bundle(bundle: Any, images: np.ndarray, batch_size: int = 16,
+                      on_batch: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(maps N x S x S, scores N) from the bundle's ONNX graph for uint8 N x 3 x S x S;
+    ``on_batch(images in it)`` after each batch."""
     maps, scores = [], []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size].astype(np.float32) / 255.0
         batch_maps, batch_scores = bundle.predictor.run(chunk)
         maps.append(batch_maps)
         scores.append(batch_scores)
+        if on_batch is not None:
+            on_batch(len(chunk))
     if not maps:
         size = images.shape[-1]
         return np.zeros((0, size, size), np.float32), np.zeros(0, np.float32)
     return np.concatenate(maps), np.concatenate(scores)
 
 
-def scored_sets(folder: Path, bundle: Any) -> tuple[list[ScoredSet], list[str]]:
+def scored_sets(folder: Path, bundle: Any, *, val_scores: np.ndarray | None = None,
+                val_labels: np.ndarray | None = None, progress: DeployProgress | None = None,
+                ) -> tuple[list[ScoredSet], list[str]]:
     """The bundle's val set (val-good + the frozen anomalies its threshold was calibrated
-    on) and the test split, scored by the ONNX graph; plus notes for the reader."""
+    on) and the test split, scored by the ONNX graph; plus notes for the reader.
+
+    ``val_scores``/``val_labels``: the deployed model's scores on that val set, already
+    computed by the caller (``ship``: the fused scores the threshold was calibrated on).
+    With a test split to show heat maps of, they replace running the graph on every val
+    image again, once two of them agree with the graph (else the graph scores all)."""
+    progress = resolve(progress)
     notes: list[str] = []
     record = experiment.read_record(folder)
     size = bundle.image_size
@@ -341,16 +354,46 @@ def scored_sets(folder: Path, bundle: Any) -> tuple[list[ScoredSet], list[str]]:
         notes.append(f"No frozen val anomalies at {anomalies_file}: the val curve is missing.")
     if len(data.test):
         sets.append(("test", data.test))
+    known: dict[str, np.ndarray] = {}
+    if sets and sets[0][0] == "val" and len(data.test) and val_scores is not None and val_labels is not None:
+        difference = _spot_check(bundle, sets[0][1], np.asarray(val_scores), np.asarray(val_labels))
+        if difference is not None:
+            known["val"] = np.asarray(val_scores, np.float32)
+            notes.append(f"Except on val: the val curve uses the scores the threshold was calibrated on (the same "
+                         f"model in PyTorch; on spot checks they differ from the ONNX graph's by at most "
+                         f"{difference:.1e}).")
     scored = []
-    for name, image_set in sets:
-        images = image_set.images.numpy()
-        maps, scores = score_with_bundle(bundle, images)
-        scored.append(ScoredSet(
-            name=name, images=images.transpose(0, 2, 3, 1), maps=maps, scores=scores,
-            labels=image_set.labels.numpy(), masks=image_set.masks.numpy()[:, 0],
-            defect_types=list(image_set.defect_types), paths=list(image_set.paths or [""] * len(image_set)),
-        ))
+    todo = [(name, image_set) for name, image_set in sets if name not in known]
+    names = " and ".join(f"{name} ({len(image_set)})" for name, image_set in todo)
+    with progress.step(f"report: scoring {names or 'no'} images with the bundle's ONNX graph",
+                       total=sum(len(image_set) for _, image_set in todo)) as step:
+        for name, image_set in sets:
+            images = image_set.images.numpy()
+            if name in known:
+                maps, scores = None, known[name]
+            else:
+                maps, scores = score_with_bundle(bundle, images, on_batch=step.advance)
+            scored.append(ScoredSet(
+                name=name, images=images.transpose(0, 2, 3, 1), maps=maps, scores=scores,
+                labels=image_set.labels.numpy(), masks=image_set.masks.numpy()[:, 0],
+                defect_types=list(image_set.defect_types), paths=list(image_set.paths or [""] * len(image_set)),
+            ))
     return scored, notes
+
+
+SPOT_CHECK_TOLERANCE = 1e-3  # scores are z-scores; the export check holds maps to 1e-4
+
+
+def _spot_check(bundle: Any, image_set: Any, scores: np.ndarray, labels: np.ndarray) -> float | None:
+    """Max |difference| between given scores and the graph's on the set's first good and
+    first anomalous image, or None when they do not belong to this set (other length,
+    other labels, or scores that disagree with the graph)."""
+    if scores.shape != (len(image_set),) or not np.array_equal(labels, image_set.labels.numpy()):
+        return None
+    probes = [int(np.flatnonzero(labels == label)[0]) for label in (0, 1) if (labels == label).any()]
+    _, graph = score_with_bundle(bundle, image_set.images.numpy()[probes])
+    difference = float(np.abs(graph - scores[probes]).max())
+    return difference if difference <= SPOT_CHECK_TOLERANCE else None
 
 
 def figure_roc(sets: Sequence[ScoredSet], threshold: float) -> str:
@@ -385,8 +428,9 @@ def figure_roc(sets: Sequence[ScoredSet], threshold: float) -> str:
 def _map_range(sets: Sequence[ScoredSet]) -> tuple[float, float]:
     """One colour scale for every overlay: from a typical good pixel to a strong defect
     pixel, so a calm map on a good part looks calm instead of stretched to full colour."""
-    good = np.concatenate([s.maps[s.labels == 0].ravel() for s in sets] or [np.zeros(1, np.float32)])
-    every = np.concatenate([s.maps.ravel() for s in sets] or [np.zeros(1, np.float32)])
+    mapped = [s for s in sets if s.maps is not None]
+    good = np.concatenate([s.maps[s.labels == 0].ravel() for s in mapped] or [np.zeros(1, np.float32)])
+    every = np.concatenate([s.maps.ravel() for s in mapped] or [np.zeros(1, np.float32)])
     low = float(np.percentile(good, 50)) if good.size else float(every.min())
     high = float(np.percentile(every, 99.9))
     return low, max(high, low + 1e-6)
@@ -422,6 +466,7 @@ def _tile(scored: ScoredSet, index: int, threshold: float, value_range: tuple[fl
     else:
         verdict = '<span class="bad">false alarm</span>' if flagged else '<span class="good">passed</span>'
     name = Path(scored.paths[index]).name if scored.paths and scored.paths[index] else f"#{index}"
+    assert scored.maps is not None, "a set scored by the caller has no heat maps to show"
     png = side_by_side_png(scored.images[index], scored.maps[index], scored.masks[index] if defective else None, value_range)
     alt = f"{scored.defect_types[index]} {name} score {score:.3g}"
     return (f'<figure class="tile">{_img_tag(png, alt, "overlay", width=None)}<figcaption>'
@@ -429,25 +474,46 @@ def _tile(scored: ScoredSet, index: int, threshold: float, value_range: tuple[fl
             "</figcaption></figure>")
 
 
-def overlay_gallery(scored: ScoredSet, threshold: float, value_range: tuple[float, float],
-                    per_group: int = EXAMPLES_PER_GROUP) -> str:
-    """Per defect type the lowest-scored defective images (worst misses first), then the
-    highest-scored good images (false alarms first)."""
-    parts = []
-    for defect in sorted({t for t, label in zip(scored.defect_types, scored.labels) if label == 1}):
-        index = [i for i, (t, label) in enumerate(zip(scored.defect_types, scored.labels)) if t == defect and label == 1]
-        index.sort(key=lambda i: (float(scored.scores[i]), i))
-        missed = sum(float(scored.scores[i]) < threshold for i in index)
-        parts.append(f"<div><h4>{html.escape(defect)}: {missed} of {len(index)} missed (lowest scores first)</h4>"
-                     '<div class="grid">' + "".join(_tile(scored, i, threshold, value_range) for i in index[:per_group])
-                     + "</div></div>")
-    good = [i for i, label in enumerate(scored.labels) if label == 0]
-    good.sort(key=lambda i: (-float(scored.scores[i]), i))
+def gallery_groups(scored: ScoredSet) -> list[tuple[str, list[int], bool]]:
+    """(defect type, its defective images lowest score first, True) per type, then
+    ("good", good images highest score first, False): worst misses and false alarms lead."""
+    groups: dict[str, list[int]] = {}
+    good: list[int] = []
+    for i, (defect, label) in enumerate(zip(scored.defect_types, scored.labels)):
+        (groups.setdefault(defect, []) if label == 1 else good).append(i)
+    ordered = [(defect, sorted(groups[defect], key=lambda i: (float(scored.scores[i]), i)), True)
+               for defect in sorted(groups)]
     if good:
-        alarms = sum(float(scored.scores[i]) >= threshold for i in good)
-        parts.append(f"<div><h4>good: {alarms} of {len(good)} false alarms (highest scores first)</h4>"
-                     '<div class="grid">' + "".join(_tile(scored, i, threshold, value_range) for i in good[:per_group])
-                     + "</div></div>")
+        ordered.append(("good", sorted(good, key=lambda i: (-float(scored.scores[i]), i)), False))
+    return ordered
+
+
+def gallery_indices(scored: ScoredSet, per_group: int = EXAMPLES_PER_GROUP) -> list[int]:
+    """The images :func:`overlay_gallery` draws, in page order."""
+    return [i for _, index, _ in gallery_groups(scored) for i in index[:per_group]]
+
+
+def overlay_gallery(scored: ScoredSet, threshold: float, value_range: tuple[float, float],
+                    per_group: int = EXAMPLES_PER_GROUP, on_tile: Callable[[], None] | None = None) -> str:
+    """Per defect type the lowest-scored defective images (worst misses first), then the
+    highest-scored good images (false alarms first). ``on_tile`` is called per drawn tile."""
+    def tiles(index: list[int]) -> str:
+        drawn = []
+        for i in index[:per_group]:
+            drawn.append(_tile(scored, i, threshold, value_range))
+            if on_tile is not None:
+                on_tile()
+        return '<div class="grid">' + "".join(drawn) + "</div></div>"
+
+    parts = []
+    for defect, index, defective in gallery_groups(scored):
+        if not defective:
+            alarms = sum(float(scored.scores[i]) >= threshold for i in index)
+            parts.append(f"<div><h4>good: {alarms} of {len(index)} false alarms (highest scores first)</h4>" + tiles(index))
+        else:
+            missed = sum(float(scored.scores[i]) < threshold for i in index)
+            parts.append(f"<div><h4>{html.escape(defect)}: {missed} of {len(index)} missed (lowest scores first)</h4>"
+                         + tiles(index))
     return '<div class="groups">' + "\n".join(parts) + "</div>"
 
 
@@ -533,17 +599,22 @@ def _summary_html(record: dict[str, Any], rows: Sequence[dict[str, Any]], manife
 
 
 def build_report(folder: Path, out: Path, *, bundle_dir: Path | None = None, bundle_required: bool = False,
-                 examples_per_group: int = EXAMPLES_PER_GROUP) -> Path:
+                 examples_per_group: int = EXAMPLES_PER_GROUP, val_scores: np.ndarray | None = None,
+                 val_labels: np.ndarray | None = None, progress: DeployProgress | None = None) -> Path:
     """Write the HTML report of the experiment in ``folder`` to ``out`` (atomically).
 
     ``bundle_dir``: the exported model to show; when it is missing the model section
-    says how to make one, unless ``bundle_required`` (then UserError)."""
+    says how to make one, unless ``bundle_required`` (then UserError). ``val_scores``,
+    ``val_labels``: the model's val scores when the caller has them (:func:`scored_sets`).
+    ``progress``: where each section is shown and timed (default: the running one, if any)."""
+    progress = resolve(progress)
     folder = Path(folder)
     record = read_json(experiment.record_path(folder), f"not an experiment folder (no {experiment.SEARCH_RECORD}): {folder}")
     rows = load_trials(folder)
     bundle = None
     if bundle_dir is not None and (Path(bundle_dir) / "manifest.json").is_file():
-        bundle = load_bundle(Path(bundle_dir))
+        with progress.step("report: check and load the bundle"):
+            bundle = load_bundle(Path(bundle_dir))
     elif bundle_required:
         raise UserError(f"--bundle {bundle_dir}: no manifest.json there; run `export` first")
     manifest = bundle.manifest if bundle else None
@@ -555,9 +626,38 @@ def build_report(folder: Path, out: Path, *, bundle_dir: Path | None = None, bun
     deployed = {str(m.get("trial_id")) for m in (manifest or {}).get("members", [])}
     category = str(record.get("category", "?"))
 
-    sections = [
+    with progress.step(f"report: leaderboard and search plots ({len(rows)} trials)"):
+        sections = _search_sections(record, rows, manifest, deployed, folder.name, category)
+    with progress.step("report: parameter importances (fANOVA)"):
+        importances = param_importances(rows, seed=int(record.get("seed", 0) or 0))
+        if importances:
+            sections += [
+                "<p class='note'>Computed with optuna's fANOVA importance evaluator on a study rebuilt from the "
+                "stored trials (distributions inferred from the values seen), over the parameters every finished "
+                "trial has; parameters of only some methods are left out. With few trials these are rough.</p>",
+                figure_importances(importances),
+            ]
+        else:
+            sections.append(f"<p class='note'>Not computed: it needs at least {MIN_TRIALS_FOR_IMPORTANCE} finished "
+                            "trials sharing a parameter that took two or more values.</p>")
+    sections.append("<h2>The deployed model</h2>" + bundle_note)
+    if bundle is None:
+        sections.append(f"<p>No bundle found at {html.escape(str(bundle_dir))}. Run <code>automl-ad export "
+                        f"--category {html.escape(category)}</code>, then build this report again.</p>")
+    else:
+        sections += _model_sections(folder, bundle, examples_per_group, progress, val_scores, val_labels)
+    page = ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+            f"<title>automl_ad report: {html.escape(category)}</title><style>{_CSS}</style></head><body>\n"
+            + "\n".join(sections) + "\n</body></html>\n")
+    return write_atomic(Path(out), page)
+
+
+def _search_sections(record: dict[str, Any], rows: Sequence[dict[str, Any]], manifest: dict[str, Any] | None,
+                     deployed: set[str], name: str, category: str) -> list[str]:
+    """The page up to the parameter importances: summary, leaderboard, search plots."""
+    return [
         f"<h1>Search report: {html.escape(category)}</h1>",
-        f"<p class='meta'>experiment <b>{html.escape(folder.name)}</b> · data {html.escape(str(record.get('data', '?')))}"
+        f"<p class='meta'>experiment <b>{html.escape(name)}</b> · data {html.escape(str(record.get('data', '?')))}"
         f" · seed {html.escape(str(record.get('seed', '?')))} · generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC</p>",
         HOW_TO_READ,
         _summary_html(record, rows, manifest),
@@ -576,43 +676,30 @@ def build_report(folder: Path, out: Path, *, bundle_dir: Path | None = None, bun
         + figure_by_group(rows, "backbone", "Objective per backbone (trials)") + "</div>",
         "<h2>Parameter importances</h2>",
     ]
-    importances = param_importances(rows, seed=int(record.get("seed", 0) or 0))
-    if importances:
-        sections += [
-            "<p class='note'>Computed with optuna's fANOVA importance evaluator on a study rebuilt from the "
-            "stored trials (distributions inferred from the values seen), over the parameters every finished "
-            "trial has; parameters of only some methods are left out. With few trials these are rough.</p>",
-            figure_importances(importances),
-        ]
-    else:
-        sections.append(f"<p class='note'>Not computed: it needs at least {MIN_TRIALS_FOR_IMPORTANCE} finished "
-                        "trials sharing a parameter that took two or more values.</p>")
-    sections.append("<h2>The deployed model</h2>" + bundle_note)
-    if bundle is None:
-        sections.append(f"<p>No bundle found at {html.escape(str(bundle_dir))}. Run <code>automl-ad export "
-                        f"--category {html.escape(category)}</code>, then build this report again.</p>")
-    else:
-        sets, notes = scored_sets(folder, bundle)
-        sections += [f"<p class='note'>{html.escape(n)}</p>" for n in notes]
-        sections += [
-            f"<p class='note'>Scores from the bundle's ONNX graph ({html.escape(str(bundle.folder))}) at "
-            f"{bundle.image_size} px, exactly as <code>predict</code> computes them. The red dot is the threshold "
-            f"({bundle.threshold:.4g}) the bundle uses.</p>",
-            figure_roc(sets, bundle.threshold),
-        ]
+
+
+def _model_sections(folder: Path, bundle: Any, examples_per_group: int, progress: DeployProgress,
+                    val_scores: np.ndarray | None, val_labels: np.ndarray | None) -> list[str]:
+    """The deployed model: its scores on val and test, ROC curves, heat-map galleries."""
+    sets, notes = scored_sets(folder, bundle, val_scores=val_scores, val_labels=val_labels, progress=progress)
+    sections = [f"<p class='note'>Scores from the bundle's ONNX graph ({html.escape(str(bundle.folder))}) at "
+                f"{bundle.image_size} px, exactly as <code>predict</code> computes them. The red dot is the threshold "
+                f"({bundle.threshold:.4g}) the bundle uses.</p>"]
+    sections += [f"<p class='note'>{html.escape(n)}</p>" for n in notes]
+    with progress.step("report: ROC curves"):
+        sections.append(figure_roc(sets, bundle.threshold))
+    shown = [s for s in sets if s.name == "test"] or sets
+    tiles = sum(len(gallery_indices(s, examples_per_group)) for s in shown)
+    with progress.step("report: heat-map tiles", total=tiles) as step:
         value_range = _map_range(sets)
-        shown = [s for s in sets if s.name == "test"] or sets
         for scored in shown:
             sections += [
                 f"<h3>Heat maps on {'the test split' if scored.name == 'test' else 'the val set'}</h3>",
                 "<p class='note'>Left: the image; right: the anomaly map (blue = normal, red = anomalous, one "
                 "colour scale for every image); white outline: the true defect region.</p>",
-                overlay_gallery(scored, bundle.threshold, value_range, examples_per_group),
+                overlay_gallery(scored, bundle.threshold, value_range, examples_per_group, on_tile=step.advance),
             ]
-    page = ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
-            f"<title>automl_ad report: {html.escape(category)}</title><style>{_CSS}</style></head><body>\n"
-            + "\n".join(sections) + "\n</body></html>\n")
-    return write_atomic(Path(out), page)
+    return sections
 
 
 def write_atomic(out: Path, text: str) -> Path:
