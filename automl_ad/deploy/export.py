@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from automl_ad.errors import UserError
+from automl_ad.errors import UserError, writing
 from automl_ad.jsonio import read_json
 from automl_ad.results.store import code_version
 
@@ -127,7 +127,15 @@ def export_bundle(
 ) -> dict[str, Any]:
     """Write the bundle atomically (temp folder, then rename) and check ONNX against
     PyTorch on ``example_images`` (real images): max |diff| of maps <= tolerance and the
-    same decisions at the manifest's threshold. Returns the manifest as written."""
+    same decisions at the manifest's threshold. Returns the manifest as written. A full
+    disk is one OutOfSpace naming ``out``; the previous bundle there stays as it was."""
+    with writing(out, "the bundle"):
+        return _export_bundle(model, Path(out), image_size=image_size, manifest=manifest,
+                              example_images=example_images, formats=formats, tolerance=tolerance)
+
+
+def _export_bundle(model: nn.Module, out: Path, *, image_size: int, manifest: dict[str, Any],
+                   example_images: Tensor, formats: Sequence[str], tolerance: float) -> dict[str, Any]:
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
         raise UserError(f"unknown export format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}")

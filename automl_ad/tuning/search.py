@@ -29,6 +29,7 @@ from automl_ad.results import store
 from automl_ad.data.builtin import BUILTIN_CATEGORIES
 from automl_ad.data.dataset import load_category, resolve_data_root
 from automl_ad.data.layout import category_folder, list_categories
+from automl_ad.data.minimum import check_product
 from automl_ad.errors import UserError
 from automl_ad.methods.base import get_method_class
 from automl_ad.results.remote_storage import DRIVER_NOT_PULLED, Storage, parse_storage
@@ -1006,6 +1007,7 @@ def _prepare(opts: SearchOptions) -> _Prepared:
     )
     data_root = resolve_data_root(opts.data, opts.category)
     category_folder(data_root, opts.category)  # a missing product is refused before Ray starts
+    check_product(data_root, opts.category)  # so is one too small to split into fit and val
     if not opts.address:  # the local Ray instance will see this machine: refuse what it cannot run first
         plan_devices(budget, _local_resources(), max_gpus=opts.max_gpus, gpus_per_trial=opts.gpus_per_trial,
                      cpus_per_trial=opts.cpus_per_trial, use_train=opts.use_train, max_concurrent=opts.max_concurrent)
