@@ -35,6 +35,7 @@ from automl_ad.methods.base import get_method_class
 from automl_ad.results.remote_storage import DRIVER_NOT_PULLED, Storage, parse_storage
 from automl_ad.training.loop import evaluate, load_trained_method
 from automl_ad.tuning import budget as budget_module
+from automl_ad.tuning import interrupt
 from automl_ad.tuning.budget import Budget, Ledger, parse_budget, shared_ledger, start_clock
 from automl_ad.tuning.calibration import SpeedBook
 from automl_ad.tuning.lock import DriverLock
@@ -623,7 +624,8 @@ def driver_callbacks(folder: Path, ledger: Ledger, context: TrialContext, device
     """The search driver's callbacks, in the order Tune must call them: the ledger first
     (the store reads the time it charged), the clock (device and wall budgets only)."""
     devices = allocated_devices(context, device_kind)
-    callbacks: list[Callback] = [LedgerCallback(ledger, devices)]
+    # A trial that found the disk full ends the search first, before the ledger and store write.
+    callbacks: list[Callback] = [interrupt.StopOnFullDisk(folder), LedgerCallback(ledger, devices)]
     if ledger.budget.kind != "trials":
         callbacks.append(DeadlineClockCallback(folder, ledger, devices))
     return callbacks + [LiveViewCallback(folder, context.max_epochs),
@@ -976,6 +978,7 @@ def run_search(opts: SearchOptions) -> SearchSummary:
     started_ray = False
     try:
         started_ray = _init_ray(opts)
+        interrupt.watch(prep.experiment, prep.folder)  # SIGINT/SIGTERM: stop cleanly, say how to resume
         devices = _plan_devices(prep)
         schedule, space = _plan(prep, devices)
         context = trial_context(opts, devices, space, schedule=schedule, experiment=prep.experiment,
@@ -987,6 +990,7 @@ def run_search(opts: SearchOptions) -> SearchSummary:
         ledger = shared_ledger(prep.folder, prep.budget)
         device_kind = "gpu" if devices.use_gpu else "cpu"
         results = _tune(prep, context, schedule, space, ledger, devices, fingerprints)
+        interrupt.raise_if_stopped()  # a stopped search is resumed, never collected as done
         return _collect(prep, context, results, ledger, device_kind, fingerprints)
     except BaseException:
         if started_ray:  # a refused or failed search leaves no Ray instance behind in the caller
