@@ -57,8 +57,9 @@ class OutOfSpace(UserError):
         self.what = what
         self.reason = reason
         self.hint = hint
-        where = f" {self.path}" if self.path else ""
-        text = f"out of disk space writing {what}{where} ({reason})"
+        # "writing the report /x/r.html", or "writing /x/y" where only the file is known
+        target = " ".join(part for part in (what, self.path) if part)
+        text = f"out of disk space{' writing ' + target if target else ''} ({reason})"
         super().__init__(f"{text}; {hint}" if hint else text)
 
     def with_hint(self, hint: str) -> "OutOfSpace":
@@ -100,7 +101,7 @@ def out_of_space(error: BaseException) -> bool:
 
 
 def as_out_of_space(error: BaseException, path: Path | str | None = None,
-                    what: str = "files") -> OutOfSpace:
+                    what: str = "") -> OutOfSpace:
     """``error`` (for which ``out_of_space`` holds) as one OutOfSpace: the project's own
     one if the chain holds it (it names the file), else the first OSError's file name,
     else ``path``; the reason is the OS's short message."""

@@ -14,6 +14,7 @@ per module without Ray) is copied for each case, so cases cannot disturb each ot
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -24,7 +25,7 @@ import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import pytest
@@ -179,6 +180,114 @@ class Case:
     needle: str
     code: int = 2
     report: bool = False  # data check: the problem is a line of its report on stdout, exit 2
+    # Makes the disk "full" for the command (a writer's library call fails with ENOSPC
+    # after writing part of its file), for the out-of-space cases (exit 1).
+    patch: Callable[[pytest.MonkeyPatch], None] | None = None
+
+
+# --- a full disk, as the libraries the writers call meet it ---------------------------
+
+def no_space(filename: str | Path | None = None) -> OSError:
+    """What a write on a full volume raises (with the file name when the OS gives one)."""
+    error = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if filename is not None:
+        error.filename = str(filename)
+    return error
+
+
+class Replaced:
+    """``module`` with some functions replaced, seen only by the module it is patched into."""
+
+    def __init__(self, module: Any, **replaced: Any) -> None:
+        self._module, self._replaced = module, replaced
+
+    def __getattr__(self, name: str) -> Any:
+        return self._replaced[name] if name in self._replaced else getattr(self._module, name)
+
+
+def _half_then_full(target: Path | str, data: bytes = b"half a file") -> None:
+    """Write the first bytes of a file, as a write that runs out of space does."""
+    Path(target).write_bytes(data)
+
+
+def full_disk_at_lock(monkeypatch: pytest.MonkeyPatch) -> None:
+    from automl_ad.tuning import lock
+
+    def dump(obj: Any, stream: Any, **kwargs: Any) -> None:
+        stream.write(json.dumps(obj)[:9])
+        stream.flush()
+        raise no_space()
+
+    monkeypatch.setattr(lock, "json", Replaced(json, dump=dump))
+
+
+def full_disk_at_val_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    from safetensors import SafetensorError
+
+    from automl_ad.evaluation import validation
+
+    def save_file(tensors: Any, filename: str, metadata: Any = None) -> None:
+        _half_then_full(filename)
+        # safetensors' own wording (Rust I/O error), as the issue saw it: not an OSError
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(validation, "save_file", save_file)
+
+
+def full_disk_at_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyarrow.parquet as pq
+
+    from automl_ad.results import store
+
+    def write_table(table: Any, where: str, **kwargs: Any) -> None:
+        _half_then_full(where, b"PAR1 half")
+        raise no_space()
+
+    monkeypatch.setattr(store, "pq", Replaced(pq, write_table=write_table))
+
+
+def full_disk_at_report(monkeypatch: pytest.MonkeyPatch) -> None:
+    from automl_ad.deploy import report
+
+    class FillingUp:
+        def __init__(self, stream: Any) -> None:
+            self.stream = stream
+
+        def __enter__(self) -> "FillingUp":
+            return self
+
+        def __exit__(self, *exc: Any) -> None:
+            self.stream.close()
+
+        def write(self, text: str) -> int:
+            self.stream.write(text[:100])
+            self.stream.flush()
+            raise no_space()
+
+    monkeypatch.setattr(report, "os", Replaced(os, fdopen=lambda fd, *a, **k: FillingUp(os.fdopen(fd, *a, **k))))
+
+
+def full_disk_unnamed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk met in code that does not say what it wrote (a library's own write)."""
+    from automl_ad.data import check
+
+    def check_category(root: Path, category: str) -> None:
+        raise no_space("/var/spool/somewhere/file.bin")
+
+    monkeypatch.setattr(check, "check_category", check_category)
+
+
+def _one_good_image(w: World) -> Path:
+    """A copy of the data whose product keeps a single train/good image."""
+    data = w.data_copy()
+    for extra in sorted((data / CAT / "train" / "good").iterdir())[1:]:
+        extra.unlink()
+    return data
+
+
+def _report_over_an_old_page(w: World) -> list[str]:
+    (w.tmp / "r.html").write_text("<html>the previous report</html>")
+    return ["report", "-c", CAT, *w.store(), "--bundle", str(w.bundle), "--out", str(w.tmp / "r.html")]
 
 
 def _train_bomb(w: World) -> list[str]:
@@ -288,6 +397,24 @@ CASES = [
     Case("search second driver", _lock_held, "being searched by another driver (host"),
     Case("search --experiment unsafe", lambda w: w.search("--budget", "2trials", "--experiment", "../up"),
          "--experiment '../up'"),
+    # issue 25: a product too small to split into fit and val, refused before Ray starts
+    Case("search one good image", lambda w: ["search", "-c", CAT, "--data", str(_one_good_image(w)), "--budget", "2m",
+                                             "--storage", str(w.results)],
+         "train/good holds 1 good image; a search needs at least 2 (1 to fit, 1 held out to validate on)"),
+    Case("train one good image", lambda w: w.train(data=_one_good_image(w)),
+         "holds 1 good image; training needs at least 2"),
+    # issue 25: a full disk is one line naming the file and what it holds, exit 1
+    Case("search disk full at the driver lock", lambda w: w.search("--budget", "2trials", "--experiment", "full"),
+         "out of disk space writing the driver lock", code=1, patch=full_disk_at_lock),
+    Case("train disk full at the val set", lambda w: w.train(), "out of disk space writing the frozen val set",
+         code=1, patch=full_disk_at_val_set),
+    Case("ensemble disk full at the store", lambda w: ["ensemble", "-c", CAT, *w.store()],
+         "out of disk space writing results (ensembles table)", code=1, patch=full_disk_at_store),
+    Case("report disk full", _report_over_an_old_page, "out of disk space writing the report", code=1,
+         patch=full_disk_at_report),
+    Case("data check disk full in a library", lambda w: ["data", "check", str(w.data), "-c", CAT],
+         "out of disk space writing /var/spool/somewhere/file.bin (No space left on device)", code=1,
+         patch=full_disk_unnamed),
     # results, ensemble, export, report
     Case("results unknown category", lambda w: ["results", "-c", "gadget", "--storage", str(w.results)], "gadget"),
     Case("results unsafe experiment", lambda w: ["results", "-c", CAT, "--storage", str(w.results),
@@ -361,10 +488,13 @@ def test_there_are_at_least_thirty_cases():
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_refused_in_one_line_leaving_everything_as_it_was(case: Case, built: Path, tmp_path: Path):
+def test_refused_in_one_line_leaving_everything_as_it_was(case: Case, built: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch):
     world = World(built, tmp_path)
     argv = case.argv(world)
     before = snapshot(tmp_path)
+    if case.patch is not None:
+        case.patch(monkeypatch)
     result = invoke(argv)
     _no_traceback(result)
     assert result.exit_code == case.code, result.output
@@ -615,3 +745,181 @@ def test_a_trial_restored_from_a_damaged_checkpoint_runs_again_from_the_start(
     # It names the worker's copy of the restored checkpoint (Tune's folder may be remote).
     assert f"trial {trial_id}: damaged checkpoint " in warnings[0] and "checkpoint.pt" in warnings[0]
     assert warnings[0].endswith("running it again from the start")
+
+
+# --- issue 25: every writer on a full disk names its file and keeps the previous one ------
+
+def _torch_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.save on a full volume, as it really fails: a RuntimeError from its zip writer
+    whose context is the OSError(ENOSPC) the Python file raised (seen on a 64 KiB tmpfs)."""
+    import torch
+
+    from automl_ad import experiment
+
+    def save(obj: Any, handle: Any) -> None:
+        handle.write(b"PK half a zip")
+        try:
+            raise no_space()
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    monkeypatch.setattr(experiment, "torch", Replaced(torch, save=save))
+
+
+def _record_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    from automl_ad import experiment
+
+    class FullPath(type(Path())):
+        def write_text(self, *args: Any, **kwargs: Any) -> int:
+            self.write_bytes(b'{"category": "hal')
+            raise no_space()
+
+    monkeypatch.setattr(experiment, "Path", FullPath)
+
+
+def _cache_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def save_file(tensors: Any, filename: str, metadata: Any = None) -> None:
+        _half_then_full(filename)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+
+
+def _ledger_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    from automl_ad.tuning import budget
+
+    def dump(obj: Any, stream: Any, **kwargs: Any) -> None:
+        stream.write('{"budget": "ha')
+        stream.flush()
+        raise no_space()
+
+    monkeypatch.setattr(budget, "json", Replaced(json, dump=dump))
+
+
+def _write_checkpoint(w: World) -> Path:
+    from automl_ad import experiment
+
+    folder = checkpoint_file(w, 0).parent
+    experiment.write_checkpoint(folder, experiment.read_checkpoint(folder))
+    return folder / "checkpoint.pt"
+
+
+def _write_record(w: World) -> Path:
+    from automl_ad import experiment
+
+    experiment.write_record(w.exp, {"category": CAT, "data": "elsewhere"})
+    return w.exp / "search.json"
+
+
+def _write_row(w: World) -> Path:
+    from automl_ad.results import store
+
+    store.write_rows(w.exp, store.TRIALS, TRIALS[0][0], [{"trial_id": TRIALS[0][0]}], {})
+    return trial_file(w, 0)
+
+
+def _write_val_set(w: World) -> Path:
+    from automl_ad.evaluation.validation import load_image_set, save_image_set
+
+    path = w.exp / "val" / "val_anomalies_32px.safetensors"
+    save_image_set(load_image_set(path), path)
+    return path
+
+
+def _write_cache(w: World) -> Path:
+    from automl_ad.data.dataset import clear_memory_cache, load_category
+
+    clear_memory_cache()
+    load_category(w.data, CAT, 24, cache_dir=w.exp / "cache")  # a size not cached yet
+    return w.exp / "cache"
+
+
+def _write_ledger(w: World) -> Path:
+    from automl_ad.tuning.budget import Ledger, parse_budget
+
+    ledger = Ledger(w.exp, parse_budget("2trials"))
+    ledger.record("t1", 1.0, 5.0)
+    return w.exp / "budget.json"
+
+
+def _write_lock(w: World) -> Path:
+    from automl_ad.tuning.lock import acquire
+
+    acquire(w.results / "new-experiment", "new-experiment")
+    return w.results / "new-experiment" / LOCK_FILE
+
+
+def _write_report(w: World) -> Path:
+    from automl_ad.deploy.report import write_atomic
+
+    page = w.tmp / "report.html"
+    write_atomic(page, "<html>" + "x" * 10_000 + "</html>")
+    return page
+
+
+def _old_page(w: World) -> None:
+    (w.tmp / "report.html").write_text("<html>the previous report</html>")
+
+
+def _first_ledger(w: World) -> None:
+    from automl_ad.tuning.budget import Ledger, parse_budget
+
+    Ledger(w.exp, parse_budget("2trials")).record("t0", 1.0, 1.0)  # a good budget.json to keep
+
+
+WRITERS = [
+    # (id, make the disk full, write, what the error names, set up a previous file)
+    ("checkpoint", _torch_full, _write_checkpoint, "a checkpoint", None),
+    ("search record", _record_full, _write_record, "the search record", None),
+    ("store row", full_disk_at_store, _write_row, "results (trials table)", None),
+    ("val set", full_disk_at_val_set, _write_val_set, "the frozen val set", None),
+    ("data cache", _cache_full, _write_cache, "the data cache", None),
+    ("budget ledger", _ledger_full, _write_ledger, "the budget ledger", _first_ledger),
+    ("driver lock", full_disk_at_lock, _write_lock, "the driver lock", None),
+    ("report", full_disk_at_report, _write_report, "the report", _old_page),
+]
+
+
+@pytest.mark.parametrize("writer", WRITERS, ids=[w[0] for w in WRITERS])
+def test_a_full_disk_is_one_error_naming_the_file_and_the_previous_file_stays(writer, built, tmp_path, monkeypatch):
+    from automl_ad.errors import OutOfSpace
+
+    _, fill, write, what, before_write = writer
+    world = World(built, tmp_path)
+    world.exp  # the copies exist before the disk fills
+    if before_write is not None:
+        before_write(world)
+    before = snapshot(tmp_path)
+    fill(monkeypatch)
+    with pytest.raises(OutOfSpace) as raised:
+        write(world)
+    error = raised.value
+    assert error.exit_code == 1 and "\n" not in str(error)
+    assert str(error).startswith(f"out of disk space writing {what} ") and "No space left on device" in str(error)
+    assert error.path is not None and Path(error.path).is_relative_to(tmp_path), error.path
+    assert snapshot(tmp_path) == before, "no half-written file in place of a good one, no temporary file left"
+    if writer[0] == "driver lock":
+        assert not (world.results / "new-experiment").exists(), "no empty lock or folder that would hold off --resume"
+
+
+def test_the_real_torch_writers_raise_what_the_checkpoint_and_bundle_writers_recognise(tmp_path):
+    """torch.save and torch.jit.save through a Python file: their error on a full volume
+    chains the OSError (checked on /dev/full, a device every write to fails with ENOSPC)."""
+    import torch
+
+    from automl_ad.errors import out_of_space
+
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full")
+    with pytest.raises(BaseException) as saved:
+        with open("/dev/full", "wb") as handle:
+            torch.save({"x": torch.zeros(100_000)}, handle)
+    assert out_of_space(saved.value), repr(saved.value)
+    traced = torch.jit.trace(torch.nn.Linear(4, 4), (torch.zeros(1, 4),))
+    with pytest.raises(BaseException) as scripted:
+        with open("/dev/full", "wb") as handle:
+            torch.jit.save(traced, handle)
+    assert out_of_space(scripted.value), repr(scripted.value)

@@ -290,7 +290,9 @@ def resolve_data_root(data: Path | None, category: str) -> Path:
         root = Path(data).expanduser()
         if not root.is_dir():
             raise UserError(f"--data folder not found: {root}")
-        return root
+        # Absolute: trials run in Ray workers whose working directory is not the user's,
+        # so a relative --data (`--data data`) made every trial fail with "data root not found".
+        return root.absolute()
 
     if category not in builtin.BUILTIN_CATEGORIES:
         raise UserError(

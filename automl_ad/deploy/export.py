@@ -187,7 +187,10 @@ def _export_bundle(model: nn.Module, out: Path, *, image_size: int, manifest: di
                 script_diff = float((traced(example[:1])[0] - ref_maps[:1]).abs().max())
             if script_diff > tolerance:
                 raise RuntimeError(f"TorchScript output differs from PyTorch at batch 1: {script_diff:.2e}")
-            traced.save(str(staging / TORCHSCRIPT_FILE))
+            # Through a Python file: on a full disk, ScriptModule.save(path) aborts the whole
+            # process from C++ (std::terminate); a file object gets OSError(ENOSPC).
+            with open(staging / TORCHSCRIPT_FILE, "wb") as handle:
+                torch.jit.save(traced, handle)
             files["torchscript"] = TORCHSCRIPT_FILE
         full = {
             "bundle_version": BUNDLE_VERSION,

@@ -41,11 +41,11 @@ from ray.tune import Callback
 from automl_ad.errors import Interrupted, OutOfSpace, as_out_of_space, out_of_space
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
-# Ray Tune's lines about a stop this module handles (its restore hint above all).
+# Ray Tune's lines about a stop this module handles (its restore hint above all; the
+# trials stopped before their first report have no metrics to fetch yet).
 _TUNE_STOP_LINES = ("Resume experiment with", "Experiment has been interrupted", "Trials did not complete",
-                    "Stop signal received")
-_TUNE_RUN_LOGGER = "ray.tune.tune"
-_TUNE_CONTROLLER_LOGGER = "ray.tune.execution.tune_controller"
+                    "Stop signal received", "Failed to fetch metrics")
+_TUNE_LOGGERS = ("ray.tune.tune", "ray.tune.execution.tune_controller", "ray.tune.analysis.experiment_analysis")
 
 _active: "SignalGuard | None" = None  # the CLI's guard while a search command runs
 
@@ -93,7 +93,7 @@ class SignalGuard:
         # Tune would otherwise take SIGINT over inside its loop (and end it quietly).
         self._environment = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
         os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-        for name in (_TUNE_RUN_LOGGER, _TUNE_CONTROLLER_LOGGER):
+        for name in _TUNE_LOGGERS:
             logging.getLogger(name).addFilter(self._filter)
         _active = self
         return self
@@ -108,7 +108,7 @@ class SignalGuard:
             os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
         else:
             os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = self._environment
-        for name in (_TUNE_RUN_LOGGER, _TUNE_CONTROLLER_LOGGER):
+        for name in _TUNE_LOGGERS:
             logging.getLogger(name).removeFilter(self._filter)
         if _active is self:
             _active = None
