@@ -11,6 +11,7 @@ traceback; ``out_of_space`` recognises the same condition in errors raised elsew
 from __future__ import annotations
 
 import errno
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -40,6 +41,10 @@ NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 # C++ I/O errors quote the OS message), SQLite (optuna.db), Ray's wrapped trial errors.
 _NO_SPACE_TEXT = ("no space left on device", "disk quota exceeded", "os error 28", "os error 122",
                   "errno 28", "errno 122", "database or disk is full")
+
+
+# OutOfSpace's message, to find it again in a traceback's text.
+_OWN_MESSAGE = re.compile(r"out of disk space writing (?P<target>[^\n]+?) \((?P<reason>[^()\n]*)\)(?=;|$)", re.M)
 
 
 class OutOfSpace(UserError):
@@ -109,6 +114,11 @@ def as_out_of_space(error: BaseException, path: Path | str | None = None,
     for current in chain:
         if isinstance(current, OutOfSpace):
             return OutOfSpace(current.path, current.what, current.reason, current.hint)
+    for current in chain:
+        # Our own error, known only as text (a trial's traceback as Tune keeps it): as is.
+        found = _OWN_MESSAGE.search(str(current))
+        if found:
+            return OutOfSpace(None, found["target"], found["reason"])
     reason = "No space left on device"
     for current in chain:
         if _no_space_errno(current):

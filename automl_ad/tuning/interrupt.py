@@ -21,8 +21,10 @@ handler that exits at once). The guard finds Tune's stop event in the frame of
 path end to end).
 
 Full disk. ``StopOnFullDisk`` is a driver callback: a trial that failed because its
-volume is full stops the whole search with one ``OutOfSpace`` line, instead of every
-later trial failing the same way until the budget is spent.
+volume is full (or a driver callback that could not store it) ends Tune's loop the same
+way, and ``raise_if_stopped`` raises that ``OutOfSpace``: one line naming the file, instead
+of every later trial failing the same way until the budget is spent. ``--resume`` goes
+on once space is freed.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ _TUNE_STOP_LINES = ("Resume experiment with", "Experiment has been interrupted",
 _TUNE_LOGGERS = ("ray.tune.tune", "ray.tune.execution.tune_controller", "ray.tune.analysis.experiment_analysis")
 
 _active: "SignalGuard | None" = None  # the CLI's guard while a search command runs
+_full_disk: dict[str, OutOfSpace] = {}  # experiment folder -> the full disk that stopped its search
 
 
 class _QuietTuneStop(logging.Filter):
@@ -60,7 +63,8 @@ class _QuietTuneStop(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if self.guard.signum is not None and any(line in message for line in _TUNE_STOP_LINES):
+        stopping = self.guard.signum is not None or bool(_full_disk)
+        if stopping and any(line in message for line in _TUNE_STOP_LINES):
             return False
         if record.exc_info and record.exc_info[1] is not None and out_of_space(record.exc_info[1]):
             return False
@@ -154,47 +158,84 @@ def active() -> SignalGuard | None:
 def watch(experiment: str, folder: Path) -> None:
     """``run_search``, once Ray is up: the experiment a resume command names, and the
     guard's handlers put back over the SIGTERM handler ``ray.init`` installed."""
+    _full_disk.pop(_key(folder), None)  # from an earlier search of it in this process
     guard = _active
     if guard is not None:
         guard.experiment, guard.folder = experiment, Path(folder)
         guard.install()
 
 
-def raise_if_stopped() -> None:
-    """``run_search``, after the tuner returned: Interrupted when a signal ended it."""
+def raise_if_stopped(folder: Path) -> None:
+    """``run_search``, after the tuner returned: OutOfSpace when a full disk ended the
+    search of ``folder`` (``StopOnFullDisk``), Interrupted when a signal did."""
+    full = _full_disk.pop(_key(folder), None)
+    if full is not None:
+        raise full
     guard = _active
     if guard is not None and guard.signum is not None:
         raise Interrupted(guard.signum)
 
 
+def _key(folder: Path | str) -> str:
+    return str(Path(folder).resolve())
+
+
 # --- a full disk in a trial ------------------------------------------------------------
 
+class TrialFailed(Exception):
+    """A trial's error as Tune keeps it when it cannot pickle it: its traceback as text."""
+
+
 def _trial_error(trial: Any) -> BaseException | None:
-    """The exception a failed trial raised (pickled by Tune), else its text as an error."""
-    for read in ("get_pickled_error", "get_error"):
+    """The error a failed trial raised: the exception Tune pickled, else its traceback
+    text. Tune writes both beside the trial on the driver (``error.pkl``/``error.txt`` under
+    ``trial.local_path``) before it calls the callbacks, and syncs them to the storage
+    path only later, so the local files are read first."""
+    from ray import cloudpickle
+
+    readers: list[Callable[[], Any]] = [
+        lambda: cloudpickle.loads(Path(trial.pickled_error_file).read_bytes()) if trial.pickled_error_file else None,
+        lambda: Path(trial.error_file).read_text() if trial.error_file else None,
+        trial.get_pickled_error,
+        trial.get_error,
+    ]
+    for read in readers:
         try:
-            error = getattr(trial, read)()
-        except Exception:  # noqa: BLE001 - an unreadable error file: try the next form
+            error = read()
+        except Exception:  # noqa: BLE001 - missing or unreadable: try the next form
             continue
-        if error is not None:
+        if isinstance(error, BaseException):
             return error
+        if isinstance(error, str) and error.strip():
+            return TrialFailed(error)
     return None
 
 
 class StopOnFullDisk(Callback):
     """Stops the search at the first trial that failed for want of disk space (Tune would
-    retry it and start the next trials, each failing the same way): ``OutOfSpace`` from
-    here ends ``Tuner.fit`` and reaches the CLI as one line. Before the callbacks that
-    write (ledger, store), so this trial's own message is the one reported."""
+    retry it and start the next trials, each failing the same way until the budget is
+    spent). It ends Tune's loop the way a signal does (state saved, the trial left to
+    resume), and ``raise_if_stopped`` then raises the trial's ``OutOfSpace``, which the
+    CLI prints as one line. An exception raised here instead would reach the driver
+    wrapped in Tune's ``TuneError`` with a traceback, or, from a trial Tune was stopping,
+    not at all. Listed before the callbacks that write (ledger, store).
+
+    A driver callback that fails to write (the store's) is turned by Tune into a failure
+    of that trial, so it is caught here the same way."""
 
     def __init__(self, experiment_dir: Path) -> None:
         self.experiment_dir = Path(experiment_dir)
 
     def _check(self, trial: Any) -> None:
         error = _trial_error(trial)
-        if error is not None and out_of_space(error):
-            stop = as_out_of_space(error, self.experiment_dir, f"the files of trial {trial.trial_id}")
-            raise stop from None
+        if error is None or not out_of_space(error):
+            return
+        full = as_out_of_space(error, self.experiment_dir, f"the files of trial {trial.trial_id}")
+        _full_disk.setdefault(_key(self.experiment_dir), full)
+        event = _tune_stop_event(sys._getframe())
+        if event is None:  # not inside Tune's loop (a direct call): nothing to end but this
+            raise full
+        event.set()
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         self._check(trial)

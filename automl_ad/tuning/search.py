@@ -990,7 +990,7 @@ def run_search(opts: SearchOptions) -> SearchSummary:
         ledger = shared_ledger(prep.folder, prep.budget)
         device_kind = "gpu" if devices.use_gpu else "cpu"
         results = _tune(prep, context, schedule, space, ledger, devices, fingerprints)
-        interrupt.raise_if_stopped()  # a stopped search is resumed, never collected as done
+        interrupt.raise_if_stopped(prep.folder)  # a stopped search is resumed, never collected as done
         return _collect(prep, context, results, ledger, device_kind, fingerprints)
     except BaseException:
         if started_ray:  # a refused or failed search leaves no Ray instance behind in the caller
