@@ -1,11 +1,16 @@
 """Bad input and damaged files, command by command, as one table (issue 17).
 
-Every refused case must: exit with its code (2 for bad input), print exactly one
+Every refused case must: exit with its code (2 for bad input, 1 for a full disk), print exactly one
 ``error:`` line on stderr (``notice:`` lines aside), show no traceback, and leave every
 file of the results folder, the bundle and the output paths as it was. Cases where a
 damaged store file or checkpoint is *isolated* rather than refused are in a second
 table: the command succeeds, names the damaged file in a warning, moves it aside
 under ``<experiment>/damaged/`` and goes on with the rest.
+
+Issue 25 adds data and faults as a factory hands them over: a product too small to split
+into fit and val (in the table), a full disk under every writer (in the table through
+the CLI, and writer by writer below; one test on a real full tmpfs), and searches
+stopped by a full disk or by SIGINT/SIGTERM, then resumed.
 
 One tiny real experiment (three CFA trials, frozen val anomalies, a bundle; built once
 per module without Ray) is copied for each case, so cases cannot disturb each other.
@@ -923,3 +928,301 @@ def test_the_real_torch_writers_raise_what_the_checkpoint_and_bundle_writers_rec
         with open("/dev/full", "wb") as handle:
             torch.jit.save(traced, handle)
     assert out_of_space(scripted.value), repr(scripted.value)
+
+
+def test_a_full_disk_during_export_leaves_the_previous_bundle(built, tmp_path, monkeypatch):
+    import torch
+
+    world = World(built, tmp_path)
+    before = snapshot(world.bundle)
+
+    def export(model: Any, args: Any, f: str, **kwargs: Any) -> None:
+        _half_then_full(f, b"\x08half a graph")
+        raise no_space(f)
+
+    monkeypatch.setattr(torch.onnx, "export", export)
+    result = invoke(["export", "-c", CAT, *world.store(), "--out", str(world.bundle), "--format", "onnx"])
+    _no_traceback(result)
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert lines == [f"error: out of disk space writing the bundle {world.bundle} (No space left on device)"]
+    assert snapshot(world.bundle) == before, "the previous bundle is kept whole"
+    assert not [p for p in world.bundle.parent.iterdir() if p.name.startswith(f".{world.bundle.name}.")], \
+        "no staging folder left"
+
+
+def test_a_trial_that_found_the_disk_full_stops_the_search_naming_its_file(tmp_path):
+    """StopOnFullDisk on the error Tune pickles for a trial (a RayTaskError around the
+    trial's OutOfSpace), and on Tune's text form of a library's error."""
+    from ray.exceptions import RayTaskError
+
+    from automl_ad.errors import OutOfSpace
+    from automl_ad.tuning.interrupt import StopOnFullDisk
+
+    class FailedTrial:
+        trial_id = "abc123"
+
+        def __init__(self, error: BaseException | None, text: BaseException | None = None) -> None:
+            self.error, self.text = error, text
+
+        def get_pickled_error(self):
+            return self.error
+
+        def get_error(self):
+            return self.text
+
+    inner = OutOfSpace(tmp_path / "exp" / "cache" / "screw-32px.safetensors", "the data cache")
+    wrapped = RayTaskError("run_trial", "Traceback (most recent call last): ...", inner).as_instanceof_cause()
+    with pytest.raises(OutOfSpace) as stopped:
+        StopOnFullDisk(tmp_path / "exp").on_trial_error(0, [], FailedTrial(wrapped))
+    assert str(stopped.value) == (f"out of disk space writing the data cache {tmp_path}/exp/cache/screw-32px.safetensors "
+                                  "(No space left on device)")
+    from ray.tune import TuneError
+
+    text = TuneError("Failure # 1\nOSError: [Errno 28] Error writing bytes to file. Detail: [errno 28] No space left "
+                     "on device")
+    with pytest.raises(OutOfSpace, match=r"writing the files of trial abc123 .*exp \(OSError: \[Errno 28\]"):
+        StopOnFullDisk(tmp_path / "exp").on_trial_recover(0, [], FailedTrial(None, text))
+    StopOnFullDisk(tmp_path / "exp").on_trial_error(0, [], FailedTrial(RuntimeError("CUDA out of memory")))
+
+
+def _mountable() -> bool:
+    if not shutil.which("unshare") or sys.platform != "linux":
+        return False
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt || "
+                            "mount -t tmpfs -o size=64k tmpfs /tmp"], capture_output=True)
+    return probe.returncode == 0
+
+
+def test_train_on_a_really_full_volume_is_one_line_and_leaves_no_half_file(built, tmp_path):
+    """A real ENOSPC: ``train --out`` on a 256 KiB tmpfs (mounted in a user+mount
+    namespace, no root needed) that the val set or the checkpoint overflows."""
+    if not _mountable():
+        pytest.skip("cannot mount a tmpfs in a user namespace here")
+    world = World(built, tmp_path)
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    argv = " ".join(world.train("--image-size", "64")).replace(str(tmp_path / "run"), str(volume / "run"))
+    script = (f"mount -t tmpfs -o size=256k tmpfs {volume} && "
+              f"{sys.executable} {Path(__file__).resolve().parents[1] / 'cli.py'} {argv}; "
+              f"echo rc=$?; ls -A {volume / 'run'}")
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=300)
+    assert "Traceback" not in done.stderr, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: out of disk space writing "), done.stderr
+    assert str(volume / "run") in errors[0] and "No space left on device" in errors[0]
+    assert "rc=1" in done.stdout, done.stdout
+    left = done.stdout.split("rc=1", 1)[1].split()
+    assert not [name for name in left if name.startswith(".") or name.endswith(".tmp")], left
+
+
+# --- issue 25: searches stopped by a full disk or a signal, then resumed (Ray) -------------
+
+def _no_temporary_files(folder: Path) -> list[Path]:
+    """The project's temporary files (Tune's own folder aside) left in the experiment."""
+    return [p for p in folder.rglob("*.tmp") if "tune" not in p.relative_to(folder).parts]
+
+
+def test_a_full_disk_stops_the_search_in_one_error_and_resume_goes_on(tmp_path, tiny_mvtec, ray_session,
+                                                                     monkeypatch):
+    import pyarrow.parquet as pq
+
+    from automl_ad.errors import OutOfSpace
+    from automl_ad.results import store
+    from automl_ad.tuning.search import run_search
+    from conftest import search_options as options
+
+    rows_written: list[str] = []
+
+    def write_table(table: Any, where: str, **kwargs: Any) -> None:
+        if Path(where).parent.name == store.TRIALS:
+            rows_written.append(where)
+            if len(rows_written) == 2:  # the disk fills up while the second trial is stored
+                _half_then_full(where, b"PAR1 half")
+                raise no_space()
+        pq.write_table(table, where, **kwargs)
+
+    monkeypatch.setattr(store, "pq", Replaced(pq, write_table=write_table))
+    folder = tmp_path / "results" / "full"
+    with pytest.raises(OutOfSpace) as full:
+        run_search(options(tmp_path, tiny_mvtec, budget="4trials", experiment="full"))
+    message = str(full.value)
+    assert message.startswith(f"out of disk space writing results (trials table) {folder / 'trials'}/"), message
+    assert len(store.stored_trial_ids(folder)) == 1 and not _no_temporary_files(folder)
+    store.check_tables(folder)
+    assert not (folder / "damaged").exists(), "what was stored reads back whole"
+    json.loads((folder / "budget.json").read_text())
+    assert not (folder / LOCK_FILE).exists(), "the lock goes with the driver"
+
+    monkeypatch.undo()  # space freed
+    summary = run_search(options(tmp_path, tiny_mvtec, budget="4trials", experiment="full", resume=True))
+    rows = store.read_table(summary.experiment_dir).to_pylist()
+    assert len(rows) == len({r["trial_id"] for r in rows}) == 4, "each trial stored once"
+    assert all(r["objective"] is not None for r in rows)
+
+
+def test_sigint_stops_a_search_cleanly_and_resume_finishes_it(tmp_path, tiny_mvtec, ray_session):
+    import signal
+    import threading
+    import time
+
+    from automl_ad.errors import Interrupted
+    from automl_ad.results import store
+    from automl_ad.tuning.interrupt import SignalGuard
+    from automl_ad.tuning.search import run_search
+    from conftest import search_options as options
+
+    folder = tmp_path / "results" / "stop"
+
+    def interrupt_once_a_trial_runs() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            ledger = folder / "budget.json"
+            if ledger.is_file() and '"running"' in ledger.read_text():
+                os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C does
+                return
+            time.sleep(0.05)
+
+    threading.Thread(target=interrupt_once_a_trial_runs, daemon=True).start()
+    with SignalGuard() as guard, pytest.raises(Interrupted) as stopped:
+        run_search(options(tmp_path, tiny_mvtec, budget="4trials", experiment="stop"))
+    assert stopped.value.signum == signal.SIGINT and stopped.value.exit_code == 130
+    assert (guard.experiment, guard.folder) == ("stop", folder)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "the guard puts the handlers back"
+    stored = store.stored_trial_ids(folder)
+    assert len(stored) < 4, "stopped, not run to the end"
+    assert not _no_temporary_files(folder) and not (folder / LOCK_FILE).exists()
+    ledger = json.loads((folder / "budget.json").read_text())
+    assert "running" in {entry["state"] for entry in ledger["trials"].values()}, "the stopped trial resumes"
+
+    summary = run_search(options(tmp_path, tiny_mvtec, budget="4trials", experiment="stop", resume=True))
+    rows = store.read_table(summary.experiment_dir).to_pylist()
+    assert len(rows) == len({r["trial_id"] for r in rows}) == 4
+    assert set(stored) <= {r["trial_id"] for r in rows}
+    assert all(r["objective"] is not None for r in rows)
+
+
+def test_a_product_just_above_the_minimum_searches_and_says_what_it_cannot_give(tmp_path, ray_session, capfd):
+    from automl_ad.data.builtin import generate_builtin
+    from automl_ad.evaluation.validation import VAL_FAMILIES, load_image_set
+    from automl_ad.results import store
+    from automl_ad.tuning.search import run_search
+    from conftest import search_options as options
+
+    data = generate_builtin(tmp_path / "data", ["screw"], n_train=2, n_test=4, image_size=32, seed=0)
+    summary = run_search(options(tmp_path, data, budget="1trials", experiment="small"))
+    notices = [line for line in capfd.readouterr().err.splitlines() if line.startswith("notice: category")]
+    assert notices == [
+        "notice: category 'screw' has 2 good images (1 to fit, 1 held out): every trial is judged on that one good "
+        "image and the synthetic anomalies made from it, so the model choice and the bundle's threshold are coarse "
+        "(8 or more good images hold out 2)"]
+    rows = store.read_table(summary.experiment_dir).to_pylist()
+    assert len(rows) == 1 and rows[0]["objective"] is not None
+    val = load_image_set(summary.experiment_dir / "val" / "val_anomalies_32px.safetensors")
+    assert len(val) <= len(VAL_FAMILIES), "one synthetic anomaly per family, from the one val image"
+
+
+SIGNAL_SCRIPT_TIMEOUT_S = 150
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_the_search_command_stopped_by_a_signal_prints_its_resume_command(signame, tmp_path, tiny_mvtec,
+                                                                          monkeypatch):
+    """The CLI in its own process (its own Ray, Ray Train trials): Ctrl-C (SIGINT to the
+    process group, as a terminal sends it) or SIGTERM (to the driver, as kill, systemd or
+    Kubernetes send it) once the first trial runs."""
+    import shlex
+    import signal
+    import time
+
+    from automl_ad.results import store
+    from conftest import tiny_space_dir
+
+    tiny_space_dir(tmp_path / "search_spaces")  # read from the working directory: seconds per trial
+    argv = ["search", "--category", "screw", "--budget", "4trials", "--data", str(tiny_mvtec), "--methods", "ssae",
+            "--storage", "results", "--image-size", "32", "--no-export", "--experiment", "sig"]
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    driver = subprocess.Popen([sys.executable, str(repo / "cli.py"), *argv], cwd=tmp_path, env=env,
+                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    folder = tmp_path / "results" / "sig"
+    try:
+        deadline = time.monotonic() + SIGNAL_SCRIPT_TIMEOUT_S
+        while driver.poll() is None and time.monotonic() < deadline:
+            ledger = folder / "budget.json"
+            if ledger.is_file() and '"running"' in ledger.read_text():
+                break
+            time.sleep(0.2)
+        assert driver.poll() is None, "the search ended before a trial ran"
+        time.sleep(1.0)  # inside the trial
+        if signame == "SIGINT":
+            os.killpg(driver.pid, signal.SIGINT)
+        else:
+            os.kill(driver.pid, signal.SIGTERM)
+        _, stderr = driver.communicate(timeout=SIGNAL_SCRIPT_TIMEOUT_S)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+    number = getattr(signal, signame)
+    assert driver.returncode == 128 + number, stderr
+    assert "Traceback" not in stderr and "Tuner.restore" not in stderr and "Resume experiment" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    stored = len(store.stored_trial_ids(folder))
+    command = ("automl-ad search --category screw --budget 4trials --data " + shlex.quote(str(tiny_mvtec))
+               + " --methods ssae --storage results --image-size 32 --no-export --experiment sig --resume")
+    assert errors == [f"error: search stopped by {signame}; experiment sig is saved in {folder} ({stored} trial"
+                      f"{'' if stored == 1 else 's'} stored); resume it with: {command}"], stderr
+    # The store is consistent: every file reads back, nothing half written, no lock held.
+    json.loads((folder / "budget.json").read_text())
+    store.check_tables(folder)
+    assert not (folder / "damaged").exists() and not _no_temporary_files(folder)
+    assert not (folder / LOCK_FILE).exists()
+    # The printed command is one this CLI runs on this experiment (--plan: its stored plan).
+    monkeypatch.chdir(tmp_path)
+    words = shlex.split(command)
+    assert words[0] == "automl-ad"
+    planned = invoke([*words[1:], "--plan"])
+    assert planned.exit_code == 0, planned.output
+    assert "fixed by fidelity.steps_per_epoch" in planned.output
+
+
+@pytest.mark.parametrize("stop", ["full disk", "SIGTERM", "full disk before the record"])
+def test_the_search_command_ends_a_stopped_search_with_the_command_that_resumes_it(stop, built, tmp_path,
+                                                                                     monkeypatch):
+    """The CLI's side without Ray: whatever stops run_search once the experiment exists, the
+    one error line ends with this search's own resume command (the options the user gave,
+    the experiment named, --resume); before the experiment exists, with "run it again"."""
+    import signal
+
+    from automl_ad import experiment as layout
+    from automl_ad.errors import Interrupted
+    from automl_ad.tuning import interrupt, search
+
+    world = World(built, tmp_path)
+    folder = world.results / "auto-named"
+
+    def run_search(options: Any) -> None:
+        if stop != "full disk before the record":
+            interrupt.watch("auto-named", folder)
+            layout.write_record(folder, {"category": CAT, "data": str(world.data)})
+        if stop == "SIGTERM":
+            raise Interrupted(signal.SIGTERM)
+        raise no_space(folder / "optuna.db")  # a library's own write (SQLite's, Ray's)
+
+    monkeypatch.setattr(search, "run_search", run_search)
+    result = invoke(world.search("--budget", "2trials", "--seed", "3", "--no-export"))
+    _no_traceback(result)
+    command = (f"automl-ad search --category {CAT} --budget 2trials --data {world.data} --storage {world.results} "
+               f"--seed 3 --no-export --experiment auto-named --resume")
+    expected = {
+        "full disk": (1, f"error: out of disk space writing {folder / 'optuna.db'} (No space left on device); "
+                         f"free space there, then resume with: {command}"),
+        "SIGTERM": (143, f"error: search stopped by SIGTERM; experiment auto-named is saved in {folder} "
+                         f"(0 trials stored); resume it with: {command}"),
+        "full disk before the record": (1, f"error: out of disk space writing {folder / 'optuna.db'} (No space "
+                                           "left on device); free space there, then run the same command again"),
+    }[stop]
+    assert (result.exit_code, result.stderr.strip().splitlines()[-1]) == expected, result.stderr
+    assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1
