@@ -1083,12 +1083,13 @@ def test_sigint_stops_a_search_cleanly_and_resume_finishes_it(tmp_path, tiny_mvt
                 return
             time.sleep(0.05)
 
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     threading.Thread(target=interrupt_once_a_trial_runs, daemon=True).start()
     with SignalGuard() as guard, pytest.raises(Interrupted) as stopped:
         run_search(options(tmp_path, tiny_mvtec, budget="4trials", experiment="stop"))
     assert stopped.value.signum == signal.SIGINT and stopped.value.exit_code == 130
     assert (guard.experiment, guard.folder) == ("stop", folder)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "the guard puts the handlers back"
+    assert {s: signal.getsignal(s) for s in handlers} == handlers, "the guard puts the handlers back"
     stored = store.stored_trial_ids(folder)
     assert len(stored) < 4, "stopped, not run to the end"
     assert not _no_temporary_files(folder) and not (folder / LOCK_FILE).exists()
