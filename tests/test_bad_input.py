@@ -1227,3 +1227,46 @@ def test_the_search_command_ends_a_stopped_search_with_the_command_that_resumes_
     }[stop]
     assert (result.exit_code, result.stderr.strip().splitlines()[-1]) == expected, result.stderr
     assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1
+
+
+def test_ray_tracebacks_of_a_full_disk_and_its_restore_hint_are_not_shown():
+    """While the search command runs, Ray's own lines about what it reports in one line
+    are dropped: a traceback of a full disk (from any of the loggers it came from on a
+    full tmpfs) and, once stopped, Tune's `Tuner.restore(...)` hint. Others pass."""
+    import logging
+    import signal
+
+    from automl_ad.tuning.interrupt import SignalGuard
+
+    class Shown(logging.Handler):  # on each logger itself: Ray's loggers do not propagate
+        def __init__(self) -> None:
+            super().__init__()
+            self.records: list[logging.LogRecord] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.records.append(record)
+
+    shown = Shown()
+    names = ("ray.tune.execution.experiment_state", "ray._private.worker", "ray.tune.tune",
+             "ray.tune.execution.tune_controller")
+    for name in names:
+        logging.getLogger(name).addHandler(shown)
+    full = no_space("/results/exp/tune/experiment_state.json")
+    with SignalGuard() as guard:
+        logging.getLogger("ray.tune.execution.experiment_state").error("Saving experiment state failed: ",
+                                                                        exc_info=full)
+        logging.getLogger("ray._private.worker").error(
+            "Unhandled error (suppress with 'RAY_IGNORE_UNHANDLED_ERRORS=1'): ray::ImplicitFunc.train() ...\n"
+            "OSError: [Errno 28] Error writing bytes to file. Detail: [errno 28] No space left on device")
+        logging.getLogger("ray.tune.tune").warning("Resume experiment with: Tuner.restore(path=x, trainable=...)")
+        guard.signum = signal.SIGINT  # stopped: now the hint is Ray's, and not for CLI users
+        logging.getLogger("ray.tune.tune").warning("Experiment has been interrupted, but the most recent state was "
+                                                   "saved.\nResume experiment with: Tuner.restore(path=x, ...)")
+        logging.getLogger("ray.tune.execution.tune_controller").error("Trial task failed for trial t1",
+                                                                       exc_info=RuntimeError("CUDA out of memory"))
+    logging.getLogger("ray.tune.tune").warning("Resume experiment with: after the guard")
+    for name in names:
+        logging.getLogger(name).removeHandler(shown)
+    assert [record.getMessage() for record in shown.records] == [
+        "Resume experiment with: Tuner.restore(path=x, trainable=...)", "Trial task failed for trial t1",
+        "Resume experiment with: after the guard"], "dropped only what the search reports itself, only meanwhile"

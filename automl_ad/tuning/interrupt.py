@@ -47,10 +47,18 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # trials stopped before their first report have no metrics to fetch yet).
 _TUNE_STOP_LINES = ("Resume experiment with", "Experiment has been interrupted", "Trials did not complete",
                     "Stop signal received", "Failed to fetch metrics")
-_TUNE_LOGGERS = ("ray.tune.tune", "ray.tune.execution.tune_controller", "ray.tune.analysis.experiment_analysis")
+# Where Ray logs them, and its tracebacks of a full disk: ray._private.worker logs the
+# "Unhandled error" of a trial whose result the stopped loop never collected, and
+# experiment_state a failed copy of Tune's state (seen on a full tmpfs).
+_TUNE_LOGGERS = ("ray.tune.tune", "ray.tune.execution.tune_controller", "ray.tune.analysis.experiment_analysis",
+                 "ray.tune.execution.experiment_state", "ray._private.worker")
 
 _active: "SignalGuard | None" = None  # the CLI's guard while a search command runs
 _full_disk: dict[str, OutOfSpace] = {}  # experiment folder -> the full disk that stopped its search
+
+
+class _Quoted(Exception):
+    """A log message, for ``out_of_space`` to read."""
 
 
 class _QuietTuneStop(logging.Filter):
@@ -68,7 +76,9 @@ class _QuietTuneStop(logging.Filter):
             return False
         if record.exc_info and record.exc_info[1] is not None and out_of_space(record.exc_info[1]):
             return False
-        return True
+        # A traceback quoted in the message (Ray's "Unhandled error"): the disk was full,
+        # which the search reports itself in one line.
+        return not out_of_space(_Quoted(message))
 
 
 class SignalGuard:
