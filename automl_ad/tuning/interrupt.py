@@ -71,7 +71,8 @@ class _QuietTuneStop(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        stopping = self.guard.signum is not None or bool(_full_disk)
+        folder = self.guard.folder
+        stopping = self.guard.signum is not None or (folder is not None and _key(folder) in _full_disk)
         if stopping and any(line in message for line in _TUNE_STOP_LINES):
             return False
         if record.exc_info and record.exc_info[1] is not None and out_of_space(record.exc_info[1]):
@@ -241,10 +242,10 @@ class StopOnFullDisk(Callback):
         if error is None or not out_of_space(error):
             return
         full = as_out_of_space(error, self.experiment_dir, f"the files of trial {trial.trial_id}")
-        _full_disk.setdefault(_key(self.experiment_dir), full)
         event = _tune_stop_event(sys._getframe())
         if event is None:  # not inside Tune's loop (a direct call): nothing to end but this
             raise full
+        _full_disk.setdefault(_key(self.experiment_dir), full)
         event.set()
 
     def on_trial_recover(self, iteration, trials, trial, **info):
