@@ -27,12 +27,12 @@ import pickle
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
 from automl_ad.data.types import ImageSet
-from automl_ad.errors import DamagedCheckpoint, UserError
+from automl_ad.errors import DamagedCheckpoint, UserError, writing
 from automl_ad.jsonio import read_json
 from automl_ad.evaluation.validation import load_image_set
 
@@ -78,8 +78,25 @@ def read_record(folder: Path) -> dict[str, Any]:
 
 
 def write_record(folder: Path, record: Mapping[str, Any]) -> None:
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    record_path(folder).write_text(json.dumps(dict(record), indent=1))
+    """Write the search record through a temporary file: a full disk or a kill mid-write
+    leaves the previous record (a resume needs it), never half of one."""
+    path = record_path(folder)
+    with writing(path, "the search record"):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        _replace_with(path, lambda tmp: Path(tmp).write_text(json.dumps(dict(record), indent=1)))
+
+
+def _replace_with(path: Path, write: Callable[[str], Any]) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, then move it onto ``path``; the
+    temporary file is removed when anything fails."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 # --- other files and folders -----------------------------------------------------------
@@ -133,15 +150,16 @@ def write_checkpoint(folder: Path, state: Mapping[str, Any]) -> None:
     """Save ``state`` (the keys of CHECKPOINT_KEYS) to ``folder/checkpoint.pt`` through a
     temporary file and a rename, so a kill mid-write leaves the previous checkpoint."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".checkpoint.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
-        os.replace(tmp, checkpoint_file(folder))
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with writing(checkpoint_file(folder), "a checkpoint"):
+        folder.mkdir(parents=True, exist_ok=True)
+        _replace_with(checkpoint_file(folder), lambda tmp: _torch_save({"format": CHECKPOINT_FORMAT, **state}, tmp))
+
+
+def _torch_save(state: Mapping[str, Any], tmp: str) -> None:
+    # Through a Python file: a full disk then raises OSError(ENOSPC) (chained); torch's own
+    # file writer reports it only as "[enforce fail at inline_container.cc] unexpected pos".
+    with open(tmp, "wb") as handle:
+        torch.save(dict(state), handle)
 
 
 def read_checkpoint(folder: Path) -> dict[str, Any]:

@@ -1,11 +1,16 @@
 """Bad input and damaged files, command by command, as one table (issue 17).
 
-Every refused case must: exit with its code (2 for bad input), print exactly one
+Every refused case must: exit with its code (2 for bad input, 1 for a full disk), print exactly one
 ``error:`` line on stderr (``notice:`` lines aside), show no traceback, and leave every
 file of the results folder, the bundle and the output paths as it was. Cases where a
 damaged store file or checkpoint is *isolated* rather than refused are in a second
 table: the command succeeds, names the damaged file in a warning, moves it aside
 under ``<experiment>/damaged/`` and goes on with the rest.
+
+Issue 25 adds data and faults as a factory hands them over: a product too small to split
+into fit and val (in the table), a full disk under every writer (in the table through
+the CLI, and writer by writer below; one test on a real full tmpfs), and searches
+stopped by a full disk or by SIGINT/SIGTERM, then resumed.
 
 One tiny real experiment (three CFA trials, frozen val anomalies, a bundle; built once
 per module without Ray) is copied for each case, so cases cannot disturb each other.
@@ -14,6 +19,7 @@ per module without Ray) is copied for each case, so cases cannot disturb each ot
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -24,7 +30,7 @@ import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import pytest
@@ -179,6 +185,114 @@ class Case:
     needle: str
     code: int = 2
     report: bool = False  # data check: the problem is a line of its report on stdout, exit 2
+    # Makes the disk "full" for the command (a writer's library call fails with ENOSPC
+    # after writing part of its file), for the out-of-space cases (exit 1).
+    patch: Callable[[pytest.MonkeyPatch], None] | None = None
+
+
+# --- a full disk, as the libraries the writers call meet it ---------------------------
+
+def no_space(filename: str | Path | None = None) -> OSError:
+    """What a write on a full volume raises (with the file name when the OS gives one)."""
+    error = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if filename is not None:
+        error.filename = str(filename)
+    return error
+
+
+class Replaced:
+    """``module`` with some functions replaced, seen only by the module it is patched into."""
+
+    def __init__(self, module: Any, **replaced: Any) -> None:
+        self._module, self._replaced = module, replaced
+
+    def __getattr__(self, name: str) -> Any:
+        return self._replaced[name] if name in self._replaced else getattr(self._module, name)
+
+
+def _half_then_full(target: Path | str, data: bytes = b"half a file") -> None:
+    """Write the first bytes of a file, as a write that runs out of space does."""
+    Path(target).write_bytes(data)
+
+
+def full_disk_at_lock(monkeypatch: pytest.MonkeyPatch) -> None:
+    from automl_ad.tuning import lock
+
+    def dump(obj: Any, stream: Any, **kwargs: Any) -> None:
+        stream.write(json.dumps(obj)[:9])
+        stream.flush()
+        raise no_space()
+
+    monkeypatch.setattr(lock, "json", Replaced(json, dump=dump))
+
+
+def full_disk_at_val_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    from safetensors import SafetensorError
+
+    from automl_ad.evaluation import validation
+
+    def save_file(tensors: Any, filename: str, metadata: Any = None) -> None:
+        _half_then_full(filename)
+        # safetensors' own wording (Rust I/O error), as the issue saw it: not an OSError
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(validation, "save_file", save_file)
+
+
+def full_disk_at_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyarrow.parquet as pq
+
+    from automl_ad.results import store
+
+    def write_table(table: Any, where: str, **kwargs: Any) -> None:
+        _half_then_full(where, b"PAR1 half")
+        raise no_space()
+
+    monkeypatch.setattr(store, "pq", Replaced(pq, write_table=write_table))
+
+
+def full_disk_at_report(monkeypatch: pytest.MonkeyPatch) -> None:
+    from automl_ad.deploy import report
+
+    class FillingUp:
+        def __init__(self, stream: Any) -> None:
+            self.stream = stream
+
+        def __enter__(self) -> "FillingUp":
+            return self
+
+        def __exit__(self, *exc: Any) -> None:
+            self.stream.close()
+
+        def write(self, text: str) -> int:
+            self.stream.write(text[:100])
+            self.stream.flush()
+            raise no_space()
+
+    monkeypatch.setattr(report, "os", Replaced(os, fdopen=lambda fd, *a, **k: FillingUp(os.fdopen(fd, *a, **k))))
+
+
+def full_disk_unnamed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk met in code that does not say what it wrote (a library's own write)."""
+    from automl_ad.data import check
+
+    def check_category(root: Path, category: str) -> None:
+        raise no_space("/var/spool/somewhere/file.bin")
+
+    monkeypatch.setattr(check, "check_category", check_category)
+
+
+def _one_good_image(w: World) -> Path:
+    """A copy of the data whose product keeps a single train/good image."""
+    data = w.data_copy()
+    for extra in sorted((data / CAT / "train" / "good").iterdir())[1:]:
+        extra.unlink()
+    return data
+
+
+def _report_over_an_old_page(w: World) -> list[str]:
+    (w.tmp / "r.html").write_text("<html>the previous report</html>")
+    return ["report", "-c", CAT, *w.store(), "--bundle", str(w.bundle), "--out", str(w.tmp / "r.html")]
 
 
 def _train_bomb(w: World) -> list[str]:
@@ -288,6 +402,24 @@ CASES = [
     Case("search second driver", _lock_held, "being searched by another driver (host"),
     Case("search --experiment unsafe", lambda w: w.search("--budget", "2trials", "--experiment", "../up"),
          "--experiment '../up'"),
+    # issue 25: a product too small to split into fit and val, refused before Ray starts
+    Case("search one good image", lambda w: ["search", "-c", CAT, "--data", str(_one_good_image(w)), "--budget", "2m",
+                                             "--storage", str(w.results)],
+         "train/good holds 1 good image; a search needs at least 2 (1 to fit, 1 held out to validate on)"),
+    Case("train one good image", lambda w: w.train(data=_one_good_image(w)),
+         "holds 1 good image; training needs at least 2"),
+    # issue 25: a full disk is one line naming the file and what it holds, exit 1
+    Case("search disk full at the driver lock", lambda w: w.search("--budget", "2trials", "--experiment", "full"),
+         "out of disk space writing the driver lock", code=1, patch=full_disk_at_lock),
+    Case("train disk full at the val set", lambda w: w.train(), "out of disk space writing the frozen val set",
+         code=1, patch=full_disk_at_val_set),
+    Case("ensemble disk full at the store", lambda w: ["ensemble", "-c", CAT, *w.store()],
+         "out of disk space writing results (ensembles table)", code=1, patch=full_disk_at_store),
+    Case("report disk full", _report_over_an_old_page, "out of disk space writing the report", code=1,
+         patch=full_disk_at_report),
+    Case("data check disk full in a library", lambda w: ["data", "check", str(w.data), "-c", CAT],
+         "out of disk space writing /var/spool/somewhere/file.bin (No space left on device)", code=1,
+         patch=full_disk_unnamed),
     # results, ensemble, export, report
     Case("results unknown category", lambda w: ["results", "-c", "gadget", "--storage", str(w.results)], "gadget"),
     Case("results unsafe experiment", lambda w: ["results", "-c", CAT, "--storage", str(w.results),
@@ -361,10 +493,13 @@ def test_there_are_at_least_thirty_cases():
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_refused_in_one_line_leaving_everything_as_it_was(case: Case, built: Path, tmp_path: Path):
+def test_refused_in_one_line_leaving_everything_as_it_was(case: Case, built: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch):
     world = World(built, tmp_path)
     argv = case.argv(world)
     before = snapshot(tmp_path)
+    if case.patch is not None:
+        case.patch(monkeypatch)
     result = invoke(argv)
     _no_traceback(result)
     assert result.exit_code == case.code, result.output
@@ -615,3 +750,523 @@ def test_a_trial_restored_from_a_damaged_checkpoint_runs_again_from_the_start(
     # It names the worker's copy of the restored checkpoint (Tune's folder may be remote).
     assert f"trial {trial_id}: damaged checkpoint " in warnings[0] and "checkpoint.pt" in warnings[0]
     assert warnings[0].endswith("running it again from the start")
+
+
+# --- issue 25: every writer on a full disk names its file and keeps the previous one ------
+
+def _torch_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.save on a full volume, as it really fails: a RuntimeError from its zip writer
+    whose context is the OSError(ENOSPC) the Python file raised (seen on a 64 KiB tmpfs)."""
+    import torch
+
+    from automl_ad import experiment
+
+    def save(obj: Any, handle: Any) -> None:
+        handle.write(b"PK half a zip")
+        try:
+            raise no_space()
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    monkeypatch.setattr(experiment, "torch", Replaced(torch, save=save))
+
+
+def _record_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    from automl_ad import experiment
+
+    class FullPath(type(Path())):
+        def write_text(self, *args: Any, **kwargs: Any) -> int:
+            self.write_bytes(b'{"category": "hal')
+            raise no_space()
+
+    monkeypatch.setattr(experiment, "Path", FullPath)
+
+
+def _cache_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def save_file(tensors: Any, filename: str, metadata: Any = None) -> None:
+        _half_then_full(filename)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+
+
+def _ledger_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    from automl_ad.tuning import budget
+
+    def dump(obj: Any, stream: Any, **kwargs: Any) -> None:
+        stream.write('{"budget": "ha')
+        stream.flush()
+        raise no_space()
+
+    monkeypatch.setattr(budget, "json", Replaced(json, dump=dump))
+
+
+def _write_checkpoint(w: World) -> Path:
+    from automl_ad import experiment
+
+    folder = checkpoint_file(w, 0).parent
+    experiment.write_checkpoint(folder, experiment.read_checkpoint(folder))
+    return folder / "checkpoint.pt"
+
+
+def _write_record(w: World) -> Path:
+    from automl_ad import experiment
+
+    experiment.write_record(w.exp, {"category": CAT, "data": "elsewhere"})
+    return w.exp / "search.json"
+
+
+def _write_row(w: World) -> Path:
+    from automl_ad.results import store
+
+    store.write_rows(w.exp, store.TRIALS, TRIALS[0][0], [{"trial_id": TRIALS[0][0]}], {})
+    return trial_file(w, 0)
+
+
+def _write_val_set(w: World) -> Path:
+    from automl_ad.evaluation.validation import load_image_set, save_image_set
+
+    path = w.exp / "val" / "val_anomalies_32px.safetensors"
+    save_image_set(load_image_set(path), path)
+    return path
+
+
+def _write_cache(w: World) -> Path:
+    from automl_ad.data.dataset import clear_memory_cache, load_category
+
+    clear_memory_cache()
+    load_category(w.data, CAT, 24, cache_dir=w.exp / "cache")  # a size not cached yet
+    return w.exp / "cache"
+
+
+def _write_ledger(w: World) -> Path:
+    from automl_ad.tuning.budget import Ledger, parse_budget
+
+    ledger = Ledger(w.exp, parse_budget("2trials"))
+    ledger.record("t1", 1.0, 5.0)
+    return w.exp / "budget.json"
+
+
+def _write_lock(w: World) -> Path:
+    from automl_ad.tuning.lock import acquire
+
+    acquire(w.results / "new-experiment", "new-experiment")
+    return w.results / "new-experiment" / LOCK_FILE
+
+
+def _write_report(w: World) -> Path:
+    from automl_ad.deploy.report import write_atomic
+
+    page = w.tmp / "report.html"
+    write_atomic(page, "<html>" + "x" * 10_000 + "</html>")
+    return page
+
+
+def _old_page(w: World) -> None:
+    (w.tmp / "report.html").write_text("<html>the previous report</html>")
+
+
+def _first_ledger(w: World) -> None:
+    from automl_ad.tuning.budget import Ledger, parse_budget
+
+    Ledger(w.exp, parse_budget("2trials")).record("t0", 1.0, 1.0)  # a good budget.json to keep
+
+
+WRITERS = [
+    # (id, make the disk full, write, what the error names, set up a previous file)
+    ("checkpoint", _torch_full, _write_checkpoint, "a checkpoint", None),
+    ("search record", _record_full, _write_record, "the search record", None),
+    ("store row", full_disk_at_store, _write_row, "results (trials table)", None),
+    ("val set", full_disk_at_val_set, _write_val_set, "the frozen val set", None),
+    ("data cache", _cache_full, _write_cache, "the data cache", None),
+    ("budget ledger", _ledger_full, _write_ledger, "the budget ledger", _first_ledger),
+    ("driver lock", full_disk_at_lock, _write_lock, "the driver lock", None),
+    ("report", full_disk_at_report, _write_report, "the report", _old_page),
+]
+
+
+@pytest.mark.parametrize("writer", WRITERS, ids=[w[0] for w in WRITERS])
+def test_a_full_disk_is_one_error_naming_the_file_and_the_previous_file_stays(writer, built, tmp_path, monkeypatch):
+    from automl_ad.errors import OutOfSpace
+
+    _, fill, write, what, before_write = writer
+    world = World(built, tmp_path)
+    world.exp  # the copies exist before the disk fills
+    if before_write is not None:
+        before_write(world)
+    before = snapshot(tmp_path)
+    fill(monkeypatch)
+    with pytest.raises(OutOfSpace) as raised:
+        write(world)
+    error = raised.value
+    assert error.exit_code == 1 and "\n" not in str(error)
+    assert str(error).startswith(f"out of disk space writing {what} ") and "No space left on device" in str(error)
+    assert error.path is not None and Path(error.path).is_relative_to(tmp_path), error.path
+    assert snapshot(tmp_path) == before, "no half-written file in place of a good one, no temporary file left"
+    if writer[0] == "driver lock":
+        assert not (world.results / "new-experiment").exists(), "no empty lock or folder that would hold off --resume"
+
+
+def test_the_real_torch_writers_raise_what_the_checkpoint_and_bundle_writers_recognise(tmp_path):
+    """torch.save and torch.jit.save through a Python file: their error on a full volume
+    chains the OSError (checked on /dev/full, a device every write to fails with ENOSPC)."""
+    import torch
+
+    from automl_ad.errors import out_of_space
+
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full")
+    with pytest.raises(BaseException) as saved:
+        with open("/dev/full", "wb") as handle:
+            torch.save({"x": torch.zeros(100_000)}, handle)
+    assert out_of_space(saved.value), repr(saved.value)
+    traced = torch.jit.trace(torch.nn.Linear(4, 4), (torch.zeros(1, 4),))
+    with pytest.raises(BaseException) as scripted:
+        with open("/dev/full", "wb") as handle:
+            torch.jit.save(traced, handle)
+    assert out_of_space(scripted.value), repr(scripted.value)
+
+
+def test_a_full_disk_during_export_leaves_the_previous_bundle(built, tmp_path, monkeypatch):
+    import torch
+
+    world = World(built, tmp_path)
+    before = snapshot(world.bundle)
+
+    def export(model: Any, args: Any, f: str, **kwargs: Any) -> None:
+        _half_then_full(f, b"\x08half a graph")
+        raise no_space(f)
+
+    monkeypatch.setattr(torch.onnx, "export", export)
+    result = invoke(["export", "-c", CAT, *world.store(), "--out", str(world.bundle), "--format", "onnx"])
+    _no_traceback(result)
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert lines == [f"error: out of disk space writing the bundle {world.bundle} (No space left on device)"]
+    assert snapshot(world.bundle) == before, "the previous bundle is kept whole"
+    assert not [p for p in world.bundle.parent.iterdir() if p.name.startswith(f".{world.bundle.name}.")], \
+        "no staging folder left"
+
+
+def test_a_trial_that_found_the_disk_full_stops_the_search_naming_its_file(tmp_path):
+    """StopOnFullDisk on the error Tune pickles for a trial (a RayTaskError around the
+    trial's OutOfSpace), and on Tune's text form of a library's error."""
+    from ray.exceptions import RayTaskError
+
+    from automl_ad.errors import OutOfSpace
+    from automl_ad.tuning.interrupt import StopOnFullDisk
+
+    class FailedTrial:
+        trial_id = "abc123"
+
+        def __init__(self, error: BaseException | None, text: BaseException | None = None) -> None:
+            self.error, self.text = error, text
+
+        def get_pickled_error(self):
+            return self.error
+
+        def get_error(self):
+            return self.text
+
+    inner = OutOfSpace(tmp_path / "exp" / "cache" / "screw-32px.safetensors", "the data cache")
+    wrapped = RayTaskError("run_trial", "Traceback (most recent call last): ...", inner).as_instanceof_cause()
+    with pytest.raises(OutOfSpace) as stopped:
+        StopOnFullDisk(tmp_path / "exp").on_trial_error(0, [], FailedTrial(wrapped))
+    assert str(stopped.value) == (f"out of disk space writing the data cache {tmp_path}/exp/cache/screw-32px.safetensors "
+                                  "(No space left on device)")
+    from ray.tune import TuneError
+
+    text = TuneError("Failure # 1\nOSError: [Errno 28] Error writing bytes to file. Detail: [errno 28] No space left "
+                     "on device")
+    with pytest.raises(OutOfSpace, match=r"writing the files of trial abc123 .*exp \(OSError: \[Errno 28\]"):
+        StopOnFullDisk(tmp_path / "exp").on_trial_recover(0, [], FailedTrial(None, text))
+    StopOnFullDisk(tmp_path / "exp").on_trial_error(0, [], FailedTrial(RuntimeError("CUDA out of memory")))
+
+
+def _mountable() -> bool:
+    if not shutil.which("unshare") or sys.platform != "linux":
+        return False
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt || "
+                            "mount -t tmpfs -o size=64k tmpfs /tmp"], capture_output=True)
+    return probe.returncode == 0
+
+
+def test_train_on_a_really_full_volume_is_one_line_and_leaves_no_half_file(built, tmp_path):
+    """A real ENOSPC: ``train --out`` on a 256 KiB tmpfs (mounted in a user+mount
+    namespace, no root needed) that the val set or the checkpoint overflows."""
+    if not _mountable():
+        pytest.skip("cannot mount a tmpfs in a user namespace here")
+    world = World(built, tmp_path)
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    argv = " ".join(world.train("--image-size", "64")).replace(str(tmp_path / "run"), str(volume / "run"))
+    script = (f"mount -t tmpfs -o size=256k tmpfs {volume} && "
+              f"{sys.executable} {Path(__file__).resolve().parents[1] / 'cli.py'} {argv}; "
+              f"echo rc=$?; ls -A {volume / 'run'}")
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=300)
+    assert "Traceback" not in done.stderr, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: out of disk space writing "), done.stderr
+    assert str(volume / "run") in errors[0] and "No space left on device" in errors[0]
+    assert "rc=1" in done.stdout, done.stdout
+    left = done.stdout.split("rc=1", 1)[1].split()
+    assert not [name for name in left if name.startswith(".") or name.endswith(".tmp")], left
+
+
+# --- issue 25: searches stopped by a full disk or a signal, then resumed (Ray) -------------
+
+def _no_temporary_files(folder: Path) -> list[Path]:
+    """The project's temporary files (Tune's own folder aside) left in the experiment."""
+    return [p for p in folder.rglob("*.tmp") if "tune" not in p.relative_to(folder).parts]
+
+
+def test_a_full_disk_stops_the_search_in_one_error_and_resume_goes_on(tmp_path, tiny_mvtec, ray_session,
+                                                                     monkeypatch):
+    import pyarrow.parquet as pq
+
+    from automl_ad.errors import OutOfSpace
+    from automl_ad.results import store
+    from automl_ad.tuning.search import run_search
+    from conftest import search_options as options
+
+    rows_written: list[str] = []
+
+    def write_table(table: Any, where: str, **kwargs: Any) -> None:
+        if Path(where).parent.name == store.TRIALS:
+            rows_written.append(where)
+            if len(rows_written) == 2:  # the disk fills up while the second trial is stored
+                _half_then_full(where, b"PAR1 half")
+                raise no_space()
+        pq.write_table(table, where, **kwargs)
+
+    monkeypatch.setattr(store, "pq", Replaced(pq, write_table=write_table))
+    folder = tmp_path / "results" / "full"
+    with pytest.raises(OutOfSpace) as full:
+        run_search(options(tmp_path, tiny_mvtec, budget="4trials", experiment="full"))
+    message = str(full.value)
+    assert message.startswith(f"out of disk space writing results (trials table) {folder / 'trials'}/"), message
+    assert len(store.stored_trial_ids(folder)) == 1 and not _no_temporary_files(folder)
+    store.check_tables(folder)
+    assert not (folder / "damaged").exists(), "what was stored reads back whole"
+    json.loads((folder / "budget.json").read_text())
+    assert not (folder / LOCK_FILE).exists(), "the lock goes with the driver"
+
+    monkeypatch.undo()  # space freed
+    summary = run_search(options(tmp_path, tiny_mvtec, budget="4trials", experiment="full", resume=True))
+    rows = store.read_table(summary.experiment_dir).to_pylist()
+    assert len(rows) == len({r["trial_id"] for r in rows}) == 4, "each trial stored once"
+    assert all(r["objective"] is not None for r in rows)
+
+
+def test_sigint_stops_a_search_cleanly_and_resume_finishes_it(tmp_path, tiny_mvtec, ray_session):
+    import signal
+    import threading
+    import time
+
+    from automl_ad.errors import Interrupted
+    from automl_ad.results import store
+    from automl_ad.tuning.interrupt import SignalGuard
+    from automl_ad.tuning.search import run_search
+    from conftest import search_options as options
+
+    folder = tmp_path / "results" / "stop"
+
+    def interrupt_once_a_trial_runs() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            ledger = folder / "budget.json"
+            if ledger.is_file() and '"running"' in ledger.read_text():
+                os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C does
+                return
+            time.sleep(0.05)
+
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    threading.Thread(target=interrupt_once_a_trial_runs, daemon=True).start()
+    with SignalGuard() as guard, pytest.raises(Interrupted) as stopped:
+        run_search(options(tmp_path, tiny_mvtec, budget="4trials", experiment="stop"))
+    assert stopped.value.signum == signal.SIGINT and stopped.value.exit_code == 130
+    assert (guard.experiment, guard.folder) == ("stop", folder)
+    assert {s: signal.getsignal(s) for s in handlers} == handlers, "the guard puts the handlers back"
+    stored = store.stored_trial_ids(folder)
+    assert len(stored) < 4, "stopped, not run to the end"
+    assert not _no_temporary_files(folder) and not (folder / LOCK_FILE).exists()
+    ledger = json.loads((folder / "budget.json").read_text())
+    assert "running" in {entry["state"] for entry in ledger["trials"].values()}, "the stopped trial resumes"
+
+    summary = run_search(options(tmp_path, tiny_mvtec, budget="4trials", experiment="stop", resume=True))
+    rows = store.read_table(summary.experiment_dir).to_pylist()
+    assert len(rows) == len({r["trial_id"] for r in rows}) == 4
+    assert set(stored) <= {r["trial_id"] for r in rows}
+    assert all(r["objective"] is not None for r in rows)
+
+
+def test_a_product_just_above_the_minimum_searches_and_says_what_it_cannot_give(tmp_path, ray_session, capfd):
+    from automl_ad.data.builtin import generate_builtin
+    from automl_ad.evaluation.validation import VAL_FAMILIES, load_image_set
+    from automl_ad.results import store
+    from automl_ad.tuning.search import run_search
+    from conftest import search_options as options
+
+    data = generate_builtin(tmp_path / "data", ["screw"], n_train=2, n_test=4, image_size=32, seed=0)
+    summary = run_search(options(tmp_path, data, budget="1trials", experiment="small"))
+    notices = [line for line in capfd.readouterr().err.splitlines() if line.startswith("notice: category")]
+    assert notices == [
+        "notice: category 'screw' has 2 good images (1 to fit, 1 held out): every trial is judged on that one good "
+        "image and the synthetic anomalies made from it, so the model choice and the bundle's threshold are coarse "
+        "(8 or more good images hold out 2)"]
+    rows = store.read_table(summary.experiment_dir).to_pylist()
+    assert len(rows) == 1 and rows[0]["objective"] is not None
+    val = load_image_set(summary.experiment_dir / "val" / "val_anomalies_32px.safetensors")
+    assert len(val) <= len(VAL_FAMILIES), "one synthetic anomaly per family, from the one val image"
+
+
+SIGNAL_SCRIPT_TIMEOUT_S = 150
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_the_search_command_stopped_by_a_signal_prints_its_resume_command(signame, tmp_path, tiny_mvtec,
+                                                                          monkeypatch):
+    """The CLI in its own process (its own Ray, Ray Train trials): Ctrl-C (SIGINT to the
+    process group, as a terminal sends it) or SIGTERM (to the driver, as kill, systemd or
+    Kubernetes send it) once the first trial runs."""
+    import shlex
+    import signal
+    import time
+
+    from automl_ad.results import store
+    from conftest import tiny_space_dir
+
+    tiny_space_dir(tmp_path / "search_spaces")  # read from the working directory: seconds per trial
+    argv = ["search", "--category", "screw", "--budget", "4trials", "--data", str(tiny_mvtec), "--methods", "ssae",
+            "--storage", "results", "--image-size", "32", "--no-export", "--experiment", "sig"]
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    driver = subprocess.Popen([sys.executable, str(repo / "cli.py"), *argv], cwd=tmp_path, env=env,
+                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    folder = tmp_path / "results" / "sig"
+    try:
+        deadline = time.monotonic() + SIGNAL_SCRIPT_TIMEOUT_S
+        while driver.poll() is None and time.monotonic() < deadline:
+            ledger = folder / "budget.json"
+            if ledger.is_file() and '"running"' in ledger.read_text():
+                break
+            time.sleep(0.2)
+        assert driver.poll() is None, "the search ended before a trial ran"
+        time.sleep(1.0)  # inside the trial
+        if signame == "SIGINT":
+            os.killpg(driver.pid, signal.SIGINT)
+        else:
+            os.kill(driver.pid, signal.SIGTERM)
+        _, stderr = driver.communicate(timeout=SIGNAL_SCRIPT_TIMEOUT_S)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+    number = getattr(signal, signame)
+    assert driver.returncode == 128 + number, stderr
+    assert "Traceback" not in stderr and "Tuner.restore" not in stderr and "Resume experiment" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    stored = len(store.stored_trial_ids(folder))
+    command = ("automl-ad search --category screw --budget 4trials --data " + shlex.quote(str(tiny_mvtec))
+               + " --methods ssae --storage results --image-size 32 --no-export --experiment sig --resume")
+    assert errors == [f"error: search stopped by {signame}; experiment sig is saved in {folder} ({stored} trial"
+                      f"{'' if stored == 1 else 's'} stored); resume it with: {command}"], stderr
+    # The store is consistent: every file reads back, nothing half written, no lock held.
+    json.loads((folder / "budget.json").read_text())
+    store.check_tables(folder)
+    assert not (folder / "damaged").exists() and not _no_temporary_files(folder)
+    assert not (folder / LOCK_FILE).exists()
+    # The printed command is one this CLI runs on this experiment (--plan: its stored plan).
+    monkeypatch.chdir(tmp_path)
+    words = shlex.split(command)
+    assert words[0] == "automl-ad"
+    planned = invoke([*words[1:], "--plan"])
+    assert planned.exit_code == 0, planned.output
+    assert "fixed by fidelity.steps_per_epoch" in planned.output
+
+
+@pytest.mark.parametrize("stop", ["full disk", "SIGTERM", "full disk before the record"])
+def test_the_search_command_ends_a_stopped_search_with_the_command_that_resumes_it(stop, built, tmp_path,
+                                                                                     monkeypatch):
+    """The CLI's side without Ray: whatever stops run_search once the experiment exists, the
+    one error line ends with this search's own resume command (the options the user gave,
+    the experiment named, --resume); before the experiment exists, with "run it again"."""
+    import signal
+
+    from automl_ad import experiment as layout
+    from automl_ad.errors import Interrupted
+    from automl_ad.tuning import interrupt, search
+
+    world = World(built, tmp_path)
+    folder = world.results / "auto-named"
+
+    def run_search(options: Any) -> None:
+        if stop != "full disk before the record":
+            interrupt.watch("auto-named", folder)
+            layout.write_record(folder, {"category": CAT, "data": str(world.data)})
+        if stop == "SIGTERM":
+            raise Interrupted(signal.SIGTERM)
+        raise no_space(folder / "optuna.db")  # a library's own write (SQLite's, Ray's)
+
+    monkeypatch.setattr(search, "run_search", run_search)
+    result = invoke(world.search("--budget", "2trials", "--seed", "3", "--no-export"))
+    _no_traceback(result)
+    command = (f"automl-ad search --category {CAT} --budget 2trials --data {world.data} --storage {world.results} "
+               f"--seed 3 --no-export --experiment auto-named --resume")
+    expected = {
+        "full disk": (1, f"error: out of disk space writing {folder / 'optuna.db'} (No space left on device); "
+                         f"free space there, then resume with: {command}"),
+        "SIGTERM": (143, f"error: search stopped by SIGTERM; experiment auto-named is saved in {folder} "
+                         f"(0 trials stored); resume it with: {command}"),
+        "full disk before the record": (1, f"error: out of disk space writing {folder / 'optuna.db'} (No space "
+                                           "left on device); free space there, then run the same command again"),
+    }[stop]
+    assert (result.exit_code, result.stderr.strip().splitlines()[-1]) == expected, result.stderr
+    assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1
+
+
+def test_ray_tracebacks_of_a_full_disk_and_its_restore_hint_are_not_shown():
+    """While the search command runs, Ray's own lines about what it reports in one line
+    are dropped: a traceback of a full disk (from any of the loggers it came from on a
+    full tmpfs) and, once stopped, Tune's `Tuner.restore(...)` hint. Others pass."""
+    import logging
+    import signal
+
+    from automl_ad.tuning.interrupt import SignalGuard
+
+    class Shown(logging.Handler):  # on each logger itself: Ray's loggers do not propagate
+        def __init__(self) -> None:
+            super().__init__()
+            self.records: list[logging.LogRecord] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.records.append(record)
+
+    shown = Shown()
+    names = ("ray.tune.execution.experiment_state", "ray._private.worker", "ray.tune.tune",
+             "ray.tune.execution.tune_controller")
+    for name in names:
+        logging.getLogger(name).addHandler(shown)
+    full = no_space("/results/exp/tune/experiment_state.json")
+    with SignalGuard() as guard:
+        logging.getLogger("ray.tune.execution.experiment_state").error("Saving experiment state failed: ",
+                                                                        exc_info=full)
+        logging.getLogger("ray._private.worker").error(
+            "Unhandled error (suppress with 'RAY_IGNORE_UNHANDLED_ERRORS=1'): ray::ImplicitFunc.train() ...\n"
+            "OSError: [Errno 28] Error writing bytes to file. Detail: [errno 28] No space left on device")
+        logging.getLogger("ray.tune.tune").warning("Resume experiment with: Tuner.restore(path=x, trainable=...)")
+        guard.signum = signal.SIGINT  # stopped: now the hint is Ray's, and not for CLI users
+        logging.getLogger("ray.tune.tune").warning("Experiment has been interrupted, but the most recent state was "
+                                                   "saved.\nResume experiment with: Tuner.restore(path=x, ...)")
+        logging.getLogger("ray.tune.execution.tune_controller").error("Trial task failed for trial t1",
+                                                                       exc_info=RuntimeError("CUDA out of memory"))
+    logging.getLogger("ray.tune.tune").warning("Resume experiment with: after the guard")
+    for name in names:
+        logging.getLogger(name).removeHandler(shown)
+    assert [record.getMessage() for record in shown.records] == [
+        "Resume experiment with: Tuner.restore(path=x, trainable=...)", "Trial task failed for trial t1",
+        "Resume experiment with: after the guard"], "dropped only what the search reports itself, only meanwhile"

@@ -163,7 +163,9 @@ def test_check_reports_counts_sizes_and_mask_coverage(tmp_path: Path) -> None:
     assert (crack.images, crack.with_mask) == (2, 2)
     assert crack.mean_area_fraction == pytest.approx((64 / 1024 + 256 / 1024) / 2)
     assert report.masks["stain"].with_mask == 0 and report.masks["stain"].mean_area_fraction is None
-    assert report.problems == []
+    # Six good images hold out one for validation: usable, with that said once.
+    assert [(p.severity, p.path.name) for p in report.problems] == [(WARNING, "good")]
+    assert "has 6 good images (5 to fit, 1 held out)" in report.problems[0].message
     text = format_report(report)
     assert "usable" in text and "NOT usable" not in text
     assert "masks 2/2" in text and "no masks (image-level only)" in text and "32x32 (11)" in text
@@ -194,13 +196,21 @@ def test_check_names_the_file_of_every_problem(tmp_path: Path) -> None:
 def test_check_empty_splits(tmp_path: Path) -> None:
     save_rgb(tmp_path / "notest" / "train" / "good" / "000.png", 0)
     report = check_category(tmp_path, "notest")
+    # One good image cannot be split into fit and val: the smallest usable product is two.
+    assert not report.usable
+    assert [p.message for p in report.errors] == [
+        "1 good image: a search needs at least 2 (1 to fit, 1 held out to validate on)"]
+    save_rgb(tmp_path / "notest" / "train" / "good" / "001.png", 1)
+    report = check_category(tmp_path, "notest")
     assert report.usable  # an empty test split is only a warning
     assert any(p.severity == WARNING and "test split is empty" in p.message for p in report.problems)
+    assert any(p.severity == WARNING and "has 2 good images (1 to fit, 1 held out)" in p.message
+               for p in report.problems), "a product this small is told what it cannot give"
     for _ in range(2):  # decoded, then from the disk cache
         clear_memory_cache()
         loaded = load_category(tmp_path, "notest", 16, cache_dir=tmp_path / "cache")
         assert len(loaded.test) == 0 and loaded.test.images.shape == (0, 3, 16, 16)
-        assert len(loaded.fit) == 1 and len(loaded.val_good) == 0
+        assert len(loaded.fit) == 1 and len(loaded.val_good) == 1
 
     save_rgb(tmp_path / "notrain" / "test" / "good" / "000.png", 0)
     (tmp_path / "notrain" / "train" / "good").mkdir(parents=True)

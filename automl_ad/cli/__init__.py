@@ -1,7 +1,9 @@
 """The ``automl-ad`` command line: a click group; each command group lives in its own module.
 
 Commands are thin: they parse options, call the package, and print. A
-``UserError`` anywhere below becomes one line ``error: ...`` on stderr and exit code 2.
+``UserError`` anywhere below becomes one line ``error: ...`` on stderr and its exit code
+(2; ``OutOfSpace``: 1). So does running out of disk space in code that does not say so
+itself (Ray's, SQLite's), and a search stopped by SIGINT/SIGTERM (``Interrupted``: 130/143).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import sys
 import click
 
 from automl_ad import __version__
-from automl_ad.errors import UserError
+from automl_ad.errors import Interrupted, OutOfSpace, UserError, as_out_of_space, out_of_space
 from automl_ad.runtime import tune_cpu_allocator
 
 # Modules under automl_ad/cli that contribute commands, as `command` or `commands`.
@@ -29,13 +31,23 @@ class _Main(click.Group):
             return super().invoke(ctx)
         except UserError as error:
             click.echo(f"error: {_one_line(error)}", err=True)
-            sys.exit(2)
+            sys.exit(error.exit_code)
+        except Interrupted as stop:
+            click.echo(f"error: {_one_line(stop)}", err=True)
+            sys.exit(stop.exit_code)
         except click.UsageError as error:
             # A wrong option value of a command (click's range and choice checks): the
             # same one line as every other bad input, naming the command to ask --help.
             where = error.ctx.command_path if error.ctx is not None else ctx.command_path
             click.echo(f"error: {_one_line(error.format_message())} (see `{where} --help`)", err=True)
             sys.exit(2)
+        except Exception as error:
+            if not out_of_space(error):
+                raise
+            # A full disk met where no writer of ours named the file (a library's own
+            # write): still one line, naming the file when the OS error did.
+            click.echo(f"error: {_one_line(as_out_of_space(error))}", err=True)
+            sys.exit(OutOfSpace.exit_code)
 
 
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

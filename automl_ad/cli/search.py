@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from automl_ad.errors import UserError
+from automl_ad.errors import Interrupted, UserError, as_out_of_space, out_of_space
 
 DEFAULT_STORAGE = "results"
 
@@ -116,6 +116,7 @@ def search_command(category, budget, jobs_file, data, methods, space_file, max_c
 
     from automl_ad.results.leaderboard import leaderboard_text
     from automl_ad.results.remote_storage import parse_storage
+    from automl_ad.tuning.interrupt import SignalGuard
 
     remote = parse_storage(storage)
 
@@ -128,13 +129,85 @@ def search_command(category, budget, jobs_file, data, methods, space_file, max_c
             finish_with_bundle(summary.experiment_dir, summary.experiment, summary.category,
                                models_dir / summary.category, ensemble_k, storage)
 
-    if jobs:
-        summaries = run_jobs(options, jobs, on_done=finish)
-        click.echo("\n" + "\n".join(f"{s.category}: {s.trials} trials, best "
-                                      f"{'-' if not s.best else format(s.best['objective'], '.4f')} ({s.experiment_dir})"
-                                      for s in summaries))
+    # SIGINT/SIGTERM stop the search cleanly, and a full disk stops it in one line; both
+    # end with the command that resumes this very search (tuning/interrupt.py).
+    with SignalGuard() as guard:
+        try:
+            if jobs:
+                summaries = run_jobs(options, jobs, on_done=finish)
+                click.echo("\n" + "\n".join(f"{s.category}: {s.trials} trials, best "
+                                              f"{'-' if not s.best else format(s.best['objective'], '.4f')} "
+                                              f"({s.experiment_dir})" for s in summaries))
+            else:
+                finish(run_search(options))
+        except Interrupted as stop:
+            raise stop.explained(_stopped_text(stop, guard, bool(jobs))) from None
+        except Exception as error:
+            if not out_of_space(error):
+                raise
+            raise as_out_of_space(error).with_hint(_after_full_disk(guard, bool(jobs))) from None
+
+
+def _saved(guard) -> bool:
+    """Whether the interrupted search left anything to resume (its record is the mark)."""
+    from automl_ad import experiment as layout
+
+    return guard.folder is not None and layout.has_record(guard.folder)
+
+
+def resume_command(experiment: str | None) -> str:
+    """This ``search`` command as the user gave it (every option set on the command line,
+    in canonical form), naming ``experiment`` and ending with ``--resume``."""
+    import shlex
+
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    left_out = {"resume", "experiment", "plan_only", "calibrate"}
+    words = ["automl-ad", ctx.info_name or "search"]
+    for param in ctx.command.params:
+        if param.name in left_out or not isinstance(param, click.Option):
+            continue
+        if ctx.get_parameter_source(param.name) not in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
+            continue
+        name = max((opt for opt in param.opts if opt.startswith("--")), key=len)
+        value = ctx.params[param.name]
+        if param.is_flag:
+            words += [name] if value else []
+        else:
+            words += [name, shlex.quote(str(value))]
+    if experiment:
+        words += ["--experiment", shlex.quote(experiment)]
+    return " ".join(words + ["--resume"])
+
+
+def _resume_target(guard, many: bool) -> str | None:
+    """The experiment the resume command names: this search's, or for many products
+    (--category all, --jobs) the one the user named (each product's own is found)."""
+    if many:
+        return click.get_current_context().params.get("experiment")
+    return guard.experiment
+
+
+def _stopped_text(stop: Interrupted, guard, many: bool) -> str:
+    from automl_ad.results import store
+
+    if not many and not _saved(guard):
+        return f"search stopped by {stop.name} before anything was stored; run the same command again to start it"
+    command = resume_command(_resume_target(guard, many))
+    if guard.folder is not None and _saved(guard):
+        stored = len(store.stored_trial_ids(guard.folder))
+        kept = (f"experiment {guard.experiment} is saved in {guard.folder} "
+                f"({stored} trial{'' if stored == 1 else 's'} stored)")
     else:
-        finish(run_search(options))
+        kept = "the products searched so far are saved"
+    return f"search stopped by {stop.name}; {kept}; resume it with: {command}"
+
+
+def _after_full_disk(guard, many: bool) -> str:
+    if many or _saved(guard):
+        return f"free space there, then resume with: {resume_command(_resume_target(guard, many))}"
+    return "free space there, then run the same command again"
 
 
 def _jobs_of(category: str | None, budget: str | None, jobs_file: Path | None, data: Path | None):

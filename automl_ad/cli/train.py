@@ -81,6 +81,7 @@ def command(method, category, data, image_size, epochs, steps, batch_size, seed,
       automl-ad train -m draem -c screw --out runs/x --resume
     """
     from automl_ad.data.dataset import load_category, resolve_data_root
+    from automl_ad.data.minimum import check_product
     from automl_ad.experiment import checkpoint_file, has_checkpoint, read_checkpoint
     from automl_ad.methods.base import get_method_class
     from automl_ad.training.loop import TrainConfig, fit, synthesis_family
@@ -100,6 +101,7 @@ def command(method, category, data, image_size, epochs, steps, batch_size, seed,
     if not resume and has_checkpoint(out):
         raise UserError(f"{out} already holds a run: pass --resume to continue it or --out for a new folder")
     root = resolve_data_root(data, category)
+    check_product(root, category, needed_for="training")  # before any folder is made
     loaded = load_category(root, category, image_size, seed=seed)
     steps_per_epoch = math.ceil(steps / epochs) if steps else None
     cfg = TrainConfig(
@@ -167,6 +169,13 @@ def _format_summary(val: dict, objective: float, test: dict) -> str:
 def _write_json(path: Path, payload: dict) -> None:
     import os
 
+    from automl_ad.errors import writing
+
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)
+    with writing(path, "the run's metrics"):
+        try:
+            tmp.write_text(json.dumps(payload, indent=2, default=str))
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise

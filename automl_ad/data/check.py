@@ -4,7 +4,8 @@ Decodes every image and mask once (a truncated file is only found by decoding it
 reports counts per split and defect type, the distinct image sizes, mask coverage per
 defect type, and problems. Each problem is one line naming the file. Errors make the
 category unusable (``report.usable`` is False): unreadable or truncated images or masks,
-masks whose size differs from their image, an empty ``train/good``. Everything else is a
+masks whose size differs from their image, fewer good ``train/good`` images than the
+smallest usable product (``minimum.MIN_TRAIN_GOOD``). Everything else is a
 warning: the loader ignores it or copes (an empty test split, masks without images,
 images without masks among masked siblings, unknown folders and files).
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from automl_ad.data.images import read_image, read_mask
 from automl_ad.data.layout import GOOD, discover_category
+from automl_ad.data.minimum import MIN_FIT_IMAGES, MIN_TRAIN_GOOD, MIN_VAL_GOOD, ProductSize
 from automl_ad.errors import UserError
 
 ERROR = "error"
@@ -82,6 +84,13 @@ def check_category(root: Path, category: str) -> CheckReport:
     train_dir = layout.folder / "train" / GOOD
     if not layout.train:
         problems.append(Problem(ERROR, train_dir, "no training images (train/good is empty or missing)"))
+    elif len(layout.train) < MIN_TRAIN_GOOD:
+        problems.append(Problem(ERROR, train_dir, f"{len(layout.train)} good image: a search needs at least "
+                                                  f"{MIN_TRAIN_GOOD} ({MIN_FIT_IMAGES} to fit, {MIN_VAL_GOOD} held "
+                                                  "out to validate on)"))
+    else:  # usable, but the search will say what a product this small cannot give
+        shortfalls = ProductSize.of(category, train_dir, len(layout.train)).shortfalls()
+        problems.extend(Problem(WARNING, train_dir, line) for line in shortfalls)
     for path in layout.train:
         image = _try_read(read_image, path, problems, "image")
         if image is not None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import sys
 import tempfile
@@ -40,8 +39,9 @@ from torch import Tensor
 from automl_ad.data import builtin
 from automl_ad.data.images import read_image, read_mask
 from automl_ad.data.layout import GOOD, CategoryLayout, discover_category
+from automl_ad.data.minimum import held_out
 from automl_ad.data.types import CategoryData, ImageSet
-from automl_ad.errors import UserError
+from automl_ad.errors import UserError, as_out_of_space, out_of_space
 
 CACHE_VERSION = "decoded-v1"  # bump when decoding or resizing changes, so old caches miss
 MEMORY_CACHE_ENTRIES = 8
@@ -200,8 +200,12 @@ def _write_disk_cache(path: Path, key: str, decoded: DecodedCategory) -> None:
         finally:
             if os.path.exists(temporary):
                 os.unlink(temporary)
-    except OSError as error:
-        # The data loaded fine; a read-only or full cache folder only costs time next run.
+    except Exception as error:  # noqa: BLE001 - OSError, or safetensors' own I/O error
+        if out_of_space(error):
+            # The cache sits in the experiment folder: the disk that is full is the one
+            # every later write of the search goes to, so stop here, naming it.
+            raise as_out_of_space(error, path, "the data cache") from None
+        # The data loaded fine; a read-only cache folder only costs time next run.
         warnings.warn(f"could not write the data cache {path}: {error}", RuntimeWarning, stacklevel=3)
 
 
@@ -230,9 +234,9 @@ def _decoded(layout: CategoryLayout, image_size: int, cache_dir: Path | None) ->
 
 def split_train(count: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """(fit indices, val indices), each sorted; at least one val image when count >= 2."""
-    if count < 2:
+    n_val = held_out(count, val_fraction)  # the rule check_product counts with
+    if n_val == 0:
         return list(range(count)), []
-    n_val = min(count - 1, max(1, math.floor(count * val_fraction + 0.5)))
     order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
     return sorted(order[n_val:]), sorted(order[:n_val])
 
@@ -286,7 +290,9 @@ def resolve_data_root(data: Path | None, category: str) -> Path:
         root = Path(data).expanduser()
         if not root.is_dir():
             raise UserError(f"--data folder not found: {root}")
-        return root
+        # Absolute: trials run in Ray workers whose working directory is not the user's,
+        # so a relative --data (`--data data`) made every trial fail with "data root not found".
+        return root.absolute()
 
     if category not in builtin.BUILTIN_CATEGORIES:
         raise UserError(

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from automl_ad.deploy.progress import DeployProgress, resolve
-from automl_ad.errors import UserError
+from automl_ad.errors import UserError, writing
 from automl_ad.jsonio import read_json
 from automl_ad.results.store import code_version
 
@@ -130,7 +130,17 @@ def export_bundle(
     """Write the bundle atomically (temp folder, then rename) and check ONNX against
     PyTorch on ``example_images`` (real images): max |diff| of maps <= tolerance and the
     same decisions at the manifest's threshold. Returns the manifest as written.
-    ``progress``: where each step is shown and timed (default: the running one, if any)."""
+    ``progress``: where each step is shown and timed (default: the running one, if any). A full
+    disk is one OutOfSpace naming ``out``; the previous bundle there stays as it was."""
+    with writing(out, "the bundle"):
+        return _export_bundle(model, Path(out), image_size=image_size, manifest=manifest,
+                              example_images=example_images, formats=formats, tolerance=tolerance,
+                              progress=progress)
+
+
+def _export_bundle(model: nn.Module, out: Path, *, image_size: int, manifest: dict[str, Any],
+                   example_images: Tensor, formats: Sequence[str], tolerance: float,
+                   progress: DeployProgress | None) -> dict[str, Any]:
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
         raise UserError(f"unknown export format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
@@ -235,7 +245,10 @@ def _write_torchscript(model: nn.Module, example: Tensor, ref_maps_batch1: Tenso
         script_diff = float((traced(example[:1])[0] - ref_maps_batch1).abs().max()) / scale
     if script_diff > tolerance:
         raise RuntimeError(f"TorchScript output differs from PyTorch at batch 1: {script_diff:.2e}")
-    traced.save(str(staging / TORCHSCRIPT_FILE))
+    # Through a Python file: on a full disk, ScriptModule.save(path) aborts the whole
+    # process from C++ (std::terminate); a file object gets OSError(ENOSPC).
+    with open(staging / TORCHSCRIPT_FILE, "wb") as handle:
+        torch.jit.save(traced, handle)
     return TORCHSCRIPT_FILE
 
 

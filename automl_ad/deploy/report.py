@@ -29,7 +29,7 @@ from automl_ad.data.dataset import load_category
 from automl_ad.deploy.export import load_bundle
 from automl_ad.deploy.predict import heat_overlay
 from automl_ad.deploy.progress import DeployProgress, resolve
-from automl_ad.errors import UserError
+from automl_ad.errors import UserError, writing
 from automl_ad.evaluation.validation import val_set_for
 from automl_ad.jsonio import read_json
 from automl_ad.results import leaderboard, store
@@ -703,16 +703,17 @@ def _model_sections(folder: Path, bundle: Any, examples_per_group: int, progress
 
 
 def write_atomic(out: Path, text: str) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the page from colleagues
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with writing(out, "the report"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(text)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the page from colleagues
+            os.replace(tmp, out)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return out

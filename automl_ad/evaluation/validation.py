@@ -31,7 +31,7 @@ from torch import Tensor
 from automl_ad.data.dataset import resize_image, resize_mask
 from automl_ad.data.images import IMAGE_SUFFIXES, read_image, read_mask
 from automl_ad.data.types import CategoryData, ImageSet, to_float
-from automl_ad.errors import UserError
+from automl_ad.errors import UserError, writing
 from automl_ad.synthesis import build_synthesizer
 
 VAL_FAMILIES: tuple[str, ...] = ("perlin", "nsa", "cutpaste", "cutpaste_scar", "corruption")
@@ -151,7 +151,8 @@ def load_val_defects(folder: Path, image_size: int) -> ImageSet:
 def save_image_set(image_set: ImageSet, path: Path) -> None:
     """Tensors to ``path`` (safetensors), lists to ``path.json``; both written atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with writing(path.parent, "the val set folder"):
+        path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {
         "images": image_set.images.contiguous(),
         "masks": image_set.masks.contiguous(),
@@ -159,8 +160,11 @@ def save_image_set(image_set: ImageSet, path: Path) -> None:
         "has_mask": image_set.has_mask.to(torch.uint8).contiguous(),
     }
     meta = {"defect_types": image_set.defect_types, "paths": image_set.paths}
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp))
-    _atomic_write(path.with_suffix(path.suffix + ".json"), lambda tmp: Path(tmp).write_text(json.dumps(meta)))
+    with writing(path, "the frozen val set"):
+        _atomic_write(path, lambda tmp: save_file(tensors, tmp))
+    sidecar = path.with_suffix(path.suffix + ".json")
+    with writing(sidecar, "the frozen val set's list file"):
+        _atomic_write(sidecar, lambda tmp: Path(tmp).write_text(json.dumps(meta)))
 
 
 def load_image_set(path: Path) -> ImageSet:

@@ -27,7 +27,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from automl_ad.errors import Interrupted, UserError
+from automl_ad.errors import DeadlineReached, UserError
 
 
 @dataclass
@@ -94,9 +94,9 @@ class Method(nn.Module):
     interrupt_requested: Callable[[], bool] | None = None
 
     def check_interrupt(self) -> None:
-        """Raise ``Interrupted`` when the loop has asked this method to stop."""
+        """Raise ``DeadlineReached`` when the loop has asked this method to stop."""
         if self.interrupt_requested is not None and self.interrupt_requested():
-            raise Interrupted(f"{self.name}: setup stopped at the budget deadline")
+            raise DeadlineReached(f"{self.name}: setup stopped at the budget deadline")
 
     def synthesis_overrides(self, family: str) -> dict[str, Any]:
         """Synthesis parameters this method's config fixes for ``family``.

@@ -41,7 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from automl_ad import __version__
-from automl_ad.errors import UserError
+from automl_ad.errors import UserError, writing
 # The table folders and damaged/ (<experiment>/damaged/<table>/<file>: store files set aside unread).
 from automl_ad.experiment import DAMAGED, EPOCHS, TRIALS
 
@@ -218,15 +218,16 @@ def flatten_params(params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _write_table(table: pa.Table, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with writing(path, f"results ({path.parent.name} table)"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            pq.write_table(table, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return path
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from automl_ad.data.types import CategoryData, ImageSet, to_float
-from automl_ad.errors import DamagedCheckpoint, Interrupted, UserError
+from automl_ad.errors import DamagedCheckpoint, DeadlineReached, UserError
 from automl_ad.experiment import checkpoint_file, read_checkpoint, write_checkpoint, write_val_scores
 from automl_ad.methods.base import Batch, Method, create_method
 from automl_ad.evaluation.metrics import evaluate as compute_metrics
@@ -92,13 +92,13 @@ def synthesis_family(cfg: TrainConfig, method_cls: type[Method]) -> str | None:
 def predict(method: Method, images: Tensor, device: torch.device, batch_size: int,
             should_stop: Callable[[], bool] | None = None) -> tuple[Tensor, Tensor]:
     """(maps N x H x W, scores N) on CPU for uint8 or float images. ``should_stop`` is
-    asked before every batch but the first (its caller has just asked); ``Interrupted``
+    asked before every batch but the first (its caller has just asked); ``DeadlineReached``
     is raised when it says yes."""
     method.eval()
     maps, scores = [], []
     for start in range(0, len(images), batch_size):
         if should_stop is not None and start > 0 and should_stop():
-            raise Interrupted(f"{method.name}: inference stopped at the budget deadline")
+            raise DeadlineReached(f"{method.name}: inference stopped at the budget deadline")
         chunk = to_float(images[start : start + batch_size]).to(device)
         batch_maps, batch_scores = method(chunk)
         maps.append(batch_maps.float().cpu())
@@ -250,7 +250,7 @@ def fit(
             try:
                 val = evaluate(method, val_set, device, cfg.eval_batch_size, should_stop if alone else None,
                                kept) if lead else {}
-            except Interrupted:
+            except DeadlineReached:
                 stopped_early = stopped_mid_epoch = True
                 break
             report = EpochReport(epoch=epoch + 1, phase=phase, step=step, train_loss=sum(losses) / len(losses),
@@ -284,7 +284,7 @@ def _setup(method: Method, fit_images: Tensor, should_stop: Callable[[], bool] |
     method.interrupt_requested = should_stop
     try:
         method.setup(fit_images)
-    except Interrupted:
+    except DeadlineReached:
         return False
     finally:
         method.interrupt_requested = None
@@ -406,7 +406,7 @@ def _fit_without_gradients(
     try:
         val = evaluate(method, val_set, device, cfg.eval_batch_size, should_stop if alone else None,
                        kept) if lead else {}
-    except Interrupted:
+    except DeadlineReached:
         return _stopped(method, [])
     report = EpochReport(epoch=cfg.epochs, phase="setup", step=0, train_loss=float("nan"), val=val,
                          objective=objective(val), elapsed_s=time.perf_counter() - began)

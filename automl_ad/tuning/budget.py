@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from automl_ad.errors import UserError
+from automl_ad.errors import UserError, writing
 from automl_ad.experiment import LEDGER_FILE
 
 _UNIT_SECONDS = {"s": 1.0, "m": 60.0, "h": 3600.0}
@@ -136,11 +136,17 @@ class Ledger:
         return (shared_ledger, (str(self.path.parent), self.budget))
 
     def _save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.FILE}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as handle:
-            json.dump(self._state, handle, indent=1, sort_keys=True)
-        os.replace(tmp, self.path)
+        with writing(self.path, "the budget ledger"):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.FILE}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w") as handle:
+                    json.dump(self._state, handle, indent=1, sort_keys=True)
+                os.replace(tmp, self.path)
+            except BaseException:
+                # A full disk must not leave a temporary file per save (one a second).
+                Path(tmp).unlink(missing_ok=True)
+                raise
 
     # --- search wall clock -----------------------------------------------------------
     def start_session(self) -> None:

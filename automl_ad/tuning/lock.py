@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from automl_ad.errors import UserError
+from automl_ad.errors import UserError, writing
 from automl_ad.experiment import LOCK_FILE
 
 # A dot file: never copied to an s3:// / gs:// store (a lock guards one filesystem,
@@ -114,8 +114,17 @@ def _create(path: Path, content: dict[str, Any]) -> bool:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
         return False
-    with os.fdopen(fd, "w") as stream:
-        json.dump(content, stream)
+    except OSError:
+        with writing(path, "the driver lock"):
+            raise
+    try:
+        with writing(path, "the driver lock"), os.fdopen(fd, "w") as stream:
+            json.dump(content, stream)
+    except BaseException:
+        # An empty lock of a driver that never ran would read as "a writer just
+        # starting" and hold off --resume for minutes: remove it.
+        path.unlink(missing_ok=True)
+        raise
     return True
 
 
@@ -130,7 +139,12 @@ def acquire(folder: Path, experiment: str) -> DriverLock:
                "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                "token": f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"}
     for _ in range(3):  # a stale lock is removed once; a racing driver may then win it
-        if _create(path, content):
+        try:
+            created = _create(path, content)
+        except BaseException:
+            _remove_empty(folder, made)  # a full disk: leave no folder behind either
+            raise
+        if created:
             stop = threading.Event()
             thread = threading.Thread(target=_heartbeat, args=(path, stop), daemon=True)
             thread.start()

@@ -29,11 +29,13 @@ from automl_ad.results import leaderboard, store
 from automl_ad.data.builtin import BUILTIN_CATEGORIES
 from automl_ad.data.dataset import load_category, resolve_data_root
 from automl_ad.data.layout import category_folder, list_categories
+from automl_ad.data.minimum import check_product
 from automl_ad.errors import UserError
 from automl_ad.methods.base import get_method_class
 from automl_ad.results.remote_storage import DRIVER_NOT_PULLED, Storage, parse_storage
 from automl_ad.training.loop import evaluate, load_trained_method
 from automl_ad.tuning import budget as budget_module
+from automl_ad.tuning import interrupt
 from automl_ad.tuning.budget import Budget, Ledger, parse_budget, shared_ledger, start_clock
 from automl_ad.tuning.calibration import SpeedBook
 from automl_ad.tuning.lock import DriverLock
@@ -669,7 +671,8 @@ def driver_callbacks(folder: Path, ledger: Ledger, context: TrialContext, device
     """The search driver's callbacks, in the order Tune must call them: the ledger first
     (the store reads the time it charged), the clock (device and wall budgets only)."""
     devices = TrialDevices(context, device_kind)
-    callbacks: list[Callback] = [LedgerCallback(ledger, devices)]
+    # A trial that found the disk full ends the search first, before the ledger and store write.
+    callbacks: list[Callback] = [interrupt.StopOnFullDisk(folder), LedgerCallback(ledger, devices)]
     if ledger.budget.kind != "trials":
         callbacks.append(DeadlineClockCallback(folder, ledger, devices))
     return callbacks + [LiveViewCallback(folder, context.max_epochs),
@@ -1050,6 +1053,7 @@ def run_search(opts: SearchOptions) -> SearchSummary:
     started_ray = False
     try:
         started_ray = _init_ray(opts)
+        interrupt.watch(prep.experiment, prep.folder)  # SIGINT/SIGTERM: stop cleanly, say how to resume
         devices = _plan_devices(prep)
         schedule, space = _plan(prep, devices)
         context = trial_context(opts, devices, space, schedule=schedule, experiment=prep.experiment,
@@ -1061,6 +1065,7 @@ def run_search(opts: SearchOptions) -> SearchSummary:
         ledger = shared_ledger(prep.folder, prep.budget)
         device_kind = "gpu" if devices.use_gpu else "cpu"
         results = _tune(prep, context, schedule, space, ledger, devices, fingerprints)
+        interrupt.raise_if_stopped(prep.folder)  # a stopped search is resumed, never collected as done
         return _collect(prep, context, results, ledger, device_kind, fingerprints)
     except BaseException:
         if started_ray:  # a refused or failed search leaves no Ray instance behind in the caller
@@ -1081,6 +1086,7 @@ def _prepare(opts: SearchOptions) -> _Prepared:
     )
     data_root = resolve_data_root(opts.data, opts.category)
     category_folder(data_root, opts.category)  # a missing product is refused before Ray starts
+    check_product(data_root, opts.category)  # so is one too small to split into fit and val
     if not opts.address:  # the local Ray instance will see this machine: refuse what it cannot run first
         plan_devices(budget, _local_resources(), max_gpus=opts.max_gpus, gpus_per_trial=opts.gpus_per_trial,
                      cpus_per_trial=opts.cpus_per_trial, use_train=opts.use_train, max_concurrent=opts.max_concurrent)
