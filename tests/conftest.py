@@ -277,6 +277,15 @@ _RAY_SESSION_STARTED = False
 
 
 @pytest.fixture(autouse=True)
+def own_learned_costs(tmp_path_factory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test plans from its own (empty) history of trial costs: what one test's tiny
+    trials cost must not rescale the plan of the next (tuning/learned_costs.py)."""
+    path = tmp_path_factory.mktemp("learned") / "learned_costs.json"
+    monkeypatch.setenv("AUTOML_AD_LEARNED_COSTS", str(path))
+    return path
+
+
+@pytest.fixture(autouse=True)
 def no_stray_ray():
     """A test that starts Ray in this process without ``ray_session`` (a refused search that
     got as far as ray.init, say) fails here, not as 'ray.init twice' in a later module."""

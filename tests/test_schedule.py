@@ -363,7 +363,10 @@ def test_cli_plan_prints_the_schedule_without_training_or_ray(tmp_path, budget):
     expected = next(line for line in out.splitlines() if line.startswith("expected:"))
     trials = float(expected.split()[1])
     if budget == "10m":
-        assert trials >= 6 and "cpu" in out
+        # every shipped method is forced in at its floor, and a configuration drawn from
+        # their spaces (DRAEM at the paper's widths) costs more than the default: fewer
+        # than min_trials is what the plan honestly expects, and it says why
+        assert trials >= 5 and "cpu" in out and "at its mean cost over the space (" in out
     else:
         assert "estimate" in out and "paper schedule (phi = 1)" in out
     assert not (tmp_path / "calibration.json").exists(), "--plan alone measures nothing"

@@ -98,7 +98,7 @@ def test_search_stores_every_trial_with_val_and_test(tmp_path, tiny_mvtec, ray_s
     assert len(rows) == 3 and all(r["score"] is not None and r["error"] is None for r in rows)
 
 
-def test_device_budget_is_enforced_and_gpu_budget_refused(tmp_path, tiny_mvtec, ray_session):
+def test_device_budget_is_enforced_and_gpu_budget_refused(tmp_path, tiny_mvtec, ray_session, own_learned_costs):
     with pytest.raises(UserError, match="no GPU.*cpu-m"):
         run_search(options(tmp_path, tiny_mvtec, budget="5gpu-m", experiment="gpu"))
     assert not (tmp_path / "results" / "gpu").exists(), "a refused search leaves nothing behind"
@@ -113,6 +113,11 @@ def test_device_budget_is_enforced_and_gpu_budget_refused(tmp_path, tiny_mvtec, 
     longest_epoch = max(r["wall_s"] / max(r["epochs"], 1) for r in rows)
     assert used <= 6.0 + 2 * longest_epoch + 3.0
     assert sum(r["budget_used"] for r in rows) == pytest.approx(used)
+    # What the finished trials cost against their plan is kept for the next plan here.
+    finished = [r for r in rows if r["status"] == "finished" and r["wall_s"]]
+    kept = json.loads(own_learned_costs.read_text())["machines"] if finished else {}
+    names = {t[2] for machine in kept.values() for seen in machine.values() for t in seen}
+    assert names == {f"cpu/{r['trial_id']}" for r in finished}, (names, finished)
 
 
 def test_torch_trainer_trial_with_wandb_offline(tmp_path, tiny_mvtec, ray_session, monkeypatch):

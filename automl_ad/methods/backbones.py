@@ -27,6 +27,8 @@ Lite preprocessing ((x - 0.5) / 0.5) on the same photos.
 
 from __future__ import annotations
 
+import functools
+
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -376,9 +378,21 @@ def create_backbone(
     """A frozen feature extractor; ``layers=None`` takes the backbone's multi-scale default
     (strides 4, 8, 16)."""
     spec = get_spec(name)
-    classifier = load_classifier(name, weights)
     chosen = list(layers) if layers is not None else list(spec.multi_layers)
+    if torch.get_default_device().type == "meta":
+        # Planners cost hundreds of sampled configurations on the meta device, where a
+        # backbone holds no weights: one shape-only extractor per (name, layers) serves all.
+        return _meta_backbone(name, str(weights), tuple(chosen))
+    classifier = load_classifier(name, weights)
     return FeatureExtractor(name, _stages(spec, classifier), chosen, classifier.weights_source)
+
+
+@functools.lru_cache(maxsize=64)
+def _meta_backbone(name: str, weights: str, layers: tuple[str, ...]) -> FeatureExtractor:
+    spec = get_spec(name)
+    with torch.device("meta"):
+        classifier = _build_classifier(spec)  # shapes only: no weights are read
+        return FeatureExtractor(name, _stages(spec, classifier), list(layers), f"meta:{weights}")
 
 
 def default_layers(name: str, single: bool = False) -> list[str]:

@@ -125,6 +125,16 @@ class MethodInput:
     sizes: tuple[int, ...]  # candidates
     backbones: tuple[str | None, ...] = (None,)  # searched backbones (None: no backbone field)
     val_images: int = 0  # images in one validation round
+    # used / planned seconds of this method's trials in earlier searches on this machine
+    # (learned_costs): multiplies every cost the calibration gives
+    learned: float = 1.0
+    learned_trials: int = 0
+    # ((size, mean cost of a configuration sampled from the space / the default's), ...):
+    # what the expected trial count assumes a drawn configuration costs
+    sampled_cost: tuple[tuple[int, float], ...] = ()
+
+    def sampled_factor(self, size: int) -> float:
+        return dict(self.sampled_cost).get(int(size), 1.0)
 
     @property
     def measured_backbone(self) -> str | None:
@@ -192,6 +202,8 @@ class Entry:
     expected_trials: float = 0.0
     expected_full: float = 0.0
     overhead_s: float | None = None  # start-up in ``fixed`` (None: the plan's, in older plans)
+    learned_factor: float = 1.0  # costs are the calibration's times this (learned_costs)
+    sampled_factor: float = 1.0  # mean cost of a sampled configuration / the default's
 
     @property
     def key(self) -> str:
@@ -200,6 +212,17 @@ class Entry:
     def mean_costs(self) -> dict[str, float]:
         parts = list(self.costs.values())
         return {k: sum(p[k] for p in parts) / len(parts) for k in ("fixed", "round", "val", "test")}
+
+
+def _scale_work(seconds: float, factor: float, overhead: float) -> float:
+    """``seconds`` of a configuration ``factor`` times as costly as the default (the
+    start-up ``overhead`` does not scale)."""
+    return overhead + factor * max(0.0, seconds - overhead)
+
+
+def sampled_seconds(entry: "Entry") -> float:
+    """Expected seconds of a configuration drawn from the space at ``entry``."""
+    return _scale_work(entry.expected_s, entry.sampled_factor, entry.overhead_s or 0.0)
 
 
 def schedule_key(method: str, image_size: int) -> str:
@@ -281,7 +304,7 @@ class Plan:
         """``seconds`` of a configuration ``factor`` times as costly as the default
         (the start-up does not scale)."""
         overhead = self.overhead_s if entry is None or entry.overhead_s is None else entry.overhead_s
-        return overhead + factor * max(0.0, seconds - overhead)
+        return _scale_work(seconds, factor, overhead)
 
     def first_rung_seconds(self, method: str, image_size: int, backbone: str | None = None,
                            factor: float = 1.0) -> float | None:
@@ -486,16 +509,21 @@ class _Planner:
         for backbone in m.backbones:
             s = self.speed(m, size, backbone)
             per_image = s.infer_s + s.metrics_s
+            scale = m.learned
             out[backbone or "-"] = {
-                "fixed": self.overhead_of(m) + s.build_s + s.setup_s(self.data.fit),
-                "round": (steps / self.rounds) * s.step_s if m.trainable else 0.0,
-                "val": m.val_images * per_image,
-                "test": self.data.test * per_image,
+                "fixed": scale * (self.start_up(m) + s.build_s + s.setup_s(self.data.fit)),
+                "round": scale * (steps / self.rounds) * s.step_s if m.trainable else 0.0,
+                "val": scale * m.val_images * per_image,
+                "test": scale * self.data.test * per_image,
             }
         return out
 
-    def overhead_of(self, m: MethodInput) -> float:
+    def start_up(self, m: MethodInput) -> float:
         return self.overhead if m.trainable else self.direct_overhead
+
+    def overhead_of(self, m: MethodInput) -> float:
+        """The start-up in an entry's fixed cost (as the costs carry it: learnt factor included)."""
+        return m.learned * self.start_up(m)
 
     def mean_expected(self, m: MethodInput, size: int, steps: int) -> float:
         parts = self.costs(m, size, steps).values()
@@ -580,7 +608,7 @@ class _Planner:
             epochs=steps * self.batch[m.name] * self.workers / max(1, self.data.fit),
             rungs=[r * (steps // rounds) for r in self.rungs] if m.trainable else [],
             costs=self.costs(m, size, steps), source="/".join(sources), trainable=m.trainable,
-            overhead_s=self.overhead_of(m),
+            overhead_s=self.overhead_of(m), learned_factor=m.learned, sampled_factor=m.sampled_factor(size),
         )
         mean = entry.mean_costs()
         entry.expected_s = self.mean_expected(m, size, steps)
@@ -593,7 +621,7 @@ class _Planner:
         # expected counts: the warm starts first (search.warm_start_points), then
         # configurations sampled uniformly over methods, then sizes
         share = {e.key: 1.0 / (len(self.methods) * len(chosen[e.method])) for e in entries}
-        mean_trial = sum(share[e.key] * e.expected_s for e in entries)
+        mean_trial = sum(share[e.key] * sampled_seconds(e) for e in entries)
         warm = self.warm_starts(chosen, {e.key: e for e in entries})
         counts = {e.key: 0.0 for e in entries}
         if self.total_s is None:
@@ -636,8 +664,11 @@ class _Planner:
                 continue  # no warm start for a method that costly (search.warm_start_points)
             if not m.trainable:
                 entry = entries[schedule_key(m.name, max(sizes))]
-                out += [(entry.key, trial_cost(entry.costs.get(b or "-") or entry.mean_costs(), 1, 1, False))
-                        for b in m.backbones]
+                for b in m.backbones:
+                    seconds = trial_cost(entry.costs.get(b or "-") or entry.mean_costs(), 1, 1, False)
+                    factor = config_cost_factor(m.name, {"backbone": b} if b else {}, entry.image_size,
+                                                asdict(self.data))
+                    out.append((entry.key, _scale_work(seconds, factor, entry.overhead_s or 0.0)))
             else:
                 size = min(sizes, key=lambda size: (abs(size - m.recipe.image_size), size))
                 out.append((schedule_key(m.name, size), entries[schedule_key(m.name, size)].expected_s))
@@ -651,11 +682,21 @@ class _Planner:
         if self.speeds.device is None:
             notes.append("speeds are the project's prior" + (" (GPU: an estimate scaled from CPU, see "
                          "automl_ad/tuning/calibration.py)" if self.speeds.device_kind == "gpu" else ""))
-        notes.append("timings are of each method's default configuration; wider sampled ones train slower")
+        learned = {m.name: (m.learned, m.learned_trials) for m in self.methods if m.learned_trials}
+        if learned:
+            parts = ", ".join(f"{name} x{f:.2f} ({n} trials)" for name, (f, n) in sorted(learned.items()))
+            notes.append(f"costs scaled by what earlier searches' trials cost on this machine: {parts}")
+        sampled = [(m.name, min(f for _, f in m.sampled_cost), max(f for _, f in m.sampled_cost))
+                   for m in sorted(self.methods, key=lambda m: m.name) if m.sampled_cost]
+        spans = [f"{name} x{low:.1f}" + (f"-{high:.1f}" if high - low >= 0.05 else "")
+                 for name, low, high in sampled if high > 1.05 or low < 0.95]
+        notes.append("s/full trial is each method's default configuration; the expected trials count a sampled one "
+                     "at its mean cost over the space" + (f" ({', '.join(spans)} by size)" if spans else ""))
         return notes
 
 
-_FACTORS: dict[tuple[str, int, str], float] = {}
+_FACTORS: dict[tuple[str, int, str, int, int], float] = {}
+_WORK: dict[tuple[str, int, str, int, int], float] = {}
 
 
 def config_cost_factor(method: str, params: Mapping[str, Any], image_size: int,
@@ -675,11 +716,15 @@ def config_cost_factor(method: str, params: Mapping[str, Any], image_size: int,
     key = (method, int(image_size), repr(sorted(params.items())), fit, evaluated)
     if key not in _FACTORS:
         def cost(values: Mapping[str, Any]) -> float:
-            with warnings.catch_warnings(), torch.device("meta"):
-                warnings.simplefilter("ignore")
-                built = create_method(method, dict(values), image_size, "plan")
-                work = built.estimated_work(fit, evaluated)
-                return float(work) if work is not None else float(sum(p.numel() for p in built.parameters()))
+            work_key = (method, int(image_size), repr(sorted(values.items())), fit, evaluated)
+            if work_key not in _WORK:  # the default is costed once per method and size
+                with warnings.catch_warnings(), torch.device("meta"):
+                    warnings.simplefilter("ignore")
+                    built = create_method(method, dict(values), image_size, "plan")
+                    work = built.estimated_work(fit, evaluated)
+                    _WORK[work_key] = (float(work) if work is not None
+                                       else float(sum(p.numel() for p in built.parameters())))
+            return _WORK[work_key]
 
         try:
             default, sampled = cost({}), cost(params)

@@ -10,6 +10,7 @@ search with ``Tuner.restore`` when ``resume=True``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import datetime as dt
 import os
 import sys
@@ -35,12 +36,13 @@ from automl_ad.methods.base import get_method_class
 from automl_ad.results.remote_storage import DRIVER_NOT_PULLED, Storage, parse_storage
 from automl_ad.training.loop import evaluate, load_trained_method
 from automl_ad.tuning import budget as budget_module
-from automl_ad.tuning import interrupt
+from automl_ad.tuning import interrupt, learned_costs
 from automl_ad.tuning.budget import Budget, Ledger, parse_budget, shared_ledger, start_clock
 from automl_ad.tuning.calibration import SpeedBook
 from automl_ad.tuning.lock import DriverLock
 from automl_ad.tuning.lock import acquire as acquire_lock
 from automl_ad.tuning.progress import SearchProgress
+from automl_ad.tuning.sampled_costs import sampled_cost_factors
 from automl_ad.tuning.ray_setup import HOOK
 from automl_ad.tuning.schedule import (
     Bounds,
@@ -48,6 +50,7 @@ from automl_ad.tuning.schedule import (
     Plan,
     config_cost_factor,
     data_counts,
+    make_plan,
     plan_with_calibration,
     recipe_for,
     val_images,
@@ -841,7 +844,7 @@ def plan_schedule(opts: SearchOptions, budget: Budget, space: SearchSpace, data_
     else:
         device, threads = "cpu", max(1, int(opts.cpus_per_trial))
     counts = data_counts(data_root, opts.category)
-    methods = method_inputs(space, counts.val_good)
+    methods = _with_learned_costs(method_inputs(space, counts.val_good), device, threads)
     fidelity = space.fidelity
     bounds = Bounds(rounds=fidelity.max_epochs, grace_period=fidelity.grace_period,
                     reduction_factor=fidelity.reduction_factor, steps_per_epoch=fidelity.steps_per_epoch,
@@ -851,12 +854,63 @@ def plan_schedule(opts: SearchOptions, budget: Budget, space: SearchSpace, data_
     # Speeds decide nothing when the steps are fixed and every method has one size.
     needed = not bounds.steps_per_epoch or any(len(m.sizes) > 1 for m in methods)
     probe = trial_context(opts, devices, space)  # what one trial holds, before there is a schedule
-    return plan_with_calibration(
-        budget, methods, bounds, speeds, counts, calibrate=calibrate and needed, log=log,
-        category=opts.category, devices_per_trial=allocated_devices(probe, kind),
-        concurrency=devices.max_concurrent, workers=probe.num_workers, use_train=opts.use_train,
-        keep_all=bool(opts.methods),  # methods the user named stay, however short their schedule
-    )
+    options = dict(category=opts.category, devices_per_trial=allocated_devices(probe, kind),
+                   concurrency=devices.max_concurrent, workers=probe.num_workers, use_train=opts.use_train,
+                   keep_all=bool(opts.methods))  # methods the user named stay, however short their schedule
+    plan = plan_with_calibration(budget, methods, bounds, speeds, counts, calibrate=calibrate and needed, log=log,
+                                 **options)
+    # What a drawn configuration costs changes the count of trials, not what joins the
+    # plan: it is worked out for the methods that joined (costing one takes ~0.4 s).
+    planned = {e.method for e in plan.entries}
+    data = dataclasses.asdict(counts)
+    methods = [dataclasses.replace(m, sampled_cost=sampled_cost_factors(space, m.name, data))
+               if m.name in planned else m for m in methods]
+    return make_plan(budget, methods, bounds, speeds, counts, **options)
+
+
+def _with_learned_costs(methods: list[Any], device: str | None, threads: int) -> list[Any]:
+    """``methods`` with what earlier searches' trials cost on this machine against their
+    plans (learned_costs)."""
+    learned = learned_costs.factors(learned_costs.machine_key(device, threads)) if device else {}
+    return [dataclasses.replace(m, learned=learned.get(m.name, (1.0, 0))[0],
+                                learned_trials=learned.get(m.name, (1.0, 0))[1]) for m in methods]
+
+
+def _learn_costs(folder: Path, opts: SearchOptions, devices_gpu: bool) -> None:
+    """Keep what this search's finished trials cost against their plan (learned_costs),
+    for the next plan on this machine; a plan without a measured device learns nothing."""
+    plan_dict = (layout.read_record(folder) if layout.has_record(folder) else {}).get("plan")
+    if not plan_dict or plan_dict.get("budget_kind") == "trials":
+        return
+    if devices_gpu:
+        import torch
+
+        device, threads = ("cuda:0" if torch.cuda.is_available() else None), 1
+    else:
+        device, threads = "cpu", max(1, int(opts.cpus_per_trial))
+    if device is None:
+        return
+    plan = Plan.from_dict(plan_dict)
+    default_size = plan.all_sizes()[0] if plan.entries else 128
+    seen = []
+    for row in store.read_table(folder).to_pylist():
+        if row.get("status") != "finished" or not row.get("wall_s") or not row.get("params"):
+            continue
+        split = split_config(json.loads(row["params"]), default_size)
+        entry = plan.entry(split.method, split.image_size)
+        if entry is None:
+            continue
+        backbone = split.method_params.get("backbone")
+        factor = config_cost_factor(split.method, split.method_params, split.image_size, plan.data)
+        seconds = plan.seconds_at(split.method, split.image_size, str(backbone) if backbone else None,
+                                  int(row.get("epochs") or plan.rounds), factor)
+        if seconds:
+            seen.append((split.method, seconds / max(entry.learned_factor, 1e-9), float(row["wall_s"]),
+                         f"{row.get('experiment')}/{row.get('trial_id')}"))
+    try:
+        learned_costs.record(learned_costs.machine_key(device, threads), seen)
+    except OSError as error:  # a read-only home: the next plan keeps the calibrated costs
+        print(f"notice: trial costs not kept for later plans ({error})", file=sys.stderr)
 
 
 def preview_plan(opts: SearchOptions) -> Plan:
@@ -1293,6 +1347,7 @@ def _collect(prep: _Prepared, context: TrialContext, results: Any, ledger: Ledge
     """Store what no callback stored, push to the bucket, and sum the search up."""
     folder = prep.folder
     _store_missing(folder, context, prep.opts.category, results, ledger, device_kind, fingerprints, prep.remote)
+    _learn_costs(folder, prep.opts, device_kind == "gpu")
     evaluate_tests(folder, context, log=_log)
     if prep.remote is not None:
         prep.remote.push(prep.experiment)
