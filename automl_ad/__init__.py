@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 # not even under TYPE_CHECKING: the layers below import this root for __version__, and
 # import-linter would read an import of the API here as theirs.
 _API = ("Detector", "ImageLike", "Predictions", "SearchResult", "SpearmanVerdict", "all_products", "load",
-        "open_search", "plan", "search", "search_many")
+        "open_search", "plan", "read_jobs", "search", "search_many")
 
 __all__ = ["__version__", *_API]
 

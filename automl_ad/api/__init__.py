@@ -24,9 +24,10 @@ from automl_ad.api.runs import (
     all_products,
     open_search,
     plan,
+    read_jobs,
     search,
     search_many,
 )
 
 __all__ = ["Detector", "ImageLike", "Predictions", "SearchResult", "SpearmanVerdict", "all_products", "load",
-           "open_search", "plan", "search", "search_many"]
+           "open_search", "plan", "read_jobs", "search", "search_many"]

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from automl_ad.deploy.pipeline import Shipped
     from automl_ad.deploy.progress import DeployProgress
     from automl_ad.tuning.schedule import Plan
-    from automl_ad.tuning.search import Job, SearchOptions, SearchSummary
+    from automl_ad.tuning.search import SearchOptions, SearchSummary
 
 PathLike = str | os.PathLike
 DEFAULT_STORAGE = "results"
@@ -121,7 +121,6 @@ class SearchResult:
         """The leaderboard as ``automl-ad results`` prints it, verdict and ties included."""
         from automl_ad.results.leaderboard import leaderboard_text
 
-        self.rows()  # one line when the search stored nothing yet
         return leaderboard_text(self.folder, top)
 
     @property
@@ -166,7 +165,7 @@ class SearchResult:
         return choice
 
     def export(self, out: PathLike | None = None, *, choice: "Choice | None" = None, k: int = 5,
-               formats: Sequence[str] = EXPORT_FORMATS, fpr: float | None = None,
+               formats: Sequence[str] | str = EXPORT_FORMATS, fpr: float | None = None,
                max_latency_ms: float | None = None, progress: "DeployProgress | None" = None) -> "Detector":
         """Write the deployable bundle (model.onnx, optionally model.torchscript, and
         manifest.json) to ``out`` (default ``models/<category>``) and return it loaded.
@@ -184,7 +183,6 @@ class SearchResult:
             raise UserError(f"--out {out}: is a file, not a bundle folder")
         progress = _progress(progress)
         if choice is None:
-            # The whole list of trials, as `ensemble` with its default `top` would see.
             choice = self.ensemble(k, max_latency_ms=max_latency_ms, progress=progress)
         with progress.step(f"export: bundle to {out}"):
             call_with_progress(export_choice, self.folder, choice, out, formats=chosen_formats, fpr=fpr,
@@ -273,8 +271,9 @@ def check_fpr(fpr: float | None) -> None:
 
 
 def open_search(category: str, *, experiment: str | None = None, storage: PathLike = DEFAULT_STORAGE) -> SearchResult:
-    """A stored search of ``category``: ``experiment``, else the newest one in ``storage``.
-    A bucket's tables are pulled into the local mirror first (checkpoints when needed)."""
+    """A stored search of ``category``: ``experiment``, else the newest one in ``storage``
+    (UserError when there is none, or it stored no trial yet). A bucket's tables are
+    pulled into the local mirror first (its checkpoints when a step needs them)."""
     from automl_ad.experiment import has_record
     from automl_ad.results import store
     from automl_ad.results.remote_storage import reading_view
@@ -289,6 +288,8 @@ def open_search(category: str, *, experiment: str | None = None, storage: PathLi
     folder = store.experiment_dir(view.local, name)
     if not has_record(folder):
         raise UserError(f"no search named {name!r} in {where}")
+    if not store.stored_trial_ids(folder):
+        raise UserError(f"no trials stored in {folder}")
     return SearchResult(category, name, folder, str(storage))
 
 
@@ -359,32 +360,38 @@ def search(category: str, budget: str, *, data: PathLike | None = None, methods:
                              val_defects=val_defects, searcher=searcher, max_concurrent=max_concurrent,
                              address=address, gpus_per_trial=gpus_per_trial, max_gpus=max_gpus, wandb=wandb,
                              use_ray_train=use_ray_train, space_dir=space_dir, calibrate=calibrate)
-    with _own_ray(keep_ray):
+    with _own_ray(keep_ray), _signal_guard():
         return _result(run_search(options), storage)
 
 
-def search_many(jobs: Sequence["Job"] | Mapping[str, str] | PathLike, *,
-                on_done: Callable[[SearchResult], None] | None = None, keep_ray: bool = False,
-                **options: Any) -> list[SearchResult]:
+def search_many(jobs: Mapping[str, str] | PathLike, *, on_done: Callable[[SearchResult], None] | None = None,
+                keep_ray: bool = False, **options: Any) -> list[SearchResult]:
     """One search per product, one after the other on one Ray instance, each with its own
     budget, ledger and experiment (``<experiment>-<category>`` when ``experiment`` is given).
-    ``jobs``: ``{"screw": "2h", "washer": "30trials"}``, a list of :class:`Job`, or a YAML
-    jobs file (``- {category: screw, budget: 8gpu-h}``); :func:`all_products` lists the
-    products of a data folder. ``on_done`` sees each result as soon as it exists.
+    ``jobs``: ``{"screw": "2h", "washer": "30trials"}``, or a YAML jobs file
+    (``- {category: screw, budget: 8gpu-h}``); :func:`all_products` lists the products of a
+    data folder. ``on_done`` sees each result as soon as it exists (to ship it, say).
     ``options``: the keyword arguments of :func:`search`."""
-    from automl_ad.tuning.search import Job, load_jobs, run_jobs
+    from automl_ad.tuning.search import Job, run_jobs
 
-    if isinstance(jobs, Mapping):
-        listed = [Job(str(category), str(budget)) for category, budget in jobs.items()]
-    elif isinstance(jobs, (str, os.PathLike)):
-        listed = load_jobs(Path(jobs))
-    else:
-        listed = list(jobs)
+    if isinstance(jobs, (str, os.PathLike)):
+        jobs = read_jobs(jobs)
+    if not isinstance(jobs, Mapping):
+        raise UserError(f"search_many: jobs is a {{category: budget}} mapping or a jobs file, not {type(jobs).__name__}")
+    listed = [Job(str(category), str(budget)) for category, budget in jobs.items()]
     base = search_options(listed[0].category if listed else "", "", **options)
     storage = options.get("storage", DEFAULT_STORAGE)
     done = None if on_done is None else (lambda summary: on_done(_result(summary, storage)))
-    with _own_ray(keep_ray):
+    with _own_ray(keep_ray), _signal_guard():
         return [_result(summary, storage) for summary in run_jobs(base, listed, on_done=done)]
+
+
+def read_jobs(path: PathLike) -> dict[str, str]:
+    """A jobs file (YAML list of ``{category, budget}``) as ``{category: budget}`` in file
+    order, every item checked before anything runs (the ``jobs`` of :func:`search_many`)."""
+    from automl_ad.tuning.search import load_jobs
+
+    return {job.category: job.budget for job in load_jobs(Path(path))}
 
 
 def all_products(data: PathLike | None = None) -> list[str]:
@@ -414,6 +421,18 @@ def plan(category: str, budget: str, *, data: PathLike | None = None, methods: S
                              max_concurrent=max_concurrent, gpus_per_trial=gpus_per_trial, max_gpus=max_gpus,
                              use_ray_train=use_ray_train, space_dir=space_dir, calibrate=calibrate)
     return preview_plan(options)
+
+
+def _signal_guard() -> Any:
+    """SIGINT (a notebook's "interrupt kernel", Ctrl-C) and SIGTERM stop the search the
+    way ``automl-ad search`` does: running trials end, the experiment is saved, and
+    ``Interrupted`` is raised; ``resume=True`` goes on. The command line's own guard,
+    when it runs this, is used as is."""
+    from contextlib import nullcontext
+
+    from automl_ad.tuning import interrupt
+
+    return nullcontext() if interrupt.active() is not None else interrupt.SignalGuard()
 
 
 class _own_ray:
