@@ -163,8 +163,8 @@ def _as_items(images: Any) -> list[Any]:
         return [images]
     if isinstance(images, (list, tuple)):
         return list(images)
-    raise UserError(f"cannot score a {type(images).__name__}: give a path, a PIL image, a numpy array "
-                    "(H x W x 3 RGB) or a list of them")
+    raise UserError(f"cannot score an object of type {type(images).__name__}: give a path, a PIL image, "
+                    "a numpy array (H x W x 3 RGB) or a list of them")
 
 
 def _is_pil(item: Any) -> bool:
@@ -187,8 +187,8 @@ def _as_rgb(item: Any, index: int) -> tuple[np.ndarray, str]:
     if isinstance(item, np.ndarray):
         name = f"array #{index}"
         return array_to_rgb(item, name), name
-    raise UserError(f"input #{index}: cannot score a {type(item).__name__}: give a path, a PIL image "
-                    "or a numpy array (H x W x 3 RGB)")
+    raise UserError(f"input #{index}: cannot score an object of type {type(item).__name__}: give a path, "
+                    "a PIL image or a numpy array (H x W x 3 RGB)")
 
 
 def array_to_rgb(array: np.ndarray, name: str = "array") -> np.ndarray:
