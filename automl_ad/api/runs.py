@@ -338,7 +338,8 @@ def search(category: str, budget: str, *, data: PathLike | None = None, methods:
 
     ``data``: a dataset root in MVTec AD layout (default: the built-in products).
     ``methods``: restrict to these. ``seed``: seeds sampling, splits and synthesis.
-    ``live``: the rich live table of trials (a terminal's view; off in a notebook).
+    ``live``: print the plan and redraw the rich live table of trials (a terminal's
+    view, as ``automl-ad search``); off, a notebook or a log gets one line per trial.
     ``resume``: continue the interrupted ``experiment``. ``image_size``: pin one size.
     ``use_ray_train``: each trial as a Ray Train TorchTrainer (False: a plain Tune
     function, faster to start on one small machine). ``space_dir``: a whole search-space
