@@ -18,16 +18,8 @@ docs/api.md describes every name; docs/examples/quickstart.ipynb runs them.
 from __future__ import annotations
 
 from automl_ad.api.detector import Detector, ImageLike, Predictions, load
-from automl_ad.api.runs import (
-    SearchResult,
-    SpearmanVerdict,
-    all_products,
-    open_search,
-    plan,
-    read_jobs,
-    search,
-    search_many,
-)
+from automl_ad.api.result import SearchResult, SpearmanVerdict, open_search
+from automl_ad.api.runs import all_products, plan, read_jobs, search, search_many
 
 __all__ = ["Detector", "ImageLike", "Predictions", "SearchResult", "SpearmanVerdict", "all_products", "load",
            "open_search", "plan", "read_jobs", "search", "search_many"]

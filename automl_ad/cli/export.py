@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 
 import click
 
-from automl_ad.errors import UserError
 
 if TYPE_CHECKING:
     from automl_ad.deploy.progress import DeployProgress
