@@ -60,7 +60,7 @@ class SearchResult:
     storage: str  # as given: a folder, file://, s3:// or gs:// URI
     summary: "SearchSummary | None" = None  # set when this process ran the search
     chosen: "Choice | None" = None  # the model the last ensemble/export/ship chose
-    _checkpoints_pulled: bool = field(default=False, repr=False)
+    _checkpoints_pulled: bool = field(default=False, repr=False, init=False)
 
     # --- what the search stored ------------------------------------------------------
     @property
