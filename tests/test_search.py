@@ -383,10 +383,8 @@ def test_cli_chooses_one_search_or_many():
     from automl_ad.cli import main
     from automl_ad.cli.search import _jobs_of
     from automl_ad.data.builtin import BUILTIN_CATEGORIES
-    from automl_ad.tuning.search import Job
-
-    assert _jobs_of("screw", "10m", None, None) == []
-    assert _jobs_of("all", "10m", None, None) == [Job(c, "10m") for c in BUILTIN_CATEGORIES]
+    assert _jobs_of("screw", "10m", None, None) == {}
+    assert _jobs_of("all", "10m", None, None) == {c: "10m" for c in BUILTIN_CATEGORIES}
     runner = CliRunner()
     for args, message in ((["--budget", "10m"], "give --category"), (["-c", "screw"], "--budget is required"),
                           (["--jobs", "j.yaml", "-c", "screw"], "leave out --category")):

@@ -11,29 +11,12 @@ from typing import TYPE_CHECKING
 
 import click
 
-from automl_ad.errors import UserError
 
 if TYPE_CHECKING:
     from automl_ad.deploy.progress import DeployProgress
 
 _STORAGE = click.option("--storage", default="results", show_default=True,
                         help="Results folder, file:// URI, or s3:// / gs:// URI the search wrote to.")
-
-
-def _experiment_folder(storage: str, category: str, experiment: str | None):
-    """(experiment folder to read, the storage it is in): an object store is pulled into
-    its local mirror first, tables, val sets and the checkpoints its trials name."""
-    from automl_ad.deploy.choice import find_experiment
-    from automl_ad.results.remote_storage import reading_view
-
-    view, experiment = reading_view(storage, category, experiment, checkpoints=True)
-    return find_experiment(view.local, category, experiment), view
-
-
-def _push_back(view, folder: Path) -> None:
-    """The new ``ensembles`` row goes back to the object store the search lives in."""
-    if view.is_remote:
-        view.push(folder.name)
 _EXPERIMENT = click.option("--experiment", "-e", help="Search name (default: the newest of the category).")
 
 
@@ -44,22 +27,6 @@ def _progress() -> DeployProgress:
     from automl_ad.deploy.progress import DeployProgress
 
     return DeployProgress(quiet=not sys.stderr.isatty())
-
-
-def _formats(text: str) -> list[str]:
-    """``--format`` names, checked before any work (nothing is stored for a bad one)."""
-    from automl_ad.deploy.export import FORMATS
-
-    names = [f.strip() for f in text.split(",") if f.strip()]
-    unknown = sorted(set(names) - set(FORMATS))
-    if unknown or "onnx" not in names:
-        raise UserError(f"--format {text!r}: give onnx, optionally with torchscript (e.g. onnx,torchscript)")
-    return names
-
-
-def _check_fpr(fpr: float | None) -> None:
-    if fpr is not None and not 0.0 <= fpr < 1.0:
-        raise UserError(f"--fpr {fpr}: give a false-alarm rate in [0, 1), e.g. 0.01")
 
 
 @click.command("ensemble")
@@ -79,17 +46,10 @@ def ensemble_command(category, experiment, storage, k, top, fusion, max_latency_
     Example:
       automl-ad ensemble --category screw --k 5
     """
-    from automl_ad.deploy.choice import choose_model, store_choice
-    from automl_ad.deploy.progress import call_with_progress
+    from automl_ad import api
 
-    folder, view = _experiment_folder(storage, category, experiment)
-    progress = _progress()
-    with progress.step(f"ensemble: choose among the best {top} trials (k={k})"):
-        choice = call_with_progress(choose_model, folder, k=k, top=top, fusion=fusion, max_latency_ms=max_latency_ms,
-                                    progress=progress)
-        store_choice(folder, choice, k)
-    _push_back(view, folder)
-    print_choice(choice)
+    result = api.open_search(category, experiment=experiment, storage=storage)
+    print_choice(result.ensemble(k, top=top, fusion=fusion, max_latency_ms=max_latency_ms, progress=_progress()))
 
 
 def print_choice(choice) -> None:
@@ -119,27 +79,15 @@ def export_command(category, out, experiment, storage, formats, k, fpr, max_late
       automl-ad export --category screw --out models/screw
       automl-ad export -c screw --fpr 0.01 --format onnx
     """
-    from automl_ad.deploy.choice import choose_model, export_choice, store_choice
-    from automl_ad.deploy.progress import call_with_progress
+    from automl_ad import api
 
-    chosen_formats = _formats(formats)
-    _check_fpr(fpr)
-    out = out or Path("models") / category
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: is a file, not a bundle folder")
-    folder, view = _experiment_folder(storage, category, experiment)
-    progress = _progress()
-    with progress.step(f"ensemble: choose among the best trials (k={k})"):
-        choice = call_with_progress(choose_model, folder, k=k, max_latency_ms=max_latency_ms, progress=progress)
-        store_choice(folder, choice, k)
-    _push_back(view, folder)
-    print_choice(choice)
-    with progress.step(f"export: bundle to {out}"):
-        manifest = call_with_progress(export_choice, folder, choice, out, formats=chosen_formats, fpr=fpr,
-                                      progress=progress)
-    point = manifest["operating_point"]
+    result = api.open_search(category, experiment=experiment, storage=storage)
+    detector = result.export(out, k=k, formats=formats, fpr=fpr, max_latency_ms=max_latency_ms,
+                             progress=_progress())
+    print_choice(result.chosen)
+    point = detector.manifest["operating_point"]
     click.echo(f"threshold {point['threshold']:.4f} ({point['rule']}; val false alarms {point['val_false_alarm_rate']:.3f}, recall {point['val_recall']:.3f})")
-    click.echo(f"wrote {out} ({', '.join(manifest['files'].values())}, manifest.json)")
+    click.echo(f"wrote {detector.folder} ({', '.join(detector.manifest['files'].values())}, manifest.json)")
 
 
 @click.command("predict")
@@ -158,17 +106,13 @@ def predict_command(bundle, images, out, fmt, batch_size):
     Example:
       automl-ad predict models/screw images/*.png --out overlays
     """
-    from automl_ad.deploy.export import load_bundle
-    from automl_ad.deploy.predict import expand_inputs, predict_files
+    from automl_ad import api
 
-    loaded = load_bundle(bundle)
-    files = expand_inputs(images)
-    if not files:
-        raise UserError("no image files given")
-    results = predict_files(loaded, files, out_dir=out, batch_size=batch_size)
+    detector = api.load(bundle)
+    results = detector.predict_files(images, out_dir=out, batch_size=batch_size)
     rows = [{"path": r.path, "score": r.score, "anomalous": r.anomalous, "error": r.error, "overlay": r.overlay} for r in results]
     if fmt == "json":
-        click.echo(json.dumps({"threshold": loaded.threshold, "predictions": rows}, indent=1))
+        click.echo(json.dumps({"threshold": detector.threshold, "predictions": rows}, indent=1))
     else:
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))

@@ -24,11 +24,7 @@ def command(category: str, experiment: str | None, storage: str, bundle: Path | 
     Example:
       automl-ad report --category screw --out screw_report.html
     """
-    from automl_ad.deploy.choice import find_experiment
-    from automl_ad.results.remote_storage import reading_view
-    from automl_ad.deploy.report import build_report
+    from automl_ad import api
 
-    view, experiment = reading_view(storage, category, experiment, checkpoints=True)
-    folder = find_experiment(view.local, category, experiment)
-    written = build_report(folder, out, bundle_dir=bundle or Path("models") / category, bundle_required=bundle is not None)
-    click.echo(f"wrote {written}")
+    result = api.open_search(category, experiment=experiment, storage=storage)
+    click.echo(f"wrote {result.report(out, bundle=bundle)}")

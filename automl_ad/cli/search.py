@@ -88,58 +88,49 @@ def search_command(category, budget, jobs_file, data, methods, space_file, max_c
     better), exported to <models>/<category> (ONNX + TorchScript + manifest.json) and
     report.html is written next to it.
     """
-    from automl_ad.tuning.search import SearchOptions, run_jobs, run_search
+    from automl_ad import api
+    from automl_ad.tuning.interrupt import SignalGuard
 
     jobs = _jobs_of(category, budget, jobs_file, data)
-    options = SearchOptions(
-        category=jobs[0].category if jobs else category, budget=budget or "", data=data,
-        methods=_methods_option(methods), space_file=space_file, max_concurrent=max_concurrent,
-        experiment=experiment, resume=resume, address=address, storage=storage, wandb=wandb, seed=seed,
-        image_size=image_size, val_defects=val_defects, gpus_per_trial=gpus_per_trial, max_gpus=max_gpus,
-        searcher=searcher,
-    )
     if calibrate and not plan_only:
         raise UserError("--calibrate goes with --plan (a search measures what it needs by itself)")
+    chosen = _methods_option(methods)
     if plan_only:
-        import dataclasses
-
-        from automl_ad.tuning.search import Job, preview_plan
-
-        targets = jobs or [Job(category, budget)]
-        for job in targets:
-            schedule = preview_plan(dataclasses.replace(options, category=job.category, budget=job.budget,
-                                                        calibrate=calibrate))
+        targets = jobs or {category: budget}
+        for product, product_budget in targets.items():
+            schedule = api.plan(product, product_budget, data=data, methods=chosen, seed=seed, image_size=image_size,
+                                space_file=space_file, max_concurrent=max_concurrent, gpus_per_trial=gpus_per_trial,
+                                max_gpus=max_gpus, storage=storage, experiment=experiment, resume=resume,
+                                searcher=searcher, calibrate=calibrate)
             if len(targets) > 1:
-                click.echo(f"\n[{job.category}]")
+                click.echo(f"\n[{product}]")
             click.echo(schedule.text())
         return
 
-    from automl_ad.results.leaderboard import leaderboard_text
-    from automl_ad.results.remote_storage import parse_storage
-    from automl_ad.tuning.interrupt import SignalGuard
+    options = dict(data=data, methods=chosen, seed=seed, storage=storage, live=True, experiment=experiment,
+                   resume=resume, image_size=image_size, space_file=space_file, val_defects=val_defects,
+                   searcher=searcher, max_concurrent=max_concurrent, address=address, gpus_per_trial=gpus_per_trial,
+                   max_gpus=max_gpus, wandb=wandb)
 
-    remote = parse_storage(storage)
-
-    def finish(summary) -> None:
-        where = remote.experiment_uri(summary.experiment) if remote.is_remote else summary.experiment_dir
-        click.echo(f"\n[{summary.category}] experiment {summary.experiment}: {summary.trials} trials stored in "
-                   f"{where}; budget used {summary.budget.describe(summary.budget_used)}")
-        click.echo(leaderboard_text(summary.experiment_dir))
+    def finish(result: api.SearchResult) -> None:
+        summary = result.summary
+        click.echo(f"\n[{result.category}] experiment {result.experiment}: {summary.trials} trials stored in "
+                   f"{result.location}; budget used {summary.budget.describe(summary.budget_used)}")
+        click.echo(result.leaderboard_text())
         if not no_export:
-            finish_with_bundle(summary.experiment_dir, summary.experiment, summary.category,
-                               models_dir / summary.category, ensemble_k, storage)
+            finish_with_bundle(result, models_dir / result.category, ensemble_k)
 
     # SIGINT/SIGTERM stop the search cleanly, and a full disk stops it in one line; both
     # end with the command that resumes this very search (tuning/interrupt.py).
     with SignalGuard() as guard:
         try:
             if jobs:
-                summaries = run_jobs(options, jobs, on_done=finish)
-                click.echo("\n" + "\n".join(f"{s.category}: {s.trials} trials, best "
-                                              f"{'-' if not s.best else format(s.best['objective'], '.4f')} "
-                                              f"({s.experiment_dir})" for s in summaries))
+                results = api.search_many(jobs, on_done=finish, **options)
+                click.echo("\n" + "\n".join(f"{r.category}: {r.summary.trials} trials, best "
+                                              f"{'-' if not r.summary.best else format(r.summary.best['objective'], '.4f')} "
+                                              f"({r.folder})" for r in results))
             else:
-                finish(run_search(options))
+                finish(api.search(category, budget, **options))
         except Interrupted as stop:
             raise stop.explained(_stopped_text(stop, guard, bool(jobs))) from None
         except Exception as error:
@@ -210,30 +201,30 @@ def _after_full_disk(guard, many: bool) -> str:
     return "free space there, then run the same command again"
 
 
-def _jobs_of(category: str | None, budget: str | None, jobs_file: Path | None, data: Path | None):
-    """The searches asked for: [] for a single --category, else one Job per product."""
-    from automl_ad.tuning.search import Job, all_categories, load_jobs
+def _jobs_of(category: str | None, budget: str | None, jobs_file: Path | None, data: Path | None) -> dict[str, str]:
+    """The searches asked for, {category: budget}: {} for a single --category, else one per product."""
+    from automl_ad import api
 
     if jobs_file is not None:
         if category or budget:
             raise UserError("--jobs gives each category its budget: leave out --category and --budget")
-        return load_jobs(jobs_file)
+        return api.read_jobs(jobs_file)
     if not category:
         raise UserError("give --category (a product, or 'all') or --jobs FILE")
     if not budget:
         raise UserError(f"--category {category}: --budget is required")
     if category == "all":
-        return [Job(name, budget) for name in all_categories(data)]
-    return []
+        return {name: budget for name in api.all_products(data)}
+    return {}
 
 
-def finish_with_bundle(folder: Path, experiment: str, category: str, bundle_dir: Path, k: int,
-                       storage: Path | str | None = None) -> None:
-    """Ensemble, choose, export and report (``pipeline.ship``), and say what was made."""
+def finish_with_bundle(result, bundle_dir: Path, k: int) -> None:
+    """Ensemble, choose, export and report (``SearchResult.ship``), and say what was made."""
     from automl_ad.cli.export import print_choice
-    from automl_ad.deploy.pipeline import ship
+    from automl_ad.deploy.progress import DeployProgress
 
-    shipped = ship(folder, experiment, category, bundle_dir, k, storage)
+    # Always shown: this runs right after a search the user is watching.
+    shipped = result.ship(bundle_dir, k=k, progress=DeployProgress())
     print_choice(shipped.choice)
     point = shipped.manifest["operating_point"]
     click.echo(f"deployable bundle: {bundle_dir} (threshold {point['threshold']:.4f}, {point['rule']})")
@@ -251,22 +242,11 @@ def finish_with_bundle(folder: Path, experiment: str, category: str, bundle_dir:
 @click.option("--top", default=20, show_default=True, type=click.IntRange(1))
 def results_command(category, experiment, storage, top):
     """Leaderboard of a search, and how well val objective ranks trials on test."""
-    from automl_ad.results import store
-    from automl_ad.results.leaderboard import leaderboard_text
-    from automl_ad.results.remote_storage import reading_view
+    from automl_ad import api
 
-    view, experiment = reading_view(storage, category, experiment)
-    storage = view.local
-    if experiment is None:
-        found = store.list_experiments(storage, category)
-        if not found:
-            raise UserError(f"no stored search for category {category!r} under {storage}")
-        experiment = found[0]
-    folder = store.experiment_dir(storage, experiment)
-    if not store.stored_trial_ids(folder):
-        raise UserError(f"no trials stored in {folder}")
-    click.echo(f"experiment {experiment} ({folder})")
-    click.echo(leaderboard_text(folder, top))
+    result = api.open_search(category, experiment=experiment, storage=storage)
+    click.echo(f"experiment {result.experiment} ({result.folder})")
+    click.echo(result.leaderboard_text(top))
 
 
 commands = [search_command, results_command]

@@ -171,9 +171,20 @@ def read_image(path: Path | str) -> np.ndarray:
     Raises UserError naming the file when it is missing, truncated, or not an image.
     """
     path = Path(path)
-    image = _open_loaded(path)
+    return rgb_array(_open_loaded(path), str(path))
+
+
+def rgb_array(image: Image.Image, name: str = "image") -> np.ndarray:
+    """An opened PIL image as H x W x 3 uint8 RGB, by the same rules as :func:`read_image`
+    (so a file and the PIL image opened from it give the same pixels). ``name`` is what a
+    refusal calls it."""
+    try:
+        image.load()
+    except _DECODE_ERRORS as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"cannot decode {name}: {reason}") from error
     if image.mode == "F":
-        raise UserError(f"floating-point images (mode F) are not supported: {path}")
+        raise UserError(f"floating-point images (mode F) are not supported: {name}")
     return _to_rgb_array(image)
 
 

@@ -29,7 +29,14 @@ class Prediction:
 
 def _prepare(path: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
     """(network input 3 x S x S float32 in [0, 1], display image S x S x 3 uint8)."""
-    resized = resize_image(read_image(path), size).numpy()  # 3 x S x S uint8
+    return prepare_rgb(read_image(path), size)
+
+
+def prepare_rgb(image: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """An H x W x 3 uint8 RGB image as the bundle takes it: (network input 3 x S x S
+    float32 in [0, 1], display image S x S x 3 uint8). One path for files, PIL images
+    and arrays, so each gives the same score."""
+    resized = resize_image(image, size).numpy()  # 3 x S x S uint8
     return resized.astype(np.float32) / 255.0, resized.transpose(1, 2, 0)
 
 
