@@ -307,7 +307,7 @@ def test_searcher_reserves_each_configuration_s_first_rung_and_keeps_its_turn(tm
     ledger.record("t4", 1.0, 20.0 - 1.25 * rung1, finished=True)
     searcher.on_trial_complete("t4", {"epoch": 4, "objective": 0.6})
     assert searcher.suggest("t6") == Searcher.FINISHED, "the budget is spent"
-    trials = searcher._ot_study.trials
+    trials = searcher.study.trials
     assert sorted(t.state.name for t in trials if t.state.name != "FAIL") == ["COMPLETE", "PRUNED"]
     not_run = [t.user_attrs.get("not_run", "") for t in trials if t.state.name == "FAIL"]
     assert sum("budget was spent" in r for r in not_run) == 1, not_run

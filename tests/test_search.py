@@ -183,7 +183,7 @@ def test_ray_workers_know_their_own_cluster(ray_session):
 
 
 def test_workers_get_bucket_location_never_credentials_and_local_train_settings(tmp_path, tiny_mvtec, monkeypatch):
-    from automl_ad.tuning.search import _worker_env
+    from automl_ad.tuning.ray_session import worker_env as _worker_env
 
     for key, value in {"AWS_ENDPOINT_URL": "http://minio:9000", "AWS_REGION": "eu-west-1",
                        "AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "secret",
@@ -356,7 +356,7 @@ def test_storage_accepts_paths_file_and_object_store_uris_and_refuses_other_sche
 
 
 def test_jobs_file_is_checked_before_anything_runs(tmp_path):
-    from automl_ad.tuning.search import Job, load_jobs
+    from automl_ad.tuning.jobs import Job, load_jobs
 
     good = tmp_path / "jobs.yaml"
     good.write_text("- {category: screw, budget: 8gpu-h}\n- {category: washer, budget: 20trials}\n")
@@ -403,7 +403,7 @@ def two_products(tmp_path_factory) -> Path:
 
 def test_all_categories_one_search_each_with_its_own_budget_and_ledger(tmp_path, two_products, ray_session):
     from automl_ad.results.leaderboard import leaderboard_text
-    from automl_ad.tuning.search import Job, all_categories, run_jobs
+    from automl_ad.tuning.jobs import Job, all_categories, run_jobs
 
     assert all_categories(two_products) == ["screw", "washer"]
     jobs = [Job("screw", "2trials"), Job("washer", "1trials")]

@@ -102,7 +102,7 @@ def search_many(jobs: Mapping[str, str] | PathLike, *, on_done: Callable[[Search
     (``- {category: screw, budget: 8gpu-h}``); :func:`all_products` lists the products of a
     data folder. ``on_done`` sees each result as soon as it exists (to ship it, say).
     ``options``: the keyword arguments of :func:`search`."""
-    from automl_ad.tuning.search import Job, run_jobs
+    from automl_ad.tuning.jobs import Job, run_jobs
 
     if isinstance(jobs, (str, os.PathLike)):
         jobs = read_jobs(jobs)
@@ -119,14 +119,14 @@ def search_many(jobs: Mapping[str, str] | PathLike, *, on_done: Callable[[Search
 def read_jobs(path: PathLike) -> dict[str, str]:
     """A jobs file (YAML list of ``{category, budget}``) as ``{category: budget}`` in file
     order, every item checked before anything runs (the ``jobs`` of :func:`search_many`)."""
-    from automl_ad.tuning.search import load_jobs
+    from automl_ad.tuning.jobs import load_jobs
 
     return {job.category: job.budget for job in load_jobs(Path(path))}
 
 
 def all_products(data: PathLike | None = None) -> list[str]:
     """Every category folder under ``data`` (one holding train/good/), else every built-in product."""
-    from automl_ad.tuning.search import all_categories
+    from automl_ad.tuning.jobs import all_categories
 
     return all_categories(_path(data))
 

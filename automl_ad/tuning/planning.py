@@ -1,0 +1,211 @@
+"""From a search's options to its schedule: what the planner is told of each method,
+the plan itself (calibrated, learnt and sampled costs), ``search --plan``, what trials
+cost against the plan kept for the next one, and the warm-start points."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from automl_ad import experiment as layout
+from automl_ad.data.dataset import resolve_data_root
+from automl_ad.errors import UserError
+from automl_ad.methods.base import get_method_class
+from automl_ad.results import store
+from automl_ad.results.remote_storage import parse_storage
+from automl_ad.tuning import learned_costs
+from automl_ad.tuning.budget import Budget, parse_budget
+from automl_ad.tuning.calibration import SpeedBook
+from automl_ad.tuning.devices import DevicePlan, local_resources, plan_devices, trial_context
+from automl_ad.tuning.finalize import default_backbone
+from automl_ad.tuning.options import SearchOptions, pick_experiment
+from automl_ad.tuning.sampled_costs import sampled_cost_factors
+from automl_ad.tuning.schedule import (
+    Bounds,
+    MethodInput,
+    Plan,
+    config_cost_factor,
+    data_counts,
+    make_plan,
+    plan_with_calibration,
+    recipe_for,
+    val_images,
+)
+from automl_ad.tuning.space import SearchSpace, load_space, split_config
+from automl_ad.tuning.trainable import allocated_devices
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def method_inputs(space: SearchSpace, val_good: int) -> list[Any]:
+    """What the planner needs to know of each method of ``space``."""
+    out = []
+    for name, method_space in sorted(space.methods.items()):
+        cls = get_method_class(name)
+        searched = method_space.params.get("backbone")
+        default = default_backbone(name)
+        if searched is not None and searched.type == "categorical":
+            choices = [str(b) for b in searched.choices]
+            # the Config's default first: the one a calibration times
+            backbones: tuple[str | None, ...] = tuple(sorted(choices, key=lambda b: b != default))
+        else:
+            backbones = (default,)
+        family = method_space.synthesis[0] if method_space.synthesis else None
+        out.append(MethodInput(name=name, trainable=bool(tuple(cls.phases)), recipe=recipe_for(name),
+                               sizes=tuple(space.method_sizes(name)), backbones=backbones,
+                               val_images=val_images(family, val_good)))
+    return out
+
+
+def plan_schedule(opts: SearchOptions, budget: Budget, space: SearchSpace, data_root: Path, devices: DevicePlan,
+                  *, calibrate: bool = True, log: Callable[[str], None] | None = None) -> Plan:
+    """The search's schedule (``schedule.make_plan``) for ``devices``: speeds measured on
+    this machine's device when it has it (``calibrate``: measure what is missing first),
+    else the project's prior for the device kind."""
+    kind = "gpu" if devices.use_gpu else "cpu"
+    if kind == "gpu":
+        import torch
+
+        device, threads = ("cuda:0" if torch.cuda.is_available() else None), 1
+    else:
+        device, threads = "cpu", max(1, int(opts.cpus_per_trial))
+    counts = data_counts(data_root, opts.category)
+    methods = _with_learned_costs(method_inputs(space, counts.val_good), device, threads)
+    fidelity = space.fidelity
+    bounds = Bounds(rounds=fidelity.max_epochs, grace_period=fidelity.grace_period,
+                    reduction_factor=fidelity.reduction_factor, steps_per_epoch=fidelity.steps_per_epoch,
+                    batch_size=fidelity.batch_size, min_steps=fidelity.min_steps, max_steps=fidelity.max_steps,
+                    min_trials=fidelity.min_trials)
+    speeds = SpeedBook(kind, device, threads, trainable={m.name: m.trainable for m in methods})
+    # Speeds decide nothing when the steps are fixed and every method has one size.
+    needed = not bounds.steps_per_epoch or any(len(m.sizes) > 1 for m in methods)
+    probe = trial_context(opts, devices, space)  # what one trial holds, before there is a schedule
+    options = dict(category=opts.category, devices_per_trial=allocated_devices(probe, kind),
+                   concurrency=devices.max_concurrent, workers=probe.num_workers, use_train=opts.use_train,
+                   keep_all=bool(opts.methods))  # methods the user named stay, however short their schedule
+    plan = plan_with_calibration(budget, methods, bounds, speeds, counts, calibrate=calibrate and needed, log=log,
+                                 **options)
+    # What a drawn configuration costs changes the count of trials, not what joins the
+    # plan: it is worked out for the methods that joined (costing one takes ~0.4 s).
+    planned = {e.method for e in plan.entries}
+    data = dataclasses.asdict(counts)
+    methods = [dataclasses.replace(m, sampled_cost=sampled_cost_factors(space, m.name, data))
+               if m.name in planned else m for m in methods]
+    return make_plan(budget, methods, bounds, speeds, counts, **options)
+
+
+def _with_learned_costs(methods: list[Any], device: str | None, threads: int) -> list[Any]:
+    """``methods`` with what earlier searches' trials cost on this machine against their
+    plans (learned_costs)."""
+    learned = learned_costs.factors(learned_costs.machine_key(device, threads)) if device else {}
+    return [dataclasses.replace(m, learned=learned.get(m.name, (1.0, 0))[0],
+                                learned_trials=learned.get(m.name, (1.0, 0))[1]) for m in methods]
+
+
+def learn_costs(folder: Path, opts: SearchOptions, devices_gpu: bool) -> None:
+    """Keep what this search's finished trials cost against their plan (learned_costs),
+    for the next plan on this machine; a plan without a measured device learns nothing."""
+    plan_dict = (layout.read_record(folder) if layout.has_record(folder) else {}).get("plan")
+    if not plan_dict or plan_dict.get("budget_kind") == "trials":
+        return
+    if devices_gpu:
+        import torch
+
+        device, threads = ("cuda:0" if torch.cuda.is_available() else None), 1
+    else:
+        device, threads = "cpu", max(1, int(opts.cpus_per_trial))
+    if device is None:
+        return
+    plan = Plan.from_dict(plan_dict)
+    default_size = plan.all_sizes()[0] if plan.entries else 128
+    seen = []
+    for row in store.read_table(folder).to_pylist():
+        if row.get("status") != "finished" or not row.get("wall_s") or not row.get("params"):
+            continue
+        split = split_config(json.loads(row["params"]), default_size)
+        entry = plan.entry(split.method, split.image_size)
+        if entry is None:
+            continue
+        backbone = split.method_params.get("backbone")
+        factor = config_cost_factor(split.method, split.method_params, split.image_size, plan.data)
+        seconds = plan.seconds_at(split.method, split.image_size, str(backbone) if backbone else None,
+                                  int(row.get("epochs") or plan.rounds), factor)
+        if seconds:
+            seen.append((split.method, seconds / max(entry.learned_factor, 1e-9), float(row["wall_s"]),
+                         f"{row.get('experiment')}/{row.get('trial_id')}"))
+    try:
+        learned_costs.record(learned_costs.machine_key(device, threads), seen)
+    except OSError as error:  # a read-only home: the next plan keeps the calibrated costs
+        print(f"notice: trial costs not kept for later plans ({error})", file=sys.stderr)
+
+
+def preview_plan(opts: SearchOptions) -> Plan:
+    """``search --plan``: the schedule a search with ``opts`` would run, without Ray and
+    without training (unless ``opts.calibrate``). The devices are this machine's; a GPU
+    budget on a machine without one is planned for ``--max-gpus`` GPUs (default 1) with
+    the GPU prior."""
+    budget = parse_budget(opts.budget)
+    if opts.resume:  # the schedule the search runs is the one it stored
+        spec = parse_storage(opts.storage)
+        if spec.is_remote:
+            raise UserError("--plan --resume reads the stored plan from a local --storage folder only")
+        folder = store.experiment_dir(spec.local, pick_experiment(opts, spec))
+        saved = layout.read_record(folder) if layout.has_record(folder) else {}
+        if not saved.get("plan"):
+            raise UserError(f"--resume: no stored plan in {layout.record_path(folder)}")
+        return Plan.from_dict(saved["plan"])
+    space = load_space(opts.methods, opts.space_file, **({"space_dir": opts.space_dir} if opts.space_dir else {}),
+                       image_size=opts.image_size)
+    data_root = resolve_data_root(opts.data, opts.category)
+    resources = local_resources()
+    max_gpus = opts.max_gpus
+    if max_gpus is None and budget.device == "gpu" and resources["GPU"] == 0:
+        max_gpus = max(1.0, opts.gpus_per_trial)
+    devices = plan_devices(budget, resources, max_gpus=max_gpus, gpus_per_trial=opts.gpus_per_trial,
+                           cpus_per_trial=opts.cpus_per_trial, use_train=opts.use_train,
+                           max_concurrent=opts.max_concurrent)
+    return plan_schedule(opts, budget, space, data_root, devices, calibrate=opts.calibrate, log=_log)
+
+
+def warm_start_points(space: SearchSpace, schedule: Plan) -> list[dict[str, Any]]:
+    """The first configurations a TPE search runs: every planned method at its defaults
+    (the papers' settings). A method that trains runs at its planned size nearest the
+    paper's (the size its schedule was measured at); a method that trains nothing runs at
+    its largest planned size, once per searchable backbone: a memory bank's only knobs that
+    matter much are its features and their resolution (a finer patch grid resolves smaller
+    defects), and the plan only keeps sizes the budget affords (docs/search.md, "Warm
+    start", has the measurement). Methods that train nothing come first
+    (cheap, strong), then the others, cheapest full trial first. No data is looked at:
+    these are priors. A method whose cheapest full trial would take more than the share
+    of the budget one trial may block (``Plan.heavy_limit_s``: budget / min_trials) gets no
+    warm start: a prior that costs a quarter of a 15-minute budget (CFA on a CPU, which
+    then tested 0.55 on KolektorSDD) is not where a small budget pays; TPE may still
+    sample it."""
+    def full_cost(method: str) -> float:
+        return min(e.full_s for e in schedule.entries if e.method == method)
+
+    def trains(method: str) -> bool:
+        return recipe_for(method).epochs > 0
+
+    limit = schedule.heavy_limit_s
+    methods = sorted((m for m in space.methods if limit is None or not trains(m) or full_cost(m) <= limit),
+                     key=lambda m: (trains(m), full_cost(m), m))
+    points = []
+    for method in methods:
+        point = space.defaults(method)
+        if space.sizes_searched(method):
+            sizes, paper = space.method_sizes(method), recipe_for(method).image_size
+            point[f"{method}.image_size"] = (min(sizes, key=lambda size: (abs(size - paper), size)) if trains(method)
+                                             else max(sizes))
+        backbone = space.methods[method].params.get("backbone")
+        if not trains(method) and backbone is not None and backbone.type == "categorical":
+            ordered = [backbone.default] + [b for b in backbone.choices if b != backbone.default]
+            points.extend({**point, f"{method}.backbone": b} for b in ordered)
+        else:
+            points.append(point)
+    return points
