@@ -14,7 +14,13 @@ are read to *report* the rules, which is what this benchmark is for (issue 21, p
 Rules (all val-only):
   best-val        the trial with the largest val objective
   shipped         choice.py's rule: plausible trials, largest size, paired-bootstrap ties,
-                  their ensemble (unless the best alone is significantly better)
+                  the 3 of them best on their hardest synthetic family, ensembled
+  tied-all        the rule before it: every tied candidate (at most 5) ensembled, unless the
+                  best alone is significantly better
+  tied-pooled3    the 3 tied candidates best on the pooled val objective
+  tied-wf2        as shipped, with 2 members
+  wf-top3-size    the 3 best on their hardest family at that size, tied or not
+  wf-tied-size    ties decided on val-good + the best trial's hardest family only
   tied-all-sizes  the same ties, but members from every plausible size (score fusion)
   top3-size       ensemble of the top three trials at the best trial's size
   all-size        ensemble of every trial at the best trial's size
@@ -128,12 +134,25 @@ class Experiment:
         scores, labels, _ = self.shared(candidates)
         return [candidates[i] for i in paired_bootstrap(scores, labels, seed=0).tied_with_best()][:5]
 
+    def worst_family_ids(self, candidates: list[Trial]) -> set[str]:
+        """val-good + the anomalies of the family the first candidate finds hardest."""
+        fam = self.family_aurocs(candidates[0])
+        hardest = min(fam, key=fam.get) if fam else None
+        return {k for k in self.val_labels if self.val_labels[k] == 0 or self.family.get(k) == hardest}
+
+    def tied_on(self, candidates: list[Trial], ids: set[str]) -> list[Trial]:
+        """Paired-bootstrap ties with the first candidate on the val images ``ids`` only."""
+        shared = sorted(set.intersection(*(set(t.val) for t in candidates)) & ids)
+        scores = torch.tensor([[t.val[i] for i in shared] for t in candidates])
+        labels = torch.tensor([self.val_labels[i] for i in shared])
+        return [candidates[i] for i in paired_bootstrap(scores, labels, seed=0).tied_with_best()][:5]
+
     def rules(self) -> dict[str, list[Trial]]:
         plausible = self.plausible()
         size = max(t.size for t in plausible)
         at_size = [t for t in plausible if t.size == size]
         tied = self.tied(at_size)
-        shipped = tied
+        shipped = tied  # the rule before the hardest family: every tied candidate (at most 5)
         if len(tied) > 1:
             scores, labels, _ = self.shared(tied)
             good = labels == 0
@@ -149,9 +168,16 @@ class Experiment:
             ordered = sorted(self.trials, key=lambda t: -families[t.trial_id].get(family, 0.0))
             for rank, t in enumerate(ordered):
                 ranks[t.trial_id] += rank / max(1, len(names))
+        worst = {t.trial_id: min(families[t.trial_id].values(), default=0.0) for t in self.trials}
+        by_worst = sorted(at_size, key=lambda t: (-worst[t.trial_id], -t.objective))
         return {
             "best-val": self.trials[:1],
-            "shipped": shipped,
+            "wf-top3-size": by_worst[:3],
+            "shipped": sorted(tied, key=lambda t: (-worst[t.trial_id], -t.objective))[:3],
+            "tied-pooled3": tied[:3],
+            "tied-wf2": sorted(tied, key=lambda t: (-worst[t.trial_id], -t.objective))[:2],
+            "wf-tied-size": self.tied_on(by_worst, self.worst_family_ids(by_worst)),
+            "tied-all": shipped,
             "tied-all-sizes": self.tied(plausible),
             "top3-size": best_size[:3],
             "plausible": plausible,

@@ -138,7 +138,7 @@ class SearchResult:
                      if r.get("status") != "error" and board.number(r.get("objective")) is not None), None)
 
     # --- after the search: choose, export, report -------------------------------------
-    def ensemble(self, k: int = 5, *, top: int = 10, fusion: str = "mean", max_latency_ms: float | None = None,
+    def ensemble(self, k: int = 3, *, top: int = 10, fusion: str = "mean", max_latency_ms: float | None = None,
                  progress: "DeployProgress | None" = None) -> "Choice":
         """Choose the model to ship among the ``top`` trials: the equal-weight ensemble (at
         most ``k`` members) of those the val set cannot tell from the best, or the best
@@ -161,7 +161,7 @@ class SearchResult:
         self.chosen = choice
         return choice
 
-    def export(self, out: PathLike | None = None, *, choice: "Choice | None" = None, k: int = 5,
+    def export(self, out: PathLike | None = None, *, choice: "Choice | None" = None, k: int = 3,
                formats: Sequence[str] | str = EXPORT_FORMATS, fpr: float | None = None,
                max_latency_ms: float | None = None, progress: "DeployProgress | None" = None) -> "Detector":
         """Write the deployable bundle (model.onnx, optionally model.torchscript, and
@@ -203,7 +203,7 @@ class SearchResult:
         return build_report(self.folder, Path(out), bundle_dir=bundle_dir, bundle_required=bundle is not None,
                             progress=progress)
 
-    def ship(self, bundle_dir: PathLike | None = None, *, k: int = 5,
+    def ship(self, bundle_dir: PathLike | None = None, *, k: int = 3,
              progress: "DeployProgress | None" = None) -> "Shipped":
         """Ensemble, export and report in one go, as ``automl-ad search`` ends: the bundle
         goes to ``bundle_dir`` (default ``models/<category>``) with its ``report.html``;

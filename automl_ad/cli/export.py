@@ -33,7 +33,9 @@ def _progress() -> DeployProgress:
 @click.option("--category", "-c", required=True)
 @_EXPERIMENT
 @_STORAGE
-@click.option("--k", default=5, show_default=True, type=click.IntRange(1), help="Most members (greedy selection with replacement).")
+@click.option("--k", default=3, show_default=True, type=click.IntRange(1),
+              help="Most members: of the trials tied with the best on val, those best on their hardest "
+                   "synthetic anomaly family.")
 @click.option("--top", default=10, show_default=True, type=click.IntRange(1), help="Candidates: the best trials by val objective.")
 @click.option("--fusion", type=click.Choice(["mean", "max"]), default="mean", show_default=True)
 @click.option("--max-latency-ms", type=click.FloatRange(0, min_open=True), help="Only models whose measured CPU latency (batch 1) fits.")
@@ -44,7 +46,7 @@ def ensemble_command(category, experiment, storage, k, top, fusion, max_latency_
 
     \b
     Example:
-      automl-ad ensemble --category screw --k 5
+      automl-ad ensemble --category screw --k 3
     """
     from automl_ad import api
 
@@ -68,7 +70,7 @@ def print_choice(choice) -> None:
 @_EXPERIMENT
 @_STORAGE
 @click.option("--format", "formats", default="onnx,torchscript", show_default=True, help="Comma-separated: onnx (required), torchscript.")
-@click.option("--k", default=5, show_default=True, type=click.IntRange(1))
+@click.option("--k", default=3, show_default=True, type=click.IntRange(1), help="Most ensemble members (see ensemble --help).")
 @click.option("--fpr", type=float, help="Calibrate the threshold to this false-alarm rate on val-good (default: F1-max on val).")
 @click.option("--max-latency-ms", type=click.FloatRange(0, min_open=True), help="Only models whose measured CPU latency (batch 1) fits.")
 def export_command(category, out, experiment, storage, formats, k, fpr, max_latency_ms):

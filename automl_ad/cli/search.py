@@ -43,7 +43,7 @@ def _methods_option(value: str | None) -> list[str] | None:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--image-size", type=click.IntRange(16, 2048), help="Pin one image size (default: the choices in common.yaml).")
 @click.option("--val-defects", type=click.Path(path_type=Path), help="Real defects for validation: <dir>/<defect-type>/*.png.")
-@click.option("--ensemble-k", default=5, show_default=True, type=click.IntRange(1),
+@click.option("--ensemble-k", default=3, show_default=True, type=click.IntRange(1),
               help="Most members of the ensemble built from the best trials at the end (1: best single model).")
 @click.option("--models", "models_dir", default="models", show_default=True, type=click.Path(path_type=Path),
               help="Where the deployable bundle goes: <models>/<category>.")
