@@ -13,7 +13,7 @@ from automl_ad.tuning import learned_costs
 from automl_ad.tuning.budget import parse_budget
 from automl_ad.tuning.calibration import SpeedBook
 from automl_ad.tuning.sampled_costs import sampled_cost_factors
-from automl_ad.tuning.schedule import Bounds, DataCounts, MethodInput, make_plan, recipe_for, sampled_seconds
+from automl_ad.tuning.schedule import DataCounts, Fidelity, MethodInput, make_plan, recipe_for, sampled_seconds
 from automl_ad.tuning.space import load_space
 
 BUILTIN = DataCounts(fit=160, val_good=40, test=140)
@@ -56,13 +56,13 @@ def _bank(**kwargs) -> MethodInput:
 def test_the_plan_scales_a_method_by_its_learnt_factor_and_counts_sampled_configurations_dearer():
     budget, book = parse_budget("10m"), SpeedBook("cpu", None)
     options = dict(devices_per_trial=1, concurrency=1, use_train=False)
-    plain = make_plan(budget, [_bank()], Bounds(), book, BUILTIN, **options)
-    learned = make_plan(budget, [_bank(learned=2.0, learned_trials=5)], Bounds(), book, BUILTIN, **options)
+    plain = make_plan(budget, [_bank()], Fidelity(), book, BUILTIN, **options)
+    learned = make_plan(budget, [_bank(learned=2.0, learned_trials=5)], Fidelity(), book, BUILTIN, **options)
     (before,), (after,) = plain.entries, learned.entries
     assert after.full_s == pytest.approx(2 * before.full_s), "every part of the cost, start-up included"
     assert after.learned_factor == 2.0 and learned.expected_trials < plain.expected_trials
     assert any("x2.00 (5 trials)" in note for note in learned.notes)
-    sampled = make_plan(budget, [_bank(sampled_cost=((128, 3.0),))], Bounds(), book, BUILTIN, **options)
+    sampled = make_plan(budget, [_bank(sampled_cost=((128, 3.0),))], Fidelity(), book, BUILTIN, **options)
     (entry,) = sampled.entries
     assert entry.full_s == pytest.approx(before.full_s), "s/full trial stays the default's"
     overhead = entry.overhead_s

@@ -19,7 +19,7 @@ from automl_ad.methods.base import Method, register
 from automl_ad.tuning.budget import Ledger, parse_budget
 from automl_ad.tuning.calibration import Probe, Speed, SpeedBook, prior_speed
 from automl_ad.tuning.schedule import (
-    Bounds, DataCounts, MethodInput, Plan, asha_rungs, expected_cost, make_plan, recipe_for, trial_cost,
+    Fidelity, DataCounts, MethodInput, Plan, asha_rungs, expected_cost, make_plan, recipe_for, trial_cost,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,7 +113,7 @@ def test_asha_rungs_and_expected_cost():
 def test_ten_minute_cpu_plan_finishes_at_least_six_trials():
     methods = shipped_methods(BUILTIN.val_good)
     # Methods the budget cannot train to a tenth of their paper schedule leave the search.
-    plan = make_plan(parse_budget("10m"), methods, Bounds(), SpeedBook("cpu", None), BUILTIN,
+    plan = make_plan(parse_budget("10m"), methods, Fidelity(), SpeedBook("cpu", None), BUILTIN,
                      category="screw", devices_per_trial=2, concurrency=1, use_train=True)
     assert plan.expected_trials >= 6, plan.text()
     left = {d["method"] for d in plan.dropped if d["image_size"] == "any"}
@@ -121,12 +121,12 @@ def test_ten_minute_cpu_plan_finishes_at_least_six_trials():
     for entry in plan.entries:
         assert entry.steps >= 0.1 * entry.paper_steps, "who stays trains at least 10 % of the paper's"
     # Named with --methods, every method stays, at the floor.
-    plan = make_plan(parse_budget("10m"), methods, Bounds(), SpeedBook("cpu", None), BUILTIN,
+    plan = make_plan(parse_budget("10m"), methods, Fidelity(), SpeedBook("cpu", None), BUILTIN,
                      category="screw", devices_per_trial=2, concurrency=1, use_train=True, keep_all=True)
     assert plan.expected_trials >= 6, plan.text()
     assert {e.method for e in plan.entries} == set(SHIPPED), "every method keeps a size"
     for entry in plan.entries:
-        assert entry.steps >= Bounds().min_steps and entry.steps % plan.rounds == 0
+        assert entry.steps >= Fidelity().min_steps and entry.steps % plan.rounds == 0
         assert entry.steps_per_epoch * plan.rounds == entry.steps
         assert entry.rungs == [r * entry.steps_per_epoch for r in plan.rung_rounds]
         assert entry.steps < entry.paper_steps, "10 CPU minutes buy no paper schedule"
@@ -138,7 +138,7 @@ def test_ten_minute_cpu_plan_finishes_at_least_six_trials():
 
 def test_fifty_gpu_hours_train_every_method_to_its_paper_schedule():
     methods = shipped_methods(MVTEC_SCREW.val_good)
-    plan = make_plan(parse_budget("50gpu-h"), methods, Bounds(), SpeedBook("gpu", None), MVTEC_SCREW,
+    plan = make_plan(parse_budget("50gpu-h"), methods, Fidelity(), SpeedBook("gpu", None), MVTEC_SCREW,
                      category="screw", devices_per_trial=1, concurrency=1, use_train=True)
     assert plan.phi >= 1 and plan.device_kind == "gpu"
     for m in methods:
@@ -159,23 +159,23 @@ def test_fifty_gpu_hours_train_every_method_to_its_paper_schedule():
 def test_sizes_are_dropped_per_method_when_unaffordable():
     book = FakeBook({"draem": 0.5, "_tiny_conv": 0.5}, {"_tiny_bank": 0.01})
     methods = [method("draem"), method("_tiny_bank")]
-    plan = make_plan(parse_budget("1h"), methods, Bounds(), book, BUILTIN, devices_per_trial=1, concurrency=1,
+    plan = make_plan(parse_budget("1h"), methods, Fidelity(), book, BUILTIN, devices_per_trial=1, concurrency=1,
                      use_train=False)
     assert plan.sizes("draem") == (128,), plan.text()
     assert plan.sizes("_tiny_bank") == (128, 256), "a memory bank affords 256 px where DRAEM does not"
     (drop,) = plan.dropped
     assert drop["method"] == "draem" and drop["image_size"] == 256 and "of the paper" in drop["reason"]
     # With the budget to train DRAEM to its paper schedule, 256 px comes back.
-    rich = make_plan(parse_budget("2000h"), methods, Bounds(), book, BUILTIN, devices_per_trial=1,
+    rich = make_plan(parse_budget("2000h"), methods, Fidelity(), book, BUILTIN, devices_per_trial=1,
                      concurrency=1, use_train=False)
     assert rich.sizes("draem") == (128, 256) and rich.phi >= 1 and not rich.dropped
     # A budget too small for the floor keeps only the smallest sizes.
-    poor = make_plan(parse_budget("30s"), methods, Bounds(), book, BUILTIN, devices_per_trial=1, concurrency=1,
+    poor = make_plan(parse_budget("30s"), methods, Fidelity(), book, BUILTIN, devices_per_trial=1, concurrency=1,
                      use_train=False, keep_all=True)
     assert poor.sizes("draem") == poor.sizes("_tiny_bank") == (128,)
     assert all("too small" in d["reason"] for d in poor.dropped) and poor.notes
     # Unless named, DRAEM leaves such a budget to the method that needs no training.
-    spent = make_plan(parse_budget("30s"), methods, Bounds(), book, BUILTIN, devices_per_trial=1, concurrency=1,
+    spent = make_plan(parse_budget("30s"), methods, Fidelity(), book, BUILTIN, devices_per_trial=1, concurrency=1,
                       use_train=False)
     assert [e.method for e in spent.entries] == ["_tiny_bank"] * len(spent.entries)
     assert spent.dropped[0]["method"] == "draem" and spent.dropped[0]["image_size"] == "any"
@@ -185,7 +185,7 @@ def test_a_method_without_gradient_phase_costs_setup_and_evaluation_only():
     assert recipe_for("_tiny_bank").epochs == 0
     book = FakeBook({}, {"_tiny_bank": 0.02})
     for budget in ("10m", "5cpu-m", "3trials"):
-        plan = make_plan(parse_budget(budget), [method("_tiny_bank", sizes=(64,))], Bounds(), book, BUILTIN,
+        plan = make_plan(parse_budget(budget), [method("_tiny_bank", sizes=(64,))], Fidelity(), book, BUILTIN,
                          devices_per_trial=1, concurrency=1, use_train=False)
         (entry,) = plan.entries
         assert entry.steps == entry.paper_steps == 0 and entry.epochs == 0 and entry.rungs == []
@@ -206,7 +206,7 @@ def test_a_method_without_gradient_phase_costs_setup_and_evaluation_only():
 
 def test_steps_and_batch_overrides_fix_the_schedule():
     book = FakeBook({"draem": 0.1, "nsa": 0.1})
-    bounds = Bounds(rounds=2, steps_per_epoch=3, batch_size=4)
+    bounds = Fidelity(max_epochs=2, steps_per_epoch=3, batch_size=4)
     plan = make_plan(parse_budget("1h"), [method("draem", (32,)), method("nsa", (32,))], bounds, book, BUILTIN,
                      devices_per_trial=1, concurrency=1)
     assert plan.fixed_steps and "override" in plan.text()
@@ -217,15 +217,15 @@ def test_steps_and_batch_overrides_fix_the_schedule():
 
 def test_max_steps_bounds_and_data_parallel_workers():
     book = FakeBook({"draem": 0.001})
-    plan = make_plan(parse_budget("30trials"), [method("draem", (128,))], Bounds(max_steps=400), book, BUILTIN)
+    plan = make_plan(parse_budget("30trials"), [method("draem", (128,))], Fidelity(max_steps=400), book, BUILTIN)
     assert plan.entries[0].steps == 400 and plan.trial_seconds is None
-    two = make_plan(parse_budget("30trials"), [method("draem", (128,))], Bounds(), book, BUILTIN, workers=2)
+    two = make_plan(parse_budget("30trials"), [method("draem", (128,))], Fidelity(), book, BUILTIN, workers=2)
     assert two.entries[0].paper_steps == math.ceil(700 * 160 / (8 * 2)), "each worker draws its own batch"
 
 
 def test_plan_round_trips_through_json():
     book = FakeBook({"draem": 0.2}, {"_tiny_bank": 0.01})
-    plan = make_plan(parse_budget("2h"), [method("draem"), method("_tiny_bank")], Bounds(), book, BUILTIN)
+    plan = make_plan(parse_budget("2h"), [method("draem"), method("_tiny_bank")], Fidelity(), book, BUILTIN)
     again = Plan.from_dict(json.loads(json.dumps(plan.to_dict())))
     assert again == plan and again.text() == plan.text()
     assert again.first_rung_seconds("draem", 128) == pytest.approx(plan.entry("draem", 128).first_rung_s)
@@ -282,7 +282,7 @@ def test_searcher_reserves_each_configuration_s_first_rung_and_keeps_its_turn(tm
 
     space = load_space(["draem"], image_size=32)  # the shipped widths: 16 to 128
     methods = method_inputs(space, 2)
-    plan = make_plan(parse_budget("20cpu-s"), methods, Bounds(steps_per_epoch=1), FakeBook({}), BUILTIN,
+    plan = make_plan(parse_budget("20cpu-s"), methods, Fidelity(steps_per_epoch=1), FakeBook({}), BUILTIN,
                      overhead_s=12.0)
     assert plan.heavy_limit_s == pytest.approx(20.0 / 6)
     ledger = Ledger(tmp_path, parse_budget("20cpu-s"))
@@ -324,11 +324,11 @@ def test_paper_width_draem_is_too_heavy_for_ten_cpu_minutes():
     assert 12 < wide < 20, "parameters grow with width squared"
     assert config_cost_factor("draem", {}, 128) == 1.0
     assert config_cost_factor("nsa", {"width": 16}, 128) < 0.2
-    plan = make_plan(parse_budget("10m"), shipped_methods(BUILTIN.val_good), Bounds(), SpeedBook("cpu", None),
+    plan = make_plan(parse_budget("10m"), shipped_methods(BUILTIN.val_good), Fidelity(), SpeedBook("cpu", None),
                      BUILTIN, category="screw", devices_per_trial=2, concurrency=1, keep_all=True)
     assert plan.too_heavy("draem", 128, None, 1.0) is None
     assert "more than" in plan.too_heavy("draem", 128, None, wide)
-    rich = make_plan(parse_budget("4cpu-h"), shipped_methods(BUILTIN.val_good), Bounds(), SpeedBook("cpu", None),
+    rich = make_plan(parse_budget("4cpu-h"), shipped_methods(BUILTIN.val_good), Fidelity(), SpeedBook("cpu", None),
                      BUILTIN, category="screw", devices_per_trial=2, concurrency=1, keep_all=True)
     assert rich.too_heavy("draem", 128, None, wide) is None, "four CPU hours can afford it"
 
@@ -383,7 +383,7 @@ def test_warm_start_runs_defaults_trainless_first_at_their_largest_size_and_ever
     from automl_ad.tuning.space import load_space, split_config
 
     space = load_space(["cfa", "patchcore"])
-    plan = make_plan(parse_budget("10m"), method_inputs(space, BUILTIN.val_good), Bounds(),
+    plan = make_plan(parse_budget("10m"), method_inputs(space, BUILTIN.val_good), Fidelity(),
                      FakeBook({"cfa": 0.01}, {"patchcore": 0.05, "cfa": 0.01}), BUILTIN, category="screw")
     assert plan.sizes("patchcore") and plan.sizes("cfa"), plan.text()
     space = space.with_sizes({name: plan.sizes(name) for name in space.methods})
@@ -411,7 +411,7 @@ def test_no_warm_start_for_a_method_one_trial_of_which_would_block_too_much_of_t
 
     space = load_space(["cfa", "patchcore"])
     slow = FakeBook({"cfa": 0.2}, {"patchcore": 0.05, "cfa": 0.01})
-    plan = make_plan(parse_budget("10m"), method_inputs(space, BUILTIN.val_good), Bounds(), slow, BUILTIN,
+    plan = make_plan(parse_budget("10m"), method_inputs(space, BUILTIN.val_good), Fidelity(), slow, BUILTIN,
                      category="screw")
     cfa = min(e.full_s for e in plan.entries if e.method == "cfa")
     assert plan.sizes("cfa") and cfa > plan.heavy_limit_s, plan.text()

@@ -24,7 +24,6 @@ from automl_ad.tuning.finalize import default_backbone
 from automl_ad.tuning.options import SearchOptions, pick_experiment
 from automl_ad.tuning.sampled_costs import sampled_cost_factors
 from automl_ad.tuning.schedule import (
-    Bounds,
     MethodInput,
     Plan,
     config_cost_factor,
@@ -76,11 +75,7 @@ def plan_schedule(opts: SearchOptions, budget: Budget, space: SearchSpace, data_
         device, threads = "cpu", max(1, int(opts.cpus_per_trial))
     counts = data_counts(data_root, opts.category)
     methods = _with_learned_costs(method_inputs(space, counts.val_good), device, threads)
-    fidelity = space.fidelity
-    bounds = Bounds(rounds=fidelity.max_epochs, grace_period=fidelity.grace_period,
-                    reduction_factor=fidelity.reduction_factor, steps_per_epoch=fidelity.steps_per_epoch,
-                    batch_size=fidelity.batch_size, min_steps=fidelity.min_steps, max_steps=fidelity.max_steps,
-                    min_trials=fidelity.min_trials)
+    bounds = space.fidelity
     speeds = SpeedBook(kind, device, threads, trainable={m.name: m.trainable for m in methods})
     # Speeds decide nothing when the steps are fixed and every method has one size.
     needed = not bounds.steps_per_epoch or any(len(m.sizes) > 1 for m in methods)

@@ -104,10 +104,17 @@ def recipe_for(method: str) -> Recipe:
 
 
 @dataclass(frozen=True)
-class Bounds:
-    """common.yaml ``fidelity``: rounds and ASHA, plus bounds and overrides."""
+class Fidelity:
+    """Fidelity and overrides of the schedule (common.yaml ``fidelity``; the planner here
+    decides the schedule within them).
 
-    rounds: int = 4
+    max_epochs: validation rounds per trial (ASHA's max_t; ``rounds`` in YAML too);
+    steps_per_epoch / batch_size: overrides for every method (None: planned per method);
+    min_steps / max_steps: bounds of a full-fidelity trial's optimizer steps;
+    min_trials: trials the plan keeps room for however small the budget.
+    """
+
+    max_epochs: int = 4
     grace_period: int = 1
     reduction_factor: int = 2
     steps_per_epoch: int | None = None  # override: F = rounds x this for every method
@@ -398,7 +405,7 @@ def trial_seconds(budget: Budget, devices_per_trial: float, concurrency: int) ->
 def make_plan(
     budget: Budget,
     methods: Iterable[MethodInput],
-    bounds: Bounds,
+    bounds: Fidelity,
     speeds: SpeedBook,
     data: DataCounts,
     *,
@@ -445,7 +452,7 @@ def make_plan(
     return plan
 
 
-def _make_plan(budget: Budget, methods: list[MethodInput], bounds: Bounds, speeds: SpeedBook, data: DataCounts,
+def _make_plan(budget: Budget, methods: list[MethodInput], bounds: Fidelity, speeds: SpeedBook, data: DataCounts,
                **options: Any) -> Plan:
     """One plan for exactly ``methods``; ``options`` are ``make_plan``'s keywords."""
     if not methods:
@@ -460,7 +467,7 @@ class _Planner:
     its paper schedule), a trial's expected cost, and the largest ``phi`` that lets the
     budget hold ``n_req`` trials per method."""
 
-    def __init__(self, budget: Budget, methods: list[MethodInput], bounds: Bounds, speeds: SpeedBook,
+    def __init__(self, budget: Budget, methods: list[MethodInput], bounds: Fidelity, speeds: SpeedBook,
                  data: DataCounts, **options: Any) -> None:
         self.budget, self.methods, self.bounds, self.speeds, self.data = budget, methods, bounds, speeds, data
         self.category: str | None = options["category"]
@@ -468,7 +475,7 @@ class _Planner:
         self.concurrency: int = options["concurrency"]
         self.workers = workers = int(options["workers"])
         overhead_s: float | None = options["overhead_s"]
-        self.rounds = int(bounds.rounds)
+        self.rounds = int(bounds.max_epochs)
         self.eta = int(bounds.reduction_factor)
         self.rungs = asha_rungs(self.rounds, int(bounds.grace_period), self.eta)
         self.promotions = len(self.rungs) - 1
@@ -740,7 +747,7 @@ def probes_of(plan: Plan, methods: Iterable[MethodInput]) -> list[Probe]:
     return [Probe(e.method, e.image_size, e.batch_size, by_name[e.method].measured_backbone) for e in plan.entries]
 
 
-def plan_with_calibration(budget: Budget, methods: list[MethodInput], bounds: Bounds, speeds: SpeedBook,
+def plan_with_calibration(budget: Budget, methods: list[MethodInput], bounds: Fidelity, speeds: SpeedBook,
                           data: DataCounts, *, calibrate: bool = True, log=None, **kwargs: Any) -> Plan:
     """Plan from what is known, measure the speeds the plan rests on that this machine
     has not measured yet, and plan again (at most three times: a size that measured

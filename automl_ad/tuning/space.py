@@ -40,7 +40,7 @@ from automl_ad.errors import UserError
 from automl_ad.methods.base import accepted_values, available_methods, get_method_class, packaged_space_file, \
     packaged_spec
 from automl_ad.synthesis import FAMILIES
-from automl_ad.tuning.schedule import recipe_for
+from automl_ad.tuning.schedule import Fidelity, recipe_for
 
 # A YAML file: a Path, or package data (a Path too for an installed wheel, but only a
 # Traversable is promised).
@@ -84,26 +84,6 @@ class MethodSpace:
     synthesis: tuple[str, ...]
     params: dict[str, Param]
     image_sizes: tuple[int, ...] = ()  # candidates, smallest first (() : the space's sizes)
-
-
-@dataclass(frozen=True)
-class Fidelity:
-    """Bounds and overrides of the schedule (``schedule.py`` decides the schedule).
-
-    max_epochs: validation rounds per trial (ASHA's max_t; ``rounds`` in YAML too);
-    steps_per_epoch / batch_size: overrides for every method (None: planned per method);
-    min_steps / max_steps: bounds of a full-fidelity trial's optimizer steps;
-    min_trials: trials the plan keeps room for however small the budget.
-    """
-
-    max_epochs: int = 4
-    grace_period: int = 1
-    reduction_factor: int = 2
-    steps_per_epoch: int | None = None
-    batch_size: int | None = None
-    min_steps: int = 8
-    max_steps: int | None = None
-    min_trials: int = 6
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,7 @@ from automl_ad.methods.cfa.model import (
     CFA,
     CFAConfig,
     CoordConv1x1,
-    gaussian_blur,
     kmeans,
 )
 
-__all__ = ["CFA", "CFAConfig", "CoordConv1x1", "gaussian_blur", "kmeans"]
+__all__ = ["CFA", "CFAConfig", "CoordConv1x1", "kmeans"]

@@ -14,7 +14,6 @@ test data here; the generic loop decides what "best" means on its validation set
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +23,7 @@ from torch import Tensor, nn
 
 from automl_ad.methods.backbones import create_backbone, default_layers
 from automl_ad.errors import UserError
+from automl_ad.methods._layers import gaussian_blur
 from automl_ad.methods.base import Batch, Method, check_config, register
 
 _KMEANS_SEED = 0
@@ -66,21 +66,6 @@ class CoordConv1x1(nn.Module):
         grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
         coords = torch.stack([grid_x, grid_y]).unsqueeze(0).expand(b, -1, -1, -1)
         return self.conv(torch.cat([x, coords], dim=1))
-
-
-def gaussian_blur(maps: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian smoothing of B x H x W maps (reflect padding, 4-sigma radius)."""
-    if sigma <= 0:
-        return maps
-    h, w = maps.shape[-2:]
-    radius = max(1, min(int(math.ceil(4.0 * sigma)), h - 1, w - 1))
-    offsets = torch.arange(-radius, radius + 1, device=maps.device, dtype=maps.dtype)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    x = maps.unsqueeze(1)
-    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
-    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
-    return x.squeeze(1)
 
 
 def kmeans(points: Tensor, k: int, generator: torch.Generator, iterations: int) -> Tensor:

@@ -34,7 +34,7 @@ from torch import Tensor
 from automl_ad.methods.backbones import create_backbone, default_layers
 from automl_ad.errors import UserError
 from automl_ad.methods.base import Method, check_config, register
-from automl_ad.methods.cfa import gaussian_blur
+from automl_ad.methods._layers import gaussian_blur
 
 _SETUP_CHUNK = 16  # fit images per backbone pass in setup()
 _DISTANCE_CHUNK = 4096  # patches per block in nearest-neighbour searches
