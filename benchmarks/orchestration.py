@@ -64,7 +64,7 @@ def bare(rows: list[dict], data_root: Path, category: str, image_size: int, step
     from automl_ad.data.dataset import load_category
     from automl_ad.methods.base import get_method_class
     from automl_ad.training.loop import TrainConfig, fit, synthesis_family
-    from automl_ad.tuning.space import split_config
+    from automl_ad.param_keys import split_config
     from automl_ad.evaluation.validation import build_val_anomalies, val_set_for
 
     began = time.perf_counter()

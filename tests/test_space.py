@@ -12,7 +12,8 @@ import yaml
 from automl_ad.errors import UserError
 from automl_ad.methods import base
 from automl_ad.methods.base import Method
-from automl_ad.tuning.space import copy_packaged, load_space, packaged_space_files, split_config
+from automl_ad.param_keys import split_config
+from automl_ad.tuning.space import copy_packaged, load_space, packaged_space_files
 
 DRAEM = {
     "method": "draem",

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from automl_ad.param_keys import METHOD, method_key, split_config, synthesis_key
 from automl_ad import experiment
 from automl_ad.data.dataset import load_category
 from automl_ad.deploy.export import load_bundle
@@ -529,13 +530,13 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 def _short_params(row: dict[str, Any]) -> str:
     method = str(row.get("method"))
-    items = []
-    for key, value in sorted(row["params"].items()):
-        if key in {"method", "image_size", f"{method}.image_size", f"{method}.backbone", f"{method}.synthesis"} or value is None:
-            continue
-        label = key[len(method) + 1:] if key.startswith(method + ".") else key
-        items.append(f"{label}={value:.3g}" if isinstance(value, float) else f"{label}={value}")
-    return ", ".join(items)
+    split = split_config({**row["params"], METHOD: method}, 0)
+    labelled = [(method_key(method, name), name, value) for name, value in split.method_params.items()
+                if name != "backbone"]
+    labelled += [(synthesis_key(str(split.synthesis), name),) * 2 + (value,)
+                 for name, value in split.synthesis_params.items()]
+    return ", ".join(f"{label}={value:.3g}" if isinstance(value, float) else f"{label}={value}"
+                     for _, label, value in sorted(labelled) if value is not None)
 
 
 def leaderboard_html(rows: Sequence[dict[str, Any]], deployed: set[str]) -> str:

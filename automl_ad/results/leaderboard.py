@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 from scipy.stats import spearmanr
 
+from automl_ad.param_keys import METHOD, size_key, split_config
 from automl_ad.evaluation.uncertainty import within_noise
 from automl_ad.results import store
 
@@ -95,8 +96,11 @@ def key_params(row: Mapping[str, Any]) -> str:
     raw = row.get("params") or "{}"
     params = json.loads(raw) if isinstance(raw, str) else dict(raw)
     method = row.get("method") or ""
-    shown = [f"{k.split('.', 1)[1]}={_short(v)}" for k, v in params.items()
-             if k.startswith(f"{method}.") and k != f"{method}.synthesis"]
+    if not method:
+        return ""
+    split = split_config({**params, METHOD: method}, 0)
+    sized = [("image_size", params[size_key(method)])] if size_key(method) in params else []
+    shown = [f"{name}={_short(v)}" for name, v in sized + list(split.method_params.items())]
     return ", ".join(shown[:KEY_PARAMS_SHOWN])
 
 

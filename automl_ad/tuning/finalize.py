@@ -16,7 +16,7 @@ from automl_ad.results import leaderboard, store
 from automl_ad.results.remote_storage import Storage
 from automl_ad.training.loop import evaluate, load_trained_method
 from automl_ad.tuning.budget import Ledger
-from automl_ad.tuning.space import split_config
+from automl_ad.param_keys import split_config
 from automl_ad.tuning.trainable import TrialContext, TrialDevices, load_trial_data
 
 def utc_now() -> dt.datetime:

@@ -33,7 +33,8 @@ from automl_ad.tuning.schedule import (
     recipe_for,
     val_images,
 )
-from automl_ad.tuning.space import SearchSpace, load_space, split_config
+from automl_ad.param_keys import method_key, size_key, split_config
+from automl_ad.tuning.space import SearchSpace, load_space
 from automl_ad.tuning.trainable import allocated_devices
 
 
@@ -195,12 +196,12 @@ def warm_start_points(space: SearchSpace, schedule: Plan) -> list[dict[str, Any]
         point = space.defaults(method)
         if space.sizes_searched(method):
             sizes, paper = space.method_sizes(method), recipe_for(method).image_size
-            point[f"{method}.image_size"] = (min(sizes, key=lambda size: (abs(size - paper), size)) if trains(method)
+            point[size_key(method)] = (min(sizes, key=lambda size: (abs(size - paper), size)) if trains(method)
                                              else max(sizes))
         backbone = space.methods[method].params.get("backbone")
         if not trains(method) and backbone is not None and backbone.type == "categorical":
             ordered = [backbone.default] + [b for b in backbone.choices if b != backbone.default]
-            points.extend({**point, f"{method}.backbone": b} for b in ordered)
+            points.extend({**point, method_key(method, "backbone"): b} for b in ordered)
         else:
             points.append(point)
     return points

@@ -18,7 +18,8 @@ import dataclasses
 from typing import Mapping
 
 from automl_ad.tuning.schedule import config_cost_factor
-from automl_ad.tuning.space import SearchSpace, split_config
+from automl_ad.param_keys import split_config
+from automl_ad.tuning.space import SearchSpace
 
 DRAWS = 8  # configurations averaged per method (each costs ~0.2 s to build on the meta device)
 

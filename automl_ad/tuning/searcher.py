@@ -16,7 +16,7 @@ from ray.tune.search import Searcher
 
 from automl_ad.tuning.budget import Ledger
 from automl_ad.tuning.schedule import Plan, config_cost_factor
-from automl_ad.tuning.space import split_config
+from automl_ad.param_keys import split_config
 
 
 class BudgetedOptunaSearch(Searcher):

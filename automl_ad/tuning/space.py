@@ -16,9 +16,8 @@ among the backbones whose weights are present, for methods whose Config has a
 ``backbone``), then ``synthesis`` among the method's families (as ``<method>.synthesis``
 so each method keeps its own choice list), then that family's parameters as
 ``synthesis.<family>.<param>`` (``synthesis_key``; a family may share its method's name,
-as NSA does, so a bare ``<family>.`` prefix would read as a method parameter). The
-prefixes keep names unique per distribution kind, which Optuna requires;
-``split_config`` is the one place that undoes them.
+as NSA does, so a bare ``<family>.`` prefix would read as a method parameter).
+``automl_ad.param_keys`` writes and reads these keys, for every layer.
 """
 
 from __future__ import annotations
@@ -40,6 +39,7 @@ from automl_ad.errors import UserError
 from automl_ad.methods.base import accepted_values, available_methods, get_method_class, packaged_space_file, \
     packaged_spec
 from automl_ad.synthesis import FAMILIES
+from automl_ad.param_keys import family_key, method_key, size_key, synthesis_key
 from automl_ad.tuning.schedule import Fidelity, recipe_for
 
 # A YAML file: a Path, or package data (a Path too for an installed wheel, but only a
@@ -120,11 +120,11 @@ class SearchSpace:
         method = trial.suggest_categorical("method", sorted(self.methods))
         space = self.methods[method]
         if self.sizes_searched(method):
-            trial.suggest_categorical(f"{method}.image_size", list(self.method_sizes(method)))
+            trial.suggest_categorical(size_key(method), list(self.method_sizes(method)))
         for name, param in space.params.items():
-            param.suggest(trial, f"{method}.{name}")
+            param.suggest(trial, method_key(method, name))
         if space.synthesis:
-            family = trial.suggest_categorical(f"{method}.synthesis", list(space.synthesis))
+            family = trial.suggest_categorical(family_key(method), list(space.synthesis))
             for name, param in self.synthesis.get(family, {}).items():
                 param.suggest(trial, synthesis_key(family, name))
         return {}
@@ -134,53 +134,13 @@ class SearchSpace:
         space = self.methods[method]
         point: dict[str, Any] = {"method": method}
         if self.sizes_searched(method):
-            point[f"{method}.image_size"] = self.method_sizes(method)[0]
-        point.update({f"{method}.{n}": p.default for n, p in space.params.items()})
+            point[size_key(method)] = self.method_sizes(method)[0]
+        point.update({method_key(method, n): p.default for n, p in space.params.items()})
         if space.synthesis:
             family = space.synthesis[0]
-            point[f"{method}.synthesis"] = family
+            point[family_key(method)] = family
             point.update({synthesis_key(family, n): p.default for n, p in self.synthesis.get(family, {}).items()})
         return point
-
-
-@dataclass(frozen=True)
-class TrialConfig:
-    """A flat sampled config split back into what ``training.TrainConfig`` needs."""
-
-    method: str
-    method_params: dict[str, Any]
-    synthesis: str | None
-    synthesis_params: dict[str, Any]
-    image_size: int
-
-
-def synthesis_key(family: str, name: str) -> str:
-    """The flat key of a synthesis family's parameter."""
-    return f"{SYNTHESIS_PREFIX}{family}.{name}"
-
-
-SYNTHESIS_PREFIX = "synthesis."
-
-
-def split_config(flat: Mapping[str, Any], default_image_size: int) -> TrialConfig:
-    """Undo the prefixes of a flat sampled config (see the module docstring). The size is
-    ``<method>.image_size``, else ``image_size`` (searches before sizes were per method),
-    else ``default_image_size``."""
-    method = str(flat["method"])
-    family = flat.get(f"{method}.synthesis")
-    family_prefix = synthesis_key(str(family), "") if family else None
-    special = {f"{method}.synthesis", f"{method}.image_size"}
-    method_params = {k[len(method) + 1:]: v for k, v in flat.items()
-                     if k.startswith(f"{method}.") and k not in special}
-    synthesis_params = ({k[len(family_prefix):]: v for k, v in flat.items() if k.startswith(family_prefix)}
-                        if family_prefix else {})
-    return TrialConfig(
-        method=method,
-        method_params=method_params,
-        synthesis=str(family) if family else "none",
-        synthesis_params=synthesis_params,
-        image_size=int(flat.get(f"{method}.image_size", flat.get("image_size", default_image_size))),
-    )
 
 
 # --- loading and validation -----------------------------------------------------------

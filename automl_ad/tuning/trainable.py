@@ -35,7 +35,7 @@ from automl_ad.results.remote_storage import ensure_file
 from automl_ad.runtime import tune_cpu_allocator
 from automl_ad.training.loop import EpochReport, TrainConfig, fit, synthesis_family
 from automl_ad.tuning.budget import DeadlineWatch
-from automl_ad.tuning.space import split_config
+from automl_ad.param_keys import split_config
 from automl_ad.evaluation.uncertainty import auroc_standard_error
 from automl_ad.evaluation.validation import load_image_set, load_val_defects, val_set_for
 
