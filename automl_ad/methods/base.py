@@ -47,6 +47,25 @@ class Batch:
     labels: Tensor
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """A method's paper training schedule (``epochs`` over all phases together)."""
+
+    epochs: float
+    batch_size: int
+    image_size: int
+    note: str
+    epochs_by_category: tuple[tuple[str, float], ...] = ()
+
+    def epochs_for(self, category: str | None) -> float:
+        return dict(self.epochs_by_category).get(category or "", self.epochs)
+
+
+# One row of a method's CPU speed prior, per image size: (batch, build_s, setup_c,
+# setup_p, step_s, infer_s, metrics_s); tuning/calibration.py says how they were measured.
+SpeedRow = tuple[int, float, float, float, float, float, float]
+
+
 class Method(nn.Module):
     """Base class of every method. Subclasses set the class attributes and override.
 
@@ -60,12 +79,21 @@ class Method(nn.Module):
                  it: ``register`` takes it from their ``space.yaml``.
       Config:    a dataclass of hyperparameters with defaults; the search space's
                  parameter names are exactly its field names.
+      recipe:    the paper's training schedule (epochs, batch, size; the planner scales
+                 it to the budget), None: a default the plan says it assumed.
+      cpu_prior: the CPU speed prior per image size (``SpeedRow``), used where the
+                 device is not present to calibrate on; {}: none.
+      gpu_speedup: how many times faster than one CPU thread a datacenter GPU is
+                 assumed to run it (an estimate, never measured); None: the default.
     """
 
     name: ClassVar[str] = ""
     phases: ClassVar[tuple[str, ...]] = ("train",)
     synthesis: ClassVar[str | None] = None
     Config: ClassVar[type]
+    recipe: ClassVar[Recipe | None] = None
+    cpu_prior: ClassVar[dict[int, SpeedRow]] = {}
+    gpu_speedup: ClassVar[float | None] = None
 
     def __init__(self, config: Any, image_size: int, category: str) -> None:
         super().__init__()

@@ -8,7 +8,7 @@ The search plans its schedule (``schedule.py``) from these numbers. They come fr
   ``~/.cache/automl_ad/calibration.json`` (``AUTOML_AD_CALIBRATION`` moves it), keyed by
   machine (hostname), device (``cpu`` or the GPU's name), torch threads, method, image
   size, batch size and backbone, and written atomically (temporary file + rename);
-* the project's **prior** (``PRIOR_CPU`` below), used when the device is not present, e.g.
+* the project's **prior** (each method's ``cpu_prior``, in its folder), used when the device is not present, e.g.
   planning a GPU budget on a CPU machine. The CPU rows were measured with
   ``measure()`` on the project's 2-core reference VM, one torch thread (a trial's worker
   holds one CPU, and Ray gives it one thread), while other jobs shared the machine; the
@@ -87,37 +87,20 @@ class Speed:
 # --- the prior --------------------------------------------------------------------------
 # CPU, one torch thread, default Configs (efficientnet_lite0 for backbone methods),
 # measured with measure() on the 2-core reference VM on 2026-12-01 (torch 2.14, load 1-5
-# from other jobs: the fastest of 2-4 runs per field), paper batch sizes:
-# (method, size) -> (batch, build_s, setup_c, setup_p, step_s, infer_s, metrics_s).
+# from other jobs: the fastest of 2-4 runs per field), paper batch sizes; each method's
+# class holds its rows as ``cpu_prior`` = {size: (batch, build_s, setup_c, setup_p,
+# step_s, infer_s, metrics_s)} (methods/base.py ``SpeedRow``).
 # metrics_s: the median of the runs (64-200 maps). PatchCore's setup: fitted to setup()
 # timed on 32-160 fit-like images (160 images: 8.4 s at 128 px); at 224 and 256 px
 # refitted to setup() with the 1 % coreset default on 80 and 160 screw images (160: 12.3 s
 # at 224 px, 22.7 s at 256 px; the 10 % coreset had taken 222 s at 256 px).
-PRIOR_CPU: dict[tuple[str, int], tuple[int, float, float, float, float, float, float]] = {
-    ("ast", 128): (8, 0.421, 0.0002278, 1.0, 1.748, 0.1003, 0.005),
-    ("ast", 256): (8, 0.493, 0.001348, 1.0, 6.827, 0.4803, 0.016),
-    ("cfa", 128): (4, 1.12, 0.01144, 1.0, 0.1132, 0.02044, 0.005),
-    ("cfa", 224): (4, 0.102, 0.02812, 1.0, 0.513, 0.1037, 0.012),
-    ("cfa", 256): (4, 0.122, 0.04599, 1.0, 0.7621, 0.1578, 0.016),
-    ("draem", 128): (8, 0.0859, 0.0002773, 1.0, 2.731, 0.09912, 0.005),
-    ("draem", 256): (8, 0.0568, 0.0009384, 1.0, 11.73, 0.4281, 0.016),
-    ("nsa", 128): (64, 0.135, 0.000347, 1.0, 2.376, 0.01567, 0.005),
-    ("nsa", 256): (64, 0.0821, 0.00184, 1.0, 10.78, 0.07061, 0.016),
-    ("patchcore", 128): (8, 0.109, 0.00985, 1.33, 0.0, 0.008864, 0.005),
-    ("patchcore", 224): (8, 0.0944, 0.015404, 1.317, 0.0, 0.03706, 0.012),
-    ("patchcore", 256): (8, 0.141, 0.0033444, 1.738, 0.0, 0.06086, 0.016),
-    ("ssae", 128): (8, 0.016, 0.0002128, 1.0, 1.923, 0.05195, 0.005),
-    ("ssae", 256): (8, 0.0159, 0.0008194, 1.0, 7.248, 0.2405, 0.016),
-}
-
 # GPU estimate (NOT measured): time on one datacenter GPU (A100/H100 class) = CPU time
-# of one reference thread / factor, plus a floor per optimizer step (kernel launches of
+# of one reference thread / factor (each method's ``gpu_speedup``), plus a floor per optimizer step (kernel launches of
 # a forward, backward and optimizer step) and per inferred image. The factors assume a
 # GPU sustains 100-200x one CPU thread on these conv nets at the paper batch sizes;
 # backbone methods gain less (small frozen backbones at batch 4-8 are launch bound).
 GPU_ESTIMATE = {
-    "factor": {"draem": 150.0, "nsa": 150.0, "ssae": 150.0, "ast": 120.0, "cfa": 80.0, "patchcore": 80.0},
-    "default_factor": 100.0,
+    "default_factor": 100.0,  # a method without its own ``gpu_speedup``
     "step_floor_s": 0.010,
     "infer_floor_s": 0.0005,
     "build_extra_s": 3.0,  # CUDA context and moving the weights
@@ -125,7 +108,7 @@ GPU_ESTIMATE = {
 
 
 def _prior_rows(method: str) -> dict[int, tuple]:
-    return {size: row for (name, size), row in PRIOR_CPU.items() if name == method}
+    return dict(get_method_class(method).cpu_prior)
 
 
 def prior_speed(method: str, size: int, batch: int, device_kind: str) -> Speed | None:
@@ -139,7 +122,7 @@ def prior_speed(method: str, size: int, batch: int, device_kind: str) -> Speed |
     speed = Speed(build_s=build, setup_c=c, setup_p=p, step_s=step, infer_s=infer, metrics_s=metrics,
                   batch=b, source="prior").at_size(size, measured).at_batch(batch)
     if device_kind == "gpu":
-        factor = GPU_ESTIMATE["factor"].get(method, GPU_ESTIMATE["default_factor"])
+        factor = get_method_class(method).gpu_speedup or GPU_ESTIMATE["default_factor"]
         speed = replace(
             speed,
             build_s=speed.build_s + GPU_ESTIMATE["build_extra_s"],
@@ -152,14 +135,15 @@ def prior_speed(method: str, size: int, batch: int, device_kind: str) -> Speed |
 
 
 def fallback_speed(size: int, batch: int, device_kind: str, trainable: bool) -> Speed:
-    """For a method with neither a calibration nor a prior row: DRAEM-like costs."""
-    base = prior_speed("draem", size, batch, device_kind)
-    if base is None:  # an empty prior table: a conservative constant
-        scale = (size / 128) ** 2
-        base = Speed(build_s=1.0, setup_c=0.01 * scale, setup_p=1.0, step_s=0.5 * scale * batch / 8,
-                     infer_s=0.02 * scale, metrics_s=0.002 * scale, batch=batch, source="assumed")
-        if device_kind == "gpu":
-            base = replace(base, step_s=base.step_s / 100 + 0.01, infer_s=base.infer_s / 100, source="assumed")
+    """For a method with neither a calibration nor a prior: a conservative constant (about
+    the slowest shipped prior per pixel: a convolutional autoencoder trained at batch 8)."""
+    scale = (size / 128) ** 2
+    base = Speed(build_s=1.0, setup_c=0.01 * scale, setup_p=1.0, step_s=3.0 * scale * batch / 8,
+                 infer_s=0.1 * scale, metrics_s=0.005 * scale, batch=batch, source="assumed")
+    if device_kind == "gpu":
+        factor = GPU_ESTIMATE["default_factor"]
+        base = replace(base, step_s=base.step_s / factor + GPU_ESTIMATE["step_floor_s"],
+                       infer_s=base.infer_s / factor + GPU_ESTIMATE["infer_floor_s"])
     return replace(base, step_s=base.step_s if trainable else 0.0, source="assumed (no prior)")
 
 

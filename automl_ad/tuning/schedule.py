@@ -12,7 +12,7 @@ own schedule. The rule (docs/search.md, "Schedule"):
    paper schedule: the costliest ones leave one at a time until the rest reach it (or
    only methods without training are left). The plan prints who left and why.
 1. Paper schedule ``P = paper epochs x fit images / (batch x data-parallel workers)``
-   (``RECIPES``; a method without a gradient phase has ``P = 0``).
+   (each method's ``recipe``; a method without a gradient phase has ``P = 0``).
 2. Trial cost at ``F`` steps: start-up + method build + ``setup`` on the fit images, plus
    per round ``F/R`` steps and one validation (val-good + frozen anomalies), plus the test
    set at the last round. Under ASHA a trial reaches rung ``k`` with probability
@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping
 
 from automl_ad.data.layout import discover_category
-from automl_ad.methods.base import create_method, get_method_class
+from automl_ad.methods.base import Recipe, create_method, get_method_class
 from automl_ad.tuning.budget import Budget
 from automl_ad.tuning.calibration import Probe, Speed, SpeedBook
 from automl_ad.evaluation.validation import VAL_FAMILIES
@@ -66,38 +66,14 @@ DIRECT_OVERHEAD_S = {"cpu": 6.0, "gpu": 11.0}
 PHI_MAX = 1.0e6
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """A method's paper training schedule (``epochs`` over all phases together)."""
-
-    epochs: float
-    batch_size: int
-    image_size: int
-    note: str
-    epochs_by_category: tuple[tuple[str, float], ...] = ()
-
-    def epochs_for(self, category: str | None) -> float:
-        return dict(self.epochs_by_category).get(category or "", self.epochs)
-
-
-# /work/shared/reference/methods.md has the sources of each line.
-RECIPES: dict[str, Recipe] = {
-    "draem": Recipe(700, 8, 256, "DRAEM README example: 700 epochs, batch 8, 256 px"),
-    "nsa": Recipe(320, 64, 256, "NSA code: 320 epochs (560 for hazelnut, metal_nut, screw), batch 64, 256 px",
-                  (("hazelnut", 560), ("metal_nut", 560), ("screw", 560))),
-    "cfa": Recipe(30, 4, 224, "CFA code: 30 epochs, batch 4, 224 px (resize 256 + crop)"),
-    "ast": Recipe(480, 8, 768, "AST paper: 240 teacher + 240 student epochs, batch 8, 768 px"),
-    "ssae": Recipe(300, 8, 256, "SSAE: no code found; 300 epochs, batch 8, 256 px is an UNVERIFIED assumption"),
-    "patchcore": Recipe(0, 8, 224, "PatchCore: no training (memory bank), 224 px (resize 256 + crop)"),
-}
 DEFAULT_RECIPE = Recipe(100, 8, 256, "no recipe known: 100 epochs, batch 8, 256 px assumed")
 
 
 def recipe_for(method: str) -> Recipe:
-    """The method's recipe: ``RECIPES``, or a ``recipe`` class attribute, else a default;
-    a method without a gradient phase (``phases == ()``) has 0 epochs."""
+    """The method's recipe (its class's ``recipe``, written in its folder), else a
+    default; a method without a gradient phase (``phases == ()``) has 0 epochs."""
     cls = get_method_class(method)
-    recipe = RECIPES.get(method) or getattr(cls, "recipe", None) or DEFAULT_RECIPE
+    recipe = cls.recipe or DEFAULT_RECIPE
     if not tuple(cls.phases) and recipe.epochs:
         recipe = Recipe(0, recipe.batch_size, recipe.image_size, recipe.note + " (no gradient phase)")
     return recipe

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from automl_ad.methods.backbones import create_backbone, default_layers
 from automl_ad.errors import UserError
-from automl_ad.methods.base import Batch, Method, check_config, register
+from automl_ad.methods.base import Batch, Method, Recipe, check_config, register
 
 
 @dataclass
@@ -160,6 +160,14 @@ class Student(nn.Module):
 @register
 class AST(Method):
     name = "ast"
+    # the paper schedule (sources: shared/reference/methods.md) and the CPU speed prior
+    # (tuning/calibration.py says how it was measured; GPU: an estimate, never measured)
+    recipe = Recipe(480, 8, 768, "AST paper: 240 teacher + 240 student epochs, batch 8, 768 px")
+    cpu_prior = {
+        128: (8, 0.421, 0.0002278, 1.0, 1.748, 0.1003, 0.005),
+        256: (8, 0.493, 0.001348, 1.0, 6.827, 0.4803, 0.016),
+    }
+    gpu_speedup = 120.0
     phases = ("teacher", "student")
     Config = ASTConfig
 

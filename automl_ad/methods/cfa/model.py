@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from automl_ad.methods.backbones import create_backbone, default_layers
 from automl_ad.errors import UserError
 from automl_ad.methods._layers import gaussian_blur
-from automl_ad.methods.base import Batch, Method, check_config, register
+from automl_ad.methods.base import Batch, Method, Recipe, check_config, register
 
 _KMEANS_SEED = 0
 _KMEANS_ITERATIONS = 25
@@ -94,6 +94,15 @@ def kmeans(points: Tensor, k: int, generator: torch.Generator, iterations: int) 
 @register
 class CFA(Method):
     name = "cfa"
+    # the paper schedule (sources: shared/reference/methods.md) and the CPU speed prior
+    # (tuning/calibration.py says how it was measured; GPU: an estimate, never measured)
+    recipe = Recipe(30, 4, 224, "CFA code: 30 epochs, batch 4, 224 px (resize 256 + crop)")
+    cpu_prior = {
+        128: (4, 1.12, 0.01144, 1.0, 0.1132, 0.02044, 0.005),
+        224: (4, 0.102, 0.02812, 1.0, 0.513, 0.1037, 0.012),
+        256: (4, 0.122, 0.04599, 1.0, 0.7621, 0.1578, 0.016),
+    }
+    gpu_speedup = 80.0
     phases = ("train",)
     Config = CFAConfig
 

@@ -32,7 +32,7 @@ from automl_ad.methods._layers import (
     scaled_odd_window,
     ssim_loss,
 )
-from automl_ad.methods.base import Batch, Method, check_config, register
+from automl_ad.methods.base import Batch, Method, Recipe, check_config, register
 
 DISCRIMINATIVE_STRIDE = 32  # 5 max-pools in the U-Net
 
@@ -103,6 +103,14 @@ class DiscriminativeUNet(nn.Module):
 @register
 class Draem(Method):
     name = "draem"
+    # the paper schedule (sources: shared/reference/methods.md) and the CPU speed prior
+    # (tuning/calibration.py says how it was measured; GPU: an estimate, never measured)
+    recipe = Recipe(700, 8, 256, "DRAEM README example: 700 epochs, batch 8, 256 px")
+    cpu_prior = {
+        128: (8, 0.0859, 0.0002773, 1.0, 2.731, 0.09912, 0.005),
+        256: (8, 0.0568, 0.0009384, 1.0, 11.73, 0.4281, 0.016),
+    }
+    gpu_speedup = 150.0
 
     @dataclass
     class Config:

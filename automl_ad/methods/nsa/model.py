@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from automl_ad.errors import UserError
 from automl_ad.methods._layers import pad_to_multiple
-from automl_ad.methods.base import Batch, Method, check_config, register
+from automl_ad.methods.base import Batch, Method, Recipe, check_config, register
 
 ENCODER_STRIDE = 32
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -115,6 +115,15 @@ class NsaNetwork(nn.Module):
 @register
 class Nsa(Method):
     name = "nsa"
+    # the paper schedule (sources: shared/reference/methods.md) and the CPU speed prior
+    # (tuning/calibration.py says how it was measured; GPU: an estimate, never measured)
+    recipe = Recipe(320, 64, 256, "NSA code: 320 epochs (560 for hazelnut, metal_nut, screw), batch 64, 256 px",
+                    (("hazelnut", 560), ("metal_nut", 560), ("screw", 560)))
+    cpu_prior = {
+        128: (64, 0.135, 0.000347, 1.0, 2.376, 0.01567, 0.005),
+        256: (64, 0.0821, 0.00184, 1.0, 10.78, 0.07061, 0.016),
+    }
+    gpu_speedup = 150.0
 
     @dataclass
     class Config:

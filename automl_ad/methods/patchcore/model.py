@@ -33,7 +33,7 @@ from torch import Tensor
 
 from automl_ad.methods.backbones import create_backbone, default_layers
 from automl_ad.errors import UserError
-from automl_ad.methods.base import Method, check_config, register
+from automl_ad.methods.base import Method, Recipe, check_config, register
 from automl_ad.methods._layers import gaussian_blur
 
 _SETUP_CHUNK = 16  # fit images per backbone pass in setup()
@@ -120,6 +120,15 @@ def greedy_coreset(points: Tensor, count: int, projection_dim: int, seed: int,
 @register
 class PatchCore(Method):
     name = "patchcore"
+    # the paper schedule (sources: shared/reference/methods.md) and the CPU speed prior
+    # (tuning/calibration.py says how it was measured; GPU: an estimate, never measured)
+    recipe = Recipe(0, 8, 224, "PatchCore: no training (memory bank), 224 px (resize 256 + crop)")
+    cpu_prior = {
+        128: (8, 0.109, 0.00985, 1.33, 0.0, 0.008864, 0.005),
+        224: (8, 0.0944, 0.015404, 1.317, 0.0, 0.03706, 0.012),
+        256: (8, 0.141, 0.0033444, 1.738, 0.0, 0.06086, 0.016),
+    }
+    gpu_speedup = 80.0
     phases = ()
     Config = PatchCoreConfig
 

@@ -53,7 +53,7 @@ from automl_ad.methods._layers import (
     gaussian_blur,
     pad_to_multiple,
 )
-from automl_ad.methods.base import Batch, Method, check_config, register
+from automl_ad.methods.base import Batch, Method, Recipe, check_config, register
 
 
 class ConvexCombination(nn.Module):
@@ -109,6 +109,14 @@ class SelfSupervisedAutoencoder(nn.Module):
 @register
 class Ssae(Method):
     name = "ssae"
+    # the paper schedule (sources: shared/reference/methods.md) and the CPU speed prior
+    # (tuning/calibration.py says how it was measured; GPU: an estimate, never measured)
+    recipe = Recipe(300, 8, 256, "SSAE: no code found; 300 epochs, batch 8, 256 px is an UNVERIFIED assumption")
+    cpu_prior = {
+        128: (8, 0.016, 0.0002128, 1.0, 1.923, 0.05195, 0.005),
+        256: (8, 0.0159, 0.0008194, 1.0, 7.248, 0.2405, 0.016),
+    }
+    gpu_speedup = 150.0
 
     @dataclass
     class Config:
