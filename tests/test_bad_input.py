@@ -1105,7 +1105,8 @@ def test_sigint_stops_a_search_cleanly_and_resume_finishes_it(tmp_path, tiny_mvt
 
 def test_a_product_just_above_the_minimum_searches_and_says_what_it_cannot_give(tmp_path, ray_session, capfd):
     from automl_ad.data.builtin import generate_builtin
-    from automl_ad.evaluation.validation import VAL_FAMILIES, load_image_set
+    from automl_ad.evaluation.validation import load_image_set
+    from automl_ad.synthesis import val_families
     from automl_ad.results import store
     from automl_ad.tuning.search import run_search
     from conftest import search_options as options
@@ -1120,7 +1121,7 @@ def test_a_product_just_above_the_minimum_searches_and_says_what_it_cannot_give(
     rows = store.read_table(summary.experiment_dir).to_pylist()
     assert len(rows) == 1 and rows[0]["objective"] is not None
     val = load_image_set(summary.experiment_dir / "val" / "val_anomalies_32px.safetensors")
-    assert len(val) <= len(VAL_FAMILIES), "one synthetic anomaly per family, from the one val image"
+    assert len(val) <= len(val_families()), "one synthetic anomaly per family, from the one val image"
 
 
 SIGNAL_SCRIPT_TIMEOUT_S = 150

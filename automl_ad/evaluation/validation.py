@@ -22,7 +22,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -32,11 +32,8 @@ from automl_ad.data.dataset import resize_image, resize_mask
 from automl_ad.data.images import IMAGE_SUFFIXES, read_image, read_mask
 from automl_ad.data.types import CategoryData, ImageSet, to_float
 from automl_ad.errors import UserError, writing
-from automl_ad.synthesis import build_synthesizer
+from automl_ad.synthesis import FAMILIES, build_synthesizer, val_families
 
-VAL_FAMILIES: tuple[str, ...] = ("perlin", "nsa", "cutpaste", "cutpaste_scar", "corruption")
-# NSA's validation masks must be binary ground truth, not soft training targets.
-_VAL_FAMILY_PARAMS: dict[str, dict[str, Any]] = {"nsa": {"label": "binary"}}
 
 
 def objective(metrics: Mapping[str, float | None]) -> float:
@@ -63,18 +60,20 @@ def build_val_anomalies(
     data: CategoryData,
     *,
     seed: int = 0,
-    families: tuple[str, ...] = VAL_FAMILIES,
+    families: tuple[str, ...] | None = None,
 ) -> ImageSet:
     """One synthetic anomaly per val-good image and family, seeded and deterministic.
 
-    Patch sources are fit images (other normal parts), never test images.
+    Patch sources are fit images (other normal parts), never test images. ``families``:
+    every family registered for the val set (``synthesis.val_families``) by default.
     """
+    families = val_families() if families is None else families
     base = to_float(data.val_good)
     sources = to_float(data.fit)
     parts: list[ImageSet] = []
     offset = 0
     for index, family in enumerate(families):
-        params = {"normal_share": 0.0, **_VAL_FAMILY_PARAMS.get(family, {})}
+        params = {"normal_share": 0.0, **FAMILIES[family].VAL_PARAMS}
         synthesizer = build_synthesizer(family, params, category=data.category)
         generator = torch.Generator().manual_seed(seed * 1000 + index)
         out = synthesizer(base, generator, sources=sources)

@@ -17,19 +17,16 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from automl_ad.errors import UserError
-from automl_ad.synthesis.base import SynthBatch, SynthParams, Synthesizer, range_doc
-from automl_ad.synthesis.corruption import CorruptionParams, CorruptionSynthesizer
-from automl_ad.synthesis.cutpaste import CutPasteParams, CutPasteSynthesizer, ScarParams, ScarSynthesizer
-from automl_ad.synthesis.perlin import PerlinParams, PerlinSynthesizer
-from automl_ad.synthesis.poisson import NSAParams, NSASynthesizer, category_defaults, poisson_blend
+from automl_ad.synthesis.base import FAMILIES, SynthBatch, SynthParams, Synthesizer, range_doc, val_families
 
-FAMILIES: dict[str, type[Synthesizer]] = {
-    "perlin": PerlinSynthesizer,
-    "nsa": NSASynthesizer,
-    "cutpaste": CutPasteSynthesizer,
-    "cutpaste_scar": ScarSynthesizer,
-    "corruption": CorruptionSynthesizer,
-}
+# Importing a family's module registers it (@register_family). The order is the frozen
+# val set's family order: keep it, or every seeded val set changes.
+from automl_ad.synthesis.perlin import PerlinParams, PerlinSynthesizer  # noqa: E402  (perlin)
+from automl_ad.synthesis.poisson import NSAParams, NSASynthesizer, category_defaults, poisson_blend  # noqa: E402  (nsa)
+from automl_ad.synthesis.cutpaste import (  # noqa: E402  (cutpaste, cutpaste_scar)
+    CutPasteParams, CutPasteSynthesizer, ScarParams, ScarSynthesizer,
+)
+from automl_ad.synthesis.corruption import CorruptionParams, CorruptionSynthesizer  # noqa: E402  (corruption)
 
 
 def build_synthesizer(
@@ -48,7 +45,7 @@ def build_synthesizer(
     if family not in FAMILIES:
         raise UserError(f"unknown synthesis family {family!r} (known: {', '.join(FAMILIES)})")
     cls = FAMILIES[family]
-    defaults = category_defaults(category) if family == "nsa" else {}
+    defaults = cls.category_defaults(category)
     built = cls.Params.from_mapping(params, defaults)
     return cls(built, category=category, texture_dir=Path(texture_dir) if texture_dir is not None else None)
 
@@ -59,10 +56,16 @@ __all__ = [
     "SynthParams",
     "Synthesizer",
     "build_synthesizer",
+    "val_families",
     "category_defaults",
     "poisson_blend",
     "range_doc",
     "CorruptionParams",
+    "CorruptionSynthesizer",
+    "CutPasteSynthesizer",
+    "NSASynthesizer",
+    "PerlinSynthesizer",
+    "ScarSynthesizer",
     "CutPasteParams",
     "NSAParams",
     "PerlinParams",

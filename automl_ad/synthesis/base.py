@@ -105,10 +105,18 @@ def range_doc(params_cls: type[SynthParams]) -> str:
 
 
 class Synthesizer:
-    """Callable family instance. Subclasses set FAMILY, Params and implement ``synthesize``."""
+    """Callable family instance. Subclasses set FAMILY, Params and implement ``synthesize``,
+    and join the registry with ``@register_family``.
+
+    VAL_PARAMS: what a frozen val anomaly of the family sets over its defaults (NSA's
+    masks must be binary ground truth there, not soft training targets); IN_VAL: whether
+    the val set has anomalies of this family; ``category_defaults``: per-product defaults
+    (NSA's per-class constants)."""
 
     FAMILY: ClassVar[str] = ""
     Params: ClassVar[type[SynthParams]]
+    VAL_PARAMS: ClassVar[Mapping[str, Any]] = {}
+    IN_VAL: ClassVar[bool] = True
     # True when ``synthesize`` already returns images and masks in [0, 1] (saves two
     # full passes over the batch)
     OUTPUT_IN_RANGE: ClassVar[bool] = False
@@ -120,6 +128,11 @@ class Synthesizer:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.params})"
+
+    @classmethod
+    def category_defaults(cls, category: str | None) -> dict[str, Any]:
+        """Defaults of this family for ``category`` over its Params' own (none here)."""
+        return {}
 
     def __call__(self, images: Tensor, generator: torch.Generator, *, sources: Tensor | None = None) -> SynthBatch:
         images = check_images(images).contiguous()
@@ -342,3 +355,22 @@ def median_filter(values: Tensor, size: int, chunk: int = 8) -> Tensor:
         windows = F.unfold(padded, size)
         parts.append(windows.median(dim=1).values.view(part.shape[0], 1, height, width))
     return torch.cat(parts)
+
+
+# The families by name, in registration order: the order of the frozen val set's families
+# (synthesis/__init__.py imports the modules in that order: keep it, or every seeded val
+# set changes).
+FAMILIES: dict[str, type[Synthesizer]] = {}
+
+
+def register_family(cls: type[Synthesizer]) -> type[Synthesizer]:
+    """Class decorator: ``cls`` becomes the family ``cls.FAMILY``."""
+    if not cls.FAMILY or cls.FAMILY in FAMILIES:
+        raise ValueError(f"synthesis family {cls.FAMILY!r}: empty or registered twice")
+    FAMILIES[cls.FAMILY] = cls
+    return cls
+
+
+def val_families() -> tuple[str, ...]:
+    """The families the frozen val set has anomalies of, in registration order."""
+    return tuple(name for name, cls in FAMILIES.items() if cls.IN_VAL)

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from automl_ad.errors import UserError
-from automl_ad.synthesis.base import SynthBatch, SynthParams, Synthesizer, affine_paste, pixel_grid, uniform
+from automl_ad.synthesis.base import SynthBatch, SynthParams, Synthesizer, register_family, affine_paste, pixel_grid, uniform
 from automl_ad.synthesis.perlin import noise_textures, perlin_noise
 
 
@@ -115,6 +115,7 @@ def elastic_warp(images: Tensor, generator: torch.Generator, magnitude: float) -
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
+@register_family
 class CorruptionSynthesizer(Synthesizer):
     FAMILY = "corruption"
     Params = CorruptionParams

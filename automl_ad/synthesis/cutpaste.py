@@ -26,7 +26,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from automl_ad.synthesis.base import SynthBatch, SynthParams, Synthesizer, affine_paste, color_jitter, uniform
+from automl_ad.synthesis.base import SynthBatch, SynthParams, Synthesizer, register_family, affine_paste, color_jitter, uniform
 
 _REFERENCE_SIDE = 256.0
 
@@ -96,6 +96,7 @@ def _paste(images: Tensor, donors: Tensor, generator: torch.Generator, half: Ten
     return SynthBatch(out, mask, (mask.flatten(1).amax(1) > 0).float())
 
 
+@register_family
 class CutPasteSynthesizer(Synthesizer):
     FAMILY = "cutpaste"
     Params = CutPasteParams
@@ -117,6 +118,7 @@ class CutPasteSynthesizer(Synthesizer):
         return _paste(images, donors, generator, torch.stack((half_h, half_w), 1), None, p.jitter)
 
 
+@register_family
 class ScarSynthesizer(Synthesizer):
     FAMILY = "cutpaste_scar"
     Params = ScarParams

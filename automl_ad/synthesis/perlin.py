@@ -44,6 +44,7 @@ from automl_ad.synthesis.base import (
     SynthBatch,
     SynthParams,
     Synthesizer,
+    register_family,
     luminance,
     uniform,
 )
@@ -256,6 +257,7 @@ def load_textures(texture_dir: Path, height: int, width: int) -> Tensor:
     return torch.from_numpy(np.stack(loaded))
 
 
+@register_family
 class PerlinSynthesizer(Synthesizer):
     FAMILY = "perlin"
     Params = PerlinParams

@@ -53,6 +53,7 @@ from automl_ad.synthesis.base import (
     SynthBatch,
     SynthParams,
     Synthesizer,
+    register_family,
     gamma_samples,
     majority_filter,
     median_filter,
@@ -474,8 +475,14 @@ def _place(generator: torch.Generator, half: Tensor, height: int, width: int, in
     return centers[torch.arange(batch, device=half.device), choice]
 
 
+@register_family
 class NSASynthesizer(Synthesizer):
     FAMILY = "nsa"
+    VAL_PARAMS = {"label": "binary"}  # val masks are ground truth, not soft training targets
+
+    @classmethod
+    def category_defaults(cls, category: str | None) -> dict[str, Any]:
+        return category_defaults(category)
     Params = NSAParams
     OUTPUT_IN_RANGE = True  # clamped blend; every label mode lies in [0, 1]
 

@@ -47,7 +47,7 @@ from automl_ad.data.layout import discover_category
 from automl_ad.methods.base import Recipe, create_method, get_method_class
 from automl_ad.tuning.budget import Budget
 from automl_ad.tuning.calibration import Probe, Speed, SpeedBook
-from automl_ad.evaluation.validation import VAL_FAMILIES
+from automl_ad.synthesis import val_families
 
 # Below this share of its paper schedule a trained method is not worth a budget's trials
 # (DRAEM at 0.4 % of its 700 epochs detects little): it is left out of the search.
@@ -146,7 +146,8 @@ def data_counts(data_root: Any, category: str, val_fraction: float = 0.2) -> Dat
 def val_images(method_synthesis: str | None, val_good: int) -> int:
     """Images a trial validates on: val-good + the frozen anomalies of every val family
     but the one it trains with (``automl_ad.evaluation.validation``)."""
-    families = len(VAL_FAMILIES) - (1 if method_synthesis in VAL_FAMILIES else 0)
+    shown = val_families()
+    families = len(shown) - (1 if method_synthesis in shown else 0)
     return val_good * (1 + families)
 
 
