@@ -241,6 +241,29 @@ def _config_fields(config_type: type) -> set[str]:
     return {f.name for f in dataclasses.fields(config_type)}
 
 
+def _code_defaults(config_type: type | None) -> dict[str, Any]:
+    """The defaults a Config (or a family's Params) dataclass declares."""
+    if config_type is None or not dataclasses.is_dataclass(config_type):
+        return {}
+    return {f.name: f.default for f in dataclasses.fields(config_type) if f.default is not dataclasses.MISSING}
+
+
+def _with_code_default(spec: Any, default: Any) -> Any:
+    """``spec`` with the code's default when the YAML names none and the searched range
+    holds it: defaults are written once, in the Config, and the warm start is that Config.
+    A user range that leaves it out gets the range's own middle (parse_param)."""
+    if not isinstance(spec, dict) or "default" in spec or default is None:
+        return spec
+    choices = spec.get("choices")
+    if isinstance(choices, list):
+        fits = default in choices
+    else:
+        low, high = spec.get("low"), spec.get("high")
+        fits = (isinstance(default, (int, float)) and not isinstance(default, bool)
+                and isinstance(low, (int, float)) and isinstance(high, (int, float)) and low <= default <= high)
+    return {**spec, "default": default} if fits else spec
+
+
 def family_param_fields(family: str) -> set[str] | None:
     """Field names of a synthesis family's parameter dataclass (None: cannot tell)."""
 
@@ -358,7 +381,9 @@ def _method_space(name: str, path: SpaceFile, spec: dict[str, Any], families: se
     if not isinstance(params_spec, dict):
         raise UserError(f"{path}: params must be a mapping")
     sources = {pname: user_path if pname in user_params else path for pname in params_spec}
-    params = {pname: parse_param(sources[pname], f"params.{pname}", pname, pspec, fields)
+    defaults = _code_defaults(cls.Config)
+    params = {pname: parse_param(sources[pname], f"params.{pname}", pname,
+                                 _with_code_default(pspec, defaults.get(pname)), fields)
               for pname, pspec in params_spec.items()}
     for param in params.values():
         _check_param_accepted(sources[param.name], name, param)
@@ -386,8 +411,10 @@ def _synthesis_params(merged_common: Mapping[str, Any], user: Mapping[str, Any],
             raise UserError(f"{source}: synthesis.{family}: expected {{params: ...}}")
         _check_keys(source, f"in synthesis.{family}: ", fspec, {"params"})
         fields = family_param_fields(family)
+        defaults = _code_defaults(getattr(FAMILIES[family], "Params", None))
         synthesis_params[family] = {
-            pname: parse_param(source, f"synthesis.{family}.params.{pname}", pname, pspec, fields)
+            pname: parse_param(source, f"synthesis.{family}.params.{pname}", pname,
+                               _with_code_default(pspec, defaults.get(pname)), fields)
             for pname, pspec in (fspec.get("params") or {}).items()
         }
     return synthesis_params
