@@ -64,3 +64,16 @@ def test_other_tables_and_experiment_names(tmp_path):
     store.write_trial(folder, _row("t9", "cfa", 0.6, 0.6, {}))
     assert store.list_experiments(tmp_path, "screw") == ["screw-1"]
     assert store.list_experiments(tmp_path, "fabric") == []
+
+
+def test_a_trial_row_keeps_method_and_synthesis_parameters_in_their_own_columns(tmp_path):
+    params = {"method": "nsa", "nsa.image_size": 64, "nsa.lr": 2e-4, "nsa.synthesis": "nsa",
+              "synthesis.nsa.n_patches": 2}
+    outcome = store.TrialOutcome(experiment="exp", category="screw", trial_id="t1", method="nsa", synthesis="nsa",
+                                 image_size=64, params=params, status="finished", result={"epoch": 1},
+                                 max_epochs=1, wall_s=1.0, devices=1.0, device_kind="cpu", budget_used=1.0, seed=0)
+    store.store_trial(tmp_path, outcome)
+    (row,) = store.read_table(tmp_path).to_pylist()
+    assert json.loads(row["method_params"]) == {"lr": 2e-4}, "size and family are columns of their own"
+    assert json.loads(row["synthesis_params"]) == {"n_patches": 2}
+    assert json.loads(row["params"]) == params, "the flat configuration stays as sampled"

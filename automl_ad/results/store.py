@@ -40,6 +40,7 @@ from typing import Any, Iterable, Mapping
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from automl_ad.param_keys import METHOD, split_config
 from automl_ad import __version__
 from automl_ad.errors import UserError, writing
 # The table folders and damaged/ (<experiment>/damaged/<table>/<file>: store files set aside unread).
@@ -61,7 +62,9 @@ TRIAL_FIELDS: dict[str, pa.DataType] = {
     "backbone": pa.string(),
     "synthesis": pa.string(),
     "image_size": pa.int32(),
-    "params": pa.string(),
+    "params": pa.string(),  # the flat sampled configuration (JSON; param_keys reads it)
+    "method_params": pa.string(),  # the method's own parameters, keys unprefixed (JSON)
+    "synthesis_params": pa.string(),  # the training family's parameters, keys unprefixed (JSON)
     "status": pa.string(),
     "epochs": pa.int32(),
     "max_epochs": pa.int32(),
@@ -130,6 +133,8 @@ class TrialOutcome:
 def trial_row(outcome: TrialOutcome) -> dict[str, Any]:
     """The ``trials`` row of an ended trial (columns of TRIAL_FIELDS)."""
     result = outcome.result
+    split = (split_config({**outcome.params, METHOD: outcome.method}, outcome.image_size)
+             if outcome.method else None)
     return {
         "experiment": outcome.experiment,
         "category": outcome.category,
@@ -139,6 +144,8 @@ def trial_row(outcome: TrialOutcome) -> dict[str, Any]:
         "synthesis": outcome.synthesis,
         "image_size": outcome.image_size,
         "params": dict(outcome.params),
+        "method_params": json.dumps(split.method_params if split else {}, sort_keys=True, default=str),
+        "synthesis_params": json.dumps(split.synthesis_params if split else {}, sort_keys=True, default=str),
         "status": outcome.status,
         "epochs": int(result.get("epoch", 0) or 0),
         "max_epochs": outcome.max_epochs,
