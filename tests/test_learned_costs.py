@@ -13,7 +13,8 @@ from automl_ad.tuning import learned_costs
 from automl_ad.tuning.budget import parse_budget
 from automl_ad.tuning.calibration import SpeedBook
 from automl_ad.tuning.sampled_costs import sampled_cost_factors
-from automl_ad.tuning.schedule import DataCounts, Fidelity, MethodInput, make_plan, recipe_for, sampled_seconds
+from automl_ad.tuning.planner import make_plan
+from automl_ad.tuning.schedule import DataCounts, Fidelity, MethodInput, recipe_for, sampled_seconds
 from automl_ad.tuning.space import load_space
 
 BUILTIN = DataCounts(fit=160, val_good=40, test=140)

@@ -18,8 +18,9 @@ from torch import nn
 from automl_ad.methods.base import Method, register
 from automl_ad.tuning.budget import Ledger, parse_budget
 from automl_ad.tuning.calibration import Probe, Speed, SpeedBook, prior_speed
+from automl_ad.tuning.planner import make_plan
 from automl_ad.tuning.schedule import (
-    Fidelity, DataCounts, MethodInput, Plan, asha_rungs, expected_cost, make_plan, recipe_for, trial_cost,
+    DataCounts, Fidelity, MethodInput, Plan, asha_rungs, expected_cost, recipe_for, trial_cost,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -380,7 +381,8 @@ def test_warm_start_runs_defaults_trainless_first_at_their_largest_size_and_ever
 
     from automl_ad.methods.backbones import searchable_backbones
     from automl_ad.tuning.search import method_inputs, warm_start_points
-    from automl_ad.tuning.space import load_space, split_config
+    from automl_ad.param_keys import split_config
+    from automl_ad.tuning.space import load_space
 
     space = load_space(["cfa", "patchcore"])
     plan = make_plan(parse_budget("10m"), method_inputs(space, BUILTIN.val_good), Fidelity(),

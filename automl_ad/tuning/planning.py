@@ -22,14 +22,13 @@ from automl_ad.tuning.calibration import SpeedBook
 from automl_ad.tuning.devices import DevicePlan, local_resources, plan_devices, trial_context
 from automl_ad.tuning.finalize import default_backbone
 from automl_ad.tuning.options import SearchOptions, pick_experiment
+from automl_ad.tuning.planner import make_plan, plan_with_calibration
 from automl_ad.tuning.sampled_costs import sampled_cost_factors
 from automl_ad.tuning.schedule import (
     MethodInput,
     Plan,
     config_cost_factor,
     data_counts,
-    make_plan,
-    plan_with_calibration,
     recipe_for,
     val_images,
 )
@@ -64,7 +63,7 @@ def method_inputs(space: SearchSpace, val_good: int) -> list[Any]:
 
 def plan_schedule(opts: SearchOptions, budget: Budget, space: SearchSpace, data_root: Path, devices: DevicePlan,
                   *, calibrate: bool = True, log: Callable[[str], None] | None = None) -> Plan:
-    """The search's schedule (``schedule.make_plan``) for ``devices``: speeds measured on
+    """The search's schedule (``planner.make_plan``) for ``devices``: speeds measured on
     this machine's device when it has it (``calibrate``: measure what is missing first),
     else the project's prior for the device kind."""
     kind = "gpu" if devices.use_gpu else "cpu"
