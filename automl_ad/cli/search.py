@@ -60,12 +60,15 @@ def _methods_option(value: str | None) -> list[str] | None:
 @click.option("--searcher", type=click.Choice(["tpe", "random"]), default="tpe", show_default=True,
               help="tpe: Optuna TPE + ASHA early stopping, started from each method's defaults; random: random "
                    "sampling, no early stopping, no warm start (a reference to compare against).")
+@click.option("--plugin", "plugins", multiple=True, metavar="MODULE|FILE.py",
+              help="A module or .py file with methods or synthesis families of your own (@register, "
+                   "@register_family); imported here and in every trial. Repeatable; AUTOML_AD_PLUGINS too.")
 @click.option("--calibrate", is_flag=True,
               help="With --plan: first time the speeds this machine has not measured yet (a few training steps "
                    "per method and size; cached in ~/.cache/automl_ad/calibration.json).")
 def search_command(category, budget, jobs_file, data, methods, space_file, max_concurrent, experiment, resume,
                    address, storage, wandb, seed, image_size, val_defects, ensemble_k, models_dir, no_export,
-                   gpus_per_trial, max_gpus, searcher, plan_only, calibrate):
+                   gpus_per_trial, max_gpus, searcher, plan_only, calibrate, plugins):
     """Search methods, backbones and synthetic-anomaly parameters for a product
     (or for several, one after the other: --category all, --jobs FILE).
 
@@ -101,7 +104,7 @@ def search_command(category, budget, jobs_file, data, methods, space_file, max_c
             schedule = api.plan(product, product_budget, data=data, methods=chosen, seed=seed, image_size=image_size,
                                 space_file=space_file, max_concurrent=max_concurrent, gpus_per_trial=gpus_per_trial,
                                 max_gpus=max_gpus, storage=storage, experiment=experiment, resume=resume,
-                                searcher=searcher, calibrate=calibrate)
+                                searcher=searcher, calibrate=calibrate, plugins=plugins)
             if len(targets) > 1:
                 click.echo(f"\n[{product}]")
             click.echo(schedule.text())
@@ -110,7 +113,7 @@ def search_command(category, budget, jobs_file, data, methods, space_file, max_c
     options = dict(data=data, methods=chosen, seed=seed, storage=storage, live=True, experiment=experiment,
                    resume=resume, image_size=image_size, space_file=space_file, val_defects=val_defects,
                    searcher=searcher, max_concurrent=max_concurrent, address=address, gpus_per_trial=gpus_per_trial,
-                   max_gpus=max_gpus, wandb=wandb)
+                   max_gpus=max_gpus, wandb=wandb, plugins=plugins)
 
     def finish(result: api.SearchResult) -> None:
         summary = result.summary

@@ -232,6 +232,9 @@ def _import_builtin_methods() -> None:
     for info in pkgutil.iter_modules(pkg.__path__):
         if info.name not in {"base"} and not info.name.startswith("_"):
             importlib.import_module(f"automl_ad.methods.{info.name}")
+    from automl_ad.plugins import load_plugins
+
+    load_plugins()  # AUTOML_AD_PLUGINS: methods from outside the package
 
 
 # --- the packaged search space: ranges, accepted values, default family ---------------

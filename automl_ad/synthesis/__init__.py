@@ -43,6 +43,10 @@ def build_synthesizer(
     ignored by the other families).
     """
     if family not in FAMILIES:
+        from automl_ad.plugins import load_plugins
+
+        load_plugins()  # a family from AUTOML_AD_PLUGINS
+    if family not in FAMILIES:
         raise UserError(f"unknown synthesis family {family!r} (known: {', '.join(FAMILIES)})")
     cls = FAMILIES[family]
     defaults = cls.category_defaults(category)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from automl_ad.errors import UserError
+from automl_ad.plugins import load_plugins
 from automl_ad.results.remote_storage import Storage
 from automl_ad.tuning.budget import Budget
 from automl_ad.tuning.options import SearchOptions
@@ -114,4 +115,5 @@ def trial_context(opts: SearchOptions, devices: DevicePlan, space: SearchSpace, 
         storage_uri=remote.experiment_uri(experiment) if remote is not None else None,
         train_retries=1 if opts.address else 0,
         schedule=schedule.schedule() if schedule is not None else None,
+        plugins=load_plugins(opts.plugins),
     )

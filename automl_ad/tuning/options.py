@@ -43,6 +43,9 @@ class SearchOptions:
     # "tpe": TPE + ASHA, started from each method's defaults; "random": Optuna's random
     # sampler, no early stopping and no warm start (a reference for benchmarks).
     searcher: str = "tpe"
+    # Modules or .py files with methods or synthesis families of the user's own
+    # (automl_ad.plugins), imported by the driver and by every trial.
+    plugins: tuple[str, ...] = ()
 
 
 SEARCHERS = ("tpe", "random")

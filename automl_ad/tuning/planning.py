@@ -13,6 +13,7 @@ from typing import Any, Callable
 from automl_ad import experiment as layout
 from automl_ad.data.dataset import resolve_data_root
 from automl_ad.errors import UserError
+from automl_ad.plugins import load_plugins
 from automl_ad.methods.base import get_method_class
 from automl_ad.results import store
 from automl_ad.results.remote_storage import parse_storage
@@ -154,6 +155,7 @@ def preview_plan(opts: SearchOptions) -> Plan:
         if not saved.get("plan"):
             raise UserError(f"--resume: no stored plan in {layout.record_path(folder)}")
         return Plan.from_dict(saved["plan"])
+    load_plugins(opts.plugins)
     space = load_space(opts.methods, opts.space_file, **({"space_dir": opts.space_dir} if opts.space_dir else {}),
                        image_size=opts.image_size)
     data_root = resolve_data_root(opts.data, opts.category)

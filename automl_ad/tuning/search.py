@@ -28,6 +28,7 @@ from automl_ad.data.dataset import load_category, resolve_data_root
 from automl_ad.data.layout import category_folder
 from automl_ad.data.minimum import check_product
 from automl_ad.errors import UserError
+from automl_ad.plugins import load_plugins
 from automl_ad.evaluation.validation import build_val_anomalies, load_val_defects, save_image_set
 from automl_ad.results import store
 from automl_ad.results.remote_storage import DRIVER_NOT_PULLED, Storage, parse_storage
@@ -154,6 +155,7 @@ def run_search(opts: SearchOptions) -> SearchSummary:
 def _prepare(opts: SearchOptions) -> _Prepared:
     """Every check that needs no Ray, the experiment chosen, the bucket synced to its mirror."""
     budget = parse_budget(opts.budget)
+    load_plugins(opts.plugins)  # the user's own methods and families join the registries first
     space: SearchSpace = load_space(
         opts.methods, opts.space_file, **({"space_dir": opts.space_dir} if opts.space_dir else {}),
         image_size=opts.image_size,

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from automl_ad.plugins import load_plugins
 from automl_ad import experiment as layout
 from automl_ad.data.dataset import load_category
 from automl_ad.training.distributed import DataParallel
@@ -75,6 +76,9 @@ class TrialContext:
     # {"steps_per_epoch", "batch_size"}}``; a method and size not in it (or None) trains
     # ``steps_per_epoch`` x ``batch_size`` above.
     schedule: dict[str, dict[str, int]] | None = None
+    # Modules or .py files with the search's own methods and families (automl_ad.plugins):
+    # every trial process imports them before it looks a method up.
+    plugins: tuple[str, ...] = ()
 
     def schedule_of(self, method: str, image_size: int) -> tuple[int | None, int]:
         """(steps per round, batch size) of ``method`` at ``image_size``."""
@@ -190,6 +194,7 @@ def train_worker_loop(loop_config: dict[str, Any]) -> None:
     """Per-worker loop: fit one sampled config, report every epoch, resume if restarted."""
     tune_cpu_allocator()  # a trial worker is a fresh process that never ran the CLI
     context = TrialContext(**loop_config["context"])
+    load_plugins(context.plugins)
     flat = loop_config["config"]
     # Stop at the next step once the search's budget is spent, not at the epoch's end;
     # a single-worker trial that starts after that point does not even load its data
@@ -371,6 +376,7 @@ def make_trainable(context: TrialContext) -> Callable[[dict[str, Any]], None]:
     from ray import tune
 
     def run_trial(config: dict[str, Any]) -> None:
+        load_plugins(context.plugins)
         direct = runs_direct(context, config)
         loop_config = {"context": asdict(context), "config": dict(config), "direct": direct}
         if direct:
