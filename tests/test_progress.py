@@ -14,7 +14,7 @@ def test_finished_trials_print_one_line_each_when_not_a_terminal(tmp_path, capsy
     progress.update("t2", {"method": "nsa"}, "error", None)  # no repeat for the same state
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2
-    assert "t1 draem finished after 4/4 epochs, val 0.7000" in lines[0] and "best 0.7000 (draem)" in lines[0]
+    assert "t1 draem finished after 4/4 rounds, val 0.7000" in lines[0] and "best 0.7000 (draem)" in lines[0]
     assert "t2 nsa error" in lines[1] and "budget" in lines[1]
 
 

@@ -221,7 +221,7 @@ RESUME_SCRIPT = textwrap.dedent(
 )
 
 
-def test_sigkill_then_resume_stores_each_trial_once(tmp_path, tiny_mvtec, ray_session):
+def test_sigkill_then_resume_stores_each_trial_once(tmp_path, tiny_mvtec, ray_session, capsys):
     script = RESUME_SCRIPT.format(tests=str(REPO / "tests"), tmp=str(tmp_path), data=str(tiny_mvtec))
     folder = tmp_path / "results" / "resume"
     began = time.monotonic()
@@ -238,7 +238,8 @@ def test_sigkill_then_resume_stores_each_trial_once(tmp_path, tiny_mvtec, ray_se
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
     first_session = time.monotonic() - began
-    assert 1 <= len(store.stored_trial_ids(folder)) < 4
+    stored_before = set(store.stored_trial_ids(folder))
+    assert 1 <= len(stored_before) < 4
     record_path = folder / "search.json"
     record = json.loads(record_path.read_text())
     record["plan"]["notes"].append("the stored plan, kept on resume")
@@ -246,11 +247,16 @@ def test_sigkill_then_resume_stores_each_trial_once(tmp_path, tiny_mvtec, ray_se
     time.sleep(3)  # the search is down: the ledger must not charge this
 
     second_began = time.monotonic()
-    summary = run_search(options(tmp_path, tiny_mvtec, budget="4trials", experiment="resume", resume=True))
+    capsys.readouterr()
+    summary = run_search(options(tmp_path, tiny_mvtec, budget="4trials", experiment="resume", resume=True,
+                                 live=True))
     second_session = time.monotonic() - second_began
     rows = store.read_table(summary.experiment_dir).to_pylist()
     ids = [r["trial_id"] for r in rows]
     assert len(ids) == len(set(ids)) == 4
+    # The restored search's callbacks reach this session's live view (one line a trial off a terminal).
+    printed = capsys.readouterr().out
+    assert all(f"trial {t} " in printed for t in set(ids) - stored_before), printed
     ledger = json.loads((folder / "budget.json").read_text())
     finished = sorted(t for t, e in ledger["trials"].items() if e["state"] == "finished")
     assert finished == sorted(ids)

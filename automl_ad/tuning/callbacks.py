@@ -2,16 +2,22 @@
 the live view and the store, in the order Tune calls them (``driver_callbacks``).
 
 Module level so ``Tuner.restore`` can unpickle them by reference. A restored callback
-is a copy of the pickled one: what lives only in the driver process (the live view) is
-not in it, and is found again by experiment folder in ``_ACTIVE``.
+is a copy of the pickled one, and ``Tuner.restore`` takes no new callbacks: what lives
+only in the driver process (the live view) cannot be handed to it at construction. The
+driver passes the view down the call instead: ``showing(view)`` around ``tuner.fit()``
+sets a context variable that the live-view callback reads (Tune calls callbacks in the
+thread that called ``fit``), so a new and a restored search see the same view and two
+searches in two threads never see each other's.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import time
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from ray.tune import Callback
 from ray.tune.stopper import Stopper
@@ -23,7 +29,17 @@ from automl_ad.tuning.finalize import checkpoint_location, finalize_trial, utc_n
 from automl_ad.tuning.progress import SearchProgress
 from automl_ad.tuning.trainable import TrialContext, TrialDevices
 
-_ACTIVE: dict[str, SearchProgress] = {}  # driver-process live views, by experiment dir
+_LIVE_VIEW: ContextVar[SearchProgress | None] = ContextVar("automl_ad_search_live_view", default=None)
+
+
+@contextmanager
+def showing(view: SearchProgress) -> Iterator[None]:
+    """Trial updates of the searches run inside this block go to ``view``."""
+    token = _LIVE_VIEW.set(view)
+    try:
+        yield
+    finally:
+        _LIVE_VIEW.reset(token)
 
 
 class BudgetStopper(Stopper):
@@ -157,12 +173,11 @@ def _status(trial: Any, max_epochs: int) -> str:
 class LiveViewCallback(_DriverCallback):
     """Feeds the driver's live table (``SearchProgress``) with every trial's state."""
 
-    def __init__(self, experiment_dir: Path, max_epochs: int) -> None:
-        self.experiment_dir = Path(experiment_dir)
+    def __init__(self, max_epochs: int) -> None:
         self.max_epochs = max_epochs
 
     def _update(self, trial: Any, status: str, result: Mapping[str, Any] | None) -> None:
-        progress = _ACTIVE.get(str(self.experiment_dir))
+        progress = _LIVE_VIEW.get()
         if progress is not None:
             progress.update(trial.trial_id, trial.config, status, result)
 
@@ -225,5 +240,5 @@ def driver_callbacks(folder: Path, ledger: Ledger, context: TrialContext, device
     callbacks: list[Callback] = [interrupt.StopOnFullDisk(folder), LedgerCallback(ledger, devices)]
     if ledger.budget.kind != "trials":
         callbacks.append(DeadlineClockCallback(folder, ledger, devices))
-    return callbacks + [LiveViewCallback(folder, context.max_epochs),
+    return callbacks + [LiveViewCallback(context.max_epochs),
                         StoreCallback(folder, ledger, context, device_kind, fingerprints, storage)]

@@ -58,7 +58,7 @@ class SearchProgress:
         objective = "-" if row.objective is None else f"{row.objective:.4f}"
         parts = [
             f"[{_fmt_duration(time.monotonic() - self.started)}] trial {row.trial_id} {row.method} {row.status.lower()} "
-            f"after {row.epoch}/{self.max_epochs} epochs, val {objective}"
+            f"after {row.epoch}/{self.max_epochs} rounds, val {objective}"
         ]
         if best is not None:
             parts.append(f"best {best.objective:.4f} ({best.method})")
@@ -94,7 +94,7 @@ class SearchProgress:
             f" | best {best.objective:.4f} ({best.method})" if best else f"budget {budget.describe(self.ledger.used())}"
         )
         table = Table(title=title, caption=f"ETA {_fmt_duration(eta)}" if eta is not None else "ETA -")
-        for column in ("trial", "method", "status", "epoch", "val objective", "test AUROC"):
+        for column in ("trial", "method", "status", "round", "val objective", "test AUROC"):
             table.add_column(column)
         for row in rows[-20:]:  # the live view shows the latest trials only
             table.add_row(

@@ -35,7 +35,7 @@ from automl_ad.results.remote_storage import DRIVER_NOT_PULLED, Storage, parse_s
 from automl_ad.tuning import budget as budget_module
 from automl_ad.tuning import interrupt
 from automl_ad.tuning.budget import Budget, Ledger, parse_budget, shared_ledger
-from automl_ad.tuning.callbacks import _ACTIVE, BudgetStopper, driver_callbacks
+from automl_ad.tuning.callbacks import BudgetStopper, driver_callbacks, showing
 from automl_ad.tuning.devices import DevicePlan, local_resources, plan_devices, trial_context
 from automl_ad.tuning.finalize import evaluate_tests, store_missing
 from automl_ad.tuning.lock import DriverLock
@@ -239,7 +239,6 @@ def _tune(prep: _Prepared, context: TrialContext, schedule: Plan, space: SearchS
 
     folder = prep.folder
     progress = SearchProgress(ledger=ledger, max_epochs=context.max_epochs, used_at_start=ledger.used())
-    _ACTIVE[str(folder)] = progress
     trainable = make_trainable(context)
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # resume close to where a kill hit
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -258,12 +257,12 @@ def _tune(prep: _Prepared, context: TrialContext, schedule: Plan, space: SearchS
             ledger.mark_lost(set(ledger.trials()) - known)
         else:
             tuner = _new_tuner(prep, context, schedule, space, ledger, devices, fingerprints, trainable)
-        return tuner.fit()
+        with showing(progress):
+            return tuner.fit()
     finally:
         ledger.end_session()
         if live is not None:
             live.stop()
-        _ACTIVE.pop(str(folder), None)
 
 
 def _new_tuner(prep: _Prepared, context: TrialContext, schedule: Plan, space: SearchSpace, ledger: Ledger,
