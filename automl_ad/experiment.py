@@ -259,3 +259,11 @@ def checkpoints_newest_first(checkpoint: Path) -> list[Path]:
     earlier = sorted((p for p in checkpoint.parent.glob(f"{_TUNE_CHECKPOINT_PREFIX}*")
                       if p.is_dir() and p.name < checkpoint.name), reverse=True)
     return [checkpoint, *earlier]
+
+
+def record_shape(record: Mapping[str, Any], image_size: int) -> tuple[int, int]:
+    """(height, width) a search's images had at ``image_size`` (its stored geometry;
+    square for a search recorded before geometries existed)."""
+    from automl_ad.data.geometry import Geometry
+
+    return Geometry.from_dict(record.get("geometry")).shape(int(image_size))

@@ -6,8 +6,8 @@ For each product:
       stride-8 and stride-16 features (blocks.2, blocks.4), 3x3 average pooled, the
       coarser map upsampled to the finer grid, a random 20,000-patch bank drawn from all
       of train/good, each test patch scored by its distance to the nearest bank patch,
-      image score = max over patches. It runs at the image size the exported detector
-      uses;
+      image score = max over patches. It runs at the input shape the exported detector
+      uses (its manifest's height x width: the search's geometry, ``--geometry``);
   (b) the full main job ``cli.py search --category C --budget B`` (ensemble, export), and
       the exported bundle's test metrics from its manifest (computed after the search,
       never used by it); then what the search itself stored under
@@ -87,14 +87,16 @@ def baseline_patch_features(extractor: torch.nn.Module, images: torch.Tensor) ->
 
 
 @torch.no_grad()
-def nearest_neighbour_baseline(data_root: Path, category: str, image_size: int, seed: int) -> dict:
-    """Test metrics of the plain baseline (module docstring, (a))."""
+def nearest_neighbour_baseline(data_root: Path, category: str, image_size: int, seed: int,
+                               shape: tuple[int, int] | None = None) -> dict:
+    """Test metrics of the plain baseline (module docstring, (a)) at ``shape`` (height,
+    width; default the square ``image_size``)."""
     from automl_ad.methods.backbones import create_backbone
     from automl_ad.data.dataset import load_category
     from automl_ad.evaluation.metrics import evaluate
 
     began = time.perf_counter()
-    data = load_category(data_root, category, image_size, seed=seed)
+    data = load_category(data_root, category, image_size, shape=shape, seed=seed)
     extractor = create_backbone(BASELINE_BACKBONE, layers=list(BASELINE_LAYERS))
     train_good = torch.cat([data.fit, data.val_good])
     features = baseline_patch_features(extractor, train_good)
@@ -107,7 +109,7 @@ def nearest_neighbour_baseline(data_root: Path, category: str, image_size: int, 
     queries = test_features.permute(0, 2, 3, 1).reshape(-1, c)
     nearest = torch.cat([((q * q).sum(1, keepdim=True) - 2 * q @ bank.T + bank_sq).clamp_min(0).min(dim=1).values
                          for q in queries.split(4096)]).sqrt().reshape(n, 1, h, w)
-    maps = F.interpolate(nearest, size=(image_size, image_size), mode="bilinear", align_corners=False)[:, 0]
+    maps = F.interpolate(nearest, size=tuple(data.test.masks.shape[-2:]), mode="bilinear", align_corners=False)[:, 0]
     scores = nearest.flatten(1).amax(dim=1)
     metrics = evaluate(scores, maps, data.test.labels, data.test.masks[:, 0], data.test.has_mask)
     metrics["wall_s"] = time.perf_counter() - began
@@ -251,9 +253,15 @@ def _members(row: dict) -> str:
     return f"{row.get('kind') or '-'} {' + '.join(row.get('members') or [])}".strip()
 
 
-TABLE_HEADER = (f"{'category':9} {'size':>4} {'base':>6} {'export':>6} {'dAUROC':>6} {'best tr':>7} {'regret':>6} "
+TABLE_HEADER = (f"{'category':9} {'size':>7} {'base':>6} {'export':>6} {'dAUROC':>6} {'best tr':>7} {'regret':>6} "
                 f"{'bAUPRO':>6} {'eAUPRO':>6} {'budget used':>17} {'trials run/plan':>16} {'Spearman(n)':>12} "
                 f"{'search s':>8} {'after-lb s':>10}")
+
+
+def _shape(row: dict) -> str:
+    """The input: the size for a square, height x width otherwise."""
+    height, width = row.get("shape") or [row.get("image_size") or 0] * 2
+    return f"{height}" if height == width else f"{height}x{width}"
 
 
 def table_lines(rows: list[dict]) -> list[str]:
@@ -279,7 +287,7 @@ def table_lines(rows: list[dict]) -> list[str]:
         after_text = "-" if after is None else (f"{after:.0f}" if row.get("after_leaderboard_source") == "measured"
                                                 else f"~{after:.0f}")
         lines.append(
-            f"{row['category']:9} {row.get('image_size') or 0:4d} {_fmt(base.get('image_auroc'))} "
+            f"{row['category']:9} {_shape(row):>7} {_fmt(base.get('image_auroc'))} "
             f"{_fmt(row.get('test_image_auroc'))} {_signed(delta):>6} {_fmt(row.get('best_trial_auroc')):>7} "
             f"{_signed(extra['regret']):>6} {_fmt(base.get('aupro'))} {_fmt(row.get('test_aupro'))} {budget:>17} "
             f"{trials:>16} {spearman:>12} {'-' if row.get('wall_s') is None else format(row['wall_s'], '.0f'):>8} "
@@ -343,6 +351,8 @@ def run_search(category: str, budget: str, args: argparse.Namespace, *, searcher
             command += ["--data", str(args.data)]
         if searcher != "tpe":
             command += ["--searcher", searcher]
+        if args.geometry != "auto":
+            command += ["--geometry", args.geometry]
         timing = run_logged(command, paths["log"], TITLE.encode())
         returncode = timing.pop("returncode")
         row.update(timing)
@@ -352,8 +362,10 @@ def run_search(category: str, budget: str, args: argparse.Namespace, *, searcher
         paths["timing"].write_text(json.dumps(timing, indent=1))
     manifest = json.loads(paths["manifest"].read_text())
     members = manifest.get("members", [])
+    pre = manifest["preprocessing"]
     row.update(
-        image_size=int(manifest["preprocessing"]["image_size"]),
+        image_size=int(pre["image_size"]),
+        shape=[int(pre.get("height", pre["image_size"])), int(pre.get("width", pre["image_size"]))],
         kind=manifest.get("kind"),
         members=[f"{m['method']}({m['params'].get(m['method'] + '.backbone', m['params'].get('backbone', '-'))})"
                  for m in members],
@@ -371,12 +383,17 @@ def run_search(category: str, budget: str, args: argparse.Namespace, *, searcher
 
 def search_table(args: argparse.Namespace) -> None:
     from automl_ad.data.builtin import ensure_builtin_root
+    from automl_ad.data.geometry import resolve as resolve_geometry
+    from automl_ad.data.layout import discover_category
 
     data_root = args.data or ensure_builtin_root()
     rows = []
     for category in args.categories.split(","):
         if args.baseline_only:
-            found = {"category": category, "image_size": args.image_size}
+            layout = discover_category(data_root, category)
+            geometry = resolve_geometry(args.geometry, layout.train)
+            found = {"category": category, "image_size": args.image_size,
+                     "shape": list(geometry.shape(args.image_size))}
         else:
             found = run_search(category, args.budget, args)
             if "error" in found:
@@ -384,7 +401,9 @@ def search_table(args: argparse.Namespace) -> None:
                 rows.append(found)
                 continue
         size = args.image_size or found.get("image_size") or 128
-        found["baseline"] = nearest_neighbour_baseline(data_root, category, size, args.seed)
+        # The same geometry as the exported detector (its manifest's input shape).
+        shape = tuple(found["shape"]) if found.get("shape") else None
+        found["baseline"] = nearest_neighbour_baseline(data_root, category, size, args.seed, shape=shape)
         found["image_size"] = size
         rows.append(found)
         print(json.dumps(found, default=str), flush=True)
@@ -481,6 +500,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=None,
                         help="baseline image size (default: the exported detector's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--geometry", choices=("auto", "square", "keep_aspect"), default="auto",
+                        help="cli.py search --geometry; the baseline runs at the exported detector's input shape")
     parser.add_argument("--random-search", metavar="CATEGORY",
                         help="also compare TPE + ASHA at --budget with random search at twice --budget")
     parser.add_argument("--baseline-only", action="store_true", help="only the baseline (needs --image-size)")

@@ -46,7 +46,8 @@ from automl_ad.data.dataset import load_category  # noqa: E402
 from automl_ad.evaluation.metrics import image_auroc  # noqa: E402
 from automl_ad.evaluation.normalisation import robust_center_scale  # noqa: E402
 from automl_ad.evaluation.uncertainty import CONFIDENCE, paired_bootstrap, within_noise  # noqa: E402
-from automl_ad.experiment import cache_dir, read_record, read_test_predictions, read_val_anomalies, read_val_scores  # noqa: E402
+from automl_ad.experiment import (cache_dir, read_record, read_test_predictions, read_val_anomalies,  # noqa: E402
+                                  read_val_scores, record_shape)
 from automl_ad.results import store  # noqa: E402
 
 
@@ -90,7 +91,8 @@ class Experiment:
                                      dict(zip(stored["paths"], stored["scores"])), tested[0].float()))
         self.trials.sort(key=lambda t: (-t.objective, t.trial_id))
         size = self.trials[0].size if self.trials else 256
-        data = load_category(Path(record["data"]), self.category, size, seed=int(record.get("seed", 0)),
+        data = load_category(Path(record["data"]), self.category, size, shape=record_shape(record, size),
+                             seed=int(record.get("seed", 0)),
                              cache_dir=cache_dir(folder))
         self.test_labels = data.test.labels
         self.val_labels: dict[str, int] = {f"val-good:{i}": 0 for i in range(len(data.val_good))}

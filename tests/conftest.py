@@ -330,6 +330,21 @@ def tiny_mvtec(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def wide_mvtec(tiny_mvtec, tmp_path_factory) -> Path:
+    """``tiny_mvtec``'s screw with every image and mask stretched to 80 x 32 px (width x
+    height): a product whose parts are not square (data.geometry)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("wide")
+    shutil.copytree(tiny_mvtec / "screw", root / "screw")
+    for path in (root / "screw").rglob("*.png"):
+        image = Image.open(path)
+        image.resize((80, 32), Image.Resampling.NEAREST if "ground_truth" in path.parts else
+                     Image.Resampling.BILINEAR).save(path)
+    return root
+
+
 # --- a finished search on disk (without Ray), for the report and the damaged-file tests ---
 
 TINY_EXPERIMENT_CATEGORY = "washer"

@@ -282,6 +282,14 @@ def full_disk_unnamed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(check, "check_category", check_category)
 
 
+def _long_thin_parts(w: World) -> Path:
+    """A copy of the data whose train/good images are 10 times wider than high."""
+    data = w.data_copy()
+    for path in (data / CAT / "train" / "good").iterdir():
+        Image.open(path).resize((320, 32)).save(path)
+    return data
+
+
 def _one_good_image(w: World) -> Path:
     """A copy of the data whose product keeps a single train/good image."""
     data = w.data_copy()
@@ -406,6 +414,10 @@ CASES = [
     Case("search one good image", lambda w: ["search", "-c", CAT, "--data", str(_one_good_image(w)), "--budget", "2m",
                                              "--storage", str(w.results)],
          "train/good holds 1 good image; a search needs at least 2 (1 to fit, 1 held out to validate on)"),
+    # issue 22: an aspect the geometry cannot keep is one line before Ray starts
+    Case("search parts beyond 1:8", lambda w: ["search", "-c", CAT, "--data", str(_long_thin_parts(w)), "--budget",
+                                               "2m", "--storage", str(w.results)],
+         "aspect of 10 (width / height) is beyond 1:8; crop the images to the part first, or pass --geometry square"),
     Case("train one good image", lambda w: w.train(data=_one_good_image(w)),
          "holds 1 good image; training needs at least 2"),
     # issue 25: a full disk is one line naming the file and what it holds, exit 1

@@ -86,8 +86,13 @@ class Detector:
 
     @property
     def image_size(self) -> int:
-        """The side every input is resized to before the graph runs."""
+        """The search's size (pixel budget) the bundle was made at."""
         return self.bundle.image_size
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(height, width) every input is resized to before the graph runs."""
+        return self.bundle.shape
 
     @property
     def threshold(self) -> float:
@@ -105,7 +110,7 @@ class Detector:
     def __repr__(self) -> str:
         members = ", ".join(f"{m.get('method')}:{m.get('trial_id')}" for m in self.manifest.get("members", []))
         return (f"Detector({str(self.folder)!r}, category={self.category!r}, {self.kind} [{members}], "
-                f"image_size={self.image_size}, threshold={self.threshold:.4f})")
+                f"shape={self.shape}, threshold={self.threshold:.4f})")
 
     def predict(self, images: ImageLike | Sequence[ImageLike], *, batch_size: int = 8) -> Predictions:
         """Scores, decisions and anomaly maps of ``images``: one path, PIL image or array,
@@ -120,7 +125,7 @@ class Detector:
         inputs, displays, sources = [], [], []
         for index, item in enumerate(items):
             rgb, source = _as_rgb(item, index)
-            network_input, display = prepare_rgb(rgb, self.image_size)
+            network_input, display = prepare_rgb(rgb, self.shape)
             inputs.append(network_input)
             displays.append(display)
             sources.append(source)

@@ -33,7 +33,7 @@ def search_options(category: str, budget: str, *, data: PathLike | None = None,
                    val_defects: PathLike | None = None, searcher: str = "tpe", max_concurrent: int | None = None,
                    address: str | None = None, gpus_per_trial: float = 1.0, max_gpus: float | None = None,
                    wandb: bool = False, use_ray_train: bool = True, space_dir: PathLike | None = None,
-                   calibrate: bool = True, plugins: Sequence[str] = ()) -> "SearchOptions":
+                   calibrate: bool = True, plugins: Sequence[str] = (), geometry: str = "auto") -> "SearchOptions":
     """The driver's options of a search; the keyword arguments of :func:`search`."""
     from automl_ad.tuning.search import SearchOptions
 
@@ -47,7 +47,7 @@ def search_options(category: str, budget: str, *, data: PathLike | None = None,
         storage=storage if isinstance(storage, str) else Path(storage), wandb=wandb, seed=seed,
         image_size=image_size, val_defects=_path(val_defects), use_train=use_ray_train,
         gpus_per_trial=gpus_per_trial, max_gpus=max_gpus, live=live, space_dir=_path(space_dir),
-        calibrate=calibrate, searcher=searcher, plugins=tuple(str(p) for p in plugins))
+        calibrate=calibrate, searcher=searcher, plugins=tuple(str(p) for p in plugins), geometry=geometry)
 
 
 def _path(value: PathLike | None) -> Path | None:
@@ -60,7 +60,8 @@ def search(category: str, budget: str, *, data: PathLike | None = None, methods:
            val_defects: PathLike | None = None, searcher: str = "tpe", max_concurrent: int | None = None,
            address: str | None = None, gpus_per_trial: float = 1.0, max_gpus: float | None = None,
            wandb: bool = False, use_ray_train: bool = True, space_dir: PathLike | None = None,
-           calibrate: bool = True, keep_ray: bool = False, plugins: Sequence[str] = ()) -> SearchResult:
+           calibrate: bool = True, keep_ray: bool = False, plugins: Sequence[str] = (),
+           geometry: str = "auto") -> SearchResult:
     """Search methods, backbones and synthetic-anomaly parameters for one product until
     ``budget`` is spent ("10m", "2h" search time; "50gpu-h", "4cpu-h" device time;
     "30trials"); every trial is stored under ``storage`` (a folder or s3://, gs:// URI).
@@ -76,6 +77,9 @@ def search(category: str, budget: str, *, data: PathLike | None = None, methods:
     needs that this machine has not measured. ``address``: a Ray cluster to join.
     ``plugins``: modules or .py files defining methods or synthesis families of your own
     (``@register`` / ``@register_family``), imported here and in every trial.
+    ``geometry``: "auto" keeps the images' aspect when they are clearly not square
+    (same pixel count per size), "square" squashes every image to a square,
+    "keep_aspect" always keeps the aspect (``automl_ad.data.geometry``).
 
     A local Ray instance this call starts is shut down when it returns (``keep_ray``:
     leave it up for the next search), so a notebook kernel holds no Ray processes
@@ -92,7 +96,7 @@ def search(category: str, budget: str, *, data: PathLike | None = None, methods:
                              val_defects=val_defects, searcher=searcher, max_concurrent=max_concurrent,
                              address=address, gpus_per_trial=gpus_per_trial, max_gpus=max_gpus, wandb=wandb,
                              use_ray_train=use_ray_train, space_dir=space_dir, calibrate=calibrate,
-                             plugins=plugins)
+                             plugins=plugins, geometry=geometry)
     with _own_ray(keep_ray), _signal_guard():
         return _result(run_search(options), storage)
 
@@ -139,7 +143,7 @@ def plan(category: str, budget: str, *, data: PathLike | None = None, methods: S
          max_concurrent: int | None = None, gpus_per_trial: float = 1.0, max_gpus: float | None = None, storage: PathLike = DEFAULT_STORAGE,
          experiment: str | None = None, resume: bool = False, searcher: str = "tpe",
          use_ray_train: bool = True, space_dir: PathLike | None = None, calibrate: bool = False,
-         plugins: Sequence[str] = ()) -> "Plan":
+         plugins: Sequence[str] = (), geometry: str = "auto") -> "Plan":
     """The schedule a search with these options would run (per method and image size:
     steps, paper-epoch equivalent, ASHA rungs, seconds per trial, expected trials), without
     Ray and without training; ``.text()`` is what ``search --plan`` prints, ``.entries``
@@ -154,7 +158,7 @@ def plan(category: str, budget: str, *, data: PathLike | None = None, methods: S
                              experiment=experiment, resume=resume, image_size=image_size, space_file=space_file, searcher=searcher,
                              max_concurrent=max_concurrent, gpus_per_trial=gpus_per_trial, max_gpus=max_gpus,
                              use_ray_train=use_ray_train, space_dir=space_dir, calibrate=calibrate,
-                             plugins=plugins)
+                             plugins=plugins, geometry=geometry)
     return preview_plan(options)
 
 

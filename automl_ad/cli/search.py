@@ -42,6 +42,10 @@ def _methods_option(value: str | None) -> list[str] | None:
 @click.option("--wandb", is_flag=True, help="Log every trial to Weights & Biases (offline unless WANDB_MODE says otherwise).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--image-size", type=click.IntRange(16, 2048), help="Pin one image size (default: the choices in common.yaml).")
+@click.option("--geometry", type=click.Choice(["auto", "square", "keep_aspect"]), default="auto", show_default=True,
+              help="How images become the model's input. auto: keep the images' aspect when they are clearly not "
+                   "square (e.g. 500x1260 px parts become 416x160 at the 256 px pixel budget), else square; "
+                   "square: squash every image to a square; keep_aspect: always keep the median aspect.")
 @click.option("--val-defects", type=click.Path(path_type=Path), help="Real defects for validation: <dir>/<defect-type>/*.png.")
 @click.option("--ensemble-k", default=3, show_default=True, type=click.IntRange(1),
               help="Most members of the ensemble built from the best trials at the end (1: best single model).")
@@ -67,7 +71,7 @@ def _methods_option(value: str | None) -> list[str] | None:
               help="With --plan: first time the speeds this machine has not measured yet (a few training steps "
                    "per method and size; cached in ~/.cache/automl_ad/calibration.json).")
 def search_command(category, budget, jobs_file, data, methods, space_file, max_concurrent, experiment, resume,
-                   address, storage, wandb, seed, image_size, val_defects, ensemble_k, models_dir, no_export,
+                   address, storage, wandb, seed, image_size, geometry, val_defects, ensemble_k, models_dir, no_export,
                    gpus_per_trial, max_gpus, searcher, plan_only, calibrate, plugins):
     """Search methods, backbones and synthetic-anomaly parameters for a product
     (or for several, one after the other: --category all, --jobs FILE).
@@ -104,7 +108,7 @@ def search_command(category, budget, jobs_file, data, methods, space_file, max_c
             schedule = api.plan(product, product_budget, data=data, methods=chosen, seed=seed, image_size=image_size,
                                 space_file=space_file, max_concurrent=max_concurrent, gpus_per_trial=gpus_per_trial,
                                 max_gpus=max_gpus, storage=storage, experiment=experiment, resume=resume,
-                                searcher=searcher, calibrate=calibrate, plugins=plugins)
+                                searcher=searcher, calibrate=calibrate, plugins=plugins, geometry=geometry)
             if len(targets) > 1:
                 click.echo(f"\n[{product}]")
             click.echo(schedule.text())
@@ -113,7 +117,7 @@ def search_command(category, budget, jobs_file, data, methods, space_file, max_c
     options = dict(data=data, methods=chosen, seed=seed, storage=storage, live=True, experiment=experiment,
                    resume=resume, image_size=image_size, space_file=space_file, val_defects=val_defects,
                    searcher=searcher, max_concurrent=max_concurrent, address=address, gpus_per_trial=gpus_per_trial,
-                   max_gpus=max_gpus, wandb=wandb, plugins=plugins)
+                   max_gpus=max_gpus, wandb=wandb, plugins=plugins, geometry=geometry)
 
     def finish(result: api.SearchResult) -> None:
         summary = result.summary

@@ -53,6 +53,8 @@ def _checked_synthesis(method: str, synthesis: str | None, pairs: tuple[str, ...
 @click.option("--category", "-c", required=True, help="Product (category) folder name.")
 @click.option("--data", type=click.Path(path_type=Path), help="Dataset root in MVTec AD layout. Default: built-in products.")
 @click.option("--image-size", default=128, show_default=True, type=click.IntRange(16, 2048))
+@click.option("--geometry", type=click.Choice(["auto", "square", "keep_aspect"]), default="auto", show_default=True,
+              help="Input shape for --image-size (a pixel budget): as search --geometry (README \"Data\").")
 @click.option("--epochs", default=10, show_default=True, type=click.IntRange(1), help="Epochs (each ends with a validation).")
 @click.option("--steps", type=click.IntRange(1), help="Total optimizer steps, spread evenly over --epochs (default: one pass over the fit images per epoch).")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
@@ -64,7 +66,7 @@ def _checked_synthesis(method: str, synthesis: str | None, pairs: tuple[str, ...
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder. Default: runs/<category>-<method>.")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in --out (same options).")
 @click.option("--time-limit", type=click.FloatRange(0, min_open=True), help="Minutes: stop after the first epoch that ends past this (test metrics are still reported).")
-def command(method, category, data, image_size, epochs, steps, batch_size, seed, synthesis, params, synth_params, device, out, resume, time_limit):
+def command(method, category, data, image_size, geometry, epochs, steps, batch_size, seed, synthesis, params, synth_params, device, out, resume, time_limit):
     """Train one method on one category, validate every epoch, report test metrics.
 
     Validation uses held-out good images and frozen synthetic anomalies from the
@@ -81,6 +83,8 @@ def command(method, category, data, image_size, epochs, steps, batch_size, seed,
       automl-ad train -m draem -c screw --out runs/x --resume
     """
     from automl_ad.data.dataset import load_category, resolve_data_root
+    from automl_ad.data.geometry import resolve as resolve_geometry, shape_text
+    from automl_ad.data.layout import discover_category
     from automl_ad.data.minimum import check_product
     from automl_ad.experiment import checkpoint_file, has_checkpoint, read_checkpoint
     from automl_ad.methods.base import get_method_class
@@ -102,7 +106,8 @@ def command(method, category, data, image_size, epochs, steps, batch_size, seed,
         raise UserError(f"{out} already holds a run: pass --resume to continue it or --out for a new folder")
     root = resolve_data_root(data, category)
     check_product(root, category, needed_for="training")  # before any folder is made
-    loaded = load_category(root, category, image_size, seed=seed)
+    shape = resolve_geometry(geometry, discover_category(root, category).train).shape(image_size)
+    loaded = load_category(root, category, image_size, shape=shape, seed=seed)
     steps_per_epoch = math.ceil(steps / epochs) if steps else None
     cfg = TrainConfig(
         method=method,
@@ -129,7 +134,7 @@ def command(method, category, data, image_size, epochs, steps, batch_size, seed,
     click.echo(
         f"{method} on {category}: {len(loaded.fit)} fit, {len(val_set)} val "
         f"({int(val_set.labels.sum())} synthetic anomalies, not from {family or 'any family'}), "
-        f"{len(loaded.test)} test images at {image_size}px"
+        f"{len(loaded.test)} test images at {shape_text(shape)}"
     )
     began = time.perf_counter()
     def out_of_time(report, _checkpoint_dir) -> bool:

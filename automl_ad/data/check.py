@@ -12,11 +12,14 @@ images without masks among masked siblings, unknown folders and files).
 
 from __future__ import annotations
 
+import statistics
+
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from automl_ad.data.images import read_image, read_mask
+from automl_ad.data.geometry import median_aspect, suggest
 from automl_ad.data.layout import GOOD, discover_category
 from automl_ad.data.minimum import MIN_FIT_IMAGES, MIN_TRAIN_GOOD, MIN_VAL_GOOD, ProductSize
 from automl_ad.errors import UserError
@@ -166,6 +169,16 @@ def _size_text(shape: tuple[int, ...]) -> str:
     return f"{shape[1]}x{shape[0]}"  # width x height, as image viewers print it
 
 
+def _geometry_line(sizes: dict[tuple[int, int], int]) -> str:
+    """The aspect spread and the geometry ``search --geometry auto`` would choose."""
+    aspects = sorted(width / height for (height, width), count in sizes.items() for _ in range(count))
+    geometry = suggest(median_aspect((height, width) for (height, width), count in sizes.items()
+                                     for _ in range(count)))
+    spread = f"{aspects[0]:.2f}" if aspects[0] == aspects[-1] else f"{aspects[0]:.2f}-{aspects[-1]:.2f}"
+    return (f"aspect (width / height): median {statistics.median(aspects):.2f}, range {spread}; "
+            f"search --geometry auto: {geometry.describe(256)}")
+
+
 def format_report(report: CheckReport) -> str:
     """Human-readable report: verdict, counts, sizes, mask coverage, then one line per problem."""
     verdict = "usable" if report.usable else f"NOT usable ({len(report.errors)} errors)"
@@ -188,6 +201,7 @@ def format_report(report: CheckReport) -> str:
     if report.sizes:
         sizes = ", ".join(f"{_size_text(size)} ({count})" for size, count in report.sizes.items())
         lines.append(f"  image sizes (width x height): {sizes}")
+        lines.append(f"  {_geometry_line(report.sizes)}")
     if report.problems:
         lines.append(f"  problems: {len(report.errors)} errors, {len(report.warnings)} warnings")
         lines.extend(f"    {problem.line()}" for problem in report.problems)

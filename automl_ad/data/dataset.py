@@ -37,6 +37,7 @@ from PIL import Image
 from torch import Tensor
 
 from automl_ad.data import builtin
+from automl_ad.data.geometry import Shape, as_shape
 from automl_ad.data.images import read_image, read_mask
 from automl_ad.data.layout import GOOD, CategoryLayout, discover_category
 from automl_ad.data.minimum import held_out
@@ -71,34 +72,43 @@ def clear_memory_cache() -> None:
     _memory_cache.clear()
 
 
-def _resized_hwc(image: np.ndarray, size: int) -> np.ndarray:
-    if image.shape[:2] == (size, size):
+def _resized_hwc(image: np.ndarray, size: int | Shape) -> np.ndarray:
+    height, width = as_shape(size)
+    if image.shape[:2] == (height, width):
         return image
     return np.asarray(Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
-                      .resize((size, size), Image.Resampling.BILINEAR))
+                      .resize((width, height), Image.Resampling.BILINEAR))  # PIL takes (width, height)
 
 
-def _resized_coverage(mask: np.ndarray, size: int) -> np.ndarray:
+def _resized_coverage(mask: np.ndarray, size: int | Shape) -> np.ndarray:
+    height, width = as_shape(size)
     coverage = np.asarray(mask, dtype=np.float32)
-    if coverage.shape != (size, size):
+    if coverage.shape != (height, width):
         # BOX on a float image is the exact area average when shrinking (nearest when growing).
-        coverage = np.asarray(Image.fromarray(coverage).resize((size, size), Image.Resampling.BOX))
+        coverage = np.asarray(Image.fromarray(coverage).resize((width, height), Image.Resampling.BOX))
     return coverage >= 0.5
 
 
-def resize_image(image: np.ndarray, size: int) -> Tensor:
-    """H x W x 3 uint8 -> 3 x size x size uint8 (antialiased bilinear; exact copy when no resize)."""
+def resize_image(image: np.ndarray, size: int | Shape) -> Tensor:
+    """H x W x 3 uint8 -> 3 x height x width uint8 (``size``: a side or (height, width);
+    antialiased bilinear; exact copy when no resize)."""
     return torch.from_numpy(np.ascontiguousarray(_resized_hwc(image, size).transpose(2, 0, 1)))
 
 
-def resize_mask(mask: np.ndarray, size: int) -> Tensor:
-    """H x W bool -> 1 x size x size uint8 in {0, 1} (area average, defect where >= 0.5)."""
+def resize_mask(mask: np.ndarray, size: int | Shape) -> Tensor:
+    """H x W bool -> 1 x height x width uint8 in {0, 1} (area average, defect where >= 0.5)."""
     return torch.from_numpy(_resized_coverage(mask, size).astype(np.uint8)[None])
 
 
-def decode_key(layout: CategoryLayout, image_size: int) -> str:
-    """sha256 hex over every file's relative path, size and mtime, plus the image size."""
-    digest = hashlib.sha256(f"{CACHE_VERSION}\n{image_size}\n".encode())
+def _shape_tag(shape: Shape) -> str:
+    """The shape in cache keys and names: the side alone for a square (as before shapes)."""
+    height, width = shape
+    return f"{height}" if height == width else f"{height}x{width}"
+
+
+def decode_key(layout: CategoryLayout, image_size: int | Shape) -> str:
+    """sha256 hex over every file's relative path, size and mtime, plus the image shape."""
+    digest = hashlib.sha256(f"{CACHE_VERSION}\n{_shape_tag(as_shape(image_size))}\n".encode())
     for path in layout.files():
         try:
             stat = path.stat()
@@ -109,17 +119,18 @@ def decode_key(layout: CategoryLayout, image_size: int) -> str:
     return digest.hexdigest()
 
 
-def _check_arguments(image_size: int, val_fraction: float, seed: int) -> None:
-    if isinstance(image_size, bool) or not isinstance(image_size, int) \
-            or not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
-        raise UserError(f"image_size must be an integer from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}, got {image_size!r}")
+def _check_arguments(image_size: int, shape: Shape | None, val_fraction: float, seed: int) -> None:
+    for side in (image_size, *(shape or ())):
+        if isinstance(side, bool) or not isinstance(side, int) or not MIN_IMAGE_SIZE <= side <= MAX_IMAGE_SIZE:
+            raise UserError(f"image_size must be an integer from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}, "
+                            f"got {side!r}")
     if not isinstance(val_fraction, (int, float)) or not 0.0 < float(val_fraction) < 1.0:
         raise UserError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise UserError(f"seed must be a non-negative integer, got {seed!r}")
 
 
-def _decode(layout: CategoryLayout, image_size: int) -> DecodedCategory:
+def _decode(layout: CategoryLayout, shape: Shape) -> DecodedCategory:
     """Read and resize every file of ``layout``; UserError naming the first bad file.
 
     Fills preallocated numpy arrays: per-image torch copies and ``torch.stack`` use
@@ -127,12 +138,12 @@ def _decode(layout: CategoryLayout, image_size: int) -> DecodedCategory:
     """
     if not layout.train:
         raise UserError(f"no training images in {layout.folder / 'train' / GOOD}")
-    train = np.empty((len(layout.train), 3, image_size, image_size), np.uint8)
+    train = np.empty((len(layout.train), 3, *shape), np.uint8)
     for index, path in enumerate(layout.train):
-        train[index] = _resized_hwc(read_image(path), image_size).transpose(2, 0, 1)
+        train[index] = _resized_hwc(read_image(path), shape).transpose(2, 0, 1)
     count = len(layout.test)
-    images = np.empty((count, 3, image_size, image_size), np.uint8)
-    masks = np.zeros((count, 1, image_size, image_size), np.uint8)
+    images = np.empty((count, 3, *shape), np.uint8)
+    masks = np.zeros((count, 1, *shape), np.uint8)
     has_mask = np.zeros(count, np.bool_)
     for index, item in enumerate(layout.test):
         image = read_image(item.path)
@@ -144,9 +155,9 @@ def _decode(layout: CategoryLayout, image_size: int) -> DecodedCategory:
                     f"mask {item.mask} is {mask.shape[1]}x{mask.shape[0]} but its image is "
                     f"{image.shape[1]}x{image.shape[0]}"
                 )
-            masks[index, 0] = _resized_coverage(mask, image_size)
+            masks[index, 0] = _resized_coverage(mask, shape)
             has_mask[index] = True
-        images[index] = _resized_hwc(image, image_size).transpose(2, 0, 1)
+        images[index] = _resized_hwc(image, shape).transpose(2, 0, 1)
     return DecodedCategory(
         train_images=torch.from_numpy(train),
         train_paths=[path.relative_to(layout.folder).as_posix() for path in layout.train],
@@ -163,8 +174,8 @@ _TENSOR_FIELDS = ("train_images", "test_images", "test_masks", "test_labels", "t
 _LIST_FIELDS = ("train_paths", "test_defect_types", "test_paths")
 
 
-def _cache_file(cache_dir: Path, category: str, image_size: int, key: str) -> Path:
-    return cache_dir / f"{category}-{image_size}px-{key[:32]}.safetensors"
+def _cache_file(cache_dir: Path, category: str, shape: Shape, key: str) -> Path:
+    return cache_dir / f"{category}-{_shape_tag(shape)}px-{key[:32]}.safetensors"
 
 
 def _read_disk_cache(path: Path, key: str) -> DecodedCategory | None:
@@ -209,8 +220,8 @@ def _write_disk_cache(path: Path, key: str, decoded: DecodedCategory) -> None:
         warnings.warn(f"could not write the data cache {path}: {error}", RuntimeWarning, stacklevel=3)
 
 
-def _decoded(layout: CategoryLayout, image_size: int, cache_dir: Path | None) -> tuple[str, DecodedCategory]:
-    key = decode_key(layout, image_size)
+def _decoded(layout: CategoryLayout, shape: Shape, cache_dir: Path | None) -> tuple[str, DecodedCategory]:
+    key = decode_key(layout, shape)
     if key in _memory_cache:
         _memory_cache.move_to_end(key)
         return key, _memory_cache[key]
@@ -220,10 +231,10 @@ def _decoded(layout: CategoryLayout, image_size: int, cache_dir: Path | None) ->
         cache_dir = Path(cache_dir)
         if cache_dir.exists() and not cache_dir.is_dir():
             raise UserError(f"cache_dir is not a folder: {cache_dir}")
-        cache_path = _cache_file(cache_dir, layout.category, image_size, key)
+        cache_path = _cache_file(cache_dir, layout.category, shape, key)
         decoded = _read_disk_cache(cache_path, key)
     if decoded is None:
-        decoded = _decode(layout, image_size)
+        decoded = _decode(layout, shape)
         if cache_path is not None:
             _write_disk_cache(cache_path, key, decoded)
     _memory_cache[key] = decoded
@@ -241,9 +252,10 @@ def split_train(count: int, val_fraction: float, seed: int) -> tuple[list[int], 
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
-def load_category(root: Path, category: str, image_size: int, *, val_fraction: float = 0.2, seed: int = 0,
-                  cache_dir: Path | None = None) -> CategoryData:
-    """Load ``<root>/<category>`` at ``image_size`` x ``image_size``.
+def load_category(root: Path, category: str, image_size: int, *, shape: Shape | None = None,
+                  val_fraction: float = 0.2, seed: int = 0, cache_dir: Path | None = None) -> CategoryData:
+    """Load ``<root>/<category>`` at ``image_size`` x ``image_size``, or at ``shape``
+    (height, width; ``data.geometry``) for that pixel budget.
 
     ``fit`` and ``val_good`` split ``train/good`` by a permutation seeded with ``seed``
     (``val_fraction`` of the images, at least one when there are two or more). Raises
@@ -251,9 +263,10 @@ def load_category(root: Path, category: str, image_size: int, *, val_fraction: f
     unreadable image or mask, or a mask whose size differs from its image. Files that do
     not fit the layout are ignored here; ``data check`` reports them.
     """
-    _check_arguments(image_size, val_fraction, seed)
+    shape = as_shape(image_size) if shape is None else as_shape(shape)
+    _check_arguments(image_size, shape, val_fraction, seed)
     layout = discover_category(Path(root), category)
-    key, decoded = _decoded(layout, image_size, cache_dir)
+    key, decoded = _decoded(layout, shape, cache_dir)
     fit_index, val_index = split_train(len(decoded.train_paths), float(val_fraction), seed)
     folder = layout.folder
     fingerprint = hashlib.sha256(f"{key}\nseed={seed}\nval_fraction={float(val_fraction)!r}".encode()).hexdigest()

@@ -60,7 +60,7 @@ from automl_ad.evaluation.uncertainty import CONFIDENCE, paired_bootstrap, withi
 from automl_ad.evaluation.validation import objective as val_objective
 from automl_ad.errors import DamagedCheckpoint, UserError
 from automl_ad.experiment import (ENSEMBLES, cache_dir, checkpoints_newest_first, has_record, read_record,
-                                  read_test_predictions, read_val_anomalies, read_val_scores)
+                                  read_test_predictions, read_val_anomalies, read_val_scores, record_shape)
 from automl_ad.deploy.export import calibrate_threshold, export_bundle
 from automl_ad.training.loop import load_trained_method, predict
 from automl_ad.evaluation.validation import val_set_for
@@ -188,10 +188,12 @@ def shared_val_set(val_good: torch.Tensor, anomalies: ImageSet, trained_families
     return val_set_for(val_good, anomalies.subset(keep), train_family=None), families
 
 
-def measure_latency_ms(model: torch.nn.Module, image_size: int, repeats: int = 5) -> float:
-    """Median wall time of one single-image forward pass on CPU (after a warm-up)."""
+def measure_latency_ms(model: torch.nn.Module, shape: int | tuple[int, int], repeats: int = 5) -> float:
+    """Median wall time of one single-image forward pass on CPU (after a warm-up), on an
+    input of ``shape`` (height, width; or a square's side)."""
     model = model.eval()
-    image = torch.rand(1, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    height, width = (shape, shape) if isinstance(shape, int) else shape
+    image = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(0))
     times = []
     with torch.no_grad():
         model(image)
@@ -238,11 +240,12 @@ def choose_model(
     if not candidates:
         raise UserError(f"no trial in {folder} has a usable checkpoint (see the warnings above)")
     size = candidates[0].image_size
-    data = load_category(Path(record["data"]), category, size, seed=seed, cache_dir=cache_dir(folder))
+    data = load_category(Path(record["data"]), category, size, shape=record_shape(record, size), seed=seed,
+                         cache_dir=cache_dir(folder))
     anomalies = read_val_anomalies(folder, size)
     models = {c.trial_id: loaded[c.trial_id][1] for c in candidates}
     if max_latency_ms is not None:
-        candidates = _within_latency(candidates, models, size, max_latency_ms)
+        candidates = _within_latency(candidates, models, record_shape(record, size), max_latency_ms)
     trained = {c.synthesis for c in candidates if c.synthesis}
     val, families = shared_val_set(data.val_good, anomalies, trained)
 
@@ -303,7 +306,7 @@ def choose_model(
     model = EnsembleModel([models[n] for n in names], [chosen.scalers[n] for n in names],
                           [weights[n] for n in names], fusion=chosen.fusion)
     with progress.step("measuring latency"):
-        latency = measure_latency_ms(model, size)
+        latency = measure_latency_ms(model, tuple(data.fit.shape[-2:]))
     return Choice(
         kind=kind,
         members=names,
@@ -388,10 +391,10 @@ def single_scores(result: EnsembleResult, member: MemberPredictions) -> torch.Te
     return result.scalers[member.name].scores(member.val_scores)
 
 
-def _within_latency(candidates: list[Candidate], models: dict[str, Any], size: int,
+def _within_latency(candidates: list[Candidate], models: dict[str, Any], shape: tuple[int, int],
                     max_latency_ms: float) -> list[Candidate]:
     """The candidates whose single-image CPU latency fits ``max_latency_ms``."""
-    latency = {c.trial_id: measure_latency_ms(models[c.trial_id], size) for c in candidates}
+    latency = {c.trial_id: measure_latency_ms(models[c.trial_id], shape) for c in candidates}
     kept = [c for c in candidates if latency[c.trial_id] <= max_latency_ms]
     if not kept:
         raise UserError(f"no model meets --max-latency-ms {max_latency_ms}: the fastest candidate takes "
@@ -435,7 +438,8 @@ def export_choice(
     record = read_record(folder)
     size = choice.candidates[0].image_size
     operating_point = calibrate_threshold(choice.val_scores, choice.val_labels, fpr=fpr)
-    data = load_category(Path(record["data"]), record["category"], size, seed=int(record.get("seed", 0)), cache_dir=cache_dir(folder))
+    data = load_category(Path(record["data"]), record["category"], size, shape=record_shape(record, size),
+                         seed=int(record.get("seed", 0)), cache_dir=cache_dir(folder))
     real = data.test.images[:4] if len(data.test) else data.val_good[:4]
     scalers = {
         name: {

@@ -212,9 +212,11 @@ def _export_bundle(model: nn.Module, out: Path, *, image_size: int, manifest: di
             "code_version": code_version(),
             **manifest,
             "preprocessing": {
-                "image_size": image_size,
+                "image_size": image_size,  # the search's size (pixel budget)
+                "height": int(example.shape[-2]),  # what every image is resized to
+                "width": int(example.shape[-1]),
                 "channels": "RGB (grayscale replicated, alpha dropped)",
-                "resize": "bilinear (antialiased) to image_size x image_size",
+                "resize": "bilinear (antialiased) to height x width (the part's aspect or a square: search --geometry)",
                 "scale": "uint8 / 255 -> float32 in [0, 1]",
                 "layout": "N x 3 x H x W",
             },
@@ -292,7 +294,15 @@ class Bundle:
 
     @property
     def image_size(self) -> int:
+        """The search's size: the pixel budget the input shape was made for."""
         return int(self.manifest["preprocessing"]["image_size"])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(height, width) every input image is resized to (a bundle written before
+        non-square geometries: image_size x image_size)."""
+        pre = self.manifest["preprocessing"]
+        return int(pre.get("height", pre["image_size"])), int(pre.get("width", pre["image_size"]))
 
     @property
     def threshold(self) -> float:
@@ -345,6 +355,10 @@ def _check_fields(folder: Path, manifest: dict[str, Any]) -> None:
     threshold = (manifest.get("operating_point") or {}).get("threshold")
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise UserError(f"bundle {folder}: {MANIFEST} has no valid preprocessing.image_size")
+    for side in ("height", "width"):
+        value = manifest["preprocessing"].get(side, size)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"bundle {folder}: {MANIFEST} has no valid preprocessing.{side}")
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
         raise UserError(f"bundle {folder}: {MANIFEST} has no numeric operating_point.threshold")
 

@@ -27,16 +27,17 @@ class Prediction:
     overlay: str | None = None
 
 
-def _prepare(path: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(network input 3 x S x S float32 in [0, 1], display image S x S x 3 uint8)."""
+def _prepare(path: Path, size: int | tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(network input 3 x H x W float32 in [0, 1], display image H x W x 3 uint8)."""
     return prepare_rgb(read_image(path), size)
 
 
-def prepare_rgb(image: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """An H x W x 3 uint8 RGB image as the bundle takes it: (network input 3 x S x S
-    float32 in [0, 1], display image S x S x 3 uint8). One path for files, PIL images
-    and arrays, so each gives the same score."""
-    resized = resize_image(image, size).numpy()  # 3 x S x S uint8
+def prepare_rgb(image: np.ndarray, size: int | tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """An RGB uint8 image of any size as the bundle takes it, ``size`` being the bundle's
+    (height, width) (or a square's side): (network input 3 x H x W float32 in [0, 1],
+    display image H x W x 3 uint8). One path for files, PIL images and arrays, so each
+    gives the same score."""
+    resized = resize_image(image, size).numpy()  # 3 x H x W uint8
     return resized.astype(np.float32) / 255.0, resized.transpose(1, 2, 0)
 
 
@@ -78,7 +79,7 @@ def predict_files(
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-    size, threshold = bundle.image_size, bundle.threshold
+    size, threshold = bundle.shape, bundle.threshold
     results: dict[int, Prediction] = {}
     ready: list[tuple[int, np.ndarray, np.ndarray]] = []
 

@@ -27,6 +27,7 @@ import numpy as np
 from automl_ad.param_keys import METHOD, method_key, split_config, synthesis_key
 from automl_ad import experiment
 from automl_ad.data.dataset import load_category
+from automl_ad.data.geometry import shape_text
 from automl_ad.deploy.export import load_bundle
 from automl_ad.deploy.predict import heat_overlay
 from automl_ad.deploy.progress import DeployProgress, resolve
@@ -308,7 +309,7 @@ def figure_importances(importances: dict[str, float]) -> str:
 
 def score_with_bundle(bundle: Any, images: np.ndarray, batch_size: int = 16,
                       on_batch: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(maps N x S x S, scores N) from the bundle's ONNX graph for uint8 N x 3 x S x S;
+    """(maps N x H x W, scores N) from the bundle's ONNX graph for uint8 N x 3 x H x W;
     ``on_batch(images in it)`` after each batch."""
     maps, scores = [], []
     for start in range(0, len(images), batch_size):
@@ -319,8 +320,7 @@ def score_with_bundle(bundle: Any, images: np.ndarray, batch_size: int = 16,
         if on_batch is not None:
             on_batch(len(chunk))
     if not maps:
-        size = images.shape[-1]
-        return np.zeros((0, size, size), np.float32), np.zeros(0, np.float32)
+        return np.zeros((0, *images.shape[-2:]), np.float32), np.zeros(0, np.float32)
     return np.concatenate(maps), np.concatenate(scores)
 
 
@@ -338,8 +338,8 @@ def scored_sets(folder: Path, bundle: Any, *, val_scores: np.ndarray | None = No
     notes: list[str] = []
     record = experiment.read_record(folder)
     size = bundle.image_size
-    data = load_category(Path(record["data"]), record["category"], size, seed=int(record.get("seed", 0)),
-                         cache_dir=experiment.cache_dir(folder))
+    data = load_category(Path(record["data"]), record["category"], size, shape=bundle.shape,
+                         seed=int(record.get("seed", 0)), cache_dir=experiment.cache_dir(folder))
     fingerprint = bundle.manifest.get("data_fingerprint")
     if fingerprint and fingerprint != data.fingerprint:
         notes.append(f"The data folder changed since the bundle was exported (fingerprint {fingerprint} then, "
@@ -444,7 +444,7 @@ def side_by_side_png(image: np.ndarray, heat: np.ndarray, mask: np.ndarray | Non
     import cv2
 
     blended = heat_overlay(image, heat, value_range)
-    factor = max(1, THUMBNAIL_PX // image.shape[0])
+    factor = max(1, THUMBNAIL_PX // max(image.shape[:2]))
     big = lambda array: cv2.resize(array, None, fx=factor, fy=factor, interpolation=cv2.INTER_NEAREST)  # noqa: E731
     left, right = big(np.ascontiguousarray(image)), big(blended)
     if mask is not None and mask.any():
@@ -684,7 +684,7 @@ def _model_sections(folder: Path, bundle: Any, examples_per_group: int, progress
     """The deployed model: its scores on val and test, ROC curves, heat-map galleries."""
     sets, notes = scored_sets(folder, bundle, val_scores=val_scores, val_labels=val_labels, progress=progress)
     sections = [f"<p class='note'>Scores from the bundle's ONNX graph ({html.escape(str(bundle.folder))}) at "
-                f"{bundle.image_size} px, exactly as <code>predict</code> computes them. The red dot is the threshold "
+                f"{shape_text(bundle.shape)}, exactly as <code>predict</code> computes them. The red dot is the threshold "
                 f"({bundle.threshold:.4g}) the bundle uses.</p>"]
     sections += [f"<p class='note'>{html.escape(n)}</p>" for n in notes]
     with progress.step("report: ROC curves"):

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from automl_ad.data.dataset import resize_image, resize_mask
+from automl_ad.data.geometry import Shape, as_shape
 from automl_ad.data.images import IMAGE_SUFFIXES, read_image, read_mask
 from automl_ad.data.types import CategoryData, ImageSet, to_float
 from automl_ad.errors import UserError, writing
@@ -108,9 +109,11 @@ def val_set_for(
     return ImageSet.concat(parts)
 
 
-def load_val_defects(folder: Path, image_size: int) -> ImageSet:
+def load_val_defects(folder: Path, image_size: int | Shape) -> ImageSet:
     """Real defects for validation: ``<folder>/<defect-type>/*`` images with optional
-    ``<folder>/ground_truth/<defect-type>/<stem>_mask.png`` masks (MVTec naming)."""
+    ``<folder>/ground_truth/<defect-type>/<stem>_mask.png`` masks (MVTec naming), resized
+    to ``image_size`` (a side or the search's (height, width))."""
+    shape = as_shape(image_size)
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"--val-defects folder not found: {folder}")
@@ -127,12 +130,12 @@ def load_val_defects(folder: Path, image_size: int) -> ImageSet:
                 mask = read_mask(mask_path)
                 if mask.shape != image.shape[:2]:
                     raise UserError(f"mask size {mask.shape} differs from image {image.shape[:2]}: {mask_path}")
-                masks.append(resize_mask(mask, image_size))
+                masks.append(resize_mask(mask, shape))
                 has_mask.append(True)
             else:
-                masks.append(torch.zeros(1, image_size, image_size, dtype=torch.uint8))
+                masks.append(torch.zeros(1, *shape, dtype=torch.uint8))
                 has_mask.append(False)
-            images.append(resize_image(image, image_size))
+            images.append(resize_image(image, shape))
             kinds.append(defect_dir.name)
             paths.append(str(path))
     if not images:

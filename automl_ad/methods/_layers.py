@@ -58,7 +58,13 @@ def pad_to_multiple(images: Tensor, multiple: int) -> tuple[Tensor, int, int]:
     return images, height, width
 
 
-def scaled_odd_window(window_at_reference: int, size: int) -> int:
+def effective_side(height: int, width: int) -> float:
+    """The side of the square with as many pixels as ``height x width``: what a length
+    given at a square size scales with on a non-square image (equal to the side on a square)."""
+    return math.sqrt(int(height) * int(width))
+
+
+def scaled_odd_window(window_at_reference: int, size: float) -> int:
     """A window given at 256 px rescaled to ``size`` px, rounded to an odd number >= 1."""
     scaled = max(1, round(window_at_reference * size / REFERENCE_SIZE))
     return scaled if scaled % 2 == 1 else scaled + 1

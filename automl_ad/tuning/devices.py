@@ -15,6 +15,7 @@ from automl_ad.tuning.budget import Budget
 from automl_ad.tuning.options import SearchOptions
 from automl_ad.tuning.schedule import Plan
 from automl_ad.tuning.space import SearchSpace
+from automl_ad.data.geometry import Geometry
 from automl_ad.tuning.trainable import TrialContext
 
 DRIVER_RESOURCE = "TRAIN_DRIVER"  # declared by the on-demand node types in cluster/
@@ -93,7 +94,7 @@ def trial_shape(opts: SearchOptions, devices: DevicePlan) -> dict[str, Any]:
 
 def trial_context(opts: SearchOptions, devices: DevicePlan, space: SearchSpace, *, schedule: Plan | None = None,
                   experiment: str = "", folder: Path | None = None, data_root: Path | None = None,
-                  remote: Storage | None = None) -> TrialContext:
+                  remote: Storage | None = None, geometry: Geometry | None = None) -> TrialContext:
     """What every trial of a search with ``opts`` on ``devices`` is told: the one place
     SearchOptions becomes a TrialContext. Without a ``schedule`` (while planning one):
     the fidelity's rounds, and no experiment folder."""
@@ -116,4 +117,5 @@ def trial_context(opts: SearchOptions, devices: DevicePlan, space: SearchSpace, 
         train_retries=1 if opts.address else 0,
         schedule=schedule.schedule() if schedule is not None else None,
         plugins=load_plugins(opts.plugins),
+        geometry=(geometry or Geometry()).to_dict(),
     )

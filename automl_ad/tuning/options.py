@@ -46,6 +46,9 @@ class SearchOptions:
     # Modules or .py files with methods or synthesis families of the user's own
     # (automl_ad.plugins), imported by the driver and by every trial.
     plugins: tuple[str, ...] = ()
+    # How images become the input (automl_ad.data.geometry): "auto" keeps the aspect of a
+    # product whose images are clearly not square; "square" or "keep_aspect" force one.
+    geometry: str = "auto"
 
 
 SEARCHERS = ("tpe", "random")

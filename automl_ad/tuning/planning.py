@@ -12,6 +12,9 @@ from typing import Any, Callable
 
 from automl_ad import experiment as layout
 from automl_ad.data.dataset import resolve_data_root
+from automl_ad.data.geometry import Geometry, shape_text
+from automl_ad.data.geometry import resolve as resolve_geometry
+from automl_ad.data.layout import discover_category
 from automl_ad.errors import UserError
 from automl_ad.plugins import load_plugins
 from automl_ad.methods.base import get_method_class
@@ -63,7 +66,8 @@ def method_inputs(space: SearchSpace, val_good: int) -> list[Any]:
 
 
 def plan_schedule(opts: SearchOptions, budget: Budget, space: SearchSpace, data_root: Path, devices: DevicePlan,
-                  *, calibrate: bool = True, log: Callable[[str], None] | None = None) -> Plan:
+                  *, calibrate: bool = True, log: Callable[[str], None] | None = None,
+                  geometry: Geometry | None = None) -> Plan:
     """The search's schedule (``planner.make_plan``) for ``devices``: speeds measured on
     this machine's device when it has it (``calibrate``: measure what is missing first),
     else the project's prior for the device kind."""
@@ -92,7 +96,13 @@ def plan_schedule(opts: SearchOptions, budget: Budget, space: SearchSpace, data_
     data = dataclasses.asdict(counts)
     methods = [dataclasses.replace(m, sampled_cost=sampled_cost_factors(space, m.name, data))
                if m.name in planned else m for m in methods]
-    return make_plan(budget, methods, bounds, speeds, counts, **options)
+    plan = make_plan(budget, methods, bounds, speeds, counts, **options)
+    if geometry is not None and not geometry.square:
+        # Same pixels per image at each size, so the same costs; only the shape differs.
+        shapes = ", ".join(f"{size} -> {shape_text(geometry.shape(size))}" for size in plan.all_sizes())
+        plan.notes.append(f"geometry {geometry.mode}: the images' aspect ({geometry.aspect:.2f} width/height) "
+                          f"at each size's pixel count: {shapes}")
+    return plan
 
 
 def _with_learned_costs(methods: list[Any], device: str | None, threads: int) -> list[Any]:
@@ -166,7 +176,9 @@ def preview_plan(opts: SearchOptions) -> Plan:
     devices = plan_devices(budget, resources, max_gpus=max_gpus, gpus_per_trial=opts.gpus_per_trial,
                            cpus_per_trial=opts.cpus_per_trial, use_train=opts.use_train,
                            max_concurrent=opts.max_concurrent)
-    return plan_schedule(opts, budget, space, data_root, devices, calibrate=opts.calibrate, log=_log)
+    geometry = resolve_geometry(opts.geometry, discover_category(data_root, opts.category).train)
+    return plan_schedule(opts, budget, space, data_root, devices, calibrate=opts.calibrate, log=_log,
+                         geometry=geometry)
 
 
 def warm_start_points(space: SearchSpace, schedule: Plan) -> list[dict[str, Any]]:

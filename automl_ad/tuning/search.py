@@ -25,7 +25,10 @@ from typing import Any
 
 from automl_ad import experiment as layout
 from automl_ad.data.dataset import load_category, resolve_data_root
-from automl_ad.data.layout import category_folder
+from automl_ad.data.geometry import Geometry
+from automl_ad.data.geometry import resolve as resolve_geometry
+from automl_ad.data.geometry import stored as stored_geometry
+from automl_ad.data.layout import category_folder, discover_category
 from automl_ad.data.minimum import check_product
 from automl_ad.errors import UserError
 from automl_ad.plugins import load_plugins
@@ -72,13 +75,14 @@ def _prepare_val_sets(context: TrialContext, image_sizes: tuple[int, ...], data_
     """Frozen val anomalies per image size, made once (seeded) and saved; fingerprints."""
     fingerprints = {}
     for size in image_sizes:
-        data = load_category(data_root, context.category, size, seed=context.seed, cache_dir=context.cache_dir)
+        data = load_category(data_root, context.category, size, shape=context.shape_of(size), seed=context.seed,
+                             cache_dir=context.cache_dir)
         fingerprints[size] = data.fingerprint
         path = context.val_anomalies_path(size)
         if not path.exists():
             save_image_set(build_val_anomalies(data, seed=context.seed), path)
         if context.val_defects:
-            load_val_defects(Path(context.val_defects), size)  # bad folder: fail before the search
+            load_val_defects(Path(context.val_defects), context.shape_of(size))  # bad folder: fail before the search
     return fingerprints
 
 
@@ -113,6 +117,7 @@ class _Prepared:
     folder: Path  # the experiment folder the driver reads and writes (the mirror, on a bucket)
     remote: Storage | None  # the object store the folder mirrors, if any
     record: dict[str, Any]  # the search record, completed by _plan
+    geometry: Geometry  # the shape images get at each size (the stored one on a resume)
 
     @property
     def tune_root(self) -> str:
@@ -132,7 +137,8 @@ def run_search(opts: SearchOptions) -> SearchSummary:
         devices = _plan_devices(prep)
         schedule, space = _plan(prep, devices)
         context = trial_context(opts, devices, space, schedule=schedule, experiment=prep.experiment,
-                                folder=prep.folder, data_root=prep.data_root, remote=prep.remote)
+                                folder=prep.folder, data_root=prep.data_root, remote=prep.remote,
+                                geometry=prep.geometry)
         fingerprints = _prepare_val_sets(context, space.all_image_sizes(), prep.data_root)
         if prep.remote is not None:
             prep.remote.push(prep.experiment)  # the search record and val sets: a resume can start from them
@@ -189,9 +195,13 @@ def _prepare(opts: SearchOptions) -> _Prepared:
         if not layout.has_record(folder):
             raise UserError(f"--resume: no search in {folder}")
         _check_resume(folder, opts, record)
+        geometry = stored_geometry(layout.read_record(folder), opts.geometry)
     elif layout.has_record(folder):
         raise UserError(f"experiment {experiment!r} exists in {spec.local}; pass --resume or a new --experiment")
-    return _Prepared(opts, budget, space, data_root, experiment, folder, remote, record)
+    else:
+        geometry = resolve_geometry(opts.geometry, discover_category(data_root, opts.category).train)
+    record["geometry"] = geometry.to_dict()
+    return _Prepared(opts, budget, space, data_root, experiment, folder, remote, record, geometry)
 
 
 def _plan_devices(prep: _Prepared) -> DevicePlan:
@@ -218,7 +228,7 @@ def _plan(prep: _Prepared, devices: DevicePlan) -> tuple[Plan, SearchSpace]:
         schedule = Plan.from_dict(saved["plan"])  # never re-planned: the trials so far ran this
     else:
         schedule = plan_schedule(opts, prep.budget, prep.space, prep.data_root, devices, calibrate=opts.calibrate,
-                                 log=_log if opts.live else None)
+                                 log=_log if opts.live else None, geometry=prep.geometry)
     if opts.live:
         print(schedule.text(), flush=True)
     # Methods the plan left out (too expensive to train usefully on this budget) are not sampled.

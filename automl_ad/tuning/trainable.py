@@ -38,6 +38,7 @@ from automl_ad.training.loop import EpochReport, TrainConfig, fit, synthesis_fam
 from automl_ad.tuning.budget import DeadlineWatch
 from automl_ad.param_keys import split_config
 from automl_ad.evaluation.uncertainty import auroc_standard_error
+from automl_ad.data.geometry import Geometry
 from automl_ad.evaluation.validation import load_image_set, load_val_defects, val_set_for
 
 
@@ -79,6 +80,14 @@ class TrialContext:
     # Modules or .py files with the search's own methods and families (automl_ad.plugins):
     # every trial process imports them before it looks a method up.
     plugins: tuple[str, ...] = ()
+    # How images become the model's input (``data.geometry``): one per search, so every
+    # trial and the export see the same shape for a size.
+    # (``Geometry.to_dict()``: the context travels to trials as plain data; None: square)
+    geometry: dict[str, Any] | None = None
+
+    def shape_of(self, image_size: int) -> tuple[int, int]:
+        """(height, width) of the images at the pixel budget ``image_size``."""
+        return Geometry.from_dict(self.geometry).shape(image_size)
 
     def schedule_of(self, method: str, image_size: int) -> tuple[int | None, int]:
         """(steps per round, batch size) of ``method`` at ``image_size``."""
@@ -115,7 +124,7 @@ def train_config(context: TrialContext, flat: Mapping[str, Any], device: str = "
 
 def load_trial_data(context: TrialContext, image_size: int):
     """(CategoryData, frozen val anomalies, user val defects or None) at ``image_size``."""
-    data = load_category(Path(context.data_root), context.category, image_size,
+    data = load_category(Path(context.data_root), context.category, image_size, shape=context.shape_of(image_size),
                          seed=context.seed, cache_dir=context.cache_dir)
     val_path = context.val_anomalies_path(image_size)
     if context.storage_uri is not None:
@@ -123,7 +132,7 @@ def load_trial_data(context: TrialContext, image_size: int):
         for name in (relative, relative + ".json"):  # tensors, then their list sidecar
             ensure_file(context.storage_uri, context.experiment_dir, name)
     anomalies = load_image_set(val_path)
-    extra = load_val_defects(Path(context.val_defects), image_size) if context.val_defects else None
+    extra = load_val_defects(Path(context.val_defects), context.shape_of(image_size)) if context.val_defects else None
     return data, anomalies, extra
 
 

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from automl_ad.methods.backbones import create_backbone, default_layers
 from automl_ad.errors import UserError
-from automl_ad.methods._layers import gaussian_blur
+from automl_ad.methods._layers import effective_side, gaussian_blur
 from automl_ad.methods.base import Batch, Method, Recipe, check_config, register
 
 _KMEANS_SEED = 0
@@ -222,5 +222,5 @@ class CFA(Method):
         patch_scores = (weight_of_nearest * distances[:, 0]).reshape(-1, 1, h, w)  # -1: batch stays dynamic in exported graphs
         size = images.shape[-2:]
         maps = F.interpolate(patch_scores, size=size, mode="bilinear", align_corners=False).squeeze(1)
-        sigma = self.config.smoothing_sigma * size[0] / 224.0
+        sigma = self.config.smoothing_sigma * effective_side(*size) / 224.0
         return gaussian_blur(maps, sigma)

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from automl_ad.methods._layers import (
     conv_bn_relu,
     double_conv,
+    effective_side,
     focal_loss,
     mean_filter,
     normal_init,
@@ -158,5 +159,5 @@ class Draem(Method):
         return self._segment(images)[1][:, 1]
 
     def image_score(self, maps: Tensor) -> Tensor:
-        window = scaled_odd_window(self.config.score_window, int(maps.shape[-1]))
+        window = scaled_odd_window(self.config.score_window, effective_side(*maps.shape[-2:]))
         return mean_filter(maps, window).flatten(1).amax(dim=1)

@@ -34,7 +34,7 @@ from torch import Tensor
 from automl_ad.methods.backbones import create_backbone, default_layers
 from automl_ad.errors import UserError
 from automl_ad.methods.base import Method, Recipe, check_config, register
-from automl_ad.methods._layers import gaussian_blur
+from automl_ad.methods._layers import effective_side, gaussian_blur
 
 _SETUP_CHUNK = 16  # fit images per backbone pass in setup()
 _DISTANCE_CHUNK = 4096  # patches per block in nearest-neighbour searches
@@ -262,7 +262,7 @@ class PatchCore(Method):
 
     def _upsampled_map(self, patch_scores: Tensor, size: torch.Size) -> Tensor:
         maps = F.interpolate(patch_scores, size=size, mode="bilinear", align_corners=False).squeeze(1)
-        return gaussian_blur(maps, float(self.config.smoothing_sigma) * size[0] / 224.0)
+        return gaussian_blur(maps, float(self.config.smoothing_sigma) * effective_side(*size) / 224.0)
 
     def _reweighted_max(self, queries: Tensor, patch_scores: Tensor, nearest: Tensor) -> Tensor:
         """s* x (1 - softmax_0 of the distances from the worst test patch to its nearest

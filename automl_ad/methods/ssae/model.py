@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from automl_ad.methods._layers import (
     conv_bn_relu,
     double_conv,
+    effective_side,
     gaussian_blur,
     pad_to_multiple,
 )
@@ -150,5 +151,5 @@ class Ssae(Method):
 
     def anomaly_map(self, images: Tensor) -> Tensor:
         error = (self.reconstruct(images) - images).pow(2).mean(dim=1)
-        sigma = self.config.smoothing_sigma * images.shape[-1] / 256.0
+        sigma = self.config.smoothing_sigma * effective_side(*images.shape[-2:]) / 256.0
         return gaussian_blur(error, sigma)
