@@ -14,11 +14,12 @@ are read to *report* the rules, which is what this benchmark is for (issue 21, p
 Rules (all val-only):
   best-val        the trial with the largest val objective
   shipped         choice.py's rule: plausible trials, largest size, paired-bootstrap ties,
-                  the 3 of them best on their hardest synthetic family, ensembled
+                  the 3 of them best on val, ensembled
   tied-all        the rule before it: every tied candidate (at most 5) ensembled, unless the
                   best alone is significantly better
-  tied-pooled3    the 3 tied candidates best on the pooled val objective
-  tied-wf2        as shipped, with 2 members
+  tied-wf3        the rule of stop 28: the 3 tied candidates best on their hardest
+                  synthetic family
+  tied-wf2        the same, with 2 members
   wf-top3-size    the 3 best on their hardest family at that size, tied or not
   wf-tied-size    ties decided on val-good + the best trial's hardest family only
   tied-all-sizes  the same ties, but members from every plausible size (score fusion)
@@ -154,7 +155,7 @@ class Experiment:
         size = max(t.size for t in plausible)
         at_size = [t for t in plausible if t.size == size]
         tied = self.tied(at_size)
-        shipped = tied  # the rule before the hardest family: every tied candidate (at most 5)
+        shipped = tied  # the rule of stop 26: every tied candidate (at most 5)
         if len(tied) > 1:
             scores, labels, _ = self.shared(tied)
             good = labels == 0
@@ -175,8 +176,8 @@ class Experiment:
         return {
             "best-val": self.trials[:1],
             "wf-top3-size": by_worst[:3],
-            "shipped": sorted(tied, key=lambda t: (-worst[t.trial_id], -t.objective))[:3],
-            "tied-pooled3": tied[:3],
+            "shipped": tied[:3],
+            "tied-wf3": sorted(tied, key=lambda t: (-worst[t.trial_id], -t.objective))[:3],
             "tied-wf2": sorted(tied, key=lambda t: (-worst[t.trial_id], -t.objective))[:2],
             "wf-tied-size": self.tied_on(by_worst, self.worst_family_ids(by_worst)),
             "tied-all": shipped,
