@@ -96,3 +96,20 @@ def test_data_check_reports_the_aspect_and_the_geometry_auto_picks(wide_mvtec, t
     assert "aspect (width / height): median 2.50, range 2.50;" in wide
     assert "search --geometry auto: keep_aspect (aspect 2.50 width/height; 256 px budget -> 160x416 px)" in wide
     assert "search --geometry auto: square" in format_report(check_category(tiny_mvtec, "screw"))
+
+
+def test_train_keeps_the_aspect_of_a_wide_product_and_square_on_request(wide_mvtec, tmp_path):
+    from click.testing import CliRunner
+
+    from automl_ad.cli import main
+
+    def train(*extra: str):
+        return CliRunner().invoke(main, ["train", "-m", "patchcore", "-c", "screw", "--data", str(wide_mvtec),
+                                         "--image-size", "32", "--epochs", "1", *extra])
+
+    wide = train("--out", str(tmp_path / "wide"))
+    assert wide.exit_code == 0, wide.output
+    assert "test images at 32x64 px" in wide.output
+    square = train("--out", str(tmp_path / "square"), "--geometry", "square")
+    assert square.exit_code == 0, square.output
+    assert "test images at 32 px" in square.output
