@@ -418,6 +418,11 @@ CASES = [
     Case("search parts beyond 1:8", lambda w: ["search", "-c", CAT, "--data", str(_long_thin_parts(w)), "--budget",
                                                "2m", "--storage", str(w.results)],
          "aspect of 10 (width / height) is beyond 1:8; crop the images to the part first, or pass --geometry square"),
+    # issue 24: DRAEM's texture source is checked before Ray starts
+    Case("search texture dir missing", lambda w: w.search("--budget", "2trials", "--texture-dir", str(w.tmp / "nope")),
+         "nope is not a folder"),
+    Case("search texture dir without images", lambda w: w.search("--budget", "2trials", "--texture-dir", str(w.tmp)),
+         "holds no images"),
     Case("train one good image", lambda w: w.train(data=_one_good_image(w)),
          "holds 1 good image; training needs at least 2"),
     # issue 25: a full disk is one line naming the file and what it holds, exit 1

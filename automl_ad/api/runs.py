@@ -33,7 +33,8 @@ def search_options(category: str, budget: str, *, data: PathLike | None = None,
                    val_defects: PathLike | None = None, searcher: str = "tpe", max_concurrent: int | None = None,
                    address: str | None = None, gpus_per_trial: float = 1.0, max_gpus: float | None = None,
                    wandb: bool = False, use_ray_train: bool = True, space_dir: PathLike | None = None,
-                   calibrate: bool = True, plugins: Sequence[str] = (), geometry: str = "auto") -> "SearchOptions":
+                   calibrate: bool = True, plugins: Sequence[str] = (), geometry: str = "auto",
+                   texture_dir: PathLike | None = None) -> "SearchOptions":
     """The driver's options of a search; the keyword arguments of :func:`search`."""
     from automl_ad.tuning.search import SearchOptions
 
@@ -47,7 +48,8 @@ def search_options(category: str, budget: str, *, data: PathLike | None = None,
         storage=storage if isinstance(storage, str) else Path(storage), wandb=wandb, seed=seed,
         image_size=image_size, val_defects=_path(val_defects), use_train=use_ray_train,
         gpus_per_trial=gpus_per_trial, max_gpus=max_gpus, live=live, space_dir=_path(space_dir),
-        calibrate=calibrate, searcher=searcher, plugins=tuple(str(p) for p in plugins), geometry=geometry)
+        calibrate=calibrate, searcher=searcher, plugins=tuple(str(p) for p in plugins), geometry=geometry,
+        texture_dir=_path(texture_dir))
 
 
 def _path(value: PathLike | None) -> Path | None:
@@ -61,7 +63,7 @@ def search(category: str, budget: str, *, data: PathLike | None = None, methods:
            address: str | None = None, gpus_per_trial: float = 1.0, max_gpus: float | None = None,
            wandb: bool = False, use_ray_train: bool = True, space_dir: PathLike | None = None,
            calibrate: bool = True, keep_ray: bool = False, plugins: Sequence[str] = (),
-           geometry: str = "auto") -> SearchResult:
+           geometry: str = "auto", texture_dir: PathLike | None = None) -> SearchResult:
     """Search methods, backbones and synthetic-anomaly parameters for one product until
     ``budget`` is spent ("10m", "2h" search time; "50gpu-h", "4cpu-h" device time;
     "30trials"); every trial is stored under ``storage`` (a folder or s3://, gs:// URI).
@@ -80,6 +82,8 @@ def search(category: str, budget: str, *, data: PathLike | None = None, methods:
     ``geometry``: "auto" keeps the images' aspect when they are clearly not square
     (same pixel count per size), "square" squashes every image to a square,
     "keep_aspect" always keeps the aspect (``automl_ad.data.geometry``).
+    ``texture_dir``: a folder of texture images (e.g. DTD) that perlin synthesis (DRAEM)
+    pastes as anomaly sources; default: a procedural texture bank.
 
     A local Ray instance this call starts is shut down when it returns (``keep_ray``:
     leave it up for the next search), so a notebook kernel holds no Ray processes
@@ -96,7 +100,7 @@ def search(category: str, budget: str, *, data: PathLike | None = None, methods:
                              val_defects=val_defects, searcher=searcher, max_concurrent=max_concurrent,
                              address=address, gpus_per_trial=gpus_per_trial, max_gpus=max_gpus, wandb=wandb,
                              use_ray_train=use_ray_train, space_dir=space_dir, calibrate=calibrate,
-                             plugins=plugins, geometry=geometry)
+                             plugins=plugins, geometry=geometry, texture_dir=texture_dir)
     with _own_ray(keep_ray), _signal_guard():
         return _result(run_search(options), storage)
 

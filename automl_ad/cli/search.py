@@ -46,6 +46,9 @@ def _methods_option(value: str | None) -> list[str] | None:
               help="How images become the model's input. auto: keep the images' aspect when they are clearly not "
                    "square (e.g. 500x1260 px parts become 416x160 at the 256 px pixel budget), else square; "
                    "square: squash every image to a square; keep_aspect: always keep the median aspect.")
+@click.option("--texture-dir", type=click.Path(path_type=Path),
+              help="Folder of texture images (e.g. DTD) that DRAEM-style (perlin) synthesis pastes as anomaly "
+                   "sources, as the DRAEM paper does. Default: a procedural texture bank.")
 @click.option("--val-defects", type=click.Path(path_type=Path), help="Real defects for validation: <dir>/<defect-type>/*.png.")
 @click.option("--ensemble-k", default=3, show_default=True, type=click.IntRange(1),
               help="Most members of the ensemble built from the best trials at the end (1: best single model).")
@@ -71,7 +74,7 @@ def _methods_option(value: str | None) -> list[str] | None:
               help="With --plan: first time the speeds this machine has not measured yet (a few training steps "
                    "per method and size; cached in ~/.cache/automl_ad/calibration.json).")
 def search_command(category, budget, jobs_file, data, methods, space_file, max_concurrent, experiment, resume,
-                   address, storage, wandb, seed, image_size, geometry, val_defects, ensemble_k, models_dir, no_export,
+                   address, storage, wandb, seed, image_size, geometry, texture_dir, val_defects, ensemble_k, models_dir, no_export,
                    gpus_per_trial, max_gpus, searcher, plan_only, calibrate, plugins):
     """Search methods, backbones and synthetic-anomaly parameters for a product
     (or for several, one after the other: --category all, --jobs FILE).
@@ -117,7 +120,7 @@ def search_command(category, budget, jobs_file, data, methods, space_file, max_c
     options = dict(data=data, methods=chosen, seed=seed, storage=storage, live=True, experiment=experiment,
                    resume=resume, image_size=image_size, space_file=space_file, val_defects=val_defects,
                    searcher=searcher, max_concurrent=max_concurrent, address=address, gpus_per_trial=gpus_per_trial,
-                   max_gpus=max_gpus, wandb=wandb, plugins=plugins, geometry=geometry)
+                   max_gpus=max_gpus, wandb=wandb, plugins=plugins, geometry=geometry, texture_dir=texture_dir)
 
     def finish(result: api.SearchResult) -> None:
         summary = result.summary

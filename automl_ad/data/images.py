@@ -54,6 +54,18 @@ def is_image_file(path: Path) -> bool:
     return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
 
 
+def image_files_in(folder: Path | str, what: str) -> list[Path]:
+    """The image files under ``folder`` (recursive, sorted); UserError naming ``what``
+    (e.g. "--texture-dir") when it is not a folder or holds none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{what} {folder} is not a folder")
+    files = sorted(p for p in folder.rglob("*") if is_image_file(p))
+    if not files:
+        raise UserError(f"{what} {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return files
+
+
 def max_image_pixels() -> int:
     """The pixel limit: ``AUTOML_AD_MAX_IMAGE_PIXELS`` when set (a positive integer)."""
     text = os.environ.get("AUTOML_AD_MAX_IMAGE_PIXELS", "").strip()

@@ -118,4 +118,5 @@ def trial_context(opts: SearchOptions, devices: DevicePlan, space: SearchSpace, 
         schedule=schedule.schedule() if schedule is not None else None,
         plugins=load_plugins(opts.plugins),
         geometry=(geometry or Geometry()).to_dict(),
+        texture_dir=str(Path(opts.texture_dir).resolve()) if opts.texture_dir else None,
     )

@@ -49,6 +49,10 @@ class SearchOptions:
     # How images become the input (automl_ad.data.geometry): "auto" keeps the aspect of a
     # product whose images are clearly not square; "square" or "keep_aspect" force one.
     geometry: str = "auto"
+    # A folder of texture images (DTD-style) that perlin-family synthesis (DRAEM) pastes
+    # as anomaly sources; None: its procedural texture bank. Must be readable by every
+    # worker (a shared mount on a cluster).
+    texture_dir: Path | None = None
 
 
 SEARCHERS = ("tpe", "random")

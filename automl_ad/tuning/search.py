@@ -28,6 +28,7 @@ from automl_ad.data.dataset import load_category, resolve_data_root
 from automl_ad.data.geometry import Geometry
 from automl_ad.data.geometry import resolve as resolve_geometry
 from automl_ad.data.geometry import stored as stored_geometry
+from automl_ad.data.images import image_files_in
 from automl_ad.data.layout import category_folder, discover_category
 from automl_ad.data.minimum import check_product
 from automl_ad.errors import UserError
@@ -93,6 +94,19 @@ def _check_resume(folder: Path, opts: SearchOptions, record: dict[str, Any]) -> 
             raise UserError(
                 f"--resume: {key} {record.get(key)!r} differs from {saved.get(key)!r} in {layout.record_path(folder)}"
             )
+
+
+def _with_texture_dir(opts: SearchOptions, saved: dict[str, Any] | None) -> SearchOptions:
+    """``opts`` with its texture folder checked and absolute; a resume keeps the one its
+    trials so far used and refuses another."""
+    kept = (saved or {}).get("texture_dir")
+    asked = str(Path(opts.texture_dir).resolve()) if opts.texture_dir else None
+    if saved is not None and asked is not None and asked != kept:
+        raise UserError(f"--resume: --texture-dir {asked} differs from {kept} in the search record")
+    chosen = asked or kept
+    if chosen is not None:
+        image_files_in(chosen, "--texture-dir")
+    return dataclasses.replace(opts, texture_dir=Path(chosen) if chosen else None)
 
 
 def _lock_experiment(folder: Path, experiment: str, resume: bool) -> DriverLock:
@@ -201,6 +215,8 @@ def _prepare(opts: SearchOptions) -> _Prepared:
     else:
         geometry = resolve_geometry(opts.geometry, discover_category(data_root, opts.category).train)
     record["geometry"] = geometry.to_dict()
+    opts = _with_texture_dir(opts, layout.read_record(folder) if opts.resume else None)
+    record["texture_dir"] = str(opts.texture_dir) if opts.texture_dir else None
     return _Prepared(opts, budget, space, data_root, experiment, folder, remote, record, geometry)
 
 

@@ -84,6 +84,8 @@ class TrialContext:
     # trial and the export see the same shape for a size.
     # (``Geometry.to_dict()``: the context travels to trials as plain data; None: square)
     geometry: dict[str, Any] | None = None
+    # Anomaly-source textures for perlin synthesis (``SearchOptions.texture_dir``), absolute.
+    texture_dir: str | None = None
 
     def shape_of(self, image_size: int) -> tuple[int, int]:
         """(height, width) of the images at the pixel budget ``image_size``."""
