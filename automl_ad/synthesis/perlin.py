@@ -7,11 +7,24 @@ for the whole batch at once: each image has its own lattice of random unit gradi
 the rotation is applied to the sampling coordinates (so, unlike rotating the noise image,
 no corner is left empty).
 
-Anomaly source A: images from ``texture_dir`` (DTD in the paper; loaded once) when given,
-else per image either another normal image (``sources`` or the batch rolled) or, with
-probability ``noise_share``, a generated colour noise texture. A gets ``n_aug`` distinct
-augmentations out of DRAEM's ten (``source_aug.py``: the pointwise ones as one lookup
-table per image and channel), evaluated only inside the mask.
+Rotation of normals (DRAEM's code, ``train_DRAEM``'s loader): before anything is pasted,
+each image is, with probability ``rotate_normal_p`` (0.3), rotated about its centre by a
+uniform angle in (-rotate_normal, rotate_normal) degrees (90), bilinear, corners filled
+with black (imgaug's Affine defaults, as the official loader). The rotated image is the
+clean image of that sample: ``SynthBatch.clean`` carries it as the reconstruction target,
+and normal samples (label 0) are the rotated image unchanged. The paper's text says
+(-45, 45); the code, which produced its results, says 0.3 and (-90, 90). The frozen val
+anomalies turn it off (``VAL_PARAMS``): val good images are never rotated.
+
+Anomaly source A, per image: with probability ``texture_share`` a texture, else another
+normal image (``sources`` or the batch rolled) or, with probability ``noise_share``, a
+generated colour noise texture. Textures are the images of ``texture_dir`` (DTD in the
+paper; loaded once) when given, else the procedural bank of ``textures.py`` (BANK_SIZE
+DTD-like textures from a fixed seed, made once per image shape: a fixed stand-in dataset,
+so which textures exist never depends on the run's seed). The paper takes every source
+from DTD (``texture_share`` 1). A gets ``n_aug`` distinct augmentations out of DRAEM's
+ten (``source_aug.py``: the pointwise ones as one lookup table per image and channel),
+evaluated only inside the mask.
 
 Blend (paper Eq. 1): I_a = (1 - M) I + (1 - beta) M A + beta M I, beta ~ U(beta_low, beta_high).
 Labels: mask M, image label 1 iff M is non-empty (as DRAEM's loader does).
@@ -25,7 +38,14 @@ Params (``PerlinParams``; names used by the search):
   beta_low      [0, 0.95] 0.0   lowest opacity of the original image inside M (code: U(0, 0.8))
   beta_high     [0, 0.95] 0.8   highest (the paper's 1.0 would leave pixels unchanged)
   n_aug         [0, 10]   3     augmentations applied to the anomaly source
-  noise_share   [0, 1]    0.5   without texture_dir: share of sources that are noise textures
+  texture_share [0, 1]    1.0   share of sources that are textures (texture_dir, else the bank)
+  noise_share   [0, 1]    0.5   of the other sources: share of noise textures (rest: normal images)
+  rotate_normal_p [0, 1]  0.3   probability that a normal image is rotated first (code: 0.3)
+  rotate_normal [0, 180]  90    max rotation of normal images in degrees (code: 90)
+
+Frozen val anomalies (``VAL_PARAMS``) set texture_share 0 and rotate_normal_p 0: the val
+set's perlin anomalies stay those of the generator before the texture bank (other normal
+images and noise), drawn from the same random stream.
 """
 
 from __future__ import annotations
@@ -42,6 +62,7 @@ from torch import Tensor
 from automl_ad.errors import UserError
 from automl_ad.synthesis.base import (
     SynthBatch,
+    check_images,
     SynthParams,
     Synthesizer,
     register_family,
@@ -49,6 +70,7 @@ from automl_ad.synthesis.base import (
     uniform,
 )
 from automl_ad.synthesis.source_aug import plan_augmentation, sample
+from automl_ad.synthesis.textures import texture_bank
 
 _SQRT2 = math.sqrt(2.0)
 # Rotated unit-square coordinates reach 0.5 +- sqrt(2)/2; shift them to start at 0.
@@ -219,6 +241,9 @@ class PerlinParams(SynthParams):
         "beta_high": (0.0, 0.95),
         "n_aug": (0, 10),
         "noise_share": (0.0, 1.0),
+        "texture_share": (0.0, 1.0),
+        "rotate_normal_p": (0.0, 1.0),
+        "rotate_normal": (0.0, 180.0),
     }
     PAIRS: ClassVar[tuple] = (("min_scale_exp", "max_scale_exp"), ("beta_low", "beta_high"))
 
@@ -231,6 +256,13 @@ class PerlinParams(SynthParams):
     beta_high: float = 0.8
     n_aug: int = 3
     noise_share: float = 0.5
+    texture_share: float = 1.0
+    rotate_normal_p: float = 0.3
+    rotate_normal: float = 90.0
+
+
+BANK_SIZE = 64  # procedural textures (DTD: 5640; the paper finds < 10 enough)
+BANK_SEED = 0  # one fixed bank, like one dataset on disk
 
 
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
@@ -257,11 +289,31 @@ def load_textures(texture_dir: Path, height: int, width: int) -> Tensor:
     return torch.from_numpy(np.stack(loaded))
 
 
+def rotate_images(images: Tensor, angle: Tensor) -> Tensor:
+    """Each image rotated about its centre by ``angle`` (B radians; positive turns
+    clockwise on screen), bilinear, black outside the original: the pixel-true rotation
+    of a non-square image too (grid_sample's [-1, 1] coordinates rescaled by the aspect)."""
+    height, width = images.shape[-2:]
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    # output pixel (x, y) about the centre reads input (cos x + sin y, -sin x + cos y),
+    # in pixels; divided by the half-sides that is this matrix in [-1, 1] coordinates
+    theta = torch.stack(
+        (torch.stack((cos, sin * height / width, torch.zeros_like(cos)), 1),
+         torch.stack((-sin * width / height, cos, torch.zeros_like(cos)), 1)),
+        1,
+    )
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
 @register_family
 class PerlinSynthesizer(Synthesizer):
     FAMILY = "perlin"
     Params = PerlinParams
     OUTPUT_IN_RANGE = True  # a clamped copy, lerped towards sources in [0, 1]
+    # the val set's perlin anomalies: other normal images and noise as sources (the
+    # generator before the texture bank, same stream) on unrotated good images
+    VAL_PARAMS = {"texture_share": 0.0, "rotate_normal_p": 0.0}
 
     def __init__(self, params: PerlinParams, *, category: str | None = None, texture_dir: Path | None = None) -> None:
         super().__init__(params, category=category, texture_dir=texture_dir)
@@ -270,9 +322,37 @@ class PerlinSynthesizer(Synthesizer):
             raise UserError(f"texture_dir {texture_dir} is not a folder")
 
     def _texture_bank(self, height: int, width: int) -> Tensor:
+        """N x 3 x H x W uint8: the texture folder's images, else the procedural bank."""
+        if self.texture_dir is None:
+            return texture_bank(BANK_SIZE, height, width, seed=BANK_SEED)  # cached per process
         if (height, width) not in self._textures:
             self._textures[(height, width)] = load_textures(self.texture_dir, height, width)
         return self._textures[(height, width)]
+
+    def __call__(self, images: Tensor, generator: torch.Generator, *, sources: Tensor | None = None) -> SynthBatch:
+        images = check_images(images)
+        rotated = self.rotate_normals(images, generator)
+        if rotated is None:
+            return super().__call__(images, generator, sources=sources)
+        out = super().__call__(rotated, generator, sources=sources)
+        return SynthBatch(out.images, out.masks, out.labels, clean=rotated)
+
+    def rotate_normals(self, images: Tensor, generator: torch.Generator) -> Tensor | None:
+        """The batch with DRAEM's rotation applied to the drawn rows (a new tensor), or
+        None when no row rotates. Draws nothing when the rotation is off, so the stream
+        (and every seeded val set) is what it was without it."""
+        p = self.params
+        if p.rotate_normal_p <= 0.0 or p.rotate_normal <= 0.0:
+            return None
+        batch, device = images.shape[0], images.device
+        # both draws for the whole batch: the stream does not depend on which rows turn
+        turn = (uniform(generator, (batch,), device) < p.rotate_normal_p).nonzero().squeeze(1)
+        angle = uniform(generator, (batch,), device, -p.rotate_normal, p.rotate_normal) * math.pi / 180
+        if turn.numel() == 0:
+            return None
+        rotated = images.clone()
+        rotated[turn] = rotate_images(images[turn], angle[turn])
+        return rotated
 
     def masks(self, batch: int, height: int, width: int, generator: torch.Generator, device: torch.device) -> Tensor:
         p = self.params
@@ -285,15 +365,26 @@ class PerlinSynthesizer(Synthesizer):
     def anomaly_sources(self, images: Tensor, donors: Tensor, generator: torch.Generator) -> Tensor:
         batch, channels, height, width = images.shape
         device = images.device
-        if self.texture_dir is not None:
-            bank = self._texture_bank(height, width)
-            pick = torch.randint(0, bank.shape[0], (batch,), generator=generator, device=device)
-            chosen = bank[pick.cpu()].to(device).float().div(255.0)
-            return chosen if channels == 3 else luminance(chosen)
-        use_noise = (uniform(generator, (batch,), device) < self.params.noise_share).nonzero().squeeze(1)
+        p = self.params
+        # which rows take a texture; no draw at share 0 or 1 (share 0: the stream of the
+        # generator before the bank, which the val set keeps)
+        if p.texture_share >= 1.0:
+            textured = torch.ones(batch, dtype=torch.bool, device=device)
+        elif p.texture_share <= 0.0:
+            textured = torch.zeros(batch, dtype=torch.bool, device=device)
+        else:
+            textured = uniform(generator, (batch,), device) < p.texture_share
         out = donors  # the family owns its donors tensor (see Synthesizer.synthesize)
-        if use_noise.numel():
-            out.index_copy_(0, use_noise, noise_textures(use_noise.numel(), channels, height, width, generator, device))
+        if not bool(textured.all()):
+            use_noise = ((uniform(generator, (batch,), device) < p.noise_share) & ~textured).nonzero().squeeze(1)
+            if use_noise.numel():
+                out.index_copy_(0, use_noise, noise_textures(use_noise.numel(), channels, height, width, generator, device))
+        rows = textured.nonzero().squeeze(1)
+        if rows.numel():
+            bank = self._texture_bank(height, width)
+            pick = torch.randint(0, bank.shape[0], (rows.numel(),), generator=generator, device=device)
+            chosen = bank[pick.cpu()].to(device).float().div(255.0)
+            out.index_copy_(0, rows, chosen if channels == 3 else luminance(chosen))
         return out
 
     def synthesize(self, images: Tensor, donors: Tensor, generator: torch.Generator, *, sources_given: bool) -> SynthBatch:

@@ -257,6 +257,10 @@ def _colour(field: Tensor, palette: Tensor) -> Tensor:
     return torch.lerp(first, high, (2 * t - 1).clamp_min(0.0))
 
 
+GRAIN_CELLS = 48.0  # grain blobs per side: in side units like every length, so every
+# draw, and with it the bank, is the same at any size (only its resolution changes)
+
+
 def generate_textures(count: int, height: int, width: int, generator: torch.Generator) -> Tensor:
     """``count`` textures, count x 3 x H x W float in [0, 1], on the CPU; kinds in turn
     (texture i is of kind i mod 10), every parameter drawn from ``generator``."""
@@ -269,7 +273,7 @@ def generate_textures(count: int, height: int, width: int, generator: torch.Gene
         if rows.numel() == 0:
             continue
         field = make(rows.numel(), grid, generator)
-        grain = value_noise(rows.numel(), grid, generator, grid.side / 3) - 0.5
+        grain = value_noise(rows.numel(), grid, generator, GRAIN_CELLS) - 0.5
         field = field + _draw(generator, rows.numel(), 0.0, 0.35) * grain
         out[rows] = _colour(field, _palettes(rows.numel(), generator)).clamp(0.0, 1.0)
     return out

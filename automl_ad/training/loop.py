@@ -448,7 +448,10 @@ def _make_batch(
     # Patch sources are the other images of the batch (sources=None): no copy of the
     # whole fit set to the device per step.
     out = synthesizer(clean, generator)
-    return Batch(images=out.images, clean=clean, masks=out.masks, labels=out.labels)
+    # a family that changes the images before pasting (perlin's rotation of normals)
+    # hands back the changed clean images: they are the reconstruction targets
+    target = clean if out.clean is None else out.clean
+    return Batch(images=out.images, clean=target, masks=out.masks, labels=out.labels)
 
 
 def _save_val_scores(folder: Path, val_set: ImageSet, kept: Mapping[str, Tensor]) -> None:

@@ -39,7 +39,10 @@ DISCRIMINATIVE_STRIDE = 32  # 5 max-pools in the U-Net
 
 
 class ReconstructiveNetwork(nn.Module):
-    """Encoder (5 double-conv blocks, 4 max-pools) and decoder, no skips, linear output."""
+    """Encoder (5 double-conv blocks, 4 max-pools) and decoder, no skips, linear output.
+
+    As the official ``DecoderReconstructive``: 4 stages of (bilinear x2 upsample, then
+    three conv-BN-ReLU of which the last one changes the width) to 4w, 2w, w, w."""
 
     def __init__(self, width: int) -> None:
         super().__init__()
@@ -50,14 +53,16 @@ class ReconstructiveNetwork(nn.Module):
             previous = out
         self.encoder = nn.ModuleList(blocks)
         stages = []
-        for in_ch, out_ch in zip(channels[::-1][:-1], channels[::-1][1:]):
+        for out in (4 * width, 2 * width, width, width):
             stages.append(
                 nn.Sequential(
                     nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),
-                    conv_bn_relu(in_ch, in_ch),
-                    double_conv(in_ch, out_ch),
+                    conv_bn_relu(previous, previous),
+                    conv_bn_relu(previous, previous),
+                    conv_bn_relu(previous, out),
                 )
             )
+            previous = out
         self.decoder = nn.Sequential(*stages)
         self.output = nn.Conv2d(width, 3, 3, padding=1)
 
@@ -70,7 +75,11 @@ class ReconstructiveNetwork(nn.Module):
 
 
 class DiscriminativeUNet(nn.Module):
-    """U-Net: 6 encoder blocks, 5 max-pools, 5 up-stages with skip concatenation."""
+    """U-Net: 6 encoder blocks, 5 max-pools, 5 up-stages with skip concatenation.
+
+    As the official ``DecoderDiscriminative``: each up-stage (bilinear x2, conv-BN-ReLU)
+    narrows to 8w, 4w, 2w, w, w, is concatenated with the encoder block of that size
+    (8w, 8w, 4w, 2w, w) and merged back to its own width by a double conv."""
 
     def __init__(self, in_channels: int, width: int) -> None:
         super().__init__()
@@ -82,11 +91,12 @@ class DiscriminativeUNet(nn.Module):
         self.encoder = nn.ModuleList(blocks)
         self.up = nn.ModuleList()
         self.merge = nn.ModuleList()
-        for deeper, skip in zip(channels[::-1][:-1], channels[::-1][1:]):
+        for out, skip in zip((8 * width, 4 * width, 2 * width, width, width), channels[::-1][1:]):
             self.up.append(
-                nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True), conv_bn_relu(deeper, skip))
+                nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True), conv_bn_relu(previous, out))
             )
-            self.merge.append(double_conv(2 * skip, skip))
+            self.merge.append(double_conv(out + skip, out))
+            previous = out
         self.output = nn.Conv2d(width, 2, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
