@@ -32,6 +32,12 @@ _SETUP_CHUNK = 16  # fit images per backbone pass in setup()
 _DISTANCE_CHUNK = 8192  # patches per block when searching nearest centres
 
 
+def uses_efficientnet_recipe(backbone: str) -> bool:
+    """Whether ``backbone`` gets the official code's EfficientNet descriptor (features
+    divided by their channel count, descriptor twice as wide as its input)."""
+    return str(backbone).startswith("efficientnet")
+
+
 @dataclass
 class CFAConfig:
     backbone: str = "efficientnet_lite0"  # the paper's is wide_resnet50_2
@@ -112,7 +118,16 @@ class CFA(Method):
             config.backbone, weights=config.weights, layers=default_layers(config.backbone)
         )
         in_channels = sum(self.backbone.channels)
-        descriptor_channels = max(1, in_channels // int(config.gamma_d))
+        # The official Descriptor, for its EfficientNet (B5): each pooled layer divided by
+        # its channel count, and a descriptor twice as wide as its input (2 * dim / gamma_d).
+        # EfficientNet stages end in a linear (un-activated) projection whose outputs are
+        # large and signed; the division brings them near WideResNet's scale, where the
+        # paper's r, alpha and nu were set. Every EfficientNet here (torchvision B0-B5,
+        # Lite0-2) gets it; ResNets keep their features as they are, as there.
+        self.efficientnet = uses_efficientnet_recipe(config.backbone)
+        self.divisors = tuple(float(c) if self.efficientnet else 1.0 for c in self.backbone.channels)
+        width = 2 * in_channels if self.efficientnet else in_channels
+        descriptor_channels = max(1, width // int(config.gamma_d))
         self.descriptor = CoordConv1x1(in_channels, descriptor_channels)
         self.radius = nn.Parameter(torch.tensor(float(config.radius)))
         # Filled by setup(); its size depends on the fit grid, so loading a state dict
@@ -125,7 +140,9 @@ class CFA(Method):
         """B x C x h x w multi-scale patch features on the finest layer's grid."""
         maps = self.backbone(images)
         size = maps[0].shape[-2:]
-        pooled = [F.avg_pool2d(m, kernel_size=3, stride=1, padding=1) for m in maps]
+        # Python floats, not m.shape[1]: an exported graph holds constants, not size ops
+        # (x / 1.0 is exact, so other backbones compute what they did).
+        pooled = [F.avg_pool2d(m, kernel_size=3, stride=1, padding=1) / divisor for m, divisor in zip(maps, self.divisors)]
         resized = [
             p if p.shape[-2:] == size else F.interpolate(p, size=size, mode="bilinear", align_corners=False)
             for p in pooled
@@ -213,11 +230,14 @@ class CFA(Method):
         self._check_bank()
         descriptors = self.describe(images)
         b, h, w, d = descriptors.shape
-        count = min(3, self.memory_bank.shape[0])
+        # The official scoring takes the K nearest centres, the same K the attraction
+        # term pulls each descriptor towards (fewer when the bank is smaller).
+        count = min(int(self.config.K), self.memory_bank.shape[0])
         d2, _ = self._nearest_centres(descriptors.reshape(-1, d), count)
         distances = d2.sqrt()
         # Softmin over the nearest centres: a patch near one centre but far from the next
-        # ones (an outlying region of normal space) counts as less certain.
+        # ones (an outlying region of normal space) counts as less certain. K = 1: the
+        # nearest distance itself.
         weight_of_nearest = F.softmin(distances, dim=1)[:, 0]
         patch_scores = (weight_of_nearest * distances[:, 0]).reshape(-1, 1, h, w)  # -1: batch stays dynamic in exported graphs
         size = images.shape[-2:]
