@@ -7,7 +7,26 @@ a plain convolutional network to regress the flow's outputs z on normal images. 
 is bijective, so on anomalies z differs from what the (non-invertible) student predicts;
 the anomaly map is the per-pixel mean squared student-teacher distance.
 
-Written from the paper (the official code has no licence).
+Written from the paper; the official code (marco-rudolph/AST, no licence file: read, not
+copied) settled the details. As the official code: block permutations seeded by their
+index, couplings on both halves with a zero-initialised output gain, kernels 3 and 5 in
+the last block, the atan soft clamp, Adam (2e-4, weight decay 1e-5), the student's
+per-pixel mean squared distance as the map, its mean as the image score (RGB).
+
+The feature stage: the paper takes EfficientNet-B5's block 35 (the end of its 304-channel
+stride-32 stage) at 768 px, 24 x 24 cells. ``feature_stride=32`` takes that stage
+(``backbones.BackboneSpec.coarse_layer``; torchvision's efficientnet_b5 with the same
+lukemelas weights is the paper's own extractor when its file is on the machine, Lite0-2
+offer their stride-32 stage); the default stays 16, the previous behaviour, since the
+sizes a CPU budget affords leave a stride-32 grid of 4 x 4 cells at 128 px. 768 px is
+among AST's candidate sizes whenever the budget affords it (common.yaml adds each
+method's paper size), but the space samples parameters independently of the size, so
+(768, 32) is a point the search can reach, not one it is tied to. Not as the official
+code: features are computed on the fly (it pre-extracts them), the positional encoding's
+sin/cos channels are stacked, not interleaved (the same code, permuted), the student's
+LeakyReLU has the paper's slope 0.2 (the code's nn.LeakyReLU() default is 0.01), and the
+teacher's NLL is averaged over channels as well as pixels (the code sums over channels:
+a constant scale, which Adam ignores).
 """
 
 from __future__ import annotations

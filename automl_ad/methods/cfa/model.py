@@ -6,10 +6,27 @@ descriptor" maps them into a space where a fixed memory bank of normal-patch cen
 built once in ``setup`` from the fit images, is compact: each descriptor is pulled inside
 a hypersphere of radius r around its K nearest centres and pushed out of the (r^2 + alpha)
 ball of the next J centres (hard negatives). At test time a patch's score is its
-softmin-weighted distance to the nearest centre.
+softmin-weighted distance to the nearest of its K nearest centres.
 
-Written from the paper (the official code has no licence). Epochs are never selected on
-test data here; the generic loop decides what "best" means on its validation set.
+Written from the paper; the official code (sungwool/CFA_for_anomaly_localization, no
+licence: read, not copied) settled what the paper leaves open. As the official code:
+the bank is the per-location mean of the untrained descriptor over the fit images
+(k-means for gamma_c > 1); the losses use squared distances, r is learned from 1e-5;
+AdamW (amsgrad, lr 1e-3, weight decay 5e-4); scoring takes the Euclidean distances to
+the K nearest centres (the K the attraction uses), softmin over them, the nearest's
+weight times its distance, upsampled bilinearly and blurred (sigma 4 at 224 px); the
+image score is the map's maximum; and for EfficientNet backbones each pooled layer is
+divided by its channel count and the descriptor is 2 * dim / gamma_d wide (the official
+Descriptor's effnet-b5 branch, applied here to every EfficientNet: B0-B5 and Lite0-2).
+
+Where it cannot or does not: the official EfficientNet-B5 concatenates several blocks of
+a stage (the last 5 at stride 4, the last 3 at stride 8, the last at stride 16); the
+extractor here gives one stage output per stride. The repulsion takes ranks K+1..K+J as
+the paper defines it; the official code slices from rank J+1, the same only at K = J (its
+3 and 3). k-means is a seeded torch k-means++ (25 iterations) instead of sklearn's; the
+official min-max normalisation over the test set is left out (no rank changes), and so is
+its best-epoch choice on test data: the generic loop decides what "best" means on its
+validation set.
 """
 
 from __future__ import annotations
