@@ -29,14 +29,11 @@ from automl_ad.errors import UserError
 @dataclass
 class SynthBatch:
     """images: B x C x H x W in [0, 1]; masks: B x 1 x H x W pixel labels in [0, 1];
-    labels: B float, 1 = anomalous; clean: the images the anomalies were pasted into when
-    the family changed them first (perlin's rotation of normals: the reconstruction
-    target), None when they are the input images."""
+    labels: B float, 1 = anomalous."""
 
     images: Tensor
     masks: Tensor
     labels: Tensor
-    clean: Tensor | None = None
 
 
 @dataclass
@@ -321,23 +318,34 @@ def shift_hue(images: Tensor, shift: Tensor, saturation_add: Tensor | None = Non
     return hsv_to_rgb(hue, sat, val)
 
 
-def majority_filter(binary: Tensor, size: int) -> Tensor:
+def majority_filter(binary: Tensor, size: int, border: str = "cut") -> Tensor:
     """Median filter of a {0,1} map (B x 1 x H x W): for binary input the median of an
-    odd window is the majority vote. Windows are cut at the image border (as a box
-    filter without padded pixels counts them): 1 where more than half of the window's
-    pixels inside the image are 1."""
+    odd window is the majority vote. ``border="cut"``: windows are cut at the image
+    border (as a box filter without padded pixels counts them): 1 where more than half
+    of the window's pixels inside the image are 1. ``border="replicate"``: the map is
+    extended by repeating its edge pixels, as cv2.medianBlur does (NSA's official code
+    filters its object and label masks with it)."""
     # Counts by separable shifted sums in uint8 (at most size**2 = 49 for NSA's 7 x 7):
     # exact, and about 9x faster on CPU than a float 2-D avg_pool with border counts.
+    if border not in ("cut", "replicate"):
+        raise ValueError(f"majority_filter: border={border!r} not one of cut, replicate")
     ones = binary.to(torch.uint8)
     reach = size // 2
     height, width = ones.shape[-2:]
-    padded = F.pad(ones, (reach, reach, reach, reach))
+    if border == "cut":
+        padded = F.pad(ones, (reach, reach, reach, reach))
+    else:  # edge pixels repeated: gather rows and columns at clamped indices
+        rows = torch.arange(-reach, height + reach, device=ones.device).clamp(0, height - 1)
+        cols = torch.arange(-reach, width + reach, device=ones.device).clamp(0, width - 1)
+        padded = ones.index_select(-2, rows).index_select(-1, cols)
     across = padded[..., :, :width].clone()
     for shift in range(1, size):
         across += padded[..., :, shift : shift + width]
     count = across[..., :height, :].clone()
     for shift in range(1, size):
         count += across[..., shift : shift + height, :]
+    if border == "replicate":
+        return (2 * count.float() > size * size).float()
     inside = _window_sizes(height, reach, ones.device)[:, None] * _window_sizes(width, reach, ones.device)[None, :]
     return (2 * count.float() > inside).float()
 

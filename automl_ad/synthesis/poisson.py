@@ -1,15 +1,34 @@
 """NSA's natural synthetic anomalies (Schlüter et al., ECCV 2022), batched in torch.
 
-Per image: a rectangular patch is cut from a donor (another image of the batch, or of
-``sources``), half-width per dimension (0.03 + Gamma(gamma_shape, gamma_scale)) x side,
-clipped to [width_min_*, width_max_*]; rescaled by clip(N(1, 0.5), resize_min, resize_max)
-keeping its aspect ratio, moved to a new random location and blended by gradient-domain
-(Poisson) editing. The first patch is always added, each of the further ``n_patches - 1``
-with probability 0.5. Object categories (``object=True``) keep patches on the object:
-foreground = |gray*255 - fg_bright| > fg_thresh followed by a 7x7 median (majority) filter,
+Follows the official code (hmsch/natural-synthetic-anomalies, commit 9195916:
+``patch_ex`` in self_sup_data/self_sup_tasks.py, the settings of train_mvtec.py); the
+per-class constants, the training augmentations and the label pipeline live in
+``nsa_recipe.py``, which says where they follow it.
+
+Per image (the NSA method first augments every image as the official loader does:
+crops, small rotations for unaligned objects, vertical flips for textures; the family
+alone does not, see ``NSAParams.crop``): a rectangular patch is cut from a donor
+(another image of the batch, or of ``sources``), half-width per dimension
+(0.03 + Gamma(gamma_shape, gamma_scale)) x side, clipped to [width_min_*, width_max_*];
+rescaled by clip(N(1, 0.5), resize_min, resize_max) keeping its aspect ratio, its full
+size then clipped to [width_min_*, width_max_*] x side as patch_ex does (the bounds are
+half-widths, so a pasted patch spans at most width_max of the side), moved to a new
+random location and blended by gradient-domain (Poisson) editing. The first patch is
+always added, each of the further ``n_patches - 1`` with probability 0.5. Object
+categories (``object=True``) keep patches on the object: foreground = |gray*255 -
+fg_bright| > fg_thresh followed by a 7x7 median filter (cv2.medianBlur: edges repeated),
 fg_bright = -1 meaning "the median of the image border"; the source patch must hold at
-least ``min_object`` foreground and the destination overlap it by ``min_overlap``
-(16 candidate positions tried at once, the first passing one taken, else the best).
+least ``min_object`` foreground and at least ``min_overlap`` of the source's object pixels
+must land on the destination's object (16 candidate positions tried at once, the first
+passing one taken, else the best; the official code draws up to 200 one at a time and
+skips the patch when none passes). The pixels labelled are those of the patches where
+the source or the destination is object (the blend covers the whole patch).
+
+Where this differs from the official code: the patch stays inside the image (the
+official source rectangle may be cut at the border), overlapping patches label their
+union (the official mask keeps the last patch's), sizes are not rounded to whole pixels,
+no patch is skipped for covering under 50 pixels (cv2.seamlessClone's limit), and the
+blend is the exact discrete Poisson solution on the rectangle rather than OpenCV's.
 
 NSA's patches go through ``paste_rectangles``, which resamples the donor and solves only
 inside each patch's window (windows grouped by size). ``poisson_blend`` (any mask) is
@@ -23,19 +42,21 @@ target (per channel); edges away from the mask keep the target's (as OpenCV's
 seamlessClone does), so for rectangular masks (NSA's) the result is the exact discrete
 Poisson solution. The outermost image ring is never blended.
 
-Labels (``label``), from d = mean over channels of |I_a - I| in 0..255 units:
-  binary:     1 where d > 1, then a 5x5 median (majority) filter;
-  continuous: 5x5 median of d, / 255 (the paper uses a disk of radius 5);
-  logistic:   patch mask / (1 + exp(-k (d - x0))), zeroed where d <= 1 (the tolerance:
-              below one grey level the pixel counts as unchanged).
+Labels (``label``; ``nsa_recipe.nsa_labels``), from d = mean over channels of |I_a - I|
+in 0..255 units: label_mask = 5x5 median of [d > 1 on the labelled pixels], then
+  binary:     label_mask;
+  logistic:   label_mask / (1 + exp(-k (m - x0))), m = median of d * label_mask over a
+              disk of radius 5;
+  continuous: m / 255.
 Image label 1 iff some pixel has d > 1.
 
-Params (``NSAParams``; per-category defaults in ``CATEGORY_DEFAULTS``):
+Params (``NSAParams``; per-category defaults: ``nsa_recipe.category_defaults``):
   normal_share [0, 1] 0.0; width_min_y, width_max_y, width_min_x, width_max_x [0.01, 0.5];
   gamma_shape [0.5, 5] 2; gamma_scale [0.005, 0.2] 0.05; resize_min [0.25, 1], resize_max
   [1, 4]; n_patches [1, 6]; mode normal|mixed; label binary|continuous|logistic;
   k [0.01, 10]; x0 [0, 100]; object (bool); fg_bright [-1, 255]; fg_thresh [1, 200];
-  min_object [0, 1] 0.7; min_overlap [0, 1] 0.25.
+  min_object [0, 1] 0.7; min_overlap [0, 1] 0.25; crop [0.5, 1] 1.0; rotate [0, 45] 0.0
+  (degrees); vflip [0, 1] 0.0.
 """
 
 from __future__ import annotations
@@ -53,15 +74,18 @@ from automl_ad.synthesis.base import (
     SynthBatch,
     SynthParams,
     Synthesizer,
-    register_family,
     gamma_samples,
     majority_filter,
-    median_filter,
     normal,
+    register_family,
     uniform,
 )
-
-CHANGE_TOLERANCE = 1.0  # grey levels (0..255) below which a pixel counts as unchanged
+from automl_ad.synthesis.nsa_recipe import (  # noqa: F401  (TEXTURES, CHANGE_TOLERANCE: re-exported)
+    CHANGE_TOLERANCE,
+    TEXTURES,
+    category_defaults,
+    nsa_labels,
+)
 
 
 def poisson_blend(target: Tensor, source: Tensor, mask: Tensor, mode: str = "normal") -> Tensor:
@@ -160,6 +184,7 @@ def paste_rectangles(
     scale: Tensor,
     mode: str,
     max_groups: int = 4,
+    target_fg: Tensor | None = None,
 ) -> None:
     """Poisson-blend one rescaled donor rectangle into each active image, in place.
 
@@ -169,11 +194,16 @@ def paste_rectangles(
     only the rectangles' windows are touched: the donor is resampled on each window alone
     and the DST solve runs on windows grouped by size (at most ``max_groups`` groups,
     each padded to its largest box), so the cost follows the patch areas, not the image
-    size. Also sets ``patch_mask`` (B x 1 x H x W) to 1 on
-    the rectangles. The outermost image ring is never blended.
+    size. ``scale``: B (both axes) or B x 2 (y, x). Also sets ``patch_mask`` (B x 1 x H x W)
+    to 1 on the rectangles; with ``target_fg`` (B x 1 x H x W {0, 1}, the object mask of
+    ``current``'s images) only where the destination or the resampled source is object,
+    as patch_ex labels only those pixels, and ``donors`` then carries the donors' object
+    masks as its last channel (resampled with the patch, not blended). The outermost
+    image ring is never blended.
     """
     batch, channels, height, width = current.shape
     device = current.device
+    scale = scale[:, None].expand(-1, 2) if scale.ndim == 1 else scale
     # strict interior |y - cy| < half, as pixel index ranges, off the image border
     top = (torch.floor(dest_center[:, 0] - dest_half[:, 0]) + 1).clamp_min(1)
     bottom = (torch.ceil(dest_center[:, 0] + dest_half[:, 0]) - 1).clamp_max(height - 2)
@@ -192,8 +222,8 @@ def paste_rectangles(
         rows = top[index, None] - 1 + torch.arange(max_h + 2, device=device)
         cols = left[index, None] - 1 + torch.arange(max_w + 2, device=device)
         # donor samples on the window (its ring included) only
-        src_y = src_center[index, 0, None] + (rows - dest_center[index, 0, None]) / scale[index, None]
-        src_x = src_center[index, 1, None] + (cols - dest_center[index, 1, None]) / scale[index, None]
+        src_y = src_center[index, 0, None] + (rows - dest_center[index, 0, None]) / scale[index, 0, None]
+        src_x = src_center[index, 1, None] + (cols - dest_center[index, 1, None]) / scale[index, 1, None]
         grid = torch.stack(
             (
                 ((2 * src_x + 1) / width - 1)[:, None, :].expand(-1, max_h + 2, -1),
@@ -202,6 +232,8 @@ def paste_rectangles(
             -1,
         )
         source_w = _donor_windows(donors, members, index, grid, per_member=current.device.type == "cpu")
+        source_fg = source_w[:, channels:, 1:-1, 1:-1] if target_fg is not None else None
+        source_w = source_w[:, :channels]
         rows_at = rows.long().clamp(0, height - 1)[:, :, None]
         cols_at = cols.long().clamp(0, width - 1)[:, None, :]
         image_at = index[:, None, None]
@@ -217,7 +249,10 @@ def paste_rectangles(
         interior = (image_at, slice(None), rows_at[:, 1:-1], cols_at[:, :, 1:-1])
         current[interior] = (target_w[:, :, 1:-1, 1:-1] + delta).permute(0, 2, 3, 1)
         mask_at = (image_at, 0, rows_at[:, 1:-1], cols_at[:, :, 1:-1])
-        patch_mask[mask_at] = torch.maximum(patch_mask[mask_at], inside[:, 0, 1:-1, 1:-1].float())
+        pasted = inside[:, 0, 1:-1, 1:-1]
+        if target_fg is not None:  # bilinear 0/1 mask > 0.5: cv2.resize of the uint8 mask
+            pasted = pasted & ((target_fg[mask_at] > 0.5) | (source_fg[:, 0] > 0.5))
+        patch_mask[mask_at] = torch.maximum(patch_mask[mask_at], pasted.float())
 
 
 def _donor_windows(donors: Tensor, members: list[int], index: Tensor, grid: Tensor, *, per_member: bool) -> Tensor:
@@ -318,58 +353,7 @@ def _dirichlet_eigenvalues(size: int) -> Tensor:
     return _EIG_CACHE[size]
 
 
-# ------------------------------------------------------------------- per category
-
-TEXTURES = ("carpet", "grid", "leather", "tile", "wood", "fabric", "marble")
-
-# NSA paper/code per-class settings (reference notes, methods.md section 2), plus the
-# built-in products: fabric and marble as textures, washer as a metal_nut-like object.
-_LOGISTIC = {
-    "screw": (1.0, 3.0),
-    "capsule": (0.5, 4.0),
-    **{c: (1 / 12, 24.0) for c in ("bottle", "cable", "hazelnut")},
-    **{c: (1 / 3, 7.0) for c in ("metal_nut", "pill", "carpet", "grid", "leather", "tile", "fabric", "marble", "washer")},
-    **{c: (1 / 6, 15.0) for c in ("toothbrush", "transistor", "zipper", "wood")},
-}
-_WIDTHS = {  # (min_y, max_y, min_x, max_x)
-    "screw": (0.03, 0.12, 0.03, 0.12),
-    "capsule": (0.03, 0.15, 0.03, 0.4),
-    "pill": (0.03, 0.2, 0.03, 0.4),
-    "toothbrush": (0.03, 0.4, 0.03, 0.2),
-    "zipper": (0.03, 0.4, 0.03, 0.2),
-    "cable": (0.05, 0.4, 0.05, 0.4),
-    "hazelnut": (0.03, 0.35, 0.03, 0.35),
-    "washer": (0.03, 0.2, 0.03, 0.2),
-}
-# (fg_bright, fg_thresh); -1 = estimate the background from the image border, used for
-# screw/washer because the built-in products share those names with unknown backgrounds.
-_FOREGROUND = {
-    **{c: (200.0, 60.0) for c in ("bottle", "capsule", "zipper")},
-    **{c: (20.0, 20.0) for c in ("hazelnut", "pill", "toothbrush", "metal_nut")},
-    "screw": (-1.0, 40.0),
-    "washer": (-1.0, 30.0),
-}
-
-
-def category_defaults(category: str | None) -> dict[str, Any]:
-    """NSA's per-class settings for ``category``; unknown names get the paper's defaults."""
-    if category is None:
-        return {}
-    name = category.lower()
-    out: dict[str, Any] = {}
-    if name in TEXTURES:
-        out.update(mode="mixed", resize_min=0.5, resize_max=2.0, n_patches=4, object=False)
-    if name in ("screw", "zipper"):
-        out["n_patches"] = 4
-    if name in _WIDTHS:
-        out.update(zip(("width_min_y", "width_max_y", "width_min_x", "width_max_x"), _WIDTHS[name]))
-    if name in _LOGISTIC:
-        out["k"], out["x0"] = _LOGISTIC[name]
-    if name in _FOREGROUND:
-        out["object"] = True
-        out["fg_bright"], out["fg_thresh"] = _FOREGROUND[name]
-        out["min_object"] = 0.5 if name == "screw" else 0.7
-    return out
+# ------------------------------------------------------------------- the family
 
 
 @dataclass
@@ -423,14 +407,15 @@ _CANDIDATES = 16
 
 
 def foreground(images: Tensor, bright: float, thresh: float) -> Tensor:
-    """B x 1 x H x W {0,1} object mask per NSA: |gray - background| > thresh, 7x7 median."""
+    """B x 1 x H x W {0,1} object mask per NSA: |gray - background| > thresh, then
+    cv2.medianBlur(7) (edges repeated)."""
     gray = images.mean(1, keepdim=True) * 255.0
     if bright < 0:
         border = torch.cat((gray[:, :, 0], gray[:, :, -1], gray[:, :, :, 0], gray[:, :, :, -1]), dim=-1)
         background = border.flatten(1).median(1).values.view(-1, 1, 1, 1)
     else:
         background = torch.full_like(gray[:, :, :1, :1], bright)
-    return majority_filter((gray - background).abs() > thresh, 7)
+    return majority_filter((gray - background).abs() > thresh, 7, border="replicate")
 
 
 def _rect_share(integral: Tensor, center: Tensor, half: Tensor) -> Tensor:
@@ -456,23 +441,30 @@ def _integral(fg: Tensor) -> Tensor:
     return F.pad(fg[:, 0].cumsum(1).cumsum(2), (1, 0, 1, 0))
 
 
-def _place(generator: torch.Generator, half: Tensor, height: int, width: int, integral: Tensor | None, min_share: float) -> Tensor:
-    """Centres (B x 2, (y, x)) keeping the rectangle inside the image with a 1 px margin;
-    with ``integral`` (``_integral`` of a foreground mask), the first of several
-    candidates covering at least ``min_share`` of it."""
-    batch = half.shape[0]
-    tries = _CANDIDATES if integral is not None else 1
+def _candidates(generator: torch.Generator, half: Tensor, height: int, width: int, tries: int) -> Tensor:
+    """B x tries x 2 centres (y, x) keeping the rectangle inside the image with a 1 px margin."""
     low = half + 1.0
     high = torch.stack((height - 2.0 - half[:, 0], width - 2.0 - half[:, 1]), 1)
     high = torch.maximum(high, low)
-    draw = uniform(generator, (batch, tries, 2), half.device)
-    centers = low[:, None] + draw * (high - low)[:, None]
-    if integral is None:
-        return centers[:, 0]
-    share = _rect_share(integral, centers, half[:, None].expand_as(centers))
-    passing = share >= min_share
+    draw = uniform(generator, (half.shape[0], tries, 2), half.device)
+    return low[:, None] + draw * (high - low)[:, None]
+
+
+def _first_passing(centers: Tensor, share: Tensor, least: float) -> Tensor:
+    """Per image the first candidate whose share reaches ``least``, else the best one."""
+    passing = share >= least
     choice = torch.where(passing.any(1), passing.float().argmax(1), share.argmax(1))
-    return centers[torch.arange(batch, device=half.device), choice]
+    return centers[torch.arange(centers.shape[0], device=centers.device), choice]
+
+
+def _place(generator: torch.Generator, half: Tensor, height: int, width: int, integral: Tensor | None, min_share: float) -> Tensor:
+    """Centres (B x 2, (y, x)); with ``integral`` (``_integral`` of a foreground mask),
+    the first of several candidates covering at least ``min_share`` of it."""
+    if integral is None:
+        return _candidates(generator, half, height, width, 1)[:, 0]
+    centers = _candidates(generator, half, height, width, _CANDIDATES)
+    share = _rect_share(integral, centers, half[:, None].expand_as(centers))
+    return _first_passing(centers, share, min_share)
 
 
 @register_family
@@ -492,9 +484,12 @@ class NSASynthesizer(Synthesizer):
         device = images.device
         current = images.clone()
         patch_mask = images.new_zeros(batch, 1, height, width)
-        # summed-area tables of the foregrounds, made once for every patch's placement
-        target_area = _integral(foreground(images, p.fg_bright, p.fg_thresh)) if p.object else None
-        donor_area = _integral(foreground(donors, p.fg_bright, p.fg_thresh)) if p.object else None
+        target_fg = donor_fg = target_area = donor_area = None
+        if p.object:  # object masks once per call; summed-area tables for the source test
+            target_fg = foreground(images, p.fg_bright, p.fg_thresh)
+            donor_fg = foreground(donors, p.fg_bright, p.fg_thresh)
+            target_area, donor_area = _integral(target_fg), _integral(donor_fg)
+            donors = torch.cat((donors, donor_fg), 1)  # resampled with each patch
         side = images.new_tensor([height, width])
         lower = images.new_tensor([p.width_min_y, p.width_min_x])
         upper = images.new_tensor([p.width_max_y, p.width_max_x])
@@ -509,36 +504,8 @@ class NSASynthesizer(Synthesizer):
             half_dst = half_src * scale[:, None]
             src_center = _place(generator, half_src, height, width, donor_area, p.min_object)
             dst_center = _place(generator, half_dst, height, width, target_area, p.min_overlap)
-            paste_rectangles(current, patch_mask, donors, active, dst_center, half_dst, src_center, scale, p.mode)
+            paste_rectangles(current, patch_mask, donors, active, dst_center, half_dst, src_center,
+                             half_dst / half_src, p.mode, target_fg=target_fg)
         current.clamp_(0.0, 1.0)
-        return SynthBatch(current, *self._labels(images, current, patch_mask))
-
-    def _labels(self, before: Tensor, after: Tensor, patch_mask: Tensor) -> tuple[Tensor, Tensor]:
-        p = self.params
-        if p.label == "logistic":
-            return self._logistic_labels(before, after, patch_mask)
-        diff = (after - before).abs().mean(1, keepdim=True) * 255.0
-        changed = diff > CHANGE_TOLERANCE
-        if p.label == "binary":
-            masks = majority_filter(changed, 5)
-        elif p.label == "continuous":
-            masks = median_filter(diff, 5) / 255.0
-        else:
-            masks = patch_mask * torch.sigmoid(p.k * (diff - p.x0)) * changed.float()
-        return masks, changed.flatten(1).any(1).float()
-
-    def _logistic_labels(self, before: Tensor, after: Tensor, patch_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """The logistic label is zero outside the pasted rectangles, and pixels there are
-        unchanged (blending writes only inside them): work on the rectangles' pixels alone."""
-        p = self.params
-        batch, channels, height, width = before.shape
-        image, y, x = patch_mask[:, 0].nonzero(as_tuple=True)
-        pixel = image * (height * width) + y * width + x
-        plane = image[:, None] * channels + torch.arange(channels, device=before.device)
-        at = plane * (height * width) + (y * width + x)[:, None]
-        diff = (after.reshape(-1)[at] - before.reshape(-1)[at]).abs().mean(1) * 255.0
-        changed = diff > CHANGE_TOLERANCE
-        masks = torch.zeros(batch, 1, height, width, device=before.device)
-        masks.view(-1)[pixel] = torch.sigmoid(p.k * (diff - p.x0)) * changed
-        labels = torch.zeros(batch, device=before.device).index_fill_(0, image[changed], 1.0)
-        return masks, labels
+        masks, labels = nsa_labels(images, current, patch_mask, p.label, p.k, p.x0)
+        return SynthBatch(current, masks, labels)

@@ -1,0 +1,112 @@
+"""NSA as its official code trains it (hmsch/natural-synthetic-anomalies, commit 9195916):
+the label pipeline of patch_ex against an independent cv2/scipy reference, the
+per-class constants of train_mvtec.py, and the training augmentations (tiny images, CPU)."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+from skimage.morphology import disk
+
+from automl_ad.synthesis.base import majority_filter
+from automl_ad.synthesis.nsa_recipe import disk_offsets, nsa_labels
+from automl_ad.synthesis.poisson import foreground, paste_rectangles
+
+
+def _pair(seed: int, batch: int = 3, size: int = 40) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Images before/after a change made of blobs (every changed pixel moves 3 to 80 grey
+    levels, far from the 1-level tolerance, so float rounding cannot flip a test), and
+    the region the labels may cover."""
+    g = torch.Generator().manual_seed(seed)
+    before = torch.randint(60, 180, (batch, 3, size, size), generator=g).float() / 255
+    blobs = torch.nn.functional.interpolate(torch.rand(batch, 1, 6, 6, generator=g), size=(size, size), mode="bilinear")
+    amount = torch.randint(3, 81, (batch, 1, size, size), generator=g).float() / 255
+    noise = torch.rand(batch, 1, size, size, generator=g) < 0.15  # grain the 5x5 median removes
+    change = ((blobs > 0.6) | noise).float() * amount
+    after = before + change
+    region = torch.zeros(batch, 1, size, size)
+    region[:, :, 4:-6, 3:-4] = 1.0
+    return before, after, region
+
+
+def _reference(before: torch.Tensor, after: torch.Tensor, region: torch.Tensor, mode: str, k: float, x0: float) -> np.ndarray:
+    """patch_ex's label step written from its description with OpenCV and SciPy:
+    cv2.medianBlur(5) of the uint8 change mask, skimage's median (scipy, mode nearest)
+    over disk(5) of the masked mean intensity change, then the logistic map."""
+    out = []
+    for b in range(before.shape[0]):
+        d = ((after[b] - before[b]).abs().mean(0) * 255).numpy().astype(np.float64)
+        inside = region[b, 0].numpy() > 0.5
+        label_mask = cv2.medianBlur(((d > 1.0) & inside).astype(np.uint8), 5).astype(np.float64)
+        if mode == "binary":
+            out.append(label_mask)
+            continue
+        m = ndimage.median_filter(label_mask * d, footprint=disk(5), mode="nearest")
+        out.append(label_mask / (1 + np.exp(-k * (m - x0))) if mode == "logistic" else m / 255.0)
+    return np.stack(out)[:, None]
+
+
+@pytest.mark.parametrize("mode", ["binary", "logistic", "continuous"])
+def test_labels_match_patch_ex(mode: str) -> None:
+    before, after, region = _pair(seed=1)
+    masks, labels = nsa_labels(before, after, region, mode, 1 / 3, 7.0)
+    expected = _reference(before, after, region, mode, 1 / 3, 7.0)
+    assert np.allclose(masks.numpy(), expected, atol=1e-5)
+    assert (expected > 0).sum() > 100  # the test exercised labelled pixels
+    assert labels.tolist() == [1.0] * before.shape[0]
+    # the filters matter: without the medians the logistic label would differ
+    if mode == "logistic":
+        d = (after - before).abs().mean(1, keepdim=True) * 255
+        unfiltered = region * torch.sigmoid(1 / 3 * (d - 7.0)) * (d > 1)
+        assert not torch.allclose(masks, unfiltered, atol=1e-3)
+
+
+def test_disk_is_skimage_disk() -> None:
+    offsets = disk_offsets(5)
+    footprint = np.zeros((11, 11), dtype=np.uint8)
+    footprint[offsets[:, 0] + 5, offsets[:, 1] + 5] = 1
+    assert np.array_equal(footprint, disk(5)) and len(offsets) == 81
+
+
+@pytest.mark.parametrize("size", [5, 7])
+def test_replicate_majority_is_cv2_median_blur(size: int) -> None:
+    g = torch.Generator().manual_seed(size)
+    binary = torch.rand(4, 1, 23, 17, generator=g) < 0.5
+    ours = majority_filter(binary, size, border="replicate")
+    for b in range(4):
+        expected = cv2.medianBlur(binary[b, 0].numpy().astype(np.uint8), size)
+        assert np.array_equal(ours[b, 0].numpy().astype(np.uint8), expected)
+    # and the border rule matters: cut windows disagree somewhere at the edge
+    assert not torch.equal(ours, majority_filter(binary, size))
+
+
+def test_foreground_is_patch_ex_object_mask() -> None:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (3, 3, 30, 26), generator=g).float() / 255
+    ours = foreground(images, 200.0, 60.0)
+    for b in range(3):
+        gray = (images[b] * 255).mean(0).numpy()
+        expected = cv2.medianBlur((np.abs(gray - 200.0) > 60.0).astype(np.uint8), 7)
+        assert np.array_equal(ours[b, 0].numpy().astype(np.uint8), expected)
+
+
+def test_object_labels_only_where_source_or_destination_is_object() -> None:
+    height = width = 32
+    current = torch.full((1, 3, height, width), 0.5)
+    donors = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(0))
+    target_fg = torch.zeros(1, 1, height, width)
+    target_fg[..., 8:16, :] = 1.0  # the destination's object: rows 8-15
+    donor_fg = torch.zeros(1, 1, height, width)
+    donor_fg[..., :, 20:] = 1.0  # the donor's object: columns 20 on
+    patch_mask = torch.zeros(1, 1, height, width)
+    centre = torch.tensor([[16.0, 16.0]])
+    paste_rectangles(current, patch_mask, torch.cat((donors, donor_fg), 1), torch.tensor([True]), centre,
+                     torch.tensor([[10.0, 10.0]]), centre, torch.tensor([1.0]), "normal", target_fg=target_fg)
+    rect = torch.zeros(1, 1, height, width, dtype=torch.bool)
+    rect[..., 7:26, 7:26] = True  # strict interior of the 20 x 20 rectangle around (16, 16)
+    expected = rect & ((target_fg > 0.5) | (donor_fg > 0.5))
+    assert torch.equal(patch_mask > 0.5, expected)
+    assert bool((current[..., 20:24, 8:12] != 0.5).any())  # the blend still covers background pixels
