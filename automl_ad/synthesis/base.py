@@ -29,11 +29,14 @@ from automl_ad.errors import UserError
 @dataclass
 class SynthBatch:
     """images: B x C x H x W in [0, 1]; masks: B x 1 x H x W pixel labels in [0, 1];
-    labels: B float, 1 = anomalous."""
+    labels: B float, 1 = anomalous; clean: the images the anomalies were pasted into when
+    the family changed them first (perlin's rotation of normals: the reconstruction
+    target), None when they are the input images."""
 
     images: Tensor
     masks: Tensor
     labels: Tensor
+    clean: Tensor | None = None
 
 
 @dataclass
