@@ -4,6 +4,8 @@ per-class constants of train_mvtec.py, and the training augmentations (tiny imag
 
 from __future__ import annotations
 
+import math
+
 import cv2
 import numpy as np
 import pytest
@@ -11,9 +13,19 @@ import torch
 from scipy import ndimage
 from skimage.morphology import disk
 
+from automl_ad.methods.nsa import Nsa
+from automl_ad.synthesis import build_synthesizer
 from automl_ad.synthesis.base import majority_filter
-from automl_ad.synthesis.nsa_recipe import disk_offsets, nsa_labels
-from automl_ad.synthesis.poisson import foreground, paste_rectangles
+from automl_ad.synthesis.nsa_recipe import (
+    OBJECT_CROP,
+    TEXTURE_CROP,
+    augment,
+    augmentation_defaults,
+    category_defaults,
+    disk_offsets,
+    nsa_labels,
+)
+from automl_ad.synthesis.poisson import NSASynthesizer, foreground, paste_rectangles
 
 
 def _pair(seed: int, batch: int = 3, size: int = 40) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -91,6 +103,80 @@ def test_foreground_is_patch_ex_object_mask() -> None:
         gray = (images[b] * 255).mean(0).numpy()
         expected = cv2.medianBlur((np.abs(gray - 200.0) > 60.0).astype(np.uint8), 7)
         assert np.array_equal(ours[b, 0].numpy().astype(np.uint8), expected)
+
+
+def test_augmentation_defaults_by_kind() -> None:
+    assert augmentation_defaults("screw") == {"crop": OBJECT_CROP, "rotate": 5.0, "vflip": 0.0}
+    assert augmentation_defaults("metal_nut")["rotate"] == 5.0
+    assert augmentation_defaults("transistor") == {"crop": OBJECT_CROP, "rotate": 0.0, "vflip": 0.0}
+    assert augmentation_defaults("fabric") == {"crop": TEXTURE_CROP, "rotate": 0.0, "vflip": 0.5}
+    # an unknown product: the crop jitter only, never a flip or a rotation
+    assert augmentation_defaults("kolektor") == {"crop": OBJECT_CROP, "rotate": 0.0, "vflip": 0.0}
+    assert augmentation_defaults(None) == augmentation_defaults("kolektor")
+
+
+def test_nsa_method_turns_on_its_category_augmentation() -> None:
+    method = Nsa(Nsa.Config(width=8), 64, "fabric")
+    assert method.synthesis_overrides("nsa") == {"label": "logistic", **augmentation_defaults("fabric")}
+    assert method.synthesis_overrides("perlin") == {}
+    off = Nsa(Nsa.Config(width=8, augment=False), 64, "fabric")
+    assert off.synthesis_overrides("nsa") == {"label": "logistic"}
+    # the family alone (another method training with it) and the val set never augment
+    assert build_synthesizer("nsa", category="fabric").params.vflip == 0.0
+    val = build_synthesizer("nsa", dict(NSASynthesizer.VAL_PARAMS), category="screw").params
+    assert (val.crop, val.rotate, val.vflip) == (1.0, 0.0, 0.0)
+
+
+def _ramp(batch: int, height: int, width: int) -> torch.Tensor:
+    ys, xs = torch.meshgrid(torch.arange(height).float(), torch.arange(width).float(), indexing="ij")
+    return (0.1 + 0.004 * xs + 0.002 * ys).expand(batch, 3, height, width).contiguous()
+
+
+def test_augment_off_draws_nothing_and_flip_is_exact() -> None:
+    images = torch.rand(4, 3, 16, 20, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(1)
+    state = generator.get_state()
+    assert augment(images, generator, 1.0, 0.0, 0.0) is images
+    assert torch.equal(generator.get_state(), state)
+    flipped = augment(images, generator, 1.0, 0.0, 1.0)
+    assert torch.allclose(flipped, images.flip(2), atol=1e-5)
+
+
+def test_augment_crops_and_rotates_in_pixels() -> None:
+    # a linear ramp stays a ramp under an affine map: its slopes show the zoom and the
+    # angle. Not square, so a rotation done in normalised coordinates would show.
+    height, width, crop, rotate = 48, 64, OBJECT_CROP, 5.0
+    images = _ramp(64, height, width)
+    out = augment(images, torch.Generator().manual_seed(3), crop, rotate, 0.0)
+    centre = out[:, 0, 12:-12, 16:-16]  # away from the reflected corners
+    gx = (centre[:, :, 1:] - centre[:, :, :-1]).mean((1, 2))
+    gy = (centre[:, 1:, :] - centre[:, :-1, :]).mean((1, 2))
+    # a rotation keeps the gradient's length; the crop zooms by 1 / crop
+    assert torch.allclose(torch.hypot(gx, gy), torch.tensor(math.hypot(0.004, 0.002) * crop), rtol=1e-3)
+    turned = torch.rad2deg(torch.atan2(gy, gx) - math.atan2(0.002, 0.004))
+    assert turned.abs().max() <= rotate + 1e-3 and turned.abs().max() > 3.0 and turned.std() > 1.0
+    # the window moves: the value at the centre spreads over the crop's margin
+    mid = out[:, 0, height // 2, width // 2] - images[:, 0, height // 2, width // 2]
+    assert mid.std() > 0 and mid.abs().max() <= (1 - crop) * (0.004 * width + 0.002 * height) / 2 * 1.4
+    # seeded
+    again = augment(images, torch.Generator().manual_seed(3), crop, rotate, 0.0)
+    assert torch.equal(out, again)
+
+
+def test_synthesizer_augments_normal_images_too() -> None:
+    images = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    synth = build_synthesizer("nsa", {"normal_share": 1.0, "vflip": 1.0})
+    out = synth(images, torch.Generator().manual_seed(0))
+    assert torch.allclose(out.images, images.flip(2), atol=1e-5)
+    assert out.masks.abs().sum() == 0 and out.labels.sum() == 0
+    assert torch.equal(out.clean, out.images)  # the loop's reconstruction target follows
+    assert build_synthesizer("nsa", {"normal_share": 1.0})(images, torch.Generator()).clean is None
+    # vflip is a probability: about half of 200 images come out upside down
+    many = torch.rand(200, 1, 8, 8, generator=torch.Generator().manual_seed(1)).expand(-1, 3, -1, -1)
+    half = build_synthesizer("nsa", {"normal_share": 1.0, "vflip": 0.5})(many, torch.Generator().manual_seed(2))
+    flipped = sum(bool(torch.allclose(o, i.flip(1), atol=1e-5)) for o, i in zip(half.images, many))
+    kept = sum(bool(torch.allclose(o, i, atol=1e-5)) for o, i in zip(half.images, many))
+    assert flipped + kept == 200 and 70 < flipped < 130
 
 
 def test_object_labels_only_where_source_or_destination_is_object() -> None:

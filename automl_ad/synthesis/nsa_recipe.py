@@ -39,18 +39,26 @@ unknown category gets (the paper's object settings: source gradients, 3 patches)
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from automl_ad.synthesis.base import majority_filter
+from automl_ad.synthesis.base import majority_filter, uniform
 
 CHANGE_TOLERANCE = 1.0  # grey levels (0..255) below which a pixel counts as unchanged (patch_ex's tol)
 
 TEXTURES = ("carpet", "grid", "leather", "tile", "wood", "fabric", "marble")
+# rotated at random in MVTec AD, so trained with small rotations (bottle: rotationally
+# symmetric); the built-in washer is a metal_nut-like ring at random angle
+UNALIGNED = ("bottle", "hazelnut", "metal_nut", "screw", "washer")
 
+OBJECT_CROP = 224 / 230  # RandomCrop 224 out of CenterCrop 230
+TEXTURE_CROP = 256 / 264  # RandomCrop 256 out of a 264 px image
+ROTATION = 5.0  # RandomRotation(5): degrees, uniform in [-5, 5]
+TEXTURE_VFLIP = 0.5  # RandomVerticalFlip()
 
 # Per-class settings of train_mvtec.py, plus the built-in products: fabric and marble as
 # textures, washer as a metal_nut-like object.
@@ -106,6 +114,49 @@ def category_defaults(category: str | None) -> dict[str, Any]:
         out["fg_bright"], out["fg_thresh"] = _FOREGROUND[name]
         out["min_object"] = _MIN_OBJECT.get(name, 0.7)
     return out
+
+
+def augmentation_defaults(category: str | None) -> dict[str, float]:
+    """The official training augmentation of ``category`` as NSA parameters (crop,
+    rotate, vflip): textures flip and crop, unaligned objects rotate and crop, every
+    other name (aligned objects and unknown products) crops only."""
+    name = (category or "").lower()
+    if name in TEXTURES:
+        return {"crop": TEXTURE_CROP, "rotate": 0.0, "vflip": TEXTURE_VFLIP}
+    return {"crop": OBJECT_CROP, "rotate": ROTATION if name in UNALIGNED else 0.0, "vflip": 0.0}
+
+
+def augmenting(crop: float, rotate: float, vflip: float) -> bool:
+    return crop < 1.0 or rotate > 0.0 or vflip > 0.0
+
+
+def augment(images: Tensor, generator: torch.Generator, crop: float, rotate: float, vflip: float) -> Tensor:
+    """Each image flipped upside down with probability ``vflip``, rotated by U(-rotate,
+    rotate) degrees about its centre, then a window of ``crop`` of each side at a random
+    place resampled to the full size (the official order: flip or rotate, then crop).
+    One batched affine resampling; ``images`` is returned as it is when all are off (no
+    random numbers drawn)."""
+    if not augmenting(crop, rotate, vflip):
+        return images
+    batch, _, height, width = images.shape
+    device = images.device
+    flip = uniform(generator, (batch,), device) < vflip
+    angle = uniform(generator, (batch,), device, -1.0, 1.0) * math.radians(rotate)
+    # window centre in normalised coordinates, the window [t - crop, t + crop] inside [-1, 1]
+    shift = uniform(generator, (batch, 2), device, -1.0, 1.0) * (1.0 - crop)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    aspect = height / width  # rotation in pixels, not in the normalised (anisotropic) square
+    sign = torch.where(flip, -1.0, 1.0)
+    tx, ty = shift[:, 0], shift[:, 1]
+    theta = torch.stack(
+        (
+            torch.stack((cos * crop, -sin * aspect * crop, cos * tx - sin * aspect * ty), 1),
+            sign[:, None] * torch.stack((sin / aspect * crop, cos * crop, sin / aspect * tx + cos * ty), 1),
+        ),
+        1,
+    )
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
 # ------------------------------------------------------------------------ labels

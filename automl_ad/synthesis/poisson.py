@@ -74,6 +74,7 @@ from automl_ad.synthesis.base import (
     SynthBatch,
     SynthParams,
     Synthesizer,
+    check_images,
     gamma_samples,
     majority_filter,
     normal,
@@ -83,6 +84,8 @@ from automl_ad.synthesis.base import (
 from automl_ad.synthesis.nsa_recipe import (  # noqa: F401  (TEXTURES, CHANGE_TOLERANCE: re-exported)
     CHANGE_TOLERANCE,
     TEXTURES,
+    augment,
+    augmenting,
     category_defaults,
     nsa_labels,
 )
@@ -379,6 +382,9 @@ class NSAParams(SynthParams):
         "fg_thresh": (1.0, 200.0),
         "min_object": (0.0, 1.0),
         "min_overlap": (0.0, 1.0),
+        "crop": (0.5, 1.0),
+        "rotate": (0.0, 45.0),
+        "vflip": (0.0, 1.0),
     }
     PAIRS: ClassVar[tuple] = (("width_min_y", "width_max_y"), ("width_min_x", "width_max_x"))
 
@@ -401,6 +407,13 @@ class NSAParams(SynthParams):
     fg_thresh: float = 20.0
     min_object: float = 0.7
     min_overlap: float = 0.25
+    # Augmentation of the normal images before the exchange (nsa_recipe.augment). Off for
+    # the family: it is NSA's training recipe, and the NSA method turns on its category's
+    # official values (nsa_recipe.augmentation_defaults). When on, SynthBatch.clean holds
+    # the augmented images, so a method trained on clean (DRAEM) keeps matching targets.
+    crop: float = 1.0
+    rotate: float = 0.0
+    vflip: float = 0.0
 
 
 _CANDIDATES = 16
@@ -470,7 +483,8 @@ def _place(generator: torch.Generator, half: Tensor, height: int, width: int, in
 @register_family
 class NSASynthesizer(Synthesizer):
     FAMILY = "nsa"
-    VAL_PARAMS = {"label": "binary"}  # val masks are ground truth, not soft training targets
+    # val masks are ground truth, not soft training targets; val images are not augmented
+    VAL_PARAMS = {"label": "binary", "crop": 1.0, "rotate": 0.0, "vflip": 0.0}
 
     @classmethod
     def category_defaults(cls, category: str | None) -> dict[str, Any]:
@@ -478,10 +492,23 @@ class NSASynthesizer(Synthesizer):
     Params = NSAParams
     OUTPUT_IN_RANGE = True  # clamped blend; every label mode lies in [0, 1]
 
+    def __call__(self, images: Tensor, generator: torch.Generator, *, sources: Tensor | None = None) -> SynthBatch:
+        # the official code augments every training image (and, independently, its donor:
+        # here the donor is another augmented image of the batch) before patch_ex
+        p = self.params
+        if not augmenting(p.crop, p.rotate, p.vflip):
+            return super().__call__(images, generator, sources=sources)
+        images = augment(check_images(images), generator, p.crop, p.rotate, p.vflip)
+        out = super().__call__(images, generator, sources=sources)
+        # the augmented normal images are what the anomalies were pasted into
+        return SynthBatch(out.images, out.masks, out.labels, clean=images)
+
     def synthesize(self, images: Tensor, donors: Tensor, generator: torch.Generator, *, sources_given: bool) -> SynthBatch:
         p = self.params
         batch, _, height, width = images.shape
         device = images.device
+        if sources_given:  # outside images are donors as they are: augment them as the batch was
+            donors = augment(donors, generator, p.crop, p.rotate, p.vflip)
         current = images.clone()
         patch_mask = images.new_zeros(batch, 1, height, width)
         target_fg = donor_fg = target_area = donor_area = None

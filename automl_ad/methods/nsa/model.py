@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from automl_ad.errors import UserError
 from automl_ad.methods._layers import pad_to_multiple
 from automl_ad.methods.base import Batch, Method, Recipe, check_config, register
+from automl_ad.synthesis.nsa_recipe import augmentation_defaults
 
 ENCODER_STRIDE = 32
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -131,6 +132,8 @@ class Nsa(Method):
         label_mode: str = "logistic"
         width: int = 64
         min_lr: float = 1e-6
+        # the official training augmentation of the category (nsa_recipe.augmentation_defaults)
+        augment: bool = True
 
         def __post_init__(self) -> None:
             check_config(self, "nsa")  # ranges and label modes: space.yaml
@@ -147,7 +150,14 @@ class Nsa(Method):
 
     def synthesis_overrides(self, family: str) -> dict[str, Any]:
         # The nsa family calls this parameter ``label`` (automl_ad/synthesis/poisson.py).
-        return {"label": self.config.label_mode} if family == "nsa" else {}
+        # The augmentation is NSA's training recipe, not the family's: other methods
+        # training with the nsa family keep their inputs aligned with Batch.clean.
+        if family != "nsa":
+            return {}
+        out: dict[str, Any] = {"label": self.config.label_mode}
+        if self.config.augment:
+            out.update(augmentation_defaults(self.category))
+        return out
 
     def _logits(self, images: Tensor) -> Tensor:
         padded, height, width = pad_to_multiple((images - self.mean) / self.std, ENCODER_STRIDE)
