@@ -106,6 +106,11 @@ def ssim(a: Tensor, b: Tensor, window: int = 11, sigma: float = 1.5) -> Tensor:
     Constants are those of Wang et al. 2004 for a dynamic range of 1; zero padding
     as in DRAEM's implementation, so borders count like interior pixels.
     """
+    if a.dtype != torch.float32 or b.dtype != torch.float32 or torch.is_autocast_enabled(a.device.type):
+        # Always in fp32: the local variances E[x^2] - E[x]^2 are small differences of
+        # values near 0.25 that bf16/fp16 cancel (a mixed-precision training step).
+        with torch.autocast(a.device.type, enabled=False):
+            return ssim(a.float(), b.float(), window, sigma)
     channels = a.shape[1]
     offsets = torch.arange(window, device=a.device, dtype=a.dtype) - window // 2
     g = torch.exp(-0.5 * (offsets / sigma) ** 2)

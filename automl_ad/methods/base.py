@@ -61,6 +61,44 @@ class Recipe:
         return dict(self.epochs_by_category).get(category or "", self.epochs)
 
 
+# The dtypes a training step may autocast to (``Precision.dtype``; fp32: no autocast).
+PRECISION_DTYPES = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """A method's GPU speed switch, from the ``precision:`` entry of its ``space.yaml``:
+    the dtype its training steps autocast to on CUDA (``train --precision auto``; CPU
+    stays fp32), whether its model and batches go channels_last there, and why that is
+    numerically safe for what the method computes (or why it stays in fp32)."""
+
+    dtype: str = "fp32"
+    channels_last: bool = False
+    reason: str = "no precision entry: fp32"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in PRECISION_DTYPES:
+            raise ValueError(f"precision dtype must be one of {', '.join(PRECISION_DTYPES)}, got {self.dtype!r}")
+
+
+def _precision_of(spec: Mapping[str, Any], where: Any) -> Precision:
+    """The ``precision:`` entry of a packaged space (``{dtype, channels_last, reason}``)."""
+    entry = spec.get("precision")
+    if entry is None:
+        return Precision()
+    if not isinstance(entry, dict) or set(entry) - {"dtype", "channels_last", "reason"}:
+        raise UserError(f"{where}: precision: expected {{dtype: fp32|bf16|fp16, channels_last: bool, reason: text}}, "
+                        f"got {entry!r}")
+    dtype, channels_last, reason = entry.get("dtype"), entry.get("channels_last", False), entry.get("reason")
+    if dtype not in PRECISION_DTYPES:
+        raise UserError(f"{where}: precision.dtype must be one of {', '.join(PRECISION_DTYPES)}, got {dtype!r}")
+    if not isinstance(channels_last, bool):
+        raise UserError(f"{where}: precision.channels_last must be true or false, got {channels_last!r}")
+    if not isinstance(reason, str) or not reason.strip():
+        raise UserError(f"{where}: precision.reason: say in one line why {dtype} is safe for this method")
+    return Precision(dtype=dtype, channels_last=channels_last, reason=reason.strip())
+
+
 # One row of a method's CPU speed prior, per image size: (batch, build_s, setup_c,
 # setup_p, step_s, infer_s, metrics_s); tuning/calibration.py says how they were measured.
 SpeedRow = tuple[int, float, float, float, float, float, float]
@@ -85,6 +123,9 @@ class Method(nn.Module):
                  device is not present to calibrate on; {}: none.
       gpu_speedup: how many times faster than one CPU thread a datacenter GPU is
                  assumed to run it (an estimate, never measured); None: the default.
+      precision: its GPU speed switch (``Precision``). Built-in methods do not set it:
+                 ``register`` takes it from the ``precision:`` entry of their
+                 ``space.yaml``; a method of one's own may set it in code (default fp32).
     """
 
     name: ClassVar[str] = ""
@@ -94,6 +135,7 @@ class Method(nn.Module):
     recipe: ClassVar[Recipe | None] = None
     cpu_prior: ClassVar[dict[int, SpeedRow]] = {}
     gpu_speedup: ClassVar[float | None] = None
+    precision: ClassVar[Precision] = Precision()
 
     def __init__(self, config: Any, image_size: int, category: str) -> None:
         super().__init__()
@@ -171,17 +213,19 @@ _REGISTRY: dict[str, type[Method]] = {}
 
 def register(cls: type[Method]) -> type[Method]:
     """Class decorator adding a method to the registry under ``cls.name``. A method with a
-    packaged ``space.yaml`` gets its default synthesis family from there, never from the
-    class (one source)."""
+    packaged ``space.yaml`` gets its default synthesis family and its precision switch
+    from there, never from the class (one source)."""
     if not cls.name:
         raise TypeError(f"{cls.__qualname__} has no name")
     spec = packaged_spec(cls.name)
     if spec is not None:
-        if "synthesis" in vars(cls):
-            raise TypeError(f"{cls.__qualname__} sets synthesis; its default family is the first of "
-                            f"synthesis in {packaged_space_file(cls.name)}")
+        for attribute, entry in (("synthesis", "its default family is the first of synthesis"),
+                                 ("precision", "its precision switch is the precision entry")):
+            if attribute in vars(cls):
+                raise TypeError(f"{cls.__qualname__} sets {attribute}; {entry} in {packaged_space_file(cls.name)}")
         families = spec.get("synthesis") or []
         cls.synthesis = str(families[0]) if families else None
+        cls.precision = _precision_of(spec, packaged_space_file(cls.name))
     _REGISTRY[cls.name] = cls
     return cls
 

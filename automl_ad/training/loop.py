@@ -5,6 +5,12 @@ evaluates on the validation set after every epoch, writes a checkpoint every epo
 calls an ``on_epoch`` hook (the search reports to Ray Tune through it), and finally
 reports test metrics. Resuming from a checkpoint continues bit-exactly on CPU: the
 checkpoint holds the model, optimizer and scheduler states and every RNG state used.
+
+On a GPU the training step takes the speed path of ``training/precision.py`` (the
+method's mixed-precision switch, channels_last, cudnn.benchmark); the fit images live on
+the device as stored (uint8) and every batch is drawn and synthesised there, and losses
+are read back once every ``sync_every`` steps, so a step does not wait for the host.
+On a CPU ``precision="auto"`` is fp32 and a run is bit-identical to one without the path.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from automl_ad.synthesis import build_synthesizer
 from automl_ad.evaluation.normalisation import robust_center_scale
 from automl_ad.evaluation.uncertainty import delong_standard_error
 from automl_ad.evaluation.validation import objective
+from automl_ad.training.precision import SpeedPath, check_precision, cuda_backends, sync_every
 
 if TYPE_CHECKING:
     from automl_ad.training.distributed import DataParallel
@@ -46,8 +53,13 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     eval_batch_size: int = 32
+    # training/precision.py: auto = the method's switch (its space.yaml) on CUDA, fp32 on
+    # a CPU; fp32, bf16 or fp16 (with a GradScaler) on any device
+    precision: str = "auto"
+    texture_dir: str | None = None  # anomaly-source images for perlin (e.g. DTD); None: procedural
 
     def __post_init__(self) -> None:
+        check_precision(self.precision)
         for name in ("image_size", "epochs", "batch_size", "eval_batch_size"):
             if int(getattr(self, name)) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -156,14 +168,19 @@ def _phase_plan(method: Method, epochs: int) -> list[str]:
 def _own_rng(function: Callable[..., TrainResult]) -> Callable[..., TrainResult]:
     """Run ``function(cfg, ...)`` on a copy of torch's global RNG (CPU, and cfg's CUDA
     device), restored afterwards: training seeds it and draws from it (initial weights,
-    dropout), but the process's own random stream is the caller's business."""
+    dropout), but the process's own random stream is the caller's business. The same
+    holds for cudnn.benchmark, which a CUDA run turns on (``cuda_backends``); the trained
+    method is handed back in the default memory format."""
 
     @functools.wraps(function)
     def wrapper(cfg: TrainConfig, *args: Any, **kwargs: Any) -> TrainResult:
         device = torch.device(cfg.device)
         cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):
-            return function(cfg, *args, **kwargs)
+        with torch.random.fork_rng(devices=cuda), cuda_backends(device):
+            result = function(cfg, *args, **kwargs)
+        if device.type == "cuda":  # a channels_last speed path ends with the run
+            result.method.to(memory_format=torch.contiguous_format)
+        return result
 
     return wrapper
 
@@ -198,21 +215,26 @@ def fit(
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)  # on fit's own copy of the global RNG (_own_rng)
     method, synthesizer = _build(cfg, data, device)
-    fit_float = to_float(data.fit)
+    speed = SpeedPath.resolve(cfg.precision, type(method), device)
+    # On the device once, as stored (uint8: a quarter of float32); batches are drawn,
+    # converted and synthesised there. On a CPU the same values as converting all first.
+    fit_images = data.fit.to(device)
     alone = data_parallel is None or data_parallel.world_size == 1
-    if not _setup(method, fit_float.to(device), should_stop if alone else None):
+    if not _setup(method, to_float(fit_images), should_stop if alone else None):
         return _stopped(method, [])
     rank = data_parallel.rank if data_parallel is not None else 0
     lead = rank == 0
     streams = _Streams.for_rank(cfg, len(data.fit), rank, device)
     checkpoint = read_checkpoint(resume_from) if resume_from is not None else None
+    scaler = speed.grad_scaler()
     start_epoch, step, reports = 0, 0, []
     if checkpoint is not None:
-        start_epoch, step, reports = _restore(checkpoint, method, streams, checkpoint_file(resume_from))
+        start_epoch, step, reports = _restore(checkpoint, method, streams, checkpoint_file(resume_from), scaler)
         if not lead:  # the checkpoint holds rank 0's streams; others draw their own again
             streams = _Streams.for_rank(cfg, len(data.fit), rank, device, start_epoch)
     if data_parallel is not None:
         data_parallel.broadcast_(method)
+    speed.prepare(method)
 
     if not method.phases:
         return _fit_without_gradients(cfg, method, data, val_set, device, lead, checkpoint_dir, on_epoch,
@@ -222,7 +244,7 @@ def fit(
     plan = _phase_plan(method, cfg.epochs)
 
     def next_batch() -> Batch:
-        return _make_batch(fit_float, streams.sampler.next_indices(), synthesizer, streams.synth, device)
+        return speed.batch(_make_batch(fit_images, streams.sampler.next_indices(), synthesizer, streams.synth, device))
 
     def stop_now() -> bool:
         return should_stop is not None and _agreed_stop(should_stop, data_parallel, device)
@@ -239,8 +261,8 @@ def fit(
                 if checkpoint is not None and epoch == start_epoch and checkpoint["phase"] == phase:
                     _restore_optimizer(checkpoint, optimizer, scheduler)
             losses, step, stopped_mid_epoch = _train_epoch(
-                cfg, method, phase, optimizer, scheduler, steps_per_epoch, step, next_batch, stop_now,
-                data_parallel, bar)
+                cfg, method, phase, _Stepper(optimizer, scheduler, speed, scaler), steps_per_epoch, step,
+                next_batch, stop_now, data_parallel, bar)
             # Asked again before validation: an epoch is complete only once validated.
             stopped_mid_epoch = stopped_mid_epoch or stop_now()
             if stopped_mid_epoch:
@@ -260,7 +282,7 @@ def fit(
                 bar.epoch_done(report)
             if checkpoint_dir is not None and lead:
                 _save_checkpoint(Path(checkpoint_dir), cfg, method, optimizer, scheduler, phase, epoch + 1, step,
-                                 streams, reports)
+                                 streams, reports, scaler)
                 _save_val_scores(Path(checkpoint_dir), val_set, kept)
             if on_epoch is not None and on_epoch(report, checkpoint_dir if lead else None) and epoch + 1 < cfg.epochs:
                 stopped_early = True
@@ -305,7 +327,7 @@ def _build(cfg: TrainConfig, data: CategoryData, device: torch.device) -> tuple[
     synthesizer = None
     if family is not None:
         params = {**cfg.synthesis_params, **method.synthesis_overrides(family)}
-        synthesizer = build_synthesizer(family, params, category=data.category)
+        synthesizer = build_synthesizer(family, params, category=data.category, texture_dir=cfg.texture_dir)
     if len(data.fit) == 0:
         raise UserError(f"category {data.category!r} has no fit images")
     return method, synthesizer
@@ -328,9 +350,12 @@ class _Streams:
 
 
 def _restore(checkpoint: Mapping[str, Any], method: Method, streams: _Streams,
-             path: Path) -> tuple[int, int, list[EpochReport]]:
-    """Weights, streams and the global RNG from ``checkpoint``; (epoch, step, reports)."""
+             path: Path, scaler: torch.amp.GradScaler | None = None) -> tuple[int, int, list[EpochReport]]:
+    """Weights, streams, the global RNG and fp16's loss scale from ``checkpoint``;
+    (epoch, step, reports)."""
     _load_weights(method, checkpoint["method"], path)
+    if scaler is not None and checkpoint.get("scaler"):
+        scaler.load_state_dict(checkpoint["scaler"])
     streams.sampler.load_state_dict(checkpoint["sampler"])
     streams.synth.set_state(checkpoint["synth_rng"])
     torch.set_rng_state(checkpoint["torch_rng"])
@@ -343,12 +368,33 @@ def _restore_optimizer(checkpoint: Mapping[str, Any], optimizer: torch.optim.Opt
         scheduler.load_state_dict(checkpoint["scheduler"])
 
 
+@dataclass
+class _Stepper:
+    """A phase's optimizer and scheduler, with the run's speed path and fp16's scaler."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    speed: SpeedPath
+    scaler: torch.amp.GradScaler | None
+
+    def backward(self, loss: Tensor) -> None:
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def step(self) -> None:
+        if self.scaler is None:
+            self.optimizer.step()
+        else:  # skips the update when the scaled gradients overflowed, then adapts the scale
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        if self.scheduler is not None:
+            self.scheduler.step()
+
+
 def _train_epoch(
     cfg: TrainConfig,
     method: Method,
     phase: str,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
+    stepper: _Stepper,
     steps: int,
     step: int,
     next_batch: Callable[[], Batch],
@@ -357,28 +403,47 @@ def _train_epoch(
     bar: "_ProgressBar | None",
 ) -> tuple[list[float], int, bool]:
     """Up to ``steps`` optimizer steps; (losses, the step count after them, whether
-    ``stop_now`` ended the epoch early)."""
+    ``stop_now`` ended the epoch early). Losses are read back every ``sync_every`` steps
+    (on a CPU every step, before its update, as a loop without the speed path did)."""
     method.train()
     losses: list[float] = []
+    pending: list[Tensor] = []
+    every = sync_every(stepper.speed.device)
     for _ in range(steps):
         if stop_now():
+            _read_losses(cfg, pending, step, losses, bar)
             return losses, step, True
         batch = next_batch()
-        optimizer.zero_grad(set_to_none=True)
-        loss = method.training_step(batch, phase)["loss"]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{cfg.method}: loss became {loss.item()} at step {step}")
-        loss.backward()
+        stepper.optimizer.zero_grad(set_to_none=True)
+        with stepper.speed.autocast():
+            loss = method.training_step(batch, phase)["loss"]
+        pending.append(loss.detach())
+        if len(pending) >= every:
+            _read_losses(cfg, pending, step + 1, losses, bar)
+        stepper.backward(loss)
         if data_parallel is not None:
             data_parallel.average_gradients_(method)
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
+        stepper.step()
         step += 1
-        losses.append(float(loss.detach()))
-        if bar is not None:
-            bar.advance(losses[-1])
+    _read_losses(cfg, pending, step, losses, bar)
     return losses, step, False
+
+
+def _read_losses(cfg: TrainConfig, pending: list[Tensor], step_after: int, losses: list[float],
+                 bar: "_ProgressBar | None") -> None:
+    """Move the ``pending`` losses (the last of them that of step ``step_after - 1``) to
+    ``losses`` with one host sync; a non-finite one raises, naming its step."""
+    if not pending:
+        return
+    values = torch.stack([loss.float() for loss in pending]).tolist()
+    first = step_after - len(values)
+    pending.clear()
+    for offset, value in enumerate(values):
+        if not math.isfinite(value):
+            raise FloatingPointError(f"{cfg.method}: loss became {value} at step {first + offset}")
+        losses.append(value)
+        if bar is not None:
+            bar.advance(value)
 
 
 def _fit_without_gradients(
@@ -434,13 +499,15 @@ def _agreed_stop(should_stop: Callable[[], bool], data_parallel: "DataParallel |
 
 
 def _make_batch(
-    fit_float: Tensor,
+    fit_images: Tensor,
     indices: Tensor,
     synthesizer: Any,
     generator: torch.Generator,
     device: torch.device,
 ) -> Batch:
-    clean = fit_float[indices].to(device)
+    # fit_images is on the device; only the few indices travel (no stream sync: they
+    # are copied from host memory the moment they are queued)
+    clean = to_float(fit_images[indices.to(fit_images.device, non_blocking=True)])
     if synthesizer is None:
         n, _, h, w = clean.shape
         zeros = torch.zeros(n, 1, h, w, device=device)
@@ -476,6 +543,7 @@ def _save_checkpoint(
     step: int,
     streams: _Streams,
     reports: list[EpochReport],
+    scaler: torch.amp.GradScaler | None = None,
 ) -> None:
     write_checkpoint(folder, {
         "config": dataclasses.asdict(cfg),
@@ -489,6 +557,7 @@ def _save_checkpoint(
         "synth_rng": streams.synth.get_state(),
         "torch_rng": torch.get_rng_state(),
         "reports": [dataclasses.asdict(r) for r in reports],
+        "scaler": scaler.state_dict() if scaler is not None else None,  # fp16's loss scale
     })
 
 

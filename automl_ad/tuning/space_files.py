@@ -38,7 +38,7 @@ USER_SPACE_DIR = Path("search_spaces")
 PARAM_KEYS = {"type", "low", "high", "step", "log", "choices", "default"}
 
 
-METHOD_KEYS = {"method", "synthesis", "params", "image_size", "bounds"}
+METHOD_KEYS = {"method", "synthesis", "params", "image_size", "bounds", "precision"}
 
 
 COMMON_KEYS = {"image_size", "synthesis", "fidelity"}
@@ -300,6 +300,10 @@ def method_space_of(name: str, path: SpaceFile, spec: dict[str, Any], families: 
     shipped = (packaged_spec(name) or {}).get("bounds")
     if spec.get("bounds", shipped) != shipped:
         raise UserError(f"{path}: bounds: what {name!r} accepts is the method's own "
+                        f"({packaged_space_file(name) or 'none shipped'}); a search space cannot change it")
+    shipped_precision = (packaged_spec(name) or {}).get("precision")
+    if spec.get("precision", shipped_precision) != shipped_precision:  # trials train with precision auto
+        raise UserError(f"{path}: precision: the GPU speed switch is the method's own "
                         f"({packaged_space_file(name) or 'none shipped'}); a search space cannot change it")
     cls = get_method_class(name)
     synthesis = spec.get("synthesis", [])
