@@ -25,7 +25,7 @@ from automl_ad.synthesis.nsa_recipe import (
     disk_offsets,
     nsa_labels,
 )
-from automl_ad.synthesis.poisson import NSASynthesizer, foreground, paste_rectangles
+from automl_ad.synthesis.poisson import NSASynthesizer, _official_resize, foreground, paste_rectangles
 
 
 def _pair(seed: int, batch: int = 3, size: int = 40) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -105,6 +105,39 @@ def test_foreground_is_patch_ex_object_mask() -> None:
         assert np.array_equal(ours[b, 0].numpy().astype(np.uint8), expected)
 
 
+def test_per_class_constants_are_the_official_ones() -> None:
+    # train_mvtec.py: MIN_OBJECT_PCT, BACKGROUND, NUM_PATCHES, WIDTH_BOUNDS_PCT,
+    # INTENSITY_LOGISTIC_PARAMS (transcribed here by hand from the official file)
+    official_min_object = {"bottle": 0.7, "capsule": 0.7, "hazelnut": 0.7, "metal_nut": 0.5,
+                           "pill": 0.7, "screw": 0.5, "toothbrush": 0.25, "zipper": 0.7}
+    official_background = {"bottle": (200, 60), "screw": (200, 60), "capsule": (200, 60), "zipper": (200, 60),
+                           "hazelnut": (20, 20), "pill": (20, 20), "toothbrush": (20, 20), "metal_nut": (20, 20)}
+    for name, share in official_min_object.items():
+        params = build_synthesizer("nsa", category=name).params
+        assert params.object and params.min_object == share and params.min_overlap == 0.25, name
+        assert (params.fg_bright, params.fg_thresh) == official_background[name], name
+    for name in ("cable", "transistor", "carpet", "grid", "leather", "tile", "wood"):
+        assert not build_synthesizer("nsa", category=name).params.object, name
+    four = {"screw", "zipper", "carpet", "grid", "leather", "tile", "wood"}
+    logistic = {"bottle": (1 / 12, 24), "cable": (1 / 12, 24), "capsule": (1 / 2, 4), "hazelnut": (1 / 12, 24),
+                "metal_nut": (1 / 3, 7), "pill": (1 / 3, 7), "screw": (1, 3), "toothbrush": (1 / 6, 15),
+                "transistor": (1 / 6, 15), "zipper": (1 / 6, 15), "carpet": (1 / 3, 7), "grid": (1 / 3, 7),
+                "leather": (1 / 3, 7), "tile": (1 / 3, 7), "wood": (1 / 6, 15)}
+    widths = {"cable": (0.05, 0.4, 0.05, 0.4), "capsule": (0.03, 0.15, 0.03, 0.4), "hazelnut": (0.03, 0.35, 0.03, 0.35),
+              "pill": (0.03, 0.2, 0.03, 0.4), "screw": (0.03, 0.12, 0.03, 0.12), "toothbrush": (0.03, 0.4, 0.03, 0.2),
+              "zipper": (0.03, 0.4, 0.03, 0.2)}
+    for name, (k, x0) in logistic.items():
+        params = build_synthesizer("nsa", category=name).params
+        assert math.isclose(params.k, k) and params.x0 == x0, name
+        assert params.n_patches == (4 if name in four else 3), name
+        got = (params.width_min_y, params.width_max_y, params.width_min_x, params.width_max_x)
+        assert got == widths.get(name, (0.03, 0.4, 0.03, 0.4)), name
+        textures = name in ("carpet", "grid", "leather", "tile", "wood")
+        assert params.mode == ("mixed" if textures else "normal"), name
+        assert (params.resize_min, params.resize_max) == ((0.5, 2.0) if textures else (0.7, 1.3)), name
+    assert category_defaults("kolektor") == {}
+
+
 def test_augmentation_defaults_by_kind() -> None:
     assert augmentation_defaults("screw") == {"crop": OBJECT_CROP, "rotate": 5.0, "vflip": 0.0}
     assert augmentation_defaults("metal_nut")["rotate"] == 5.0
@@ -177,6 +210,16 @@ def test_synthesizer_augments_normal_images_too() -> None:
     flipped = sum(bool(torch.allclose(o, i.flip(1), atol=1e-5)) for o, i in zip(half.images, many))
     kept = sum(bool(torch.allclose(o, i, atol=1e-5)) for o, i in zip(half.images, many))
     assert flipped + kept == 200 and 70 < flipped < 130
+
+
+def test_official_resize_clips_the_full_size_to_the_half_width_bounds() -> None:
+    side = torch.tensor([128.0, 128.0])
+    lower, upper = torch.tensor([0.03, 0.03]), torch.tensor([0.12, 0.12])
+    half = _official_resize(torch.tensor([[20.0, 10.0]]), torch.tensor([1.0]), lower, upper, side)
+    # full height 40 clipped to 0.12 * 128 = 15.36; the width follows the aspect (7.68)
+    assert torch.allclose(half, torch.tensor([[7.68, 3.84]]))
+    half = _official_resize(torch.tensor([[5.0, 5.0]]), torch.tensor([1.2]), lower, upper, side)
+    assert torch.allclose(half, torch.tensor([[6.0, 6.0]]))  # inside the bounds: just rescaled
 
 
 def test_object_labels_only_where_source_or_destination_is_object() -> None:

@@ -85,12 +85,15 @@ _WIDTHS = {  # WIDTH_BOUNDS_PCT (min_y, max_y, min_x, max_x); others (0.03, 0.4)
 # well as a border estimate does (IoU with the drawn part 0.854 against 0.859 for
 # (-1, 40), 24 images at 128 px).
 _FOREGROUND = {
-    **{c: (200.0, 60.0) for c in ("bottle", "capsule", "zipper")},
+    **{c: (200.0, 60.0) for c in ("bottle", "screw", "capsule", "zipper")},
     **{c: (20.0, 20.0) for c in ("hazelnut", "pill", "toothbrush", "metal_nut")},
-    "screw": (-1.0, 40.0),
     "washer": (-1.0, 30.0),
 }
-_MIN_OBJECT = {"screw": 0.5}
+_MIN_OBJECT = {  # MIN_OBJECT_PCT; washer follows the default 0.7 (no official value)
+    "screw": 0.5,
+    "metal_nut": 0.5,
+    "toothbrush": 0.25,
+}
 _PATCHES_4 = ("screw", "zipper")  # NUM_PATCHES 4 (and every texture); else 3
 
 

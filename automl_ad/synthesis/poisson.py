@@ -417,6 +417,7 @@ class NSAParams(SynthParams):
 
 
 _CANDIDATES = 16
+_OVERLAP_GRID = 12  # sample points per side of a patch for the overlap test
 
 
 def foreground(images: Tensor, bright: float, thresh: float) -> Tensor:
@@ -470,14 +471,45 @@ def _first_passing(centers: Tensor, share: Tensor, least: float) -> Tensor:
     return centers[torch.arange(centers.shape[0], device=centers.device), choice]
 
 
-def _place(generator: torch.Generator, half: Tensor, height: int, width: int, integral: Tensor | None, min_share: float) -> Tensor:
-    """Centres (B x 2, (y, x)); with ``integral`` (``_integral`` of a foreground mask),
-    the first of several candidates covering at least ``min_share`` of it."""
-    if integral is None:
-        return _candidates(generator, half, height, width, 1)[:, 0]
-    centers = _candidates(generator, half, height, width, _CANDIDATES)
-    share = _rect_share(integral, centers, half[:, None].expand_as(centers))
-    return _first_passing(centers, share, min_share)
+def _sample_mask(mask: Tensor, center: Tensor, half: Tensor) -> Tensor:
+    """A mask (B x 1 x H x W) at a grid of _OVERLAP_GRID^2 points over rectangles
+    (centres B x T x 2, halves B x T x 2 or B x 1 x 2): B x T x points, bilinear > 0.5."""
+    height, width = mask.shape[2:]
+    steps = (torch.arange(_OVERLAP_GRID, device=mask.device) + 0.5) / _OVERLAP_GRID * 2 - 1
+    gy, gx = torch.meshgrid(steps, steps, indexing="ij")
+    ys = center[..., 0, None] + gy.reshape(1, 1, -1) * half[..., 0, None]  # B x T x P
+    xs = center[..., 1, None] + gx.reshape(1, 1, -1) * half[..., 1, None]
+    grid = torch.stack(((2 * xs + 1) / width - 1, (2 * ys + 1) / height - 1), -1)
+    return F.grid_sample(mask, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0] > 0.5
+
+
+def _destination(generator: torch.Generator, half_dst: Tensor, height: int, width: int,
+                 target_fg: Tensor | None, donor_fg: Tensor | None, src_center: Tensor, half_src: Tensor,
+                 min_overlap: float) -> Tensor:
+    """Destination centres. For objects patch_ex's test: of the source's object pixels,
+    at least ``min_overlap`` land on the destination's object (estimated on a 12 x 12
+    grid of points over the patch; the official code counts pixels and draws up to 200
+    positions, here 16 at once and the best when none passes)."""
+    if target_fg is None or donor_fg is None:
+        return _candidates(generator, half_dst, height, width, 1)[:, 0]
+    centers = _candidates(generator, half_dst, height, width, _CANDIDATES)
+    source = _sample_mask(donor_fg, src_center[:, None], half_src[:, None])  # B x 1 x P
+    dest = _sample_mask(target_fg, centers, half_dst[:, None].expand_as(centers))  # B x T x P
+    share = (source & dest).sum(2).float() / source.sum(2).clamp_min(1).float()
+    return _first_passing(centers, share, min_overlap)
+
+
+def _official_resize(half_src: Tensor, scale: Tensor, lower: Tensor, upper: Tensor, side: Tensor) -> Tensor:
+    """Destination half sizes (B x 2) as patch_ex resizes a patch: the height becomes
+    clip(scale * h, lo, hi), the width follows at the same aspect, clipped, and the height
+    is redone from it, clipped; lo, hi are the half-width bounds in pixels, applied to
+    the full size (so a pasted patch spans at most width_max of the side)."""
+    full = 2 * half_src
+    lo, hi = lower * side, upper * side
+    new_h = (scale * full[:, 0]).clamp(lo[0], hi[0])
+    new_w = (new_h / full[:, 0] * full[:, 1]).clamp(lo[1], hi[1])
+    new_h = (new_w / full[:, 1] * full[:, 0]).clamp(lo[0], hi[0])
+    return torch.minimum(torch.stack((new_h, new_w), 1) / 2, side / 2 - 2)
 
 
 @register_family
@@ -511,11 +543,11 @@ class NSASynthesizer(Synthesizer):
             donors = augment(donors, generator, p.crop, p.rotate, p.vflip)
         current = images.clone()
         patch_mask = images.new_zeros(batch, 1, height, width)
-        target_fg = donor_fg = target_area = donor_area = None
-        if p.object:  # object masks once per call; summed-area tables for the source test
+        target_fg = donor_fg = donor_area = None
+        if p.object:  # object masks once per call; a summed-area table for the source test
             target_fg = foreground(images, p.fg_bright, p.fg_thresh)
             donor_fg = foreground(donors, p.fg_bright, p.fg_thresh)
-            target_area, donor_area = _integral(target_fg), _integral(donor_fg)
+            donor_area = _integral(donor_fg)
             donors = torch.cat((donors, donor_fg), 1)  # resampled with each patch
         side = images.new_tensor([height, width])
         lower = images.new_tensor([p.width_min_y, p.width_min_x])
@@ -527,10 +559,14 @@ class NSASynthesizer(Synthesizer):
             half_src = torch.minimum(torch.maximum(frac, lower), upper) * side
             half_src = torch.minimum(half_src, side / 2 - 2)
             scale = normal(generator, (batch,), device, 1.0, 0.5).clamp(p.resize_min, p.resize_max)
-            scale = torch.minimum(scale, ((side / 2 - 2) / half_src).amin(1))
-            half_dst = half_src * scale[:, None]
-            src_center = _place(generator, half_src, height, width, donor_area, p.min_object)
-            dst_center = _place(generator, half_dst, height, width, target_area, p.min_overlap)
+            half_dst = _official_resize(half_src, scale, lower, upper, side)
+            if donor_area is not None:
+                candidates = _candidates(generator, half_src, height, width, _CANDIDATES)
+                share = _rect_share(donor_area, candidates, half_src[:, None].expand_as(candidates))
+                src_center = _first_passing(candidates, share, p.min_object)
+            else:
+                src_center = _candidates(generator, half_src, height, width, 1)[:, 0]
+            dst_center = _destination(generator, half_dst, height, width, target_fg, donor_fg, src_center, half_src, p.min_overlap)
             paste_rectangles(current, patch_mask, donors, active, dst_center, half_dst, src_center,
                              half_dst / half_src, p.mode, target_fg=target_fg)
         current.clamp_(0.0, 1.0)
