@@ -6,6 +6,12 @@ images/s at --image-size are measured for the three runtimes on the same inputs.
 
     python benchmarks/inference.py                       # CPU, all methods, 256 px
     python benchmarks/inference.py --device cuda         # eager/TorchScript on GPU, ORT with CUDA EP if present
+    python benchmarks/inference.py --device cuda --methods draem --json inference.json
+
+On CUDA, ONNX Runtime is timed only with its CUDA execution provider: without one (the
+``onnxruntime`` wheel is CPU only; ``onnxruntime-gpu`` has it) the row says so in
+``onnxruntime_skipped`` instead of timing the CPU fallback as if it were the GPU. Any
+other failure of a runtime is the row's ``*_error``; ``--json`` writes the rows.
 """
 
 from __future__ import annotations
@@ -59,14 +65,23 @@ def bench_model(name: str, model: torch.nn.Module, folder: Path, size: int, batc
         row["torchscript_img_s"] = batch / _time(torchscript, repeats)
     except RuntimeError as error:
         row["torchscript_error"] = str(error).strip().splitlines()[-1]
+    import onnxruntime
+
+    available = onnxruntime.get_available_providers()
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else ["CPUExecutionProvider"]
-    try:
-        predictor = OnnxPredictor(folder / "model.onnx", providers=providers)
-        array = images.numpy()
-        row["onnxruntime_img_s"] = batch / _time(lambda: predictor.run(array), repeats)
-        row["onnxruntime_provider"] = predictor.session.get_providers()[0]
-    except Exception as error:  # e.g. no CUDA provider in this onnxruntime build
-        row["onnxruntime_error"] = f"{type(error).__name__}: {error}"
+    if providers[0] not in available:
+        row["onnxruntime_skipped"] = (f"onnxruntime {providers[0].replace('ExecutionProvider', '')} provider not "
+                                      f"installed (onnxruntime {onnxruntime.__version__} has {', '.join(available)})")
+    else:
+        try:
+            predictor = OnnxPredictor(folder / "model.onnx", providers=providers)
+            array = images.numpy()
+            row["onnxruntime_img_s"] = batch / _time(lambda: predictor.run(array), repeats)
+            row["onnxruntime_provider"] = predictor.session.get_providers()[0]
+            if row["onnxruntime_provider"] != providers[0]:
+                row["onnxruntime_error"] = f"ran on {row['onnxruntime_provider']}, not {providers[0]}"
+        except Exception as error:
+            row["onnxruntime_error"] = f"{type(error).__name__}: {error}"
     row["ort_vs_eager"] = row.get("onnxruntime_img_s", float("nan")) / row["eager_img_s"]
     row["torchscript_vs_eager"] = row.get("torchscript_img_s", float("nan")) / row["eager_img_s"]
     return row
@@ -80,6 +95,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--json", type=Path, help="also write the rows to this file")
     args = parser.parse_args()
     tune_cpu_allocator()  # as the CLI and trial workers do
     if args.threads:
@@ -108,6 +124,8 @@ def main() -> None:
             flush=True,
         )
     print(json.dumps(rows, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Throughput of the batched synthesis families against per-image references.
 
     .venv/bin/python benchmarks/synthesis.py [--device cuda] [--batch 32] [--size 256] [--repeats 5]
-                                             [--category screw]
+                                             [--category screw] [--json synthesis.json]
 
 Per family: images/s of the batched torch synthesizer (batch --batch, --size px, RGB),
 from the median and the best (min) of --repeats timed batches; the ratio uses medians.
@@ -24,6 +24,7 @@ Both sides run under automl_ad.runtime.tune_cpu_allocator, as the CLI and trial 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import statistics
@@ -157,6 +158,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--families", default=",".join(FAMILIES))
     parser.add_argument("--category", default=None, help="time the defaults of this product too (e.g. screw)")
+    parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args()
     if min(args.batch, args.size, args.repeats) < 1:
         parser.error(f"--batch, --size and --repeats must be >= 1 (got {args.batch}, {args.size}, {args.repeats})")
@@ -177,6 +179,7 @@ def main() -> None:
     print(f"device {device}, torch threads {threads}, batch {args.batch}, {args.size}x{args.size} RGB, "
           f"load average {_load()}")
     print(f"{'family':15}{'batched img/s med (best)':>26}{'reference img/s med (best)':>28}{'ratio':>8}")
+    rows: list[dict] = []
     for family in args.families.split(","):
         synth = build_synthesizer(family, {"normal_share": 0.0, **SAME_WORK.get(family, {})})
         synth(images, generator)  # warm-up
@@ -188,12 +191,15 @@ def main() -> None:
 
         median, best = _timed(run_batched, args.repeats)
         line = f"{family:15}{args.batch / median:18.1f} ({args.batch / best:6.1f})"
+        row = {"family": family, "batched_img_s": args.batch / median}
+        rows.append(row)
         if family in REFERENCES:
             rng = np.random.default_rng(0)
             data = host_u8 if family == "nsa" else host
             REFERENCES[family](data[:4], rng)  # warm-up
             ref_median, ref_best = _timed(lambda: REFERENCES[family](data, rng), args.repeats)
             line += f"{args.batch / ref_median:20.1f} ({args.batch / ref_best:6.1f}){ref_median / median:8.2f}"
+            row.update(reference_img_s=args.batch / ref_median, ratio=ref_median / median)
         print(line, flush=True)
         if family in SAME_WORK:
             for category in (None, args.category) if args.category else (None,):
@@ -202,7 +208,12 @@ def main() -> None:
                 median, best = _timed(lambda: (default(images, generator), device.type == "cuda" and torch.cuda.synchronize()), args.repeats)
                 label = f"{family} {category or 'defaults'}"
                 print(f"  {label:13}{args.batch / median:18.1f} ({args.batch / best:6.1f})", flush=True)
+                row[f"{category or 'defaults'}_img_s"] = args.batch / median
     print(f"load average {_load()}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"device": str(device), "batch": args.batch, "size": args.size, "repeats": args.repeats,
+                       "families": rows}, handle, indent=1)
 
 
 def _timed(run, repeats: int) -> tuple[float, float]:

@@ -56,3 +56,17 @@ def test_time_limit_stops_after_the_first_epoch(tiny_root, tmp_path):
 def test_bad_input_is_one_line_and_exit_2(tiny_root, tmp_path, args, needle):
     result = CliRunner().invoke(main, ["train", "-c", "washer", "--data", str(tiny_root), "--image-size", "32", "--out", str(tmp_path / "r"), *args])
     assert result.exit_code == 2 and needle in result.output
+
+
+def test_precision_option_reaches_the_training_step(tiny_root, tmp_path):
+    """--precision bf16 autocasts the step on the CPU too (other losses than auto, which is
+    fp32 on a CPU); the choice is recorded with the run's config."""
+    auto = _train(tiny_root, tmp_path / "auto")
+    bf16 = _train(tiny_root, tmp_path / "bf16", "--precision", "bf16")
+    assert auto.exit_code == 0 and bf16.exit_code == 0, bf16.output
+    first = json.loads((tmp_path / "auto" / "metrics.json").read_text())
+    second = json.loads((tmp_path / "bf16" / "metrics.json").read_text())
+    assert first["config"]["precision"] == "auto" and second["config"]["precision"] == "bf16"
+    assert [e["train_loss"] for e in first["epochs"]] != [e["train_loss"] for e in second["epochs"]]
+    bad = _train(tiny_root, tmp_path / "bad", "--precision", "fp8")
+    assert bad.exit_code == 2 and "--precision" in bad.output

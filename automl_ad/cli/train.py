@@ -63,10 +63,14 @@ def _checked_synthesis(method: str, synthesis: str | None, pairs: tuple[str, ...
 @click.option("--param", "-p", "params", multiple=True, help="Method parameter key=value (repeatable), e.g. -p lr=1e-4.")
 @click.option("--synth-param", "synth_params", multiple=True, help="Synthesis parameter key=value (repeatable).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1 ...")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="Training-step precision. auto: on CUDA the method's switch (the precision entry of its "
+                   "space.yaml), fp32 on a CPU; fp32, bf16 or fp16 (with loss scaling) on any device. "
+                   "Validation always runs in fp32.")
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder. Default: runs/<category>-<method>.")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in --out (same options).")
 @click.option("--time-limit", type=click.FloatRange(0, min_open=True), help="Minutes: stop after the first epoch that ends past this (test metrics are still reported).")
-def command(method, category, data, image_size, geometry, epochs, steps, batch_size, seed, synthesis, params, synth_params, device, out, resume, time_limit):
+def command(method, category, data, image_size, geometry, epochs, steps, batch_size, seed, synthesis, params, synth_params, device, precision, out, resume, time_limit):
     """Train one method on one category, validate every epoch, report test metrics.
 
     Validation uses held-out good images and frozen synthetic anomalies from the
@@ -81,6 +85,7 @@ def command(method, category, data, image_size, geometry, epochs, steps, batch_s
       automl-ad train --method draem --category screw --epochs 5
       automl-ad train -m nsa -c fabric --data /data/mvtec --image-size 256 -p lr=5e-4
       automl-ad train -m draem -c screw --out runs/x --resume
+      automl-ad train -m draem -c screw --device cuda --precision fp16
     """
     from automl_ad.data.dataset import load_category, resolve_data_root
     from automl_ad.data.geometry import resolve as resolve_geometry, shape_text
@@ -120,6 +125,7 @@ def command(method, category, data, image_size, geometry, epochs, steps, batch_s
         batch_size=batch_size,
         seed=seed,
         device=device,
+        precision=precision,
     )
     out.mkdir(parents=True, exist_ok=True)
 

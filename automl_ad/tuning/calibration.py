@@ -13,7 +13,13 @@ The search plans its schedule (``schedule.py``) from these numbers. They come fr
   ``measure()`` on the project's 2-core reference VM, one torch thread (a trial's worker
   holds one CPU, and Ray gives it one thread), while other jobs shared the machine; the
   GPU rows are an **estimate**: the CPU numbers divided by a stated factor per method
-  plus a per-step launch floor (``GPU_ESTIMATE``), never measured.
+  plus a per-step launch floor (``GPU_ESTIMATE``), never measured — unless a
+  ``benchmarks/gpu_check.sh`` results JSON is given (``gpu_prior.py``:
+  ``AUTOML_AD_GPU_PRIOR`` or ``~/.cache/automl_ad/gpu_prior.json``): its rows, measured
+  with ``measure()`` on a real GPU, replace the estimate for the methods they cover.
+
+A training step is timed as trials run it: on CUDA on the method's precision switch
+(``training/precision.py``: autocast, channels_last, cudnn.benchmark), fp32 on a CPU.
 
 Every timing is of a method's *default* Config (with the given backbone): a sampled
 configuration that is wider than the default trains slower than planned. The ledger
@@ -37,6 +43,8 @@ from typing import Any, Iterable
 from automl_ad.methods.base import Batch, create_method, get_method_class
 from automl_ad.evaluation.metrics import evaluate
 from automl_ad.synthesis import build_synthesizer
+from automl_ad.training.precision import SpeedPath, cuda_backends
+from automl_ad.tuning import gpu_prior
 
 CALIBRATION_VERSION = 2  # 2: memory banks' setup timed on 32/64/128 images
 CACHE_ENV = "AUTOML_AD_CALIBRATION"
@@ -114,13 +122,13 @@ def _prior_rows(method: str) -> dict[int, tuple]:
 def prior_speed(method: str, size: int, batch: int, device_kind: str) -> Speed | None:
     """The prior for ``method`` at ``size``/``batch`` on a ``cpu`` or ``gpu`` (None:
     no row for the method). Sizes without a row are scaled from the nearest measured one."""
+    measured_gpu = gpu_prior.current() if device_kind == "gpu" else None
+    if measured_gpu is not None and method in measured_gpu.rows:
+        return _row_speed(measured_gpu.rows[method], size, batch, "gpu_check")
     rows = _prior_rows(method)
     if not rows:
         return None
-    measured = min(rows, key=lambda s: (abs(math.log(s / size)), s))
-    b, build, c, p, step, infer, metrics = rows[measured]
-    speed = Speed(build_s=build, setup_c=c, setup_p=p, step_s=step, infer_s=infer, metrics_s=metrics,
-                  batch=b, source="prior").at_size(size, measured).at_batch(batch)
+    speed = _row_speed(rows, size, batch, "prior")
     if device_kind == "gpu":
         factor = get_method_class(method).gpu_speedup or GPU_ESTIMATE["default_factor"]
         speed = replace(
@@ -132,6 +140,14 @@ def prior_speed(method: str, size: int, batch: int, device_kind: str) -> Speed |
             source="estimate" + (", scaled" if "scaled" in speed.source else ""),
         )
     return speed
+
+
+def _row_speed(rows: dict[int, tuple], size: int, batch: int, source: str) -> Speed:
+    """The row of the size nearest ``size`` (log scale), scaled to ``size`` and ``batch``."""
+    measured = min(rows, key=lambda s: (abs(math.log(s / size)), s))
+    b, build, c, p, step, infer, metrics = rows[measured]
+    return Speed(build_s=build, setup_c=c, setup_p=p, step_s=step, infer_s=infer, metrics_s=metrics,
+                 batch=b, source=source).at_size(size, measured).at_batch(batch)
 
 
 def fallback_speed(size: int, batch: int, device_kind: str, trainable: bool) -> Speed:
@@ -261,6 +277,7 @@ def measure(method: str, size: int, batch: int, *, device: str = "cpu", backbone
         torch.manual_seed(0)
         generator = torch.Generator().manual_seed(0)
         cls = get_method_class(method)
+        speed = SpeedPath.resolve("auto", cls, dev)  # as a trial's training step runs
         params = {"backbone": backbone} if backbone else {}
         began = time.perf_counter()
         model = create_method(method, params, size, "calibration").to(dev)
@@ -297,6 +314,8 @@ def measure(method: str, size: int, batch: int, *, device: str = "cpu", backbone
         synthesizer = build_synthesizer(family, {}, category="calibration") if family else None
         synth_generator = torch.Generator(device=dev).manual_seed(1)
         clean = _smooth_images(batch, size, generator, dev)
+        speed.prepare(model)
+        scaler = speed.grad_scaler()
         for phase in cls.phases:
             optimizer, scheduler = model.configure_optimizer(phase, 1000)
             model.train()
@@ -309,15 +328,24 @@ def measure(method: str, size: int, batch: int, *, device: str = "cpu", backbone
                     zeros = torch.zeros(batch, 1, size, size, device=dev)
                     data = Batch(images=clean, clean=clean, masks=zeros, labels=torch.zeros(batch, device=dev))
                 optimizer.zero_grad(set_to_none=True)
-                model.training_step(data, phase)["loss"].backward()
-                optimizer.step()
+                with speed.autocast():
+                    loss = model.training_step(speed.batch(data), phase)["loss"]
+                if scaler is None:
+                    loss.backward()
+                    optimizer.step()
+                else:
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
                 if scheduler is not None:
                     scheduler.step()
 
-            for _ in range(warmup):
-                step()
-            step_times.append(statistics.median(_timed(step, dev) for _ in range(max(1, steps))))
+            with cuda_backends(dev):
+                for _ in range(warmup):
+                    step()
+                step_times.append(statistics.median(_timed(step, dev) for _ in range(max(1, steps))))
         step_s = sum(step_times) / len(step_times) if step_times else 0.0
+        model = speed.release(model)
 
         model.eval()
         n_infer = infer_images or (32 if dev.type == "cuda" else 8)
@@ -360,9 +388,23 @@ class SpeedBook:
     @property
     def device_label(self) -> str:
         if self.device is None:
+            measured = gpu_prior.current() if self.device_kind == "gpu" else None
+            if measured is not None:
+                return f"gpu (not on this machine: {measured.label()})"
             return f"{self.device_kind} (not on this machine: prior{' estimate' if self.device_kind == 'gpu' else ''})"
         name = device_name(self.device)
         return f"{name}, {self.threads} thread{'s' if self.threads != 1 else ''}" if name == "cpu" else name
+
+    def prior_note(self) -> str:
+        """What a plan's note says of its speeds when the device is not on this machine."""
+        if self.device_kind != "gpu":
+            return "speeds are the project's prior"
+        measured = gpu_prior.current()
+        if measured is None:
+            return ("speeds are the project's prior (GPU: an estimate scaled from CPU, see "
+                    "automl_ad/tuning/calibration.py)")
+        return (f"speeds are the {measured.label()}; a method it does not cover: the estimate "
+                "scaled from CPU (automl_ad/tuning/calibration.py)")
 
     def lookup(self, probe: Probe, stand_in: Probe | None = None) -> Speed:
         """The measured speed of ``probe``, else of ``stand_in`` (the same method with

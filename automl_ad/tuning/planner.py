@@ -301,8 +301,7 @@ class _Planner:
             notes.append(f"the budget is too small for {self.n_req} trials per method even at fidelity.min_steps: "
                          "every method trains at the floor")
         if self.speeds.device is None:
-            notes.append("speeds are the project's prior" + (" (GPU: an estimate scaled from CPU, see "
-                         "automl_ad/tuning/calibration.py)" if self.speeds.device_kind == "gpu" else ""))
+            notes.append(self.speeds.prior_note())
         learned = {m.name: (m.learned, m.learned_trials) for m in self.methods if m.learned_trials}
         if learned:
             parts = ", ".join(f"{name} x{f:.2f} ({n} trials)" for name, (f, n) in sorted(learned.items()))
