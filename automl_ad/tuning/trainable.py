@@ -121,6 +121,7 @@ def train_config(context: TrialContext, flat: Mapping[str, Any], device: str = "
         batch_size=batch_size,
         seed=context.seed,
         device=device,
+        texture_dir=context.texture_dir,
     )
 
 
