@@ -4,14 +4,33 @@ A reconstructive encoder-decoder (no skip connections) learns to turn images wit
 synthetic anomalies back into the clean image; a discriminative U-Net sees
 [reconstruction, input] and segments where they disagree (2-class softmax).
 
-Loss: L2(rec, clean) + ssim_weight * (1 - SSIM(rec, clean); window 11, sigma 1.5)
-+ focal(softmax, mask; gamma 2). Map: softmax channel 1 at the input resolution.
-Image score: max of the map after a mean filter (21x21 at 256 px, scaled with size).
-Optimiser: Adam; MultiStepLR x0.2 at 80 % and 90 % of the steps (the official code).
+Follows the official code (VitjanZ/DRAEM; shared/reference/methods.md, section 1):
+* Networks as ``model_unet.py``: the same blocks, widths per level and skip layout
+  (69.0M + 28.4M parameters at the paper's widths 128/64), init N(0, 0.02) for convs
+  and N(1, 0.02) for batch-norm weights.
+* Loss (``train_DRAEM.py``): L2(rec, clean) + ssim_weight * (1 - SSIM(rec, clean);
+  window 11, sigma 1.5) + focal(softmax, mask; gamma 2), weights 1. Optimiser Adam,
+  lr 1e-4; MultiStepLR x0.2 at 80 % and 90 % of the steps.
+* Map: softmax channel 1 at the input resolution. Image score: max of the map after a
+  mean filter (21 x 21 at 256 px, scaled with the size).
+* Training data (the perlin family, ``synthesis/perlin.py``): half the samples normal;
+  Perlin masks with 2^0..2^5 periods per axis, rotated, threshold 0.5; the source
+  blended with beta ~ U(0, 0.8); three of the ten imgaug ops on the source; 30 % of
+  the normal images rotated by U(-90, 90) degrees before anything is pasted, the
+  rotated image being the reconstruction target.
 
-Widths: the paper uses 128 (reconstructive) and 64 (discriminative), ~97M parameters;
-the defaults here are 32/16 (~6M) so a CPU run finishes. Search up to 128/64.
-Inputs of any size are replicate-padded to a multiple of 32 and cropped back.
+Where it cannot or does not:
+* Anomaly sources: DTD when given (``texture_dir``), else a procedural DTD-like texture
+  bank (``synthesis/textures.py``): DTD cannot ship with the package or be downloaded.
+* Widths: the defaults are 32/16 (6.1M parameters, 1/16 of the paper's compute) so a
+  CPU run finishes; the space searches 16..128 and 8..64, the paper's 128/64 included.
+* Length: the loop counts optimizer steps; the official "epoch" is len(train) random
+  samples and its README trains 700 of them (``recipe``).
+* Source augmentation runs its ops in a fixed order (imgaug's is random) and shifts
+  hue by a linear YIQ rotation (``synthesis/source_aug.py``).
+* Inputs of any size are replicate-padded to a multiple of 32 and cropped back (the
+  official code is 256 x 256 only); images are RGB (cv2's BGR makes no difference to
+  networks trained from scratch).
 """
 
 from __future__ import annotations
