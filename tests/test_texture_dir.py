@@ -13,6 +13,7 @@ from PIL import Image
 
 from automl_ad.data.geometry import Geometry
 from automl_ad.errors import UserError
+from automl_ad.param_keys import family_key, size_key
 from automl_ad.training.loop import TrainConfig, _build
 from automl_ad.tuning.devices import DevicePlan, trial_context
 from automl_ad.tuning.options import SearchOptions
@@ -52,7 +53,7 @@ def test_every_trial_builds_its_perlin_synthesizer_on_the_folder(tmp_path):
     opts = SearchOptions(category="screw", budget="2trials", texture_dir=folder)
     devices = DevicePlan(use_gpu=False, gpus=0.0, autoscale_gpus=False, driver_resource=None, max_concurrent=1)
     context = trial_context(opts, devices, load_space(["draem"], image_size=32), geometry=Geometry())
-    cfg = train_config(context, {"method": "draem", "image_size": 32})
+    cfg = train_config(context, {"method": "draem", family_key("draem"): "perlin", size_key("draem"): 32})
     assert cfg.texture_dir == str(folder)
 
     product = SimpleNamespace(category="screw", fit=[0])  # all _build reads of the data
