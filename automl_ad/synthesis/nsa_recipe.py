@@ -42,6 +42,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -183,19 +184,33 @@ def disk_median_at(values: Tensor, where: Tensor, radius: int = DISK_RADIUS) -> 
     the medians of those pixels in ``where.nonzero()`` order. Only those pixels are
     gathered: NSA's labels are zero everywhere else, so this costs the labelled area,
     not the image (a full-image exact median over 81 values would)."""
-    batch, _, height, width = values.shape
     image, y, x = where[:, 0].nonzero(as_tuple=True)
-    padded = F.pad(values, (radius,) * 4, mode="replicate")
-    row = width + 2 * radius
+    padded = F.pad(values, (radius,) * 4, mode="replicate")[:, 0]
+    offsets = disk_offsets(radius)
+    middle = offsets.shape[0] // 2  # an odd count: the median is one of the values
+    if values.device.type == "cpu":
+        # numpy on a CPU: windows as strided views, copied per pixel, and introselect,
+        # about 2.5x (gather) and 6x (selection) less CPU time than torch's int64 gather
+        # and row-wise median (168k pixels: 80 + 200 ms against 205 + 1300 ms)
+        side = 2 * radius + 1
+        inside = np.zeros((side, side), dtype=bool)
+        inside[offsets[:, 0] + radius, offsets[:, 1] + radius] = True
+        windows = np.lib.stride_tricks.sliding_window_view(padded.numpy(), (side, side), axis=(1, 2))
+        picked = [image.numpy(), y.numpy(), x.numpy()]
+        out = np.empty(image.shape[0], dtype=np.float32)
+        for start in range(0, image.shape[0], _DISK_CHUNK):
+            chunk = windows[tuple(a[start : start + _DISK_CHUNK] for a in picked)][:, inside]
+            out[start : start + _DISK_CHUNK] = np.partition(chunk, middle, axis=1)[:, middle]
+        return torch.from_numpy(out)
+    row = padded.shape[2]
+    steps = (offsets[:, 0] * row + offsets[:, 1]).to(values.device)
+    base = (image * padded.shape[1] + y + radius) * row + x + radius
     flat = padded.reshape(-1)
-    offsets = disk_offsets(radius).to(values.device)
-    steps = offsets[:, 0] * row + offsets[:, 1]
-    base = image * ((height + 2 * radius) * row) + (y + radius) * row + (x + radius)
-    out = values.new_empty(base.shape[0])
+    out_t = values.new_empty(base.shape[0])
     for start in range(0, base.shape[0], _DISK_CHUNK):
         part = base[start : start + _DISK_CHUNK]
-        out[start : start + _DISK_CHUNK] = flat[part[:, None] + steps[None, :]].median(1).values
-    return out
+        out_t[start : start + _DISK_CHUNK] = flat[part[:, None] + steps[None, :]].median(1).values
+    return out_t
 
 
 def nsa_labels(before: Tensor, after: Tensor, region: Tensor, mode: str, k: float, x0: float) -> tuple[Tensor, Tensor]:
