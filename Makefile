@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: venv demo test bench clean chromium
+.PHONY: venv demo test bench gpu-check clean chromium
 
 venv: $(VENV)/.installed
 
@@ -27,8 +27,13 @@ test: venv chromium
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q tests
 
+# gpu_check.py is the GPU check's driver: `make gpu-check` runs it (on a CPU: --smoke).
 bench: venv
-	for script in benchmarks/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+	for script in benchmarks/*.py; do [ "$$script" = benchmarks/gpu_check.py ] && continue; \
+	  echo "== $$script"; $(BIN)/python $$script || exit 1; done
+
+gpu-check: venv
+	bash benchmarks/gpu_check.sh $$($(BIN)/python -c "import torch; print('' if torch.cuda.is_available() else '--smoke')")
 
 clean:
 	rm -rf $(VENV) runs results models .pytest_cache

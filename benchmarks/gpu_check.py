@@ -125,18 +125,23 @@ class Run:
             process = subprocess.Popen(argv, cwd=ROOT, env=self.env, stdout=handle, stderr=subprocess.STDOUT,
                                        start_new_session=True)
             interrupted = False
-            while process.poll() is None:
-                elapsed = time.monotonic() - began
-                if interrupt_at is not None and not interrupted and elapsed > interrupt_at:
-                    process.send_signal(signal.SIGINT)
-                    interrupted = True
-                    record["interrupted_at_s"] = round(elapsed, 1)
-                if elapsed > timeout:
+            try:
+                while process.poll() is None:
+                    elapsed = time.monotonic() - began
+                    if interrupt_at is not None and not interrupted and elapsed > interrupt_at:
+                        process.send_signal(signal.SIGINT)
+                        interrupted = True
+                        record["interrupted_at_s"] = round(elapsed, 1)
+                    if elapsed > timeout:
+                        os.killpg(process.pid, signal.SIGKILL)
+                        process.wait()
+                        record["timed_out"] = True
+                        break
+                    time.sleep(0.5)
+            finally:  # the driver itself interrupted: no stage outlives it
+                if process.poll() is None:
                     os.killpg(process.pid, signal.SIGKILL)
                     process.wait()
-                    record["timed_out"] = True
-                    break
-                time.sleep(0.5)
         record.update(returncode=process.returncode, seconds=round(time.monotonic() - began, 1), log=str(log),
                       log_tail=_tail(log))
         return record
@@ -312,8 +317,11 @@ def environment(python: str, device: str) -> dict[str, Any]:
         info["onnxruntime_providers"] = onnxruntime.get_available_providers()
     except ImportError:
         info["onnxruntime"] = None
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    info["commit"] = commit.stdout.strip() or None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        info["commit"] = commit.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):  # no git, or a copy without .git
+        info["commit"] = None
     return info
 
 

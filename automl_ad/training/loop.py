@@ -36,6 +36,7 @@ from automl_ad.evaluation.normalisation import robust_center_scale
 from automl_ad.evaluation.uncertainty import delong_standard_error
 from automl_ad.evaluation.validation import objective
 from automl_ad.training.precision import SpeedPath, check_precision, cuda_backends, sync_every
+from automl_ad.training.progress import ProgressBar
 
 if TYPE_CHECKING:
     from automl_ad.training.distributed import DataParallel
@@ -249,7 +250,7 @@ def fit(
     def stop_now() -> bool:
         return should_stop is not None and _agreed_stop(should_stop, data_parallel, device)
 
-    bar = _ProgressBar(cfg, plan, steps_per_epoch, start_epoch) if progress and lead else None
+    bar = ProgressBar(cfg, plan, steps_per_epoch, start_epoch) if progress and lead else None
     began = time.perf_counter() - (reports[-1].elapsed_s if reports else 0.0)
     stopped_early = stopped_mid_epoch = False
     optimizer = scheduler = None
@@ -400,7 +401,7 @@ def _train_epoch(
     next_batch: Callable[[], Batch],
     stop_now: Callable[[], bool],
     data_parallel: "DataParallel | None",
-    bar: "_ProgressBar | None",
+    bar: "ProgressBar | None",
 ) -> tuple[list[float], int, bool]:
     """Up to ``steps`` optimizer steps; (losses, the step count after them, whether
     ``stop_now`` ended the epoch early). Losses are read back every ``sync_every`` steps
@@ -430,7 +431,7 @@ def _train_epoch(
 
 
 def _read_losses(cfg: TrainConfig, pending: list[Tensor], step_after: int, losses: list[float],
-                 bar: "_ProgressBar | None") -> None:
+                 bar: "ProgressBar | None") -> None:
     """Move the ``pending`` losses (the last of them that of step ``step_after - 1``) to
     ``losses`` with one host sync; a non-finite one raises, naming its step."""
     if not pending:
@@ -582,45 +583,3 @@ def load_trained_method(folder: Path, category: str, device: str = "cpu") -> tup
     method = create_method(cfg.method, cfg.method_params, cfg.image_size, category)
     _load_weights(method, checkpoint["method"], path)
     return method.to(device).eval(), cfg
-
-
-class _ProgressBar:
-    """A rich progress bar: loss, val objective and ETA over all steps of the run."""
-
-    def __init__(self, cfg: TrainConfig, plan: list[str], steps_per_epoch: int, start_epoch: int) -> None:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self._progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total} steps"),
-            TextColumn("loss {task.fields[loss]}"),
-            TextColumn("val {task.fields[objective]}"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-        )
-        self._progress.start()
-        self._plan = plan
-        self._task = self._progress.add_task(
-            f"{cfg.method} epoch {start_epoch + 1}/{len(plan)} ({plan[min(start_epoch, len(plan) - 1)]})",
-            total=len(plan) * steps_per_epoch,
-            completed=start_epoch * steps_per_epoch,
-            loss="-",
-            objective="-",
-        )
-        self._method = cfg.method
-
-    def advance(self, loss: float) -> None:
-        self._progress.update(self._task, advance=1, loss=f"{loss:.4f}")
-
-    def epoch_done(self, report: EpochReport) -> None:
-        nxt = min(report.epoch, len(self._plan) - 1)
-        self._progress.update(
-            self._task,
-            objective=f"{report.objective:.4f}",
-            description=f"{self._method} epoch {min(report.epoch + 1, len(self._plan))}/{len(self._plan)} ({self._plan[nxt]})",
-        )
-
-    def close(self) -> None:
-        self._progress.stop()
