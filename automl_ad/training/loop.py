@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -247,8 +248,16 @@ def fit(
     def next_batch() -> Batch:
         return speed.batch(_make_batch(fit_images, streams.sampler.next_indices(), synthesizer, streams.synth, device))
 
-    def stop_now() -> bool:
-        return should_stop is not None and _agreed_stop(should_stop, data_parallel, device)
+    # Data-parallel ranks agree on stopping with an all-reduce read back on the host; on
+    # a GPU that read waits for the queue, so they agree every ``sync_every`` steps (and
+    # always before a validation), not every step.
+    agree_every = sync_every(device) if data_parallel is not None and data_parallel.world_size > 1 else 1
+    asked = itertools.count()
+
+    def stop_now(force: bool = False) -> bool:
+        if should_stop is None or (not force and next(asked) % agree_every):
+            return False
+        return _agreed_stop(should_stop, data_parallel, device)
 
     bar = ProgressBar(cfg, plan, steps_per_epoch, start_epoch) if progress and lead else None
     began = time.perf_counter() - (reports[-1].elapsed_s if reports else 0.0)
@@ -265,7 +274,7 @@ def fit(
                 cfg, method, phase, _Stepper(optimizer, scheduler, speed, scaler), steps_per_epoch, step,
                 next_batch, stop_now, data_parallel, bar)
             # Asked again before validation: an epoch is complete only once validated.
-            stopped_mid_epoch = stopped_mid_epoch or stop_now()
+            stopped_mid_epoch = stopped_mid_epoch or stop_now(force=True)
             if stopped_mid_epoch:
                 stopped_early = True
                 break
