@@ -15,6 +15,6 @@ fi
 # The full check must end inside 8 minutes: the driver's deadline is 465 s, and this is the
 # backstop should the driver itself hang (SIGINT: it still writes its JSON). A smoke run on
 # a shared CPU gets more (its deadline is 600 s).
-limit=475
+limit=468
 for arg in "$@"; do if [ "$arg" = --smoke ]; then limit=660; fi; done
-exec timeout --signal=INT --kill-after=15 "$limit" "$PYTHON" benchmarks/gpu_check.py --python "$PYTHON" "$@"
+exec timeout --signal=INT --kill-after=8 "$limit" "$PYTHON" benchmarks/gpu_check.py --python "$PYTHON" "$@"
