@@ -1,17 +1,35 @@
 """NSA (Schlüter et al., ECCV 2022): natural synthetic anomalies, pixel-wise regression.
 
-A ResNet-18-style encoder trained from scratch (7x7/2 stem, max-pool, four stages of
-two BasicBlocks, total stride 32), a "nin" of 1x1 convs (8w -> 4w -> 2w, ReLU), and a
-decoder of three transposed BasicBlocks (stride 2; 64, 32, 16 channels at w = 64), a
-bilinear x2 upsample and a 7x7/2 transposed conv to one channel, sigmoid. The output
-has the input's size for any size divisible by 32 (others are padded and cropped).
+Follows the official code (hmsch/natural-synthetic-anomalies, commit 9195916) where
+noted; reference notes: shared/reference/methods.md, section 2.
 
-It regresses the nsa family's pixel labels: BCE for "binary" and "logistic" labels,
-MSE for "continuous" ones; ``label_mode`` travels to the synthesizer (whose parameter
-is named ``label``) through ``synthesis_overrides``. Adam (lr 1e-3) with cosine annealing to 1e-6 over the steps.
-Map: the sigmoid output; image score: its mean (the paper's choice, not the max).
-Inputs are ImageNet-normalised inside, as in the official code. Kaiming init.
-``width`` is the stem width (64 = ResNet-18, ~11.5M parameters; the default).
+Network (as model/resnet.py's resnet18_enc_dec with its defaults): a ResNet-18-style
+encoder trained from scratch (7x7/2 stem, max-pool, four stages of two BasicBlocks,
+total stride 32), a "nin" of 1x1 convs (8w -> 4w -> 2w, ReLU), and a decoder of three
+transposed BasicBlocks (stride 2; 64, 32, 16 channels at w = 64), a bilinear x2 upsample
+and a 7x7/2 transposed conv to one channel, sigmoid. Kaiming init. ``width`` is the stem
+width (64 = ResNet-18, ~11.5M parameters; the default). The output has the input's size
+for any size divisible by 32 (others are padded and cropped).
+
+Training (train_mvtec.py): the nsa family's pixel labels (synthesis/poisson.py, with
+patch_ex's label pipeline: 5x5 median of the change mask, disk(5) median of the
+intensity change, logistic map with the class's (k, x0); synthesis/nsa_recipe.py), BCE
+for "binary" and "logistic" labels, MSE for "continuous" ones; ``label_mode`` travels to
+the synthesizer (whose parameter is named ``label``) through ``synthesis_overrides``.
+With ``augment`` (the default) the synthesizer first augments every normal image and its
+donor as the official loader does (textures: vertical flip, crop; objects: crop; the
+unaligned ones also rotations of up to 5 degrees; an unknown product: crop only), see
+nsa_recipe.py. Adam (lr 1e-3) with cosine annealing to 1e-6; the paper's batch 64 and
+320 / 560 epochs are the recipe below. Inputs are ImageNet-normalised inside, as in the
+official code. Map: the sigmoid output; image score: its mean (the paper's choice, not
+the max).
+
+Where it cannot follow the official code: the official model trains on 224 px crops of
+256 px objects (256 of 264 for textures) and scores objects on the centre 224 crop,
+zero-padding the map back to 256; here one input size serves training, scoring and the
+exported bundle, so a crop is a window resampled to the full size (a 2.7-3.1 % zoom)
+and the whole image is scored. The cosine schedule steps every optimiser step, the
+official one every epoch (the same curve at the official epoch counts).
 """
 
 from __future__ import annotations
