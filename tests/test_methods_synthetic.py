@@ -169,9 +169,12 @@ def test_same_seed_same_training(name: str) -> None:
 
 def test_nsa_passes_label_mode_to_its_family_only() -> None:
     method = create_method("nsa", {"label_mode": "continuous"}, 32, "screw")
-    assert method.synthesis_overrides("nsa") == {"label": "continuous"}
+    # the label mode, plus the official augmentation of the category (nsa_recipe.py)
+    from automl_ad.synthesis.nsa_recipe import augmentation_defaults
+
+    assert method.synthesis_overrides("nsa") == {"label": "continuous", **augmentation_defaults("screw")}
     assert method.synthesis_overrides("perlin") == {}
-    assert create_method("nsa", {}, 32, "screw").synthesis_overrides("nsa") == {"label": "logistic"}
+    assert create_method("nsa", {}, 32, "screw").synthesis_overrides("nsa")["label"] == "logistic"
     # The override must be a parameter the real nsa family accepts.
     from automl_ad.synthesis import build_synthesizer
 
