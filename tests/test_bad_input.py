@@ -423,6 +423,8 @@ CASES = [
          "nope is not a folder"),
     Case("search texture dir without images", lambda w: w.search("--budget", "2trials", "--texture-dir", str(w.tmp)),
          "holds no images"),
+    Case("train texture dir without images", lambda w: w.train("--texture-dir", str(w.tmp), method="draem"),
+         "holds no images"),
     Case("train one good image", lambda w: w.train(data=_one_good_image(w)),
          "holds 1 good image; training needs at least 2"),
     # issue 25: a full disk is one line naming the file and what it holds, exit 1

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from automl_ad.cli.params import method_params, split_pairs, yaml_scalars
+from automl_ad.data.images import image_files_in
 from automl_ad.errors import UserError
 
 
@@ -62,6 +63,9 @@ def _checked_synthesis(method: str, synthesis: str | None, pairs: tuple[str, ...
 @click.option("--synthesis", help="Synthetic-anomaly family (perlin, nsa, cutpaste, cutpaste_scar, corruption, none). Default: the method's.")
 @click.option("--param", "-p", "params", multiple=True, help="Method parameter key=value (repeatable), e.g. -p lr=1e-4.")
 @click.option("--synth-param", "synth_params", multiple=True, help="Synthesis parameter key=value (repeatable).")
+@click.option("--texture-dir", type=click.Path(path_type=Path),
+              help="Folder of texture images (e.g. DTD) perlin synthesis (DRAEM) pastes as anomaly sources. "
+                   "Default: a procedural texture bank.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1 ...")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
               help="Training-step precision. auto: on CUDA the method's switch (the precision entry of its "
@@ -70,7 +74,7 @@ def _checked_synthesis(method: str, synthesis: str | None, pairs: tuple[str, ...
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder. Default: runs/<category>-<method>.")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in --out (same options).")
 @click.option("--time-limit", type=click.FloatRange(0, min_open=True), help="Minutes: stop after the first epoch that ends past this (test metrics are still reported).")
-def command(method, category, data, image_size, geometry, epochs, steps, batch_size, seed, synthesis, params, synth_params, device, precision, out, resume, time_limit):
+def command(method, category, data, image_size, geometry, epochs, steps, batch_size, seed, synthesis, params, synth_params, texture_dir, device, precision, out, resume, time_limit):
     """Train one method on one category, validate every epoch, report test metrics.
 
     Validation uses held-out good images and frozen synthetic anomalies from the
@@ -126,6 +130,7 @@ def command(method, category, data, image_size, geometry, epochs, steps, batch_s
         seed=seed,
         device=device,
         precision=precision,
+        texture_dir=_texture_folder(texture_dir),
     )
     out.mkdir(parents=True, exist_ok=True)
 
@@ -190,3 +195,11 @@ def _write_json(path: Path, payload: dict) -> None:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+
+
+def _texture_folder(folder: Path | None) -> str | None:
+    """``--texture-dir`` checked (a folder with images) and absolute, or None."""
+    if folder is None:
+        return None
+    image_files_in(folder, "--texture-dir")
+    return str(Path(folder).resolve())

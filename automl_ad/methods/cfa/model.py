@@ -250,8 +250,12 @@ class CFA(Method):
         # The official scoring takes the K nearest centres, the same K the attraction
         # term pulls each descriptor towards (fewer when the bank is smaller).
         count = min(int(self.config.K), self.memory_bank.shape[0])
-        d2, _ = self._nearest_centres(descriptors.reshape(-1, d), count)
-        distances = d2.sqrt()
+        flat = descriptors.reshape(-1, d)
+        _, nearest = self._nearest_centres(flat, count)
+        # The expanded |a|^2 - 2ab + |b|^2 of the search cancels badly for near centres
+        # (EfficientNet features divided by their width are small), and the exported graph
+        # would disagree with eager beyond 1e-4: the chosen K distances are taken directly.
+        distances = (flat.unsqueeze(1) - self.memory_bank[nearest]).pow(2).sum(dim=-1).sqrt()
         # Softmin over the nearest centres: a patch near one centre but far from the next
         # ones (an outlying region of normal space) counts as less certain. K = 1: the
         # nearest distance itself.
