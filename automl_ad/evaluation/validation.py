@@ -63,7 +63,8 @@ def build_val_anomalies(
     seed: int = 0,
     families: tuple[str, ...] | None = None,
 ) -> ImageSet:
-    """One synthetic anomaly per val-good image and family, seeded and deterministic.
+    """One synthetic anomaly per val-good image and family, seeded and deterministic
+    (a draw whose mask came out empty is dropped).
 
     Patch sources are fit images (other normal parts), never test images. ``families``:
     every family registered for the val set (``synthesis.val_families``) by default.
@@ -79,14 +80,18 @@ def build_val_anomalies(
         generator = torch.Generator().manual_seed(seed * 1000 + index)
         out = synthesizer(base, generator, sources=sources)
         masks = (out.masks > 0.5).to(torch.uint8)
-        labels = (masks.flatten(1).amax(dim=1) > 0).long()
+        # A draw whose label mask came out empty (NSA's median filters can erase a small
+        # patch) is an altered image, not a normal one: it is left out, never called good.
+        marked = masks.flatten(1).amax(dim=1) > 0
+        masks = masks[marked]
+        labels = torch.ones(len(masks), dtype=torch.long)
         parts.append(
             ImageSet(
-                images=(out.images.clamp(0, 1) * 255).round().to(torch.uint8),
+                images=(out.images[marked].clamp(0, 1) * 255).round().to(torch.uint8),
                 masks=masks,
                 labels=labels,
                 has_mask=torch.ones(len(labels), dtype=torch.bool),
-                defect_types=[family if int(l) else "good" for l in labels],
+                defect_types=[family] * len(labels),
                 # an id per frozen anomaly, so a trial's stored val scores match it
                 paths=[f"val-anomaly:{offset + i}" for i in range(len(labels))],
             )
