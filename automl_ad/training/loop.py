@@ -15,91 +15,43 @@ On a CPU ``precision="auto"`` is fp32 and a run is bit-identical to one without 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import Tensor
 
 from automl_ad.data.types import CategoryData, ImageSet, to_float
-from automl_ad.errors import DamagedCheckpoint, DeadlineReached, UserError
-from automl_ad.experiment import checkpoint_file, read_checkpoint, write_checkpoint, write_val_scores
+from automl_ad.errors import DeadlineReached, UserError
+from automl_ad.experiment import checkpoint_file, read_checkpoint
 from automl_ad.methods.base import Batch, Method, create_method
 from automl_ad.evaluation.metrics import evaluate as compute_metrics
 from automl_ad.synthesis import build_synthesizer
-from automl_ad.evaluation.normalisation import robust_center_scale
 from automl_ad.evaluation.uncertainty import delong_standard_error
 from automl_ad.evaluation.validation import objective
-from automl_ad.training.precision import SpeedPath, check_precision, cuda_backends, sync_every
+from automl_ad.training.config import EpochHook, EpochReport, TrainConfig, TrainResult, synthesis_family
+from automl_ad.training.precision import SpeedPath, cuda_backends, sync_every
 from automl_ad.training.progress import ProgressBar
+from automl_ad.training.state import (
+    Streams,
+    load_trained_method,
+    restore,
+    restore_optimizer,
+    save_checkpoint,
+    save_val_scores,
+)
+
+# Re-exported: callers import the run's types and the checkpoint loader from the loop.
+__all__ = ["EpochHook", "EpochReport", "TrainConfig", "TrainResult", "evaluate", "fit",
+           "load_trained_method", "predict", "synthesis_family"]
 
 if TYPE_CHECKING:
     from automl_ad.training.distributed import DataParallel
-
-@dataclass
-class TrainConfig:
-    method: str
-    method_params: dict[str, Any] = field(default_factory=dict)
-    synthesis: str | None = None  # None: the method's default family
-    synthesis_params: dict[str, Any] = field(default_factory=dict)
-    image_size: int = 128
-    epochs: int = 10
-    steps_per_epoch: int | None = None  # None: one pass over the fit images
-    batch_size: int = 8
-    seed: int = 0
-    device: str = "cpu"
-    eval_batch_size: int = 32
-    # training/precision.py: auto = the method's switch (its space.yaml) on CUDA, fp32 on
-    # a CPU; fp32, bf16 or fp16 (with a GradScaler) on any device
-    precision: str = "auto"
-    texture_dir: str | None = None  # anomaly-source images for perlin (e.g. DTD); None: procedural
-
-    def __post_init__(self) -> None:
-        check_precision(self.precision)
-        for name in ("image_size", "epochs", "batch_size", "eval_batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
-            raise UserError(f"steps_per_epoch must be >= 1, got {self.steps_per_epoch}")
-
-
-@dataclass
-class EpochReport:
-    epoch: int  # 1-based, counted across phases
-    phase: str
-    step: int  # optimizer steps so far
-    train_loss: float
-    val: dict[str, float | None]
-    objective: float
-    elapsed_s: float
-
-
-@dataclass
-class TrainResult:
-    method: Method
-    reports: list[EpochReport]
-    val: dict[str, float | None]
-    objective: float
-    test: dict[str, float | None]
-    stopped_early: bool = False
-
-
-EpochHook = Callable[[EpochReport, "Path | None"], "bool | None"]
-
-
-def synthesis_family(cfg: TrainConfig, method_cls: type[Method]) -> str | None:
-    """The family a trial trains with: explicit, else the method's default."""
-    if cfg.synthesis in (None, ""):
-        return method_cls.synthesis
-    if cfg.synthesis == "none":
-        return None
-    return cfg.synthesis
 
 
 @torch.no_grad()
@@ -134,27 +86,6 @@ def evaluate(method: Method, image_set: ImageSet, device: torch.device, batch_si
     metrics["image_auroc_se"] = delong_standard_error(scores, image_set.labels)
     return metrics
 
-
-class _BatchSampler:
-    """Seeded shuffled batches over the fit images, with its state in checkpoints."""
-
-    def __init__(self, n: int, batch_size: int, seed: int) -> None:
-        self.n, self.batch_size = n, batch_size
-        self.generator = torch.Generator().manual_seed(seed)
-        self._order = torch.empty(0, dtype=torch.long)
-
-    def next_indices(self) -> Tensor:
-        while len(self._order) < self.batch_size:
-            self._order = torch.cat([self._order, torch.randperm(self.n, generator=self.generator)])
-        picked, self._order = self._order[: self.batch_size], self._order[self.batch_size :]
-        return picked
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {"rng": self.generator.get_state(), "order": self._order.clone()}
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.generator.set_state(state["rng"])
-        self._order = state["order"].clone()
 
 
 def _phase_plan(method: Method, epochs: int) -> list[str]:
@@ -226,14 +157,14 @@ def fit(
         return _stopped(method, [])
     rank = data_parallel.rank if data_parallel is not None else 0
     lead = rank == 0
-    streams = _Streams.for_rank(cfg, len(data.fit), rank, device)
+    streams = Streams.for_rank(cfg, len(data.fit), rank, device)
     checkpoint = read_checkpoint(resume_from) if resume_from is not None else None
     scaler = speed.grad_scaler()
     start_epoch, step, reports = 0, 0, []
     if checkpoint is not None:
-        start_epoch, step, reports = _restore(checkpoint, method, streams, checkpoint_file(resume_from), scaler)
+        start_epoch, step, reports = restore(checkpoint, method, streams, checkpoint_file(resume_from), scaler)
         if not lead:  # the checkpoint holds rank 0's streams; others draw their own again
-            streams = _Streams.for_rank(cfg, len(data.fit), rank, device, start_epoch)
+            streams = Streams.for_rank(cfg, len(data.fit), rank, device, start_epoch)
     if data_parallel is not None:
         data_parallel.broadcast_(method)
     speed.prepare(method)
@@ -269,7 +200,7 @@ def fit(
             if optimizer is None or plan[epoch - 1] != phase or epoch == start_epoch:
                 optimizer, scheduler = method.configure_optimizer(phase, plan.count(phase) * steps_per_epoch)
                 if checkpoint is not None and epoch == start_epoch and checkpoint["phase"] == phase:
-                    _restore_optimizer(checkpoint, optimizer, scheduler)
+                    restore_optimizer(checkpoint, optimizer, scheduler)
             losses, step, stopped_mid_epoch = _train_epoch(
                 cfg, method, phase, _Stepper(optimizer, scheduler, speed, scaler), steps_per_epoch, step,
                 next_batch, stop_now, data_parallel, bar)
@@ -291,9 +222,9 @@ def fit(
             if bar is not None:
                 bar.epoch_done(report)
             if checkpoint_dir is not None and lead:
-                _save_checkpoint(Path(checkpoint_dir), cfg, method, optimizer, scheduler, phase, epoch + 1, step,
+                save_checkpoint(Path(checkpoint_dir), cfg, method, optimizer, scheduler, phase, epoch + 1, step,
                                  streams, reports, scaler)
-                _save_val_scores(Path(checkpoint_dir), val_set, kept)
+                save_val_scores(Path(checkpoint_dir), val_set, kept)
             if on_epoch is not None and on_epoch(report, checkpoint_dir if lead else None) and epoch + 1 < cfg.epochs:
                 stopped_early = True
                 break
@@ -341,41 +272,6 @@ def _build(cfg: TrainConfig, data: CategoryData, device: torch.device) -> tuple[
     if len(data.fit) == 0:
         raise UserError(f"category {data.category!r} has no fit images")
     return method, synthesizer
-
-
-@dataclass
-class _Streams:
-    """The seeded draws of one rank: which fit images make each batch, and the synthetic
-    anomalies pasted into them. Rank 0 keeps the single-process streams, so one worker
-    trains exactly as fit() alone."""
-
-    sampler: _BatchSampler
-    synth: torch.Generator
-
-    @classmethod
-    def for_rank(cls, cfg: TrainConfig, n_fit: int, rank: int, device: torch.device,
-                 start_epoch: int = 0) -> "_Streams":
-        seed = cfg.seed + 104_729 * rank + 7 * start_epoch
-        return cls(_BatchSampler(n_fit, cfg.batch_size, seed), torch.Generator(device=device).manual_seed(seed + 1))
-
-
-def _restore(checkpoint: Mapping[str, Any], method: Method, streams: _Streams,
-             path: Path, scaler: torch.amp.GradScaler | None = None) -> tuple[int, int, list[EpochReport]]:
-    """Weights, streams, the global RNG and fp16's loss scale from ``checkpoint``;
-    (epoch, step, reports)."""
-    _load_weights(method, checkpoint["method"], path)
-    if scaler is not None and checkpoint.get("scaler"):
-        scaler.load_state_dict(checkpoint["scaler"])
-    streams.sampler.load_state_dict(checkpoint["sampler"])
-    streams.synth.set_state(checkpoint["synth_rng"])
-    torch.set_rng_state(checkpoint["torch_rng"])
-    return int(checkpoint["epoch"]), int(checkpoint["step"]), [EpochReport(**r) for r in checkpoint["reports"]]
-
-
-def _restore_optimizer(checkpoint: Mapping[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    if scheduler is not None and checkpoint["scheduler"] is not None:
-        scheduler.load_state_dict(checkpoint["scheduler"])
 
 
 @dataclass
@@ -467,7 +363,7 @@ def _fit_without_gradients(
     on_epoch: EpochHook | None,
     evaluate_test: bool,
     should_stop: Callable[[], bool] | None,
-    streams: _Streams,
+    streams: Streams,
     data_parallel: "DataParallel | None",
 ) -> TrainResult:
     """A method with no gradient phase (a memory bank): ``setup`` was the training, so it
@@ -486,8 +382,8 @@ def _fit_without_gradients(
     report = EpochReport(epoch=cfg.epochs, phase="setup", step=0, train_loss=float("nan"), val=val,
                          objective=objective(val), elapsed_s=time.perf_counter() - began)
     if checkpoint_dir is not None and lead:
-        _save_checkpoint(Path(checkpoint_dir), cfg, method, None, None, "setup", cfg.epochs, 0, streams, [report])
-        _save_val_scores(Path(checkpoint_dir), val_set, kept)
+        save_checkpoint(Path(checkpoint_dir), cfg, method, None, None, "setup", cfg.epochs, 0, streams, [report])
+        save_val_scores(Path(checkpoint_dir), val_set, kept)
     if on_epoch is not None:
         on_epoch(report, checkpoint_dir if lead else None)
     test = evaluate(method, data.test, device, cfg.eval_batch_size) if evaluate_test and lead and len(data.test) else {}
@@ -529,66 +425,3 @@ def _make_batch(
     # hands back the changed clean images: they are the reconstruction targets
     target = clean if out.clean is None else out.clean
     return Batch(images=out.images, clean=target, masks=out.masks, labels=out.labels)
-
-
-def _save_val_scores(folder: Path, val_set: ImageSet, kept: Mapping[str, Tensor]) -> None:
-    """The validation's image scores and its val-good maps' robust statistics beside the
-    checkpoint (``experiment.write_val_scores``), so choosing the model after a search
-    does not score every candidate on the val set again."""
-    if "scores" not in kept:
-        return
-    good = val_set.labels == 0
-    center, scale = robust_center_scale(kept["maps"][good]) if bool(good.any()) else (0.0, 1.0)
-    write_val_scores(folder, list(val_set.paths), kept["scores"].tolist(), center, scale)
-
-
-def _save_checkpoint(
-    folder: Path,
-    cfg: TrainConfig,
-    method: Method,
-    optimizer: torch.optim.Optimizer | None,
-    scheduler: Any,
-    phase: str,
-    epoch: int,
-    step: int,
-    streams: _Streams,
-    reports: list[EpochReport],
-    scaler: torch.amp.GradScaler | None = None,
-) -> None:
-    write_checkpoint(folder, {
-        "config": dataclasses.asdict(cfg),
-        "method": method.state_dict(),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "phase": phase,
-        "epoch": epoch,
-        "step": step,
-        "sampler": streams.sampler.state_dict(),
-        "synth_rng": streams.synth.get_state(),
-        "torch_rng": torch.get_rng_state(),
-        "reports": [dataclasses.asdict(r) for r in reports],
-        "scaler": scaler.state_dict() if scaler is not None else None,  # fp16's loss scale
-    })
-
-
-def _load_weights(method: Method, state: Mapping[str, Any], path: Path) -> None:
-    """``load_state_dict`` with weights of the wrong shapes or names as DamagedCheckpoint."""
-    try:
-        method.load_state_dict(state)
-    except (RuntimeError, KeyError, TypeError, ValueError) as error:
-        reason = " ".join(str(error).split())[:200]
-        raise DamagedCheckpoint(f"damaged checkpoint {path}: its weights do not fit {method.name} ({reason})") from None
-
-
-def load_trained_method(folder: Path, category: str, device: str = "cpu") -> tuple[Method, TrainConfig]:
-    """Rebuild a method from a checkpoint folder (no training state needed)."""
-    checkpoint = read_checkpoint(folder)
-    path = checkpoint_file(folder)
-    try:
-        cfg = TrainConfig(**checkpoint["config"])
-    except TypeError as error:
-        raise DamagedCheckpoint(f"damaged checkpoint {path}: its config does not fit this version ({error})") from None
-    torch.manual_seed(cfg.seed)
-    method = create_method(cfg.method, cfg.method_params, cfg.image_size, category)
-    _load_weights(method, checkpoint["method"], path)
-    return method.to(device).eval(), cfg

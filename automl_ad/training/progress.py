@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from automl_ad.training.loop import EpochReport, TrainConfig
+    from automl_ad.training.config import EpochReport, TrainConfig
 
 
 class ProgressBar:
