@@ -81,9 +81,10 @@ def test_predict_on_a_mixed_folder_reports_the_bad_file_and_scores_the_rest(tmp_
     results = predict_files(load_bundle(folder), expand_inputs([images]), out_dir=tmp_path / "out", batch_size=2)
     by_name = {Path(r.path).name: r for r in results}
     assert by_name["c_broken.png"].error and by_name["c_broken.png"].score is None
-    for name in ("a.png", "b_gray.jpg"):
+    for name, own_size in (("a.png", (40, 40)), ("b_gray.jpg", (50, 30))):
         assert by_name[name].error is None and by_name[name].score is not None
-        assert Path(by_name[name].overlay).is_file()
+        # the heat map overlays the file at its own size, not at the network's
+        assert np.asarray(Image.open(by_name[name].overlay)).shape == (*own_size, 3)
 
 
 def test_export_refuses_unknown_formats_and_leaves_nothing(tmp_path):

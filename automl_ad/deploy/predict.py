@@ -28,8 +28,18 @@ class Prediction:
 
 
 def _prepare(path: Path, size: int | tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """(network input 3 x H x W float32 in [0, 1], display image H x W x 3 uint8)."""
-    return prepare_rgb(read_image(path), size)
+    """(network input 3 x H x W float32 in [0, 1], the file's own pixels H0 x W0 x 3 uint8)."""
+    image = read_image(path)
+    return prepare_rgb(image, size)[0], image
+
+
+def at_size(heat: np.ndarray, height: int, width: int) -> np.ndarray:
+    """An anomaly map resized (bilinear) to ``height`` x ``width``, e.g. its image's own size."""
+    import cv2
+
+    if heat.shape == (height, width):
+        return heat
+    return cv2.resize(np.ascontiguousarray(heat, dtype=np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
 
 
 def prepare_rgb(image: np.ndarray, size: int | tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -88,23 +98,23 @@ def predict_files(
             return
         batch = np.stack([item[1] for item in ready])
         maps, scores = bundle.predictor.run(batch)
-        for (index, _, display), heat, score in zip(ready, maps, scores):
+        for (index, _, original), heat, score in zip(ready, maps, scores):
             path = Path(paths[index])
             overlay = None
-            if out_dir is not None:
+            if out_dir is not None:  # drawn over the file at its own size, not the network's
                 overlay_path = out_dir / f"{index:04d}_{path.stem}_overlay.png"
-                overlay_png(display, heat, None, overlay_path)
+                overlay_png(original, at_size(heat, *original.shape[:2]), None, overlay_path)
                 overlay = str(overlay_path)
             results[index] = Prediction(str(path), float(score), bool(score >= threshold), None, overlay)
         ready.clear()
 
     for index, path in enumerate(paths):
         try:
-            network_input, display = _prepare(Path(path), size)
+            network_input, original = _prepare(Path(path), size)
         except UserError as error:
             results[index] = Prediction(str(path), None, None, str(error))
             continue
-        ready.append((index, network_input, display))
+        ready.append((index, network_input, original if out_dir is not None else original[:1, :1]))
         if len(ready) == batch_size:
             flush()
     flush()
