@@ -151,13 +151,14 @@ def test_a_memory_bank_setup_and_a_long_validation_stop_at_the_deadline():
 
 
 def test_a_patchcore_configuration_costs_what_drives_its_work():
-    """Strides 4+8 at a 4.7 % coreset cost about twice the default (measured 333 s against
-    about 140 s on real images); a parameter count had said they cost less."""
+    """Strides 4+8 at a 4.7 % coreset cost 3.5-7.4x the default's setup and validation
+    (benchmarks/patchcore_cost.py; 333 s against about 140 s for a whole trial on real
+    images); a parameter count had said they cost less."""
     from automl_ad.tuning.schedule import config_cost_factor
 
     counts = {"fit": 194, "val_good": 48}
     heavy = config_cost_factor("patchcore", {"feature_strides": "4+8", "coreset_ratio": 0.047}, 256, counts)
     light = config_cost_factor("patchcore", {"coreset_ratio": 0.0059}, 256, counts)
     wider = config_cost_factor("patchcore", {"backbone": "efficientnet_lite2"}, 256, counts)
-    assert 1.8 < heavy < 3.0 and 0.7 < light < 1.0 and wider > 1.05
+    assert 3.0 < heavy < 7.5 and 0.7 < light < 1.0 and wider > 1.05
     assert config_cost_factor("patchcore", {}, 256, counts) == pytest.approx(1.0)

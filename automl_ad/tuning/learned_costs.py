@@ -27,7 +27,7 @@ from typing import Iterable
 
 from automl_ad.tuning.calibration import cache_path
 
-LEARNED_VERSION = 1
+LEARNED_VERSION = 2  # 2: PatchCore's configurations costed by the refitted estimated_work
 KEEP = 24  # the most recent finished trials a method's factor rests on
 MIN_TRIALS = 2  # fewer than this and the plan keeps the calibrated cost
 FACTOR_RANGE = (0.5, 4.0)  # a learnt factor outside this says more about a fault than a speed

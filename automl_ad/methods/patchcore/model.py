@@ -46,12 +46,21 @@ _CORESET_SEED = 0
 # holds at most _MAX_BANK patches.
 _MAX_CANDIDATES = 163_840
 _MAX_BANK = 8192
-# estimated_work's constants: one thread of the 2-core reference VM (timed with torch
-# 2.14: backbone forward per 256 px image, one greedy-coreset multiply-add, one distance
-# multiply-add); only their ratios matter to the planner.
-_FEATURE_S_AT_256 = 0.1
-_CORESET_S_PER_OP = 0.6e-9
-_DISTANCE_S_PER_OP = 0.086e-9
+# estimated_work's constants: seconds on one thread of the 2-core reference VM, fitted
+# (non-negative least squares on relative error) to setup() + the maps of the val images
+# timed by benchmarks/patchcore_cost.py over the searched strides, coreset ratios,
+# backbones and sizes (128-256 px, 120-160 fit and 100-240 val images): the backbone pass
+# per image at 256 px, the map's upsampling and blur per inferred image at 256 px (its
+# kernel grows with the side, so it scales with the side cubed), one greedy-coreset
+# multiply-add, one distance multiply-add, and per test-patch x bank pair the work that
+# does not depend on the channels (the distance matrix's writes and its minimum). The
+# stride-4 grids are costed right only with that last term: their distances have fewer
+# channels but 4x the pairs.
+_FEATURE_S_AT_256 = 0.0151
+_MAP_S_AT_256 = 0.0260
+_CORESET_S_PER_OP = 1.98e-10
+_DISTANCE_S_PER_OP = 3.05e-11
+_PAIR_S = 6.8e-9
 _BACKBONE_COST = {"efficientnet_lite0": 1.0, "efficientnet_lite1": 1.36, "efficientnet_lite2": 1.42}  # same VM
 
 
@@ -145,11 +154,13 @@ class PatchCore(Method):
 
     # --- cost ---------------------------------------------------------------------------
     def estimated_work(self, fit_images: int, eval_images: int) -> float:
-        """Seconds on one CPU thread, roughly (2-core VM, EfficientNet-Lite0 at 256 px):
-        a backbone pass per image, the coreset's count x candidates x projection steps,
-        and per inferred image its patches x bank x channels distances. The feature
-        strides and coreset ratio move it most: strides 4+8 at ratio 0.047 costs about
-        twice the default, which a parameter count (smaller for 4+8) got backwards."""
+        """Seconds on one CPU thread (the constants above): a backbone pass per fit and
+        inferred image, the coreset's count x candidates x projection steps, and per
+        inferred image its map's post-processing and its patches x bank distances. The
+        feature strides and coreset ratio move it most: strides 4+8 at ratio 0.047
+        measured 3.5x the default at 256 px with 100 val images and 7.4x at 224 px with
+        240 (benchmarks/patchcore_cost.py), which a parameter count (smaller for 4+8)
+        got backwards."""
         size, config = int(self.image_size), self.config
         finest = min(int(stride) for stride in str(config.feature_strides).split("+"))
         per_image = (size // finest) ** 2
@@ -157,9 +168,10 @@ class PatchCore(Method):
         bank = min(_MAX_BANK, max(1, math.ceil(float(config.coreset_ratio) * patches)))
         candidates = min(patches, _MAX_CANDIDATES)
         features = _FEATURE_S_AT_256 * _BACKBONE_COST.get(str(config.backbone), 1.0) * (size / 256) ** 2
+        post_processing = _MAP_S_AT_256 * (size / 256) ** 3
         coreset = _CORESET_S_PER_OP * bank * candidates * int(config.projection_dim)
-        nearest = _DISTANCE_S_PER_OP * per_image * bank * sum(self.backbone.channels)
-        return fit_images * features + coreset + eval_images * (features + nearest)
+        nearest = per_image * bank * (_DISTANCE_S_PER_OP * sum(self.backbone.channels) + _PAIR_S)
+        return fit_images * features + coreset + eval_images * (features + post_processing + nearest)
 
     # --- features -------------------------------------------------------------------
     @torch.no_grad()
