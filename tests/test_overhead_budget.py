@@ -162,3 +162,22 @@ def test_a_patchcore_configuration_costs_what_drives_its_work():
     wider = config_cost_factor("patchcore", {"backbone": "efficientnet_lite2"}, 256, counts)
     assert 3.0 < heavy < 7.5 and 0.7 < light < 1.0 and wider > 1.05
     assert config_cost_factor("patchcore", {}, 256, counts) == pytest.approx(1.0)
+
+
+def test_patchcore_cost_benchmark_times_configurations_against_the_estimate(tmp_path):
+    """benchmarks/patchcore_cost.py (whose timings the constants were fitted to) runs and
+    reports, per configuration, the measured seconds and the ratio to the estimate."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "patchcore_cost.py"
+    out = tmp_path / "rows.json"
+    run = subprocess.run([sys.executable, str(script), "--fit", "3", "--val", "2", "--sizes", "64", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert len(rows) == 9 and rows[0]["params"] == {} and rows[0]["ratio"] == 1.0
+    assert all(row["measured_s"] > 0 and row["estimated"] > 0 for row in rows)
+    assert "measured/estimated vs default" in run.stdout
