@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -50,16 +53,43 @@ def timed(params: dict, size: int, fit: int, val: int) -> dict:
             "estimated": float(method.estimated_work(fit, val))}
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+def _sizes(text: str) -> list[int]:
+    sizes = [part.strip() for part in text.split(",")]
+    if not all(part.isdigit() and int(part) >= 32 for part in sizes):
+        raise argparse.ArgumentTypeError(f"expected comma-separated sizes >= 32 px, got {text!r}")
+    return [int(part) for part in sizes]
+
+
+def _write_atomically(path: Path, rows: list[dict]) -> None:
+    """The JSON appears whole or not at all (temporary file in the same folder + rename)."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "w") as stream:
+            json.dump(rows, stream, indent=1)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fit", type=int, default=160)
-    parser.add_argument("--val", type=int, default=200)
-    parser.add_argument("--sizes", default="128,256")
-    parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    parser.add_argument("--fit", type=_positive, default=160, help="fit images for setup()")
+    parser.add_argument("--val", type=_positive, default=200, help="images whose maps are timed")
+    parser.add_argument("--sizes", type=_sizes, default=_sizes("128,256"), help="comma-separated image sizes")
+    parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     args = parser.parse_args()
+    if args.out is not None and not args.out.parent.is_dir():
+        parser.error(f"--out: folder {args.out.parent} does not exist")
     torch.set_num_threads(1)
     rows = []
-    for size in (int(s) for s in args.sizes.split(",")):
+    for size in args.sizes:
         reference = None
         for params in CONFIGS:
             row = {"size": size, "params": params, **timed(params, size, args.fit, args.val)}
@@ -68,9 +98,8 @@ def main() -> None:
             rows.append(row)
             print(f"{size:4d} {json.dumps(params):55s} setup {row['setup_s']:7.1f} s  val {row['val_s']:6.1f} s  "
                   f"estimate {row['estimated']:7.1f}  measured/estimated vs default {row['ratio']:.2f}", flush=True)
-    if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(rows, handle, indent=1)
+    if args.out is not None:
+        _write_atomically(args.out, rows)
 
 
 if __name__ == "__main__":

@@ -181,3 +181,16 @@ def test_patchcore_cost_benchmark_times_configurations_against_the_estimate(tmp_
     assert len(rows) == 9 and rows[0]["params"] == {} and rows[0]["ratio"] == 1.0
     assert all(row["measured_s"] > 0 and row["estimated"] > 0 for row in rows)
     assert "measured/estimated vs default" in run.stdout
+
+
+def test_patchcore_cost_benchmark_refuses_bad_input_in_one_line(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "patchcore_cost.py"
+    for bad in (["--fit", "0"], ["--sizes", "abc"], ["--sizes", "16"], ["--out", str(tmp_path / "missing" / "rows.json")]):
+        run = subprocess.run([sys.executable, str(script), *bad], capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2, (bad, run.stderr)
+        assert "Traceback" not in run.stderr and run.stderr.strip().splitlines()[-1].startswith("patchcore_cost.py: error:")
+    assert not list(tmp_path.iterdir())
