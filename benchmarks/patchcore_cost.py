@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from automl_ad.deploy.report import write_atomic
 from automl_ad.methods.base import create_method
 
 CONFIGS = [
@@ -66,18 +65,6 @@ def _sizes(text: str) -> list[int]:
     return [int(part) for part in sizes]
 
 
-def _write_atomically(path: Path, rows: list[dict]) -> None:
-    """The JSON appears whole or not at all (temporary file in the same folder + rename)."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(rows, stream, indent=1)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fit", type=_positive, default=160, help="fit images for setup()")
@@ -99,7 +86,7 @@ def main() -> None:
             print(f"{size:4d} {json.dumps(params):55s} setup {row['setup_s']:7.1f} s  val {row['val_s']:6.1f} s  "
                   f"estimate {row['estimated']:7.1f}  measured/estimated vs default {row['ratio']:.2f}", flush=True)
     if args.out is not None:
-        _write_atomically(args.out, rows)
+        write_atomic(args.out, json.dumps(rows, indent=1))  # whole or not at all
 
 
 if __name__ == "__main__":
