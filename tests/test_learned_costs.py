@@ -14,7 +14,9 @@ from automl_ad.tuning.budget import parse_budget
 from automl_ad.tuning.calibration import SpeedBook
 from automl_ad.tuning.sampled_costs import sampled_cost_factors
 from automl_ad.tuning.planner import make_plan
-from automl_ad.tuning.schedule import DataCounts, Fidelity, MethodInput, recipe_for, sampled_seconds
+from automl_ad.tuning.schedule import (
+    PACE, PACE_MIN_FACTOR, DataCounts, Fidelity, MethodInput, recipe_for, sampled_seconds,
+)
 from automl_ad.tuning.space import load_space
 
 BUILTIN = DataCounts(fit=160, val_good=40, test=140)
@@ -79,5 +81,24 @@ def test_sampled_patchcore_configurations_cost_more_than_the_default_and_the_dra
     assert first == sampled_cost_factors(space, "patchcore", data, draws=6, seed=0)
     sizes = {size for size, _ in first}
     assert sizes and sizes <= set(space.method_sizes("patchcore"))
+    assert sum(len(draws) for _, draws in first) == 6, "each draw is kept, by its size"
     # The space reaches strides 4+8 and larger coresets: on average dearer than the default.
-    assert all(factor > 1.2 for _, factor in first), first
+    assert all(sum(draws) / len(draws) > 1.2 for _, draws in first), first
+
+
+def test_the_count_leaves_out_draws_the_searcher_passes_over_behind_its_pace():
+    budget, book = parse_budget("10m"), SpeedBook("cpu", None)
+    options = dict(devices_per_trial=1, concurrency=1, use_train=False)
+    plain = make_plan(budget, [_bank()], Fidelity(), book, BUILTIN, **options)
+    # one draw in four costs 40x the default: far over PACE x the pace of ~40 trials
+    tail = make_plan(budget, [_bank(sampled_cost=((128, (1.0, 1.0, 1.0, 40.0)),))], Fidelity(), book, BUILTIN,
+                     **options)
+    (entry,) = tail.entries
+    assert entry.sampled_factor == pytest.approx(1.0), "the 40x draw waits for a cheaper one"
+    assert tail.expected_trials == pytest.approx(plain.expected_trials)
+    assert any(f"over {PACE:g}x the pace" in note for note in tail.notes)
+    # draws within PACE x the pace, or within PACE_MIN_FACTOR of the default, all count
+    mild = make_plan(budget, [_bank(sampled_cost=((128, (1.0, PACE_MIN_FACTOR)),))], Fidelity(), book, BUILTIN,
+                     **options)
+    assert mild.entries[0].sampled_factor == pytest.approx((1.0 + PACE_MIN_FACTOR) / 2)
+    assert mild.expected_trials < plain.expected_trials

@@ -10,7 +10,7 @@ from typing import Any, Iterable, Mapping
 from automl_ad.tuning.budget import Budget
 from automl_ad.tuning.calibration import Probe, Speed, SpeedBook
 from automl_ad.tuning.schedule import (
-    DIRECT_OVERHEAD_S, KEEP_SCHEDULE, MIN_SCHEDULE_TO_JOIN, OVERHEAD_S, PHI_MAX, SIZE_MIN_SCHEDULE, DataCounts,
+    DIRECT_OVERHEAD_S, KEEP_SCHEDULE, MIN_SCHEDULE_TO_JOIN, OVERHEAD_S, PACE, PHI_MAX, SIZE_MIN_SCHEDULE, DataCounts,
     Entry, Fidelity, MethodInput, Plan, _scale_work, asha_rungs, config_cost_factor, expected_cost, sampled_seconds,
     schedule_key, trial_cost, trial_seconds,
 )
@@ -186,10 +186,12 @@ class _Planner:
             for size in sorted(m.sizes)[1:]:
                 # the size nearest the paper's (where the recipe is known to work) is offered first
                 extra = self.mean_expected(m, size, self.steps_at(m, phi0)) - base
-                candidates.append((size != paper_size, extra, size, m.name))
+                # a method without training first: its larger sizes join whenever the
+                # trials fit (_why_not), so the trained methods' sizes see the schedule left
+                candidates.append((m.trainable, size != paper_size, extra, size, m.name))
         by_name = {m.name: m for m in self.methods}
         phi = phi0
-        for _, _, size, name in sorted(candidates):
+        for *_, size, name in sorted(candidates):
             trial = {k: sorted(v + [size]) if k == name else v for k, v in chosen.items()}
             phi_new, feasible = self.solve(trial)
             reason = self._why_not(by_name[name], phi, phi_new, feasible)
@@ -205,12 +207,14 @@ class _Planner:
             return "the budget is too small even for the smallest sizes"
         if not feasible:
             return f"the budget cannot hold {self.n_req} trials per method with it"
-        if self.bounds.steps_per_epoch:
+        if self.bounds.steps_per_epoch or not m.trainable:
+            # A size of a method that trains nothing joins whenever its trials fit: at a
+            # small budget its larger images buy more than the trained methods' share
+            # (stop 32: marble's plan dropped PatchCore at 256 px to keep 10.2 % of a
+            # schedule and exported 0.862; stop 29's, with 256 px, 0.892). Trained methods it
+            # leaves under MIN_SCHEDULE_TO_JOIN leave the search (make_plan, step 0).
             return None
-        # A size of a method that trains nothing may take schedule from the others
-        # down to the joining share: its larger images are what the budget buys.
-        keeps = (phi_new >= 1.0 or phi_new >= KEEP_SCHEDULE * self.phi0
-                 or (not m.trainable and phi_new >= MIN_SCHEDULE_TO_JOIN))
+        keeps = phi_new >= 1.0 or phi_new >= KEEP_SCHEDULE * self.phi0
         if not keeps:
             return (f"it would cut every method's schedule from {100 * min(phi, 1):.3g} % to "
                     f"{100 * min(phi_new, 1):.3g} % of the paper's")
@@ -239,8 +243,34 @@ class _Planner:
 
     def plan(self, chosen: Mapping[str, list[int]], phi: float, dropped: list[dict[str, Any]]) -> Plan:
         entries = [self.entry(m, size, self.steps_at(m, phi)) for m in self.methods for size in chosen[m.name]]
-        # expected counts: the warm starts first (search.warm_start_points), then
-        # configurations sampled uniformly over methods, then sizes
+        self.count_trials(chosen, entries)
+        if self.total_s is not None:
+            # The searcher passes over draws dearer than PACE x its pace while it runs
+            # behind the plan (searcher._behind_pace): count the draws it runs, at the pace
+            # the count itself sets (a few rounds settle it).
+            by_name = {m.name: m for m in self.methods}
+            for _ in range(3):
+                pace = self.total_s / max(1.0, sum(e.expected_trials for e in entries))
+                for e in entries:
+                    e.sampled_factor = by_name[e.method].sampled_factor(e.image_size, self._factor_at(e, PACE * pace))
+                self.count_trials(chosen, entries)
+        bounds, speeds = self.bounds, self.speeds
+        return Plan(
+            budget=self.budget.text, budget_kind=self.budget.kind, device_kind=speeds.device_kind,
+            device_label=speeds.device_label, devices_per_trial=self.devices_per_trial,
+            concurrency=int(self.concurrency), trial_seconds=self.total_s, rounds=self.rounds,
+            grace_period=int(bounds.grace_period), reduction_factor=self.eta, rung_rounds=self.rungs,
+            trials_per_method=self.n_req, phi=min(phi, PHI_MAX), fixed_steps=bool(bounds.steps_per_epoch),
+            data=asdict(self.data), entries=entries, dropped=dropped,
+            expected_trials=sum(e.expected_trials for e in entries),
+            expected_full=sum(e.expected_full for e in entries), notes=self.notes(entries), overhead_s=self.overhead,
+            heavy_limit_s=None if self.total_s is None else self.total_s / max(1, bounds.min_trials),
+        )
+
+    def count_trials(self, chosen: Mapping[str, list[int]], entries: list[Entry]) -> None:
+        """Each entry's expected trials (and full-fidelity ones): the warm starts first
+        (search.warm_start_points), then configurations sampled uniformly over methods,
+        then sizes, each at its entry's sampled cost."""
         share = {e.key: 1.0 / (len(self.methods) * len(chosen[e.method])) for e in entries}
         mean_trial = sum(share[e.key] * sampled_seconds(e) for e in entries)
         warm = self.warm_starts(chosen, {e.key: e for e in entries})
@@ -259,18 +289,13 @@ class _Planner:
         for e in entries:
             e.expected_trials = counts[e.key] + rest * share[e.key]
             e.expected_full = e.expected_trials * (reach_full if e.trainable else 1.0)
-        bounds, speeds = self.bounds, self.speeds
-        return Plan(
-            budget=self.budget.text, budget_kind=self.budget.kind, device_kind=speeds.device_kind,
-            device_label=speeds.device_label, devices_per_trial=self.devices_per_trial,
-            concurrency=int(self.concurrency), trial_seconds=self.total_s, rounds=self.rounds,
-            grace_period=int(bounds.grace_period), reduction_factor=self.eta, rung_rounds=self.rungs,
-            trials_per_method=self.n_req, phi=min(phi, PHI_MAX), fixed_steps=bool(bounds.steps_per_epoch),
-            data=asdict(self.data), entries=entries, dropped=dropped,
-            expected_trials=sum(e.expected_trials for e in entries),
-            expected_full=sum(e.expected_full for e in entries), notes=self.notes(), overhead_s=self.overhead,
-            heavy_limit_s=None if self.total_s is None else self.total_s / max(1, bounds.min_trials),
-        )
+
+    @staticmethod
+    def _factor_at(entry: Entry, seconds: float) -> float:
+        """The cost factor at which a drawn configuration of ``entry`` costs ``seconds``."""
+        overhead = entry.overhead_s or 0.0
+        work = entry.expected_s - overhead
+        return math.inf if work <= 0 else max(0.0, seconds - overhead) / work
 
     def warm_starts(self, chosen: Mapping[str, list[int]], entries: Mapping[str, Entry]) -> list[tuple[str, float]]:
         """(entry key, expected seconds) of the warm-start trials a TPE search runs first:
@@ -295,7 +320,8 @@ class _Planner:
                 out.append((schedule_key(m.name, size), entries[schedule_key(m.name, size)].expected_s))
         return out
 
-    def notes(self) -> list[str]:
+    def notes(self, entries: list[Entry]) -> list[str]:
+        by_name = {m.name: m for m in self.methods}
         notes = []
         if not self.feasible0:
             notes.append(f"the budget is too small for {self.n_req} trials per method even at fidelity.min_steps: "
@@ -306,12 +332,17 @@ class _Planner:
         if learned:
             parts = ", ".join(f"{name} x{f:.2f} ({n} trials)" for name, (f, n) in sorted(learned.items()))
             notes.append(f"costs scaled by what earlier searches' trials cost on this machine: {parts}")
-        sampled = [(m.name, min(f for _, f in m.sampled_cost), max(f for _, f in m.sampled_cost))
-                   for m in sorted(self.methods, key=lambda m: m.name) if m.sampled_cost]
+        factors: dict[str, list[float]] = {}
+        for e in entries:
+            if by_name[e.method].sampled_cost:
+                factors.setdefault(e.method, []).append(e.sampled_factor)
+        sampled = [(name, min(f), max(f)) for name, f in sorted(factors.items())]
         spans = [f"{name} x{low:.1f}" + (f"-{high:.1f}" if high - low >= 0.05 else "")
                  for name, low, high in sampled if high > 1.05 or low < 0.95]
         notes.append("s/full trial is each method's default configuration; the expected trials count a sampled one "
-                     "at its mean cost over the space" + (f" ({', '.join(spans)} by size)" if spans else ""))
+                     "at its mean cost over the space" + (f" ({', '.join(spans)} by size)" if spans else "")
+                     + (f", leaving out draws over {PACE:g}x the pace, which the search passes over while it runs "
+                        "behind the plan" if self.total_s is not None else ""))
         return notes
 
 

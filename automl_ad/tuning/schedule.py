@@ -27,11 +27,16 @@ own schedule. The rule (docs/search.md, "Schedule"):
    ``F = clamp(phi x P, min_steps, max_steps)`` (a multiple of ``R``), with ``phi`` the
    largest value (at most 1) that keeps (3). ``phi = 1`` is the paper schedule.
 5. Image sizes: each method starts with its smallest candidate; larger ones are added
-   (the one nearest the paper's size first, then cheapest extra cost first) while the
-   plan stays feasible and ``phi`` (uncapped) stays at least 1 or at least
-   ``KEEP_SCHEDULE`` of its value before sizes were added (a method without training may
-   take it down to ``MIN_SCHEDULE_TO_JOIN``); a method with a gradient phase also needs
-   ``phi >= SIZE_MIN_SCHEDULE``. Other sizes are dropped (and printed with the reason).
+   (those of methods without training first, then the one nearest the paper's size, then
+   cheapest extra cost first). A size of a method without training joins whenever the
+   plan stays feasible (the trained methods it leaves under ``MIN_SCHEDULE_TO_JOIN``
+   leave by step 0); one of a method with a gradient phase joins while ``phi``
+   (uncapped) stays at least 1 or at least ``KEEP_SCHEDULE`` of its value before sizes
+   were added, and at least ``SIZE_MIN_SCHEDULE``. Other sizes are dropped (and printed
+   with the reason).
+6. Expected trials: the warm starts, then configurations drawn uniformly over methods and
+   sizes, each at the mean cost of the space's draws (``sampled_costs.py``) less those the
+   searcher passes over while it runs behind the plan (``PACE``).
 
 ``fidelity.steps_per_epoch`` in a space file overrides (1)-(4) with a fixed
 ``F = R x steps_per_epoch`` for every method, and ``fidelity.batch_size`` one batch size.
@@ -63,6 +68,13 @@ OVERHEAD_S = {("cpu", True): 15.0, ("cpu", False): 3.0, ("gpu", True): 20.0, ("g
 # trials): process start + torch import, measured on the 2-core VM (docs/search.md).
 DIRECT_OVERHEAD_S = {"cpu": 6.0, "gpu": 11.0}
 PHI_MAX = 1.0e6
+# Pacing (docs/search.md "Pace"): while the search runs behind its plan, a sampled
+# configuration expected to cost more than PACE x the pace (the budget left over the
+# trials the plan still expects) is passed over for another draw, so a few heavy trials
+# (PatchCore strides 4+8 at 256 px: 6x its default) cannot eat the trials the plan
+# promised; one within PACE_MIN_FACTOR of its default's cost always runs.
+PACE = 3.0
+PACE_MIN_FACTOR = 1.5
 
 
 DEFAULT_RECIPE = Recipe(100, 8, 256, "no recipe known: 100 epochs, batch 8, 256 px assumed")
@@ -111,12 +123,21 @@ class MethodInput:
     # (learned_costs): multiplies every cost the calibration gives
     learned: float = 1.0
     learned_trials: int = 0
-    # ((size, mean cost of a configuration sampled from the space / the default's), ...):
-    # what the expected trial count assumes a drawn configuration costs
-    sampled_cost: tuple[tuple[int, float], ...] = ()
+    # ((size, costs of configurations sampled from the space / the default's), ...), one
+    # number or a tuple of draws per size: what the expected trial count assumes a drawn
+    # configuration costs
+    sampled_cost: tuple[tuple[int, float | tuple[float, ...]], ...] = ()
 
-    def sampled_factor(self, size: int) -> float:
-        return dict(self.sampled_cost).get(int(size), 1.0)
+    def sampled_factor(self, size: int, limit: float | None = None) -> float:
+        """Mean cost factor of a drawn configuration at ``size``; with ``limit``, of the
+        draws the searcher runs when it paces (factor at most ``limit`` or within
+        PACE_MIN_FACTOR), the cheapest draw when none is."""
+        draws = dict(self.sampled_cost).get(int(size))
+        if draws is None:
+            return 1.0
+        values = tuple(draws) if isinstance(draws, (tuple, list)) else (float(draws),)
+        kept = [f for f in values if limit is None or f <= max(limit, PACE_MIN_FACTOR)]
+        return sum(kept) / len(kept) if kept else min(values)
 
     @property
     def measured_backbone(self) -> str | None:
@@ -301,6 +322,16 @@ class Plan:
             return None
         entry, costs = found
         return self._scaled(trial_cost(costs, rounds_done, self.rounds, entry.trainable), factor, entry)
+
+    def expected_seconds(self, method: str, image_size: int, backbone: str | None,
+                         factor: float = 1.0) -> float | None:
+        """Expected seconds of a trial of this configuration under ASHA (what a pace is in)."""
+        found = self._costs(method, image_size, backbone)
+        if found is None:
+            return None
+        entry, costs = found
+        seconds = expected_cost(costs, self.rung_rounds, self.reduction_factor, entry.trainable)
+        return self._scaled(seconds, factor, entry)
 
     def too_heavy(self, method: str, image_size: int, backbone: str | None, factor: float) -> str | None:
         """Why a configuration is not worth running under this budget, or None: its

@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 from ray.tune.search import Searcher
 
 from automl_ad.tuning.budget import Ledger
-from automl_ad.tuning.schedule import Plan, config_cost_factor
+from automl_ad.tuning.schedule import PACE, PACE_MIN_FACTOR, Plan, config_cost_factor
 from automl_ad.param_keys import split_config
 
 
@@ -28,7 +28,9 @@ class BudgetedOptunaSearch(Searcher):
     cost factor over the default Config's, times the ratio of used to planned cost
     over the trials that finished. A configuration whose setup and one validation alone
     would block more than the budget / min_trials (``Plan.too_heavy``: the paper-width
-    DRAEM on a 10-minute CPU budget) is told FAIL and the next one sampled. While other trials run, a sampled
+    DRAEM on a 10-minute CPU budget) is told FAIL and the next one sampled; so is one
+    that would cost more than ``PACE`` x the pace while the search runs behind the plan's
+    trial count (``_behind_pace``; at most ``PACE_TRIES`` such draws per suggestion). While other trials run, a sampled
     configuration the rest cannot hold waits (the next suggestion offers it again, so the
     sequence stays the seed's); when none runs it starts as long as any budget is left
     (the budget deadline stops it). A configuration still waiting when the budget is
@@ -157,6 +159,31 @@ class BudgetedOptunaSearch(Searcher):
                     f"{self.ledger.remaining():.0f} are left")
         return None
 
+    PACE_TRIES = 16  # draws one suggestion may pass over for the pace before it runs one anyway
+
+    def _behind_pace(self, config: Mapping[str, Any]) -> str | None:
+        """Why ``config`` waits for a cheaper draw, or None: the search runs behind its plan
+        and this configuration is expected to cost more than ``PACE`` times the pace (the
+        budget left over the trials the plan still expects; schedule.PACE)."""
+        plan = getattr(self, "plan", None)
+        if plan is None or self.ledger.budget.kind == "trials" or not plan.expected_trials:
+            return None
+        method, size, backbone, factor = self._config_key(config)
+        seconds = plan.expected_seconds(method, size, backbone, factor)
+        if factor <= PACE_MIN_FACTOR or seconds is None:
+            return None
+        cost = self.ledger.trial_cost(self._devices(config), seconds) * self._correction(method)
+        left_trials = max(1.0, plan.expected_trials - len(self._planned))
+        remaining = self.ledger.remaining()
+        if self.ledger.budget.kind == "wall" and plan.trial_seconds:
+            remaining *= plan.trial_seconds / self.ledger.budget.amount  # concurrency, scheduling gaps
+        pace = remaining / left_trials
+        if cost <= PACE * pace:
+            return None
+        return (f"behind the plan's pace: about {cost:.0f} of the budget's units ({factor:.2g} x the default) "
+                f"where {PACE:g} x the pace allows {PACE * pace:.0f} (what is left over the {left_trials:.1f} trials "
+                "the plan still expects)")
+
     def _tell_not_run(self, trial_id: str, reason: str) -> None:
         """Close a sampled configuration that never runs as FAIL in the study."""
         import optuna
@@ -183,9 +210,11 @@ class BudgetedOptunaSearch(Searcher):
             return Searcher.FINISHED
         pending = getattr(self, "_pending", None)
         if pending is None:
-            for _ in range(self.MAX_SKIPS):
+            for tries in range(self.MAX_SKIPS):
                 config = self._ask(trial_id)
                 reason = self._too_heavy(config)
+                if reason is None and tries < self.PACE_TRIES:
+                    reason = self._behind_pace(config)
                 if reason is None:
                     break
                 self._tell_not_run(trial_id, f"not run: {reason}")
