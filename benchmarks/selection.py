@@ -44,6 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from automl_ad.data.dataset import load_category  # noqa: E402
+from automl_ad.evaluation.diversity import least_agreeing  # noqa: E402
 from automl_ad.evaluation.metrics import image_auroc  # noqa: E402
 from automl_ad.evaluation.normalisation import robust_center_scale  # noqa: E402
 from automl_ad.evaluation.uncertainty import CONFIDENCE, paired_bootstrap, within_noise  # noqa: E402
@@ -150,6 +151,13 @@ class Experiment:
         labels = torch.tensor([self.val_labels[i] for i in shared])
         return [candidates[i] for i in paired_bootstrap(scores, labels, seed=0).tied_with_best()][:5]
 
+    def diverse(self, candidates: list[Trial], k: int = 3) -> list[Trial]:
+        """``diversity.least_agreeing`` on the candidates' shared val scores."""
+        if len(candidates) <= 1:
+            return candidates[:1]
+        scores, _, _ = self.shared(candidates)
+        return [candidates[i] for i in least_agreeing(scores, k)]
+
     def rules(self) -> dict[str, list[Trial]]:
         plausible = self.plausible()
         size = max(t.size for t in plausible)
@@ -177,6 +185,8 @@ class Experiment:
             "best-val": self.trials[:1],
             "wf-top3-size": by_worst[:3],
             "shipped": tied[:3],
+            "tied-div3": self.diverse(tied, 3),
+            "plaus-div3": self.diverse(at_size, 3),
             "tied-wf3": sorted(tied, key=lambda t: (-worst[t.trial_id], -t.objective))[:3],
             "tied-wf2": sorted(tied, key=lambda t: (-worst[t.trial_id], -t.objective))[:2],
             "wf-tied-size": self.tied_on(by_worst, self.worst_family_ids(by_worst)),

@@ -142,12 +142,27 @@ def test_the_choice_reuses_each_trials_val_scores_and_agrees_with_scoring_again(
     assert torch.allclose(reused.val_scores, scored.val_scores, atol=1e-4)
 
 
-def test_ensemble_members_are_the_first_k_tied_candidates_in_val_order():
+def test_ensemble_members_are_the_best_and_the_tied_candidates_that_disagree_most_with_it():
     from automl_ad.deploy.choice import ensemble_members
     from automl_ad.deploy.ensemble import MemberPredictions
+    from automl_ad.evaluation.diversity import least_agreeing, rank_agreement
 
-    tied = [MemberPredictions(name, torch.zeros(3), None) for name in ("best", "second", "third", "fourth")]
-    assert [m.name for m in ensemble_members(tied, 3)] == ["best", "second", "third"]
-    assert [m.name for m in ensemble_members(tied, 2)] == ["best", "second"]
+    order = torch.arange(12, dtype=torch.float32)
+    shuffled = torch.tensor([3, 0, 7, 1, 11, 5, 9, 2, 10, 4, 8, 6], dtype=torch.float32)
+    scores = {  # "second" and "third" rank the images as "best" does; "fourth" and "fifth" do not
+        "best": order, "second": order * 2 + 1, "third": order.sqrt(), "fourth": shuffled, "fifth": -order,
+        "sixth": -shuffled,
+    }
+    tied = [MemberPredictions(name, values, None) for name, values in scores.items()]
+    agreement = rank_agreement(torch.stack(list(scores.values())))
+    assert agreement[0, 1] == pytest.approx(1.0) and agreement[0, 4] == pytest.approx(-1.0)
+    # the best first; then the least agreeing among the first five (sixth is out of the pool)
+    assert [m.name for m in ensemble_members(tied, 2)] == ["best", "fifth"]
+    # next to best and fifth, second and fourth agree 0 on average: the better on val joins
+    assert [m.name for m in ensemble_members(tied, 3)] == ["best", "fifth", "second"]
+    assert [m.name for m in ensemble_members([tied[i] for i in (0, 1, 2, 3)], 2)] == ["best", "fourth"]
     assert [m.name for m in ensemble_members(tied[:2], 3)] == ["best", "second"]
     assert [m.name for m in ensemble_members(tied, 1)] == ["best"], "k=1: the best on val alone"
+    # equal agreement: the better on val joins
+    same = torch.stack([order, order, order])
+    assert least_agreeing(same, 2) == [0, 1]

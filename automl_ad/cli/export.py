@@ -34,7 +34,7 @@ def _progress() -> DeployProgress:
 @_EXPERIMENT
 @_STORAGE
 @click.option("--k", default=3, show_default=True, type=click.IntRange(1),
-              help="Most members: of the trials tied with the best on val, the k best of them.")
+              help="Most members: the best on val, then the trials tied with it whose val scores agree least with those in.")
 @click.option("--top", default=10, show_default=True, type=click.IntRange(1), help="Candidates: the best trials by val objective.")
 @click.option("--fusion", type=click.Choice(["mean", "max"]), default="mean", show_default=True)
 @click.option("--max-latency-ms", type=click.FloatRange(0, min_open=True), help="Only models whose measured CPU latency (batch 1) fits.")

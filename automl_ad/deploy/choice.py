@@ -15,18 +15,19 @@ solar-cell photographs such a choice cost 0.055 test AUROC). The rule
    anomalies of the families *no* candidate trained with (when the candidates together
    cover every family, all of them, and the manifest says so).
 4. **Ties**: a paired bootstrap over those val images (the same resample for every
-   candidate) keeps the candidates not significantly worse than the best. Of those, the
-   ``k`` (default 3) best on that shared val set join. With two or more, the export is
-   their equal-weight ensemble (robust z-score per member on val-good), unless the best
-   single one is significantly better than that ensemble. Averaging detectors the val set
-   cannot tell apart needs no label and does not bet on one of them; the cap of three
-   keeps the tail of a long tie out (on KolektorSDD a tied strides-4+8 PatchCore that
-   tested 0.63 was fifth). Replayed on ten finished searches by
-   ``benchmarks/selection.py`` (docs/search.md "Choosing the model"), this rule's regret
-   was 0.010 mean / 0.015 max, against 0.011 / 0.034 for every tied candidate and 0.011 /
-   0.024 for the three tied best on their hardest synthetic family (the rule before,
-   whose signal ranked a KolektorSDD search at Spearman -0.48); one clearly better
-   detector is exported alone.
+   candidate) keeps the candidates not significantly worse than the best. The best joins,
+   then, one at a time, the tied candidate among the five best on val whose val scores
+   agree least with those already in (mean Spearman correlation over the shared val
+   images, ``evaluation.diversity``), ``k`` (default 3) in all. With two or more, the
+   export is their equal-weight ensemble (robust z-score per member on val-good), unless
+   the best single one is significantly better than that ensemble. Averaging detectors
+   the val set cannot tell apart needs no label and does not bet on one of them; TPE's
+   later trials sit next to the best one, so the three best on val were often three
+   copies of one detector, and members that rank the images differently are what an
+   ensemble buys. Replayed by ``benchmarks/selection.py`` (docs/search.md "Choosing the
+   model"): chosen on stop 32's five searches (regret 0.006 mean / 0.015 max against
+   0.012 / 0.031 for the three best on val), then checked on stop 33's five, run before
+   the rule existed (see the docs for the numbers).
 
 Test metrics are computed for the exported model only, reported, never used.
 """
@@ -55,6 +56,7 @@ from automl_ad.deploy.ensemble import (
     ensemble_test_metrics,
     fuse,
 )
+from automl_ad.evaluation.diversity import least_agreeing
 from automl_ad.evaluation.metrics import evaluate, f1_max, image_auroc
 from automl_ad.evaluation.normalisation import robust_center_scale
 from automl_ad.evaluation.uncertainty import CONFIDENCE, paired_bootstrap, within_noise
@@ -287,8 +289,8 @@ def choose_model(
         else:
             kind, chosen = "ensemble", ensemble
             rule = (f"{len(everyone_tied)} candidates tied with the best on val (paired bootstrap, "
-                    f"{int(CONFIDENCE * 100)} %); the {len(tied)} best of them on val: their equal-weight "
-                    "ensemble")
+                    f"{int(CONFIDENCE * 100)} %); the best and the {len(tied) - 1} of them whose val scores agree "
+                    "least with it: their equal-weight ensemble")
     if len(data.test):
         with progress.step(f"test metrics of the {kind} (reported, never used)", total=len(chosen.scalers)) as step:
             by_name = {p.name: p for p in predictions}
@@ -329,9 +331,13 @@ def choose_model(
 
 
 def ensemble_members(tied: Sequence[MemberPredictions], k: int) -> list[MemberPredictions]:
-    """Of the candidates tied with the best, in their val order (the best first), the
-    first ``k`` (module doc, 4). ``k`` = 1: the best alone."""
-    return list(tied[:max(1, k)])
+    """Of the candidates tied with the best, in their val order (the best first): the best,
+    then those of the first ``diversity.POOL`` whose val scores agree least with the ones
+    picked, ``k`` in all (module doc, 4). ``k`` = 1: the best alone."""
+    if len(tied) <= 1 or k <= 1:
+        return list(tied[:1])
+    picked = least_agreeing(torch.stack([m.val_scores for m in tied]), k)
+    return [tied[i] for i in picked]
 
 
 def _result(members: Sequence[MemberPredictions], val: ImageSet, masks: torch.Tensor, good: torch.Tensor,
