@@ -13,8 +13,11 @@ are read to *report* the rules, which is what this benchmark is for (issue 21, p
 
 Rules (all val-only):
   best-val        the trial with the largest val objective
-  shipped         choice.py's rule: plausible trials, largest size, paired-bootstrap ties,
-                  the 3 of them best on val, ensembled
+  shipped         choice.py's rule (stop 33): plausible trials, largest size, paired-bootstrap
+                  ties; the best and the tied (of the 5 best) whose val scores agree least
+                  with those in, 3 in all, ensembled (evaluation/diversity.py)
+  tied-top3       the rule of stop 29-32: the 3 tied candidates best on val
+  plaus-div3      the same diversity pick over every plausible trial at that size, tied or not
   tied-all        the rule before it: every tied candidate (at most 5) ensembled, unless the
                   best alone is significantly better
   tied-wf3        the rule of stop 28: the 3 tied candidates best on their hardest
@@ -184,8 +187,8 @@ class Experiment:
         return {
             "best-val": self.trials[:1],
             "wf-top3-size": by_worst[:3],
-            "shipped": tied[:3],
-            "tied-div3": self.diverse(tied, 3),
+            "shipped": self.diverse(tied, 3),
+            "tied-top3": tied[:3],
             "plaus-div3": self.diverse(at_size, 3),
             "tied-wf3": sorted(tied, key=lambda t: (-worst[t.trial_id], -t.objective))[:3],
             "tied-wf2": sorted(tied, key=lambda t: (-worst[t.trial_id], -t.objective))[:2],
