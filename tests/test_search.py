@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ import pytest
 
 from automl_ad.results import store
 from automl_ad.errors import UserError
-from automl_ad.tuning import learned_costs
+from automl_ad.tuning import learned_costs, scratch
 from automl_ad.tuning.search import run_search
 from conftest import TINY_FIDELITY as FIDELITY
 from conftest import TINY_SPACES as SPACES
@@ -228,6 +229,8 @@ RESUME_SCRIPT = textwrap.dedent(
 def test_sigkill_then_resume_stores_each_trial_once(tmp_path, tiny_mvtec, ray_session, capsys):
     script = RESUME_SCRIPT.format(tests=str(REPO / "tests"), tmp=str(tmp_path), data=str(tiny_mvtec))
     folder = tmp_path / "results" / "resume"
+    scratch_root = Path(tempfile.gettempdir())
+    scratch_before = set(scratch_root.glob(f"{scratch.PREFIX}*"))
     began = time.monotonic()
     driver = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -269,6 +272,11 @@ def test_sigkill_then_resume_stores_each_trial_once(tmp_path, tiny_mvtec, ray_se
     assert "the stored plan, kept on resume" in json.loads(record_path.read_text())["plan"]["notes"], \
         "resume runs the stored plan, never a new one"
     assert all(r["objective"] is not None and r["test_image_auroc"] is not None for r in rows)
+    # The killed session's trials never ran their cleanup; their scratch folders (epoch
+    # checkpoints, 130 MB each at 256 px) must not outlive the resumed search.
+    left = [f for f in set(scratch_root.glob(f"{scratch.PREFIX}*")) - scratch_before
+            if not scratch.owned_by_live_process(f)]
+    assert not left, left
 
 
 def test_trial_restarted_after_its_last_checkpoint_reports_it_again_in_full(tmp_path, tiny_mvtec, ray_session,

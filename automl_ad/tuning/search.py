@@ -49,6 +49,7 @@ from automl_ad.tuning.planning import learn_costs, plan_schedule, warm_start_poi
 from automl_ad.tuning.progress import SearchProgress
 from automl_ad.tuning.ray_session import init_ray
 from automl_ad.tuning.schedule import Plan
+from automl_ad.tuning.scratch import remove_orphans
 from automl_ad.tuning.searcher import BudgetedOptunaSearch
 from automl_ad.tuning.space import SearchSpace, load_space
 from automl_ad.tuning.trainable import TrialContext, TrialDevices, allocated_devices, make_trainable
@@ -287,6 +288,7 @@ def _tune(prep: _Prepared, context: TrialContext, schedule: Plan, space: SearchS
             return tuner.fit()
     finally:
         ledger.end_session()
+        remove_orphans()  # the folders of trials Tune killed on this node (tuning/scratch.py)
         if live is not None:
             live.stop()
 

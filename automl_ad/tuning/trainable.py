@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -36,6 +35,7 @@ from automl_ad.results.remote_storage import ensure_file
 from automl_ad.runtime import tune_cpu_allocator
 from automl_ad.training.loop import EpochReport, TrainConfig, fit, synthesis_family
 from automl_ad.tuning.budget import DeadlineWatch
+from automl_ad.tuning.scratch import new_trial_folder
 from automl_ad.param_keys import split_config
 from automl_ad.evaluation.uncertainty import auroc_standard_error
 from automl_ad.data.geometry import Geometry
@@ -228,7 +228,7 @@ def train_worker_loop(loop_config: dict[str, Any]) -> None:
     family = synthesis_family(cfg, get_method_class(cfg.method))
     val_set = val_set_for(data.val_good, anomalies, family, extra)
 
-    work = Path(tempfile.mkdtemp(prefix="automl_ad_trial_"))
+    work = new_trial_folder()
     resume_from = None
     checkpoint = reporter.get_checkpoint()
     if checkpoint is not None:
