@@ -16,6 +16,7 @@ from automl_ad.deploy.export import export_bundle, load_bundle
 from automl_ad.errors import UserError
 from automl_ad.methods import create_method
 from automl_ad.methods._layers import gaussian_blur
+from automl_ad.methods.base import Batch
 from automl_ad.methods.backbones import BACKBONES, create_backbone, default_layers
 
 SIZE = 64
@@ -74,6 +75,40 @@ def test_cfa_k_one_scores_the_nearest_distance() -> None:
         grid = nearest.reshape(1, 1, *descriptors.shape[1:3])
     expected = F.interpolate(grid, size=(SIZE, SIZE), mode="bilinear", align_corners=False)[:, 0]
     torch.testing.assert_close(maps, expected, rtol=1e-4, atol=1e-4)
+
+
+def _definition_loss(method, images: torch.Tensor) -> torch.Tensor:
+    """The paper's loss written out in float64: squared distances to every centre, the K
+    nearest attracted into r^2, the next J pushed out beyond r^2 + alpha."""
+    cfg = method.config
+    descriptors = method.describe(images).reshape(-1, method.memory_bank.shape[1]).double()
+    d2 = (descriptors.unsqueeze(1) - method.memory_bank.double().unsqueeze(0)).pow(2).sum(dim=-1)
+    order = d2.detach().argsort(dim=1)[:, : cfg.K + cfg.J]
+    nearest = d2.gather(1, order)
+    r2 = method.radius.double() ** 2
+    attraction = F.relu(nearest[:, : cfg.K] - r2).mean() / cfg.nu
+    repulsion = F.relu(r2 - nearest[:, cfg.K :] - cfg.alpha).mean() / cfg.nu
+    return attraction + repulsion
+
+
+@pytest.mark.parametrize("backbone", ["efficientnet_lite0", "resnet18"])
+def test_cfa_training_loss_and_its_gradient_are_the_papers(backbone: str) -> None:
+    # The step computes distances as |x|^2 - 2x.c + |c|^2 (tuning for speed); it must stay
+    # the loss of the definition, value and gradient, where EfficientNet features are
+    # smallest (divided by their channel count) and cancellation would show first.
+    method = _cfa({"K": 2, "J": 3, "alpha": 0.0, "backbone": backbone}).train()
+    images = _images(2, seed=11)
+    with torch.no_grad():  # r at the median nearest distance: both terms partly active
+        d2 = torch.cdist(method.describe(images).reshape(-1, method.memory_bank.shape[1]), method.memory_bank) ** 2
+        method.radius.fill_(d2.topk(5, dim=1, largest=False).values.median().sqrt().item())
+    batch = Batch(images=images, clean=images, masks=torch.zeros(2, 1, SIZE, SIZE), labels=torch.zeros(2))
+    loss = method.training_step(batch, "train")["loss"]
+    fast = torch.autograd.grad(loss, method.descriptor.conv.weight)[0]
+    reference = _definition_loss(method, images)
+    slow = torch.autograd.grad(reference, method.descriptor.conv.weight)[0]
+    assert reference.item() > 0
+    torch.testing.assert_close(loss.double(), reference, rtol=1e-4, atol=0)
+    torch.testing.assert_close(fast.double(), slow.double(), rtol=1e-3, atol=1e-3 * slow.abs().max().item())
 
 
 @pytest.mark.parametrize("backbone", ["efficientnet_lite0", "efficientnet_b0"])
