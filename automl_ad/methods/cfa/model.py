@@ -145,13 +145,14 @@ class CFA(Method):
     # EfficientNet descriptor (twice as wide: the bank search is 2x the dimensions): timed
     # interleaved against the 1x descriptor, one thread, Lite0, batch 4, on the loaded 2-core
     # VM (min of 6): step x1.56 at 128 px, x1.47 at 224 (used at 256 too); inference x1.10
-    # at 128, x0.98 at 224. Then the step's distances as one batched product (stop 34):
-    # calibration.measure(), one thread, best of 3, against the difference form in the same
-    # run: x0.715 at 128, x0.809 at 224, x0.830 at 256.
+    # at 128, x0.98 at 224. Then the step's chosen distances from the search's fused
+    # product with an embedding_bag gradient (stop 34): calibration.measure(), one thread,
+    # best of 3, against the difference form in the same session: x0.40 at 128, x0.53 at
+    # 224 and 256.
     cpu_prior = {
-        128: (4, 1.12, 0.01144, 1.0, 0.1263, 0.02248, 0.005),
-        224: (4, 0.102, 0.02812, 1.0, 0.610, 0.1037, 0.012),
-        256: (4, 0.122, 0.04599, 1.0, 0.930, 0.1578, 0.016),
+        128: (4, 1.12, 0.01144, 1.0, 0.0707, 0.02248, 0.005),
+        224: (4, 0.102, 0.02812, 1.0, 0.402, 0.1037, 0.012),
+        256: (4, 0.122, 0.04599, 1.0, 0.599, 0.1578, 0.016),
     }
     gpu_speedup = 80.0
     phases = ("train",)
