@@ -85,7 +85,7 @@ def _row(trial_id: str, objective: float, se: float | None, size: int, checkpoin
 
 
 def test_candidates_are_the_plausible_trials_at_the_largest_size(tmp_path):
-    from automl_ad.deploy.choice import load_candidates
+    from automl_ad.deploy.candidates import load_candidates
     from automl_ad.results import store
 
     rows = [_row("a224", 0.9706, 0.010, 224), _row("b256", 0.9700, 0.010, 256), _row("c256", 0.9650, 0.011, 256),

@@ -29,25 +29,26 @@ solar-cell photographs such a choice cost 0.055 test AUROC). The rule
    0.012 / 0.031 for the three best on val), then checked on stop 33's five, run before
    the rule existed (see the docs for the numbers).
 
-Test metrics are computed for the exported model only, reported, never used.
+Test metrics are computed for the exported model only, reported, never used. Rules 1-3
+and the candidates' models and stored scores: ``deploy/candidates.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
 import torch
 
-from automl_ad.results import store
 from automl_ad.data.dataset import load_category
 from automl_ad.data.types import ImageSet, to_float
+from automl_ad.deploy.candidates import (Candidate, cached_val_scores, load_candidate_model, load_candidates,
+                                         measure_latency_ms, shared_val_set, within_latency)
 from automl_ad.deploy.ensemble import (
     EnsembleModel,
     EnsembleResult,
@@ -56,32 +57,19 @@ from automl_ad.deploy.ensemble import (
     ensemble_test_metrics,
     fuse,
 )
+from automl_ad.deploy.export import calibrate_threshold, export_bundle
+from automl_ad.errors import UserError
 from automl_ad.evaluation.diversity import least_agreeing
 from automl_ad.evaluation.metrics import evaluate, f1_max, image_auroc
 from automl_ad.evaluation.normalisation import robust_center_scale
-from automl_ad.evaluation.uncertainty import CONFIDENCE, paired_bootstrap, within_noise
+from automl_ad.evaluation.uncertainty import CONFIDENCE, paired_bootstrap
 from automl_ad.evaluation.validation import objective as val_objective
-from automl_ad.errors import DamagedCheckpoint, UserError
-from automl_ad.experiment import (ENSEMBLES, cache_dir, checkpoints_newest_first, has_record, read_record,
-                                  read_test_predictions, read_val_anomalies, read_val_scores, record_shape)
-from automl_ad.deploy.export import calibrate_threshold, export_bundle
-from automl_ad.training.loop import load_trained_method, predict
-from automl_ad.evaluation.validation import val_set_for
+from automl_ad.experiment import ENSEMBLES, cache_dir, read_record, read_test_predictions, read_val_anomalies, record_shape
+from automl_ad.results import store
+from automl_ad.training.loop import predict
 
 
 DEFAULT_MEMBERS = 3  # most members of an exported ensemble (module doc, 4)
-
-
-@dataclass
-class Candidate:
-    trial_id: str
-    method: str
-    synthesis: str | None
-    image_size: int
-    objective: float
-    checkpoint: Path
-    params: dict[str, Any]
-    objective_se: float | None = None
 
 
 @dataclass
@@ -104,107 +92,6 @@ class Choice:
     intervals: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
     tied: list[str] = dataclasses.field(default_factory=list)
     rule: str = ""
-
-
-def _load_candidate(candidate: Candidate, category: str) -> Any | None:
-    """The candidate's model from its newest usable checkpoint, or None (left out) when
-    every one is damaged; each damaged checkpoint is named in one warning line."""
-    for folder in checkpoints_newest_first(candidate.checkpoint):
-        try:
-            method, _ = load_trained_method(folder, category)
-        except DamagedCheckpoint as error:
-            print(f"warning: trial {candidate.trial_id}: {error}", file=sys.stderr)
-            continue
-        if folder != candidate.checkpoint:
-            print(f"warning: trial {candidate.trial_id}: using its earlier checkpoint {folder}", file=sys.stderr)
-        return method
-    print(f"warning: trial {candidate.trial_id} left out: no usable checkpoint", file=sys.stderr)
-    return None
-
-
-def find_experiment(storage: Path, category: str, experiment: str | None) -> Path:
-    storage = Path(storage)
-    if experiment:
-        folder = storage / experiment
-        if not has_record(folder):
-            raise UserError(f"no search named {experiment!r} in {storage}")
-        return folder
-    found = [name for name in store.list_experiments(storage, category)]
-    if not found:
-        raise UserError(f"no finished search of category {category!r} in {storage}; run `search` first")
-    return storage / found[0]
-
-
-def _number(value: Any) -> float | None:
-    try:
-        result = float(value)
-    except (TypeError, ValueError):
-        return None
-    return None if result != result else result
-
-
-def load_candidates(folder: Path, top: int) -> list[Candidate]:
-    """The plausible trials (module doc, 1-2): within noise of the best val objective,
-    at the largest image size among them, best first, at most ``top``. Trials stored
-    without ``objective_se`` (older searches) fall back to the top trials at the best
-    one's size."""
-    table = store.read_table(folder, store.TRIALS)
-    if table.num_rows == 0:
-        raise UserError(f"no trials stored in {folder}")
-    rows = [r for r in table.to_pylist() if r.get("checkpoint") and _number(r.get("objective")) is not None
-            and r.get("status") != "error"]
-    if not rows:
-        raise UserError(f"no trial in {folder} finished with a checkpoint")
-    rows.sort(key=lambda r: (-float(r["objective"]), str(r["trial_id"])))
-    best = rows[0]
-    if any(_number(r.get("objective_se")) is not None for r in rows):
-        plausible = [r for r in rows if within_noise(float(best["objective"]), _number(best.get("objective_se")),
-                                                     float(r["objective"]), _number(r.get("objective_se")))]
-        size = max(int(r["image_size"]) for r in plausible)
-        picked = [r for r in plausible if int(r["image_size"]) == size][:top]
-    else:
-        size = int(best["image_size"])
-        picked = [r for r in rows if int(r["image_size"]) == size][:top]
-    return [
-        Candidate(
-            trial_id=str(r["trial_id"]),
-            method=str(r["method"]),
-            synthesis=r.get("synthesis"),
-            image_size=size,
-            objective=float(r["objective"]),
-            checkpoint=Path(r["checkpoint"]),
-            params=json.loads(r["params"]) if isinstance(r.get("params"), str) else dict(r.get("params") or {}),
-            objective_se=_number(r.get("objective_se")),
-        )
-        for r in picked
-    ]
-
-
-def shared_val_set(val_good: torch.Tensor, anomalies: ImageSet, trained_families: set[str]) -> tuple[ImageSet, list[str]]:
-    unused = sorted({t for t in anomalies.defect_types if t != "good"} - trained_families)
-    if unused:
-        keep = [i for i, t in enumerate(anomalies.defect_types) if t in unused]
-        families = unused
-    else:
-        keep = [i for i, t in enumerate(anomalies.defect_types) if t != "good"]
-        families = sorted({anomalies.defect_types[i] for i in keep})
-    return val_set_for(val_good, anomalies.subset(keep), train_family=None), families
-
-
-def measure_latency_ms(model: torch.nn.Module, shape: int | tuple[int, int], repeats: int = 5) -> float:
-    """Median wall time of one single-image forward pass on CPU (after a warm-up), on an
-    input of ``shape`` (height, width; or a square's side)."""
-    model = model.eval()
-    height, width = (shape, shape) if isinstance(shape, int) else shape
-    image = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(0))
-    times = []
-    with torch.no_grad():
-        model(image)
-        for _ in range(repeats):
-            began = time.perf_counter()
-            model(image)
-            times.append((time.perf_counter() - began) * 1000)
-    return sorted(times)[len(times) // 2]
 
 
 class _Quiet:
@@ -237,7 +124,7 @@ def choose_model(
     with progress.step(f"loading {len(listed)} candidate model(s)", total=len(listed)) as step:
         loaded = {}
         for c in listed:
-            loaded[c.trial_id] = (c, _load_candidate(c, category))
+            loaded[c.trial_id] = (c, load_candidate_model(c, category))
             step.advance()
     candidates = [c for c, method in loaded.values() if method is not None]
     if not candidates:
@@ -248,7 +135,7 @@ def choose_model(
     anomalies = read_val_anomalies(folder, size)
     models = {c.trial_id: loaded[c.trial_id][1] for c in candidates}
     if max_latency_ms is not None:
-        candidates = _within_latency(candidates, models, record_shape(record, size), max_latency_ms)
+        candidates = within_latency(candidates, models, record_shape(record, size), max_latency_ms)
     trained = {c.synthesis for c in candidates if c.synthesis}
     val, families = shared_val_set(data.val_good, anomalies, trained)
 
@@ -256,7 +143,7 @@ def choose_model(
     predictions: list[MemberPredictions] = []
     pixel_stats: dict[str, tuple[float, float]] = {}
     for candidate in candidates:  # what each trial's own last validation scored
-        cached = _cached_val_scores(candidate, val)
+        cached = cached_val_scores(candidate, val)
         if cached is not None:
             predictions.append(MemberPredictions(candidate.trial_id, cached[0], None))
             pixel_stats[candidate.trial_id] = cached[1]
@@ -364,32 +251,8 @@ def _scaler(member: MemberPredictions, good: torch.Tensor, pixel_stats: dict[str
     return RobustScaler(*robust_center_scale(member.val_scores[good]), *pixel_stats[member.name])
 
 
-def _cached_val_scores(candidate: Candidate, val: ImageSet) -> tuple[torch.Tensor, tuple[float, float]] | None:
-    """The candidate's image scores on ``val`` from its trial's last validation (and its
-    val-good maps' centre and scale), or None when that did not score every image of it."""
-    stored = read_val_scores(candidate.checkpoint)
-    if stored is None:
-        return None
-    by_path = dict(zip(stored["paths"], stored["scores"]))
-    if len(by_path) != len(stored["paths"]) or any(not path or path not in by_path for path in val.paths):
-        return None
-    scores = torch.tensor([by_path[path] for path in val.paths], dtype=torch.float32)
-    return scores, (float(stored["pixel_center"]), float(stored["pixel_scale"]))
-
-
 def single_scores(result: EnsembleResult, member: MemberPredictions) -> torch.Tensor:
     return result.scalers[member.name].scores(member.val_scores)
-
-
-def _within_latency(candidates: list[Candidate], models: dict[str, Any], shape: tuple[int, int],
-                    max_latency_ms: float) -> list[Candidate]:
-    """The candidates whose single-image CPU latency fits ``max_latency_ms``."""
-    latency = {c.trial_id: measure_latency_ms(models[c.trial_id], shape) for c in candidates}
-    kept = [c for c in candidates if latency[c.trial_id] <= max_latency_ms]
-    if not kept:
-        raise UserError(f"no model meets --max-latency-ms {max_latency_ms}: the fastest candidate takes "
-                        f"{min(latency.values()):.1f} ms")
-    return kept
 
 
 def model_scores_from_predictions(result: EnsembleResult, predictions: Sequence[MemberPredictions]) -> torch.Tensor:
