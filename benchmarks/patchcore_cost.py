@@ -1,7 +1,7 @@
 """Does PatchCore's ``estimated_work`` rank configurations by what they really cost?
 
 The planner costs a sampled configuration as the calibrated default's seconds times
-``estimated_work(config) / estimated_work(default)`` (tuning/schedule.config_cost_factor).
+``estimated_work(config) / estimated_work(default)`` (tuning/sampled_costs.config_cost_factor).
 This times ``setup`` on ``--fit`` images and the anomaly maps of ``--val`` images (one torch
 thread, as a trial's worker), for configurations across the searched strides, coreset
 ratios, backbones and sizes, and prints measured seconds, the estimate and their ratio

@@ -228,7 +228,7 @@ def test_ast_trains_at_stride_32() -> None:
 def test_the_planner_costs_stride_32_by_its_work() -> None:
     """A parameter count put stride 32 above the default (more channels); its flow and
     student run on a quarter of the cells, so it costs about a quarter."""
-    from automl_ad.tuning.schedule import config_cost_factor
+    from automl_ad.tuning.sampled_costs import config_cost_factor
 
     with torch.device("meta"):
         fine = create_method("ast", {}, 256, "plan")

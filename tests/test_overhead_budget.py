@@ -154,7 +154,7 @@ def test_a_patchcore_configuration_costs_what_drives_its_work():
     """Strides 4+8 at a 4.7 % coreset cost 3.5-7.4x the default's setup and validation
     (benchmarks/patchcore_cost.py; 333 s against about 140 s for a whole trial on real
     images); a parameter count had said they cost less."""
-    from automl_ad.tuning.schedule import config_cost_factor
+    from automl_ad.tuning.sampled_costs import config_cost_factor
 
     counts = {"fit": 194, "val_good": 48}
     heavy = config_cost_factor("patchcore", {"feature_strides": "4+8", "coreset_ratio": 0.047}, 256, counts)

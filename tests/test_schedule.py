@@ -340,7 +340,7 @@ def test_searcher_reserves_each_configuration_s_first_rung_and_keeps_its_turn(tm
 
 
 def test_paper_width_draem_is_too_heavy_for_ten_cpu_minutes():
-    from automl_ad.tuning.schedule import config_cost_factor
+    from automl_ad.tuning.sampled_costs import config_cost_factor
 
     wide = config_cost_factor("draem", {"rec_width": 128, "disc_width": 64}, 128)
     assert 12 < wide < 20, "parameters grow with width squared"

@@ -9,9 +9,10 @@ from typing import Any, Iterable, Mapping
 
 from automl_ad.tuning.budget import Budget
 from automl_ad.tuning.calibration import Probe, Speed, SpeedBook
+from automl_ad.tuning.sampled_costs import config_cost_factor
 from automl_ad.tuning.schedule import (
     DIRECT_OVERHEAD_S, KEEP_SCHEDULE, MIN_SCHEDULE_TO_JOIN, OVERHEAD_S, PACE, PHI_MAX, SIZE_MIN_SCHEDULE, DataCounts,
-    Entry, Fidelity, MethodInput, Plan, _scale_work, asha_rungs, config_cost_factor, expected_cost, sampled_seconds,
+    Entry, Fidelity, MethodInput, Plan, _scale_work, asha_rungs, expected_cost, sampled_seconds,
     schedule_key, trial_cost, trial_seconds,
 )
 

@@ -27,11 +27,10 @@ from automl_ad.tuning.devices import DevicePlan, local_resources, plan_devices, 
 from automl_ad.tuning.finalize import default_backbone
 from automl_ad.tuning.options import SearchOptions, pick_experiment
 from automl_ad.tuning.planner import make_plan, plan_with_calibration
-from automl_ad.tuning.sampled_costs import sampled_cost_factors
+from automl_ad.tuning.sampled_costs import config_cost_factor, sampled_cost_factors
 from automl_ad.tuning.schedule import (
     MethodInput,
     Plan,
-    config_cost_factor,
     data_counts,
     recipe_for,
     val_images,

@@ -49,7 +49,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 from automl_ad.data.layout import discover_category
-from automl_ad.methods.base import Recipe, create_method, get_method_class
+from automl_ad.methods.base import Recipe, get_method_class
 from automl_ad.tuning.budget import Budget
 from automl_ad.synthesis import val_families
 
@@ -407,44 +407,3 @@ def trial_seconds(budget: Budget, devices_per_trial: float, concurrency: int) ->
     if budget.kind == "device":
         return budget.amount / max(devices_per_trial, 1e-9)
     return budget.amount * max(1, concurrency) * WALL_EFFICIENCY
-
-
-_FACTORS: dict[tuple[str, int, str, int, int], float] = {}
-_WORK: dict[tuple[str, int, str, int, int], float] = {}
-
-
-def config_cost_factor(method: str, params: Mapping[str, Any], image_size: int,
-                       data: Mapping[str, int] | None = None) -> float:
-    """How much costlier a sampled configuration is than the method's default Config (the
-    one calibrated), both built on the meta device (nothing allocated, no weights read):
-    the ratio of the method's own ``estimated_work`` on the plan's image counts (``data``:
-    fit, val_good) where it has one (PatchCore: strides, coreset ratio), else of their
-    parameter counts; 1.0 when that cannot be told."""
-    import warnings
-
-    import torch
-
-    counts = dict(data or {})
-    fit = int(counts.get("fit", 200))
-    evaluated = val_images(None, int(counts.get("val_good", 50)))
-    key = (method, int(image_size), repr(sorted(params.items())), fit, evaluated)
-    if key not in _FACTORS:
-        def cost(values: Mapping[str, Any]) -> float:
-            work_key = (method, int(image_size), repr(sorted(values.items())), fit, evaluated)
-            if work_key not in _WORK:  # the default is costed once per method and size
-                with warnings.catch_warnings(), torch.device("meta"):
-                    warnings.simplefilter("ignore")
-                    built = create_method(method, dict(values), image_size, "plan")
-                    work = built.estimated_work(fit, evaluated)
-                    _WORK[work_key] = (float(work) if work is not None
-                                       else float(sum(p.numel() for p in built.parameters())))
-            return _WORK[work_key]
-
-        try:
-            default, sampled = cost({}), cost(params)
-            _FACTORS[key] = sampled / default if default > 0 and sampled > 0 else 1.0
-        except Exception:  # a method that cannot be built on the meta device
-            _FACTORS[key] = 1.0
-    return _FACTORS[key]
-
-

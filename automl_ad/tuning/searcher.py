@@ -15,7 +15,8 @@ from typing import Any, Callable, Mapping, Sequence
 from ray.tune.search import Searcher
 
 from automl_ad.tuning.budget import Ledger
-from automl_ad.tuning.schedule import PACE, PACE_MIN_FACTOR, Plan, config_cost_factor
+from automl_ad.tuning.sampled_costs import config_cost_factor
+from automl_ad.tuning.schedule import PACE, PACE_MIN_FACTOR, Plan
 from automl_ad.param_keys import split_config
 
 
