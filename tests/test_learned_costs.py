@@ -51,6 +51,19 @@ def test_a_damaged_or_foreign_file_reads_as_empty_and_is_replaced(tmp_path: Path
     assert learned_costs.factors(machine, path)["cfa"] == (pytest.approx(1.3), 2)
 
 
+def test_ratios_planned_by_another_calibration_are_not_used(tmp_path: Path, monkeypatch):
+    # A ratio is of used to planned seconds: once the calibration (the planned seconds)
+    # changes, a ratio kept from the old one would scale the new plan wrongly.
+    path = tmp_path / "learned.json"
+    machine = learned_costs.machine_key("cpu", 1, host="box")
+    learned_costs.record(machine, [("cfa", 10.0, 6.0, "e/a"), ("cfa", 10.0, 5.0, "e/b")], path)
+    assert learned_costs.factors(machine, path)["cfa"] == (pytest.approx(0.55), 2)
+    monkeypatch.setattr(learned_costs, "CALIBRATION_VERSION", learned_costs.CALIBRATION_VERSION + 1)
+    assert learned_costs.factors(machine, path) == {}
+    learned_costs.record(machine, [("cfa", 10.0, 20.0, "f/a"), ("cfa", 10.0, 22.0, "f/b")], path)
+    assert learned_costs.factors(machine, path)["cfa"] == (pytest.approx(2.1), 2), "the old ratios are gone"
+
+
 def _bank(**kwargs) -> MethodInput:
     return MethodInput(name="patchcore", trainable=False, recipe=recipe_for("patchcore"), sizes=(128,),
                        val_images=200, **kwargs)

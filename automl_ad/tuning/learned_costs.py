@@ -13,7 +13,11 @@ machine, device and method: ``factor`` is the sum of used over the sum of planne
 of the last ``KEEP`` finished trials, and the planner multiplies the method's costs by it.
 
 The file (``learned_costs.json`` beside the calibration cache) is owned here; writes are
-atomic (temporary file + rename), and a damaged or foreign file reads as empty.
+atomic (temporary file + rename), and a damaged or foreign file reads as empty. A ratio is
+of used to *planned* seconds, so it holds only for the calibration that planned them: the
+file names its ``CALIBRATION_VERSION``, and a file of another one reads as empty too (stop
+34: CFA's step got 2.5x faster and its learnt 0.58, kept from the slower code, planned its
+trials at a third of what they cost).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
-from automl_ad.tuning.calibration import cache_path
+from automl_ad.tuning.calibration import CALIBRATION_VERSION, cache_path
 
 LEARNED_VERSION = 2  # 2: PatchCore's configurations costed by the refitted estimated_work
 KEEP = 24  # the most recent finished trials a method's factor rests on
@@ -53,7 +57,8 @@ def _load(path: Path) -> dict[str, dict[str, list[list[float]]]]:
         content = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    if not isinstance(content, dict) or content.get("version") != LEARNED_VERSION:
+    if (not isinstance(content, dict) or content.get("version") != LEARNED_VERSION
+            or content.get("calibration_version") != CALIBRATION_VERSION):
         return {}
     machines = content.get("machines")
     return machines if isinstance(machines, dict) else {}
@@ -93,7 +98,8 @@ def record(machine: str, trials: Iterable[tuple[str, float, float, str]], path: 
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as handle:
-            json.dump({"version": LEARNED_VERSION, "machines": machines}, handle, indent=1, sort_keys=True)
+            json.dump({"version": LEARNED_VERSION, "calibration_version": CALIBRATION_VERSION,
+                       "machines": machines}, handle, indent=1, sort_keys=True)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
