@@ -25,6 +25,7 @@ SCRIPT = REPO / "benchmarks" / "selection.py"
 def _selection_module():
     spec = importlib.util.spec_from_file_location("selection_benchmark", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
