@@ -500,7 +500,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=None,
                         help="baseline image size (default: the exported detector's)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--geometry", choices=("auto", "square", "keep_aspect"), default="auto",
+    parser.add_argument("--geometry", choices=("auto", "square", "keep_aspect", "tiled"), default="auto",
                         help="cli.py search --geometry; the baseline runs at the exported detector's input shape")
     parser.add_argument("--random-search", metavar="CATEGORY",
                         help="also compare TPE + ASHA at --budget with random search at twice --budget")

@@ -345,6 +345,21 @@ def wide_mvtec(tiny_mvtec, tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def large_mvtec(tiny_mvtec, tmp_path_factory) -> Path:
+    """``tiny_mvtec``'s screw at 320 x 128 px (width x height): wide parts photographed at
+    a higher resolution than a 64 px budget keeps, the case tiling is for (data.tiling)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("large")
+    shutil.copytree(tiny_mvtec / "screw", root / "screw")
+    for path in (root / "screw").rglob("*.png"):
+        image = Image.open(path)
+        image.resize((320, 128), Image.Resampling.NEAREST if "ground_truth" in path.parts else
+                     Image.Resampling.BILINEAR).save(path)
+    return root
+
+
 # --- a finished search on disk (without Ray), for the report and the damaged-file tests ---
 
 TINY_EXPERIMENT_CATEGORY = "washer"

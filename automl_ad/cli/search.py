@@ -42,10 +42,12 @@ def _methods_option(value: str | None) -> list[str] | None:
 @click.option("--wandb", is_flag=True, help="Log every trial to Weights & Biases (offline unless WANDB_MODE says otherwise).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--image-size", type=click.IntRange(16, 2048), help="Pin one image size (default: the choices in common.yaml).")
-@click.option("--geometry", type=click.Choice(["auto", "square", "keep_aspect"]), default="auto", show_default=True,
+@click.option("--geometry", type=click.Choice(["auto", "square", "keep_aspect", "tiled"]), default="auto", show_default=True,
               help="How images become the model's input. auto: keep the images' aspect when they are clearly not "
                    "square (e.g. 500x1260 px parts become 416x160 at the 256 px pixel budget), else square; "
-                   "square: squash every image to a square; keep_aspect: always keep the median aspect.")
+                   "square: squash every image to a square; keep_aspect: always keep the median aspect; "
+                   "tiled: 2x2 overlapping tiles of keep_aspect's shape cut from the image at about twice the "
+                   "resolution per side (thin defects on large images; ~4x the cost per image).")
 @click.option("--texture-dir", type=click.Path(path_type=Path),
               help="Folder of texture images (e.g. DTD) that DRAEM-style (perlin) synthesis pastes as anomaly "
                    "sources, as the DRAEM paper does. Default: a procedural texture bank.")

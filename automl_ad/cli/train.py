@@ -54,7 +54,7 @@ def _checked_synthesis(method: str, synthesis: str | None, pairs: tuple[str, ...
 @click.option("--category", "-c", required=True, help="Product (category) folder name.")
 @click.option("--data", type=click.Path(path_type=Path), help="Dataset root in MVTec AD layout. Default: built-in products.")
 @click.option("--image-size", default=128, show_default=True, type=click.IntRange(16, 2048))
-@click.option("--geometry", type=click.Choice(["auto", "square", "keep_aspect"]), default="auto", show_default=True,
+@click.option("--geometry", type=click.Choice(["auto", "square", "keep_aspect", "tiled"]), default="auto", show_default=True,
               help="Input shape for --image-size (a pixel budget): as search --geometry (README \"Data\").")
 @click.option("--epochs", default=10, show_default=True, type=click.IntRange(1), help="Epochs (each ends with a validation).")
 @click.option("--steps", type=click.IntRange(1), help="Total optimizer steps, spread evenly over --epochs (default: one pass over the fit images per epoch).")
@@ -115,7 +115,8 @@ def command(method, category, data, image_size, geometry, epochs, steps, batch_s
         raise UserError(f"{out} already holds a run: pass --resume to continue it or --out for a new folder")
     root = resolve_data_root(data, category)
     check_product(root, category, needed_for="training")  # before any folder is made
-    shape = resolve_geometry(geometry, discover_category(root, category).train).shape(image_size)
+    chosen = resolve_geometry(geometry, discover_category(root, category).train, image_size)
+    shape, tiling = chosen.shape(image_size), chosen.tiling(image_size)
     loaded = load_category(root, category, image_size, shape=shape, seed=seed)
     steps_per_epoch = math.ceil(steps / epochs) if steps else None
     cfg = TrainConfig(
@@ -131,6 +132,7 @@ def command(method, category, data, image_size, geometry, epochs, steps, batch_s
         device=device,
         precision=precision,
         texture_dir=_texture_folder(texture_dir),
+        tiling=None if tiling is None else tiling.to_dict(),
     )
     out.mkdir(parents=True, exist_ok=True)
 

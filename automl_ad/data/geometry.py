@@ -14,6 +14,17 @@ into the H x W the images are resized to:
   416 x 160 (issue 22 note); since the pixel count stays about the same, so does every
   cost the planner knows.
 
+* ``tiled``: ``TILES_PER_SIDE`` x ``TILES_PER_SIDE`` overlapping tiles, each of
+  ``keep_aspect``'s shape for the pixel budget (``square``'s for a square product), cut
+  from the image resized to a larger canvas (``data.tiling``): the model sees the pixels
+  of a resolution about ``TILES_PER_SIDE`` times higher per side, at as many times the
+  cost of each image's setup and inference. Only for images at least as large as the
+  canvas: on smaller ones it would upsample, adding cost and no detail.
+
+``shape(size)`` is the shape images are resized to (the canvas when tiled: data, val
+anomalies, metrics and the exported bundle's input); ``input_shape(size)`` is what the
+model itself takes (a tile), which is what calibration and training steps cost.
+
 Mixed sizes in one product: one geometry for all of them (a model has one input
 shape), from the median aspect; an image of another aspect is stretched to it, as every
 image was before. ``suggest`` picks ``keep_aspect`` when the median aspect is at least
@@ -28,13 +39,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from automl_ad.data.tiling import Tiling
 from automl_ad.errors import UserError
 
 SIDE_MULTIPLE = 32
 MIN_SIDE = 32
 MAX_ASPECT = 8.0  # a part 8x longer than wide; beyond it the short side has too few pixels
 ASPECT_THRESHOLD = 1.25  # median aspect (either way) from which keep_aspect is suggested
-MODES = ("square", "keep_aspect")
+MODES = ("square", "keep_aspect", "tiled")
+TILES_PER_SIDE = 2
+TILE_OVERLAP = 0.25  # of a tile's side: a defect on a tile's border is whole in its neighbour
 Shape = tuple[int, int]  # (height, width)
 
 
@@ -55,7 +69,8 @@ def shape_text(shape: Shape) -> str:
 @dataclass(frozen=True)
 class Geometry:
     mode: str = "square"
-    aspect: float = 1.0  # width / height of the product's images (keep_aspect)
+    aspect: float = 1.0  # width / height of the product's images (keep_aspect, tiled)
+    per_side: int = TILES_PER_SIDE  # tiles along each side (tiled)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -63,13 +78,16 @@ class Geometry:
         if not (1.0 / MAX_ASPECT <= float(self.aspect) <= MAX_ASPECT):
             raise UserError(f"geometry: an aspect of {self.aspect:.3g} (width / height) is beyond 1:{MAX_ASPECT:g}; "
                             f"crop the images to the part first, or pass --geometry square")
+        if not 1 <= int(self.per_side) <= 8:
+            raise UserError(f"geometry: {self.per_side} tiles per side; use 1 to 8")
 
     @property
     def square(self) -> bool:
         return self.mode == "square" or self.shape(256) == (256, 256)
 
-    def shape(self, image_size: int) -> Shape:
-        """The (height, width) images are resized to for the pixel budget ``image_size``."""
+    def input_shape(self, image_size: int) -> Shape:
+        """The (height, width) the model takes for the pixel budget ``image_size`` (a
+        tile when tiled)."""
         size = int(image_size)
         if self.mode == "square":
             return size, size
@@ -78,21 +96,47 @@ class Geometry:
         width = _to_multiple(size * root)
         return height, width
 
+    def tiling(self, image_size: int) -> Tiling | None:
+        """How the canvas is cut into model inputs; None unless tiled."""
+        if self.mode != "tiled":
+            return None
+        tile = self.input_shape(image_size)
+        stride = tuple(min(side, _to_multiple(side * (1.0 - TILE_OVERLAP))) for side in tile)
+        return Tiling.grid(tile, self.per_side, stride)
+
+    def shape(self, image_size: int) -> Shape:
+        """The (height, width) images are resized to for the pixel budget ``image_size``
+        (the canvas when tiled)."""
+        tiling = self.tiling(image_size)
+        return self.input_shape(image_size) if tiling is None else tiling.canvas
+
+    def tiles(self, image_size: int) -> int:
+        """Model inputs per image: 1, or the tiles of a tiled canvas."""
+        tiling = self.tiling(image_size)
+        return 1 if tiling is None else tiling.count
+
     def describe(self, image_size: int) -> str:
         if self.mode == "square":
             return "square (every image resized to a square)"
+        tiling = self.tiling(image_size)
+        if tiling is not None:
+            overlap = (tiling.tile[0] - tiling.stride[0], tiling.tile[1] - tiling.stride[1])
+            return (f"tiled ({tiling.count} tiles of {shape_text(tiling.tile)} overlapping by "
+                    f"{overlap[0]}x{overlap[1]} px, from each image at {shape_text(tiling.canvas)})")
         return (f"keep_aspect (aspect {self.aspect:.2f} width/height; {image_size} px budget -> "
                 f"{shape_text(self.shape(image_size))})")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "aspect": round(float(self.aspect), 4)}
+        kept = {"mode": self.mode, "aspect": round(float(self.aspect), 4)}
+        return {**kept, "per_side": self.per_side} if self.mode == "tiled" else kept
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "Geometry":
         """The stored geometry; a record written before geometries existed is square."""
         if not data:
             return cls()
-        return cls(mode=str(data.get("mode", "square")), aspect=float(data.get("aspect", 1.0)))
+        return cls(mode=str(data.get("mode", "square")), aspect=float(data.get("aspect", 1.0)),
+                   per_side=int(data.get("per_side", TILES_PER_SIDE)))
 
 
 def _to_multiple(side: float) -> int:
@@ -121,15 +165,34 @@ def suggest(aspect: float) -> Geometry:
     return Geometry("square", 1.0)
 
 
-def resolve(mode: str, paths: Sequence[Path]) -> Geometry:
+def resolve(mode: str, paths: Sequence[Path], image_size: int | None = None) -> Geometry:
     """The geometry a search runs: ``auto`` suggests one from the images' aspect;
-    ``square`` and ``keep_aspect`` are taken as asked (the aspect from the images)."""
+    ``square``, ``keep_aspect`` and ``tiled`` are taken as asked (the aspect from the
+    images). ``tiled`` with ``image_size`` (the largest searched) checks that a tile is
+    no larger than the images (UserError otherwise)."""
     if mode == "square":
         return Geometry()
     aspect = product_aspect(paths)
     if mode == "auto":
         return suggest(aspect)
-    return Geometry(mode, aspect)
+    geometry = Geometry(mode, aspect)
+    if mode == "tiled" and image_size is not None:
+        check_tiles_fit(geometry, int(image_size), paths)
+    return geometry
+
+
+def check_tiles_fit(geometry: Geometry, image_size: int, paths: Sequence[Path]) -> None:
+    """UserError when a tile at ``image_size`` is larger than the product's (median) images."""
+    from automl_ad.data.images import image_size_of
+
+    sizes = [image_size_of(path) for path in paths]
+    height = statistics.median(h for h, _ in sizes)
+    width = statistics.median(w for _, w in sizes)
+    tile = geometry.input_shape(image_size)
+    if tile[0] > height or tile[1] > width:
+        raise UserError(f"--geometry tiled: a tile of {shape_text(tile)} at image size {image_size} is larger than "
+                        f"the images ({int(height)}x{int(width)} px, median); pass a smaller --image-size or "
+                        f"--geometry keep_aspect")
 
 
 def stored(record: dict[str, Any], asked: str) -> Geometry:

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from automl_ad.data.tiling import inference_graph
 from automl_ad.data.types import ImageSet
 from automl_ad.errors import DamagedCheckpoint, UserError
 from automl_ad.evaluation.uncertainty import within_noise
@@ -113,7 +114,7 @@ def shared_val_set(val_good: torch.Tensor, anomalies: ImageSet, trained_families
 def measure_latency_ms(model: torch.nn.Module, shape: int | tuple[int, int], repeats: int = 5) -> float:
     """Median wall time of one single-image forward pass on CPU (after a warm-up), on an
     input of ``shape`` (height, width; or a square's side)."""
-    model = model.eval()
+    model = inference_graph(model).eval()
     height, width = (shape, shape) if isinstance(shape, int) else shape
     image = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(0))
     times = []

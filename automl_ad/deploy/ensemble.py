@@ -21,6 +21,7 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor, nn
 
+from automl_ad.data.tiling import inference_graph
 from automl_ad.evaluation.metrics import evaluate
 from automl_ad.evaluation.validation import objective
 
@@ -175,7 +176,7 @@ class EnsembleModel(nn.Module):
 
     def __init__(self, members: Sequence[nn.Module], scalers: Sequence[RobustScaler], weights: Sequence[float], fusion: Fusion = "mean") -> None:
         super().__init__()
-        self.members = nn.ModuleList(members)
+        self.members = nn.ModuleList(inference_graph(m) for m in members)  # tiled: cut, score, stitch
         self.fusion = fusion
         self.register_buffer("image_center", torch.tensor([s.image_center for s in scalers], dtype=torch.float32))
         self.register_buffer("image_scale", torch.tensor([s.image_scale for s in scalers], dtype=torch.float32))

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from automl_ad.data.tiling import graph_tiling
 from automl_ad.deploy.progress import DeployProgress, resolve
 from automl_ad.errors import UserError, writing
 from automl_ad.jsonio import read_json
@@ -219,6 +220,9 @@ def _export_bundle(model: nn.Module, out: Path, *, image_size: int, manifest: di
                 "resize": "bilinear (antialiased) to height x width (the part's aspect or a square: search --geometry)",
                 "scale": "uint8 / 255 -> float32 in [0, 1]",
                 "layout": "N x 3 x H x W",
+                # None, or the tiles the graph cuts the resized image into and stitches back
+                # (data.tiling): done inside the ONNX graph, nothing for the caller to do
+                "tiling": graph_tiling(model),
             },
             "files": files,
             "checksums": checksums,

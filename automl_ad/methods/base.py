@@ -159,6 +159,10 @@ class Method(nn.Module):
         count instead, which fits methods whose cost is their network's size."""
         return None
 
+    # ``data.tiling.Tiling`` of a method that sees tiles of larger images (set from its
+    # TrainConfig when built; a plain attribute, so never in a state dict); None: whole images.
+    tiling: Any = None
+
     # Set by the training loop for the duration of ``setup`` (a search's deadline);
     # an instance attribute, never a module, so it is not saved or exported.
     interrupt_requested: Callable[[], bool] | None = None

@@ -28,6 +28,9 @@ class TrainConfig:
     # a CPU; fp32, bf16 or fp16 (with a GradScaler) on any device
     precision: str = "auto"
     texture_dir: str | None = None  # anomaly-source images for perlin (e.g. DTD); None: procedural
+    # data.tiling.Tiling.to_dict() when the images are canvases cut into tiles (search
+    # --geometry tiled): the method fits and trains on tiles and scores whole canvases
+    tiling: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         check_precision(self.precision)

@@ -30,6 +30,7 @@ from automl_ad.data.types import CategoryData, ImageSet, to_float
 from automl_ad.errors import DeadlineReached, UserError
 from automl_ad.experiment import checkpoint_file, read_checkpoint
 from automl_ad.methods.base import Batch, Method, create_method
+from automl_ad.data.tiling import Tiling, inference_graph, training_images
 from automl_ad.evaluation.metrics import evaluate as compute_metrics
 from automl_ad.synthesis import build_synthesizer
 from automl_ad.evaluation.uncertainty import delong_standard_error
@@ -61,12 +62,13 @@ def predict(method: Method, images: Tensor, device: torch.device, batch_size: in
     asked before every batch but the first (its caller has just asked); ``DeadlineReached``
     is raised when it says yes."""
     method.eval()
+    graph = inference_graph(method)  # a tiled method scores whole images through its tiles
     maps, scores = [], []
     for start in range(0, len(images), batch_size):
         if should_stop is not None and start > 0 and should_stop():
             raise DeadlineReached(f"{method.name}: inference stopped at the budget deadline")
         chunk = to_float(images[start : start + batch_size]).to(device)
-        batch_maps, batch_scores = method(chunk)
+        batch_maps, batch_scores = graph(chunk)
         maps.append(batch_maps.float().cpu())
         scores.append(batch_scores.float().cpu())
     return torch.cat(maps), torch.cat(scores)
@@ -151,20 +153,20 @@ def fit(
     speed = SpeedPath.resolve(cfg.precision, type(method), device)
     # On the device once, as stored (uint8: a quarter of float32); batches are drawn,
     # converted and synthesised there. On a CPU the same values as converting all first.
-    fit_images = data.fit.to(device)
+    fit_images = training_images(method, data.fit).to(device)  # a tiled method's tiles
     alone = data_parallel is None or data_parallel.world_size == 1
     if not _setup(method, to_float(fit_images), should_stop if alone else None):
         return _stopped(method, [])
     rank = data_parallel.rank if data_parallel is not None else 0
     lead = rank == 0
-    streams = Streams.for_rank(cfg, len(data.fit), rank, device)
+    streams = Streams.for_rank(cfg, len(fit_images), rank, device)
     checkpoint = read_checkpoint(resume_from) if resume_from is not None else None
     scaler = speed.grad_scaler()
     start_epoch, step, reports = 0, 0, []
     if checkpoint is not None:
         start_epoch, step, reports = restore(checkpoint, method, streams, checkpoint_file(resume_from), scaler)
         if not lead:  # the checkpoint holds rank 0's streams; others draw their own again
-            streams = Streams.for_rank(cfg, len(data.fit), rank, device, start_epoch)
+            streams = Streams.for_rank(cfg, len(fit_images), rank, device, start_epoch)
     if data_parallel is not None:
         data_parallel.broadcast_(method)
     speed.prepare(method)
@@ -173,7 +175,7 @@ def fit(
         return _fit_without_gradients(cfg, method, data, val_set, device, lead, checkpoint_dir, on_epoch,
                                       evaluate_test, should_stop, streams, data_parallel)
 
-    steps_per_epoch = cfg.steps_per_epoch or max(1, math.ceil(len(data.fit) / cfg.batch_size))
+    steps_per_epoch = cfg.steps_per_epoch or max(1, math.ceil(len(fit_images) / cfg.batch_size))
     plan = _phase_plan(method, cfg.epochs)
 
     def next_batch() -> Batch:
@@ -264,6 +266,7 @@ def _stopped(method: Method, reports: list[EpochReport]) -> TrainResult:
 def _build(cfg: TrainConfig, data: CategoryData, device: torch.device) -> tuple[Method, Any]:
     """The method on ``device`` and its synthesizer (None when it trains on normal images)."""
     method = create_method(cfg.method, cfg.method_params, cfg.image_size, data.category).to(device)
+    method.tiling = Tiling.from_dict(cfg.tiling)
     family = synthesis_family(cfg, type(method))
     synthesizer = None
     if family is not None:

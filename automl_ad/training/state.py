@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
+from automl_ad.data.tiling import Tiling
 from automl_ad.data.types import ImageSet
 from automl_ad.errors import DamagedCheckpoint
 from automl_ad.evaluation.normalisation import robust_center_scale
@@ -141,5 +142,6 @@ def load_trained_method(folder: Path, category: str, device: str = "cpu") -> tup
         raise DamagedCheckpoint(f"damaged checkpoint {path}: its config does not fit this version ({error})") from None
     torch.manual_seed(cfg.seed)
     method = create_method(cfg.method, cfg.method_params, cfg.image_size, category)
+    method.tiling = Tiling.from_dict(cfg.tiling)
     load_weights(method, checkpoint["method"], path)
     return method.to(device).eval(), cfg

@@ -29,6 +29,7 @@ from automl_ad.tuning.options import SearchOptions, pick_experiment
 from automl_ad.tuning.planner import make_plan, plan_with_calibration
 from automl_ad.tuning.sampled_costs import config_cost_factor, sampled_cost_factors
 from automl_ad.tuning.schedule import (
+    DataCounts,
     MethodInput,
     Plan,
     data_counts,
@@ -78,6 +79,9 @@ def plan_schedule(opts: SearchOptions, budget: Budget, space: SearchSpace, data_
     else:
         device, threads = "cpu", max(1, int(opts.cpus_per_trial))
     counts = data_counts(data_root, opts.category)
+    tiles = geometry.tiles(max(space.all_image_sizes())) if geometry is not None else 1
+    if tiles > 1:  # every image is that many model inputs: fit, scored and tested tile by tile
+        counts = DataCounts(fit=counts.fit * tiles, val_good=counts.val_good * tiles, test=counts.test * tiles)
     methods = _with_learned_costs(method_inputs(space, counts.val_good), device, threads)
     bounds = space.fidelity
     speeds = SpeedBook(kind, device, threads, trainable={m.name: m.trainable for m in methods})
@@ -96,7 +100,11 @@ def plan_schedule(opts: SearchOptions, budget: Budget, space: SearchSpace, data_
     methods = [dataclasses.replace(m, sampled_cost=sampled_cost_factors(space, m.name, data))
                if m.name in planned else m for m in methods]
     plan = make_plan(budget, methods, bounds, speeds, counts, **options)
-    if geometry is not None and not geometry.square:
+    if geometry is not None and tiles > 1:
+        shapes = ", ".join(f"{size} -> {geometry.describe(size)}" for size in plan.all_sizes())
+        plan.notes.append(f"geometry tiled: every image is {tiles} model inputs, so each costs {tiles} images' "
+                          f"setup and inference (image counts above are tiles): {shapes}")
+    elif geometry is not None and not geometry.square:
         # Same pixels per image at each size, so the same costs; only the shape differs.
         shapes = ", ".join(f"{size} -> {shape_text(geometry.shape(size))}" for size in plan.all_sizes())
         plan.notes.append(f"geometry {geometry.mode}: the images' aspect ({geometry.aspect:.2f} width/height) "
@@ -175,7 +183,8 @@ def preview_plan(opts: SearchOptions) -> Plan:
     devices = plan_devices(budget, resources, max_gpus=max_gpus, gpus_per_trial=opts.gpus_per_trial,
                            cpus_per_trial=opts.cpus_per_trial, use_train=opts.use_train,
                            max_concurrent=opts.max_concurrent)
-    geometry = resolve_geometry(opts.geometry, discover_category(data_root, opts.category).train)
+    geometry = resolve_geometry(opts.geometry, discover_category(data_root, opts.category).train,
+                                    max(space.all_image_sizes()))
     return plan_schedule(opts, budget, space, data_root, devices, calibrate=opts.calibrate, log=_log,
                          geometry=geometry)
 

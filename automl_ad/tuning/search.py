@@ -214,7 +214,8 @@ def _prepare(opts: SearchOptions) -> _Prepared:
     elif layout.has_record(folder):
         raise UserError(f"experiment {experiment!r} exists in {spec.local}; pass --resume or a new --experiment")
     else:
-        geometry = resolve_geometry(opts.geometry, discover_category(data_root, opts.category).train)
+        geometry = resolve_geometry(opts.geometry, discover_category(data_root, opts.category).train,
+                                    max(space.all_image_sizes()))
     record["geometry"] = geometry.to_dict()
     opts = _with_texture_dir(opts, layout.read_record(folder) if opts.resume else None)
     record["texture_dir"] = str(opts.texture_dir) if opts.texture_dir else None

@@ -91,6 +91,11 @@ class TrialContext:
         """(height, width) of the images at the pixel budget ``image_size``."""
         return Geometry.from_dict(self.geometry).shape(image_size)
 
+    def tiling_of(self, image_size: int) -> dict[str, Any] | None:
+        """The tiling of a tiled geometry at ``image_size`` (``Tiling.to_dict``), else None."""
+        tiling = Geometry.from_dict(self.geometry).tiling(image_size)
+        return None if tiling is None else tiling.to_dict()
+
     def schedule_of(self, method: str, image_size: int) -> tuple[int | None, int]:
         """(steps per round, batch size) of ``method`` at ``image_size``."""
         planned = (self.schedule or {}).get(f"{method}@{int(image_size)}")
@@ -122,6 +127,7 @@ def train_config(context: TrialContext, flat: Mapping[str, Any], device: str = "
         seed=context.seed,
         device=device,
         texture_dir=context.texture_dir,
+        tiling=context.tiling_of(split.image_size),
     )
 
 
