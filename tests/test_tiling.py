@@ -133,3 +133,18 @@ def test_the_plan_costs_every_tile(large_mvtec, tmp_path):
     for flat, tiled in zip(plans["keep_aspect"].entries, plans["tiled"].entries):
         for backbone, costs in flat.costs.items():  # a validation scores four times the inputs
             assert tiled.costs[backbone]["val"] == pytest.approx(4 * costs["val"], rel=0.15), flat.key
+
+
+def test_data_check_offers_tiles_only_where_the_files_hold_the_detail(tmp_path, wide_mvtec):
+    from automl_ad.data.check import check_category, format_report
+
+    folder = tmp_path / "big" / "part"
+    for sub in ("train/good", "test/good"):
+        (folder / sub).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for index in range(3):  # 1260 x 500 px, as KolektorSDD's photographs
+        Image.fromarray(rng.integers(0, 256, (1260, 500, 3), dtype=np.uint8)).save(folder / "train/good" / f"{index}.png")
+    Image.fromarray(rng.integers(0, 256, (1260, 500, 3), dtype=np.uint8)).save(folder / "test/good/0.png")
+    big = format_report(check_category(tmp_path / "big", "part"))
+    assert "or --geometry tiled: tiled (4 tiles of 416x160 px" in big and "from each image at 736x288 px" in big
+    assert "--geometry tiled" not in format_report(check_category(wide_mvtec, "screw")), "80 x 32 px: nothing to gain"

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from automl_ad.data.images import read_image, read_mask
-from automl_ad.data.geometry import median_aspect, suggest
+from automl_ad.data.geometry import Geometry, median_aspect, suggest
 from automl_ad.data.layout import GOOD, discover_category
 from automl_ad.data.minimum import MIN_FIT_IMAGES, MIN_TRAIN_GOOD, MIN_VAL_GOOD, ProductSize
 from automl_ad.errors import UserError
@@ -175,8 +175,15 @@ def _geometry_line(sizes: dict[tuple[int, int], int]) -> str:
     geometry = suggest(median_aspect((height, width) for (height, width), count in sizes.items()
                                      for _ in range(count)))
     spread = f"{aspects[0]:.2f}" if aspects[0] == aspects[-1] else f"{aspects[0]:.2f}-{aspects[-1]:.2f}"
-    return (f"aspect (width / height): median {statistics.median(aspects):.2f}, range {spread}; "
+    line = (f"aspect (width / height): median {statistics.median(aspects):.2f}, range {spread}; "
             f"search --geometry auto: {geometry.describe(256)}")
+    height = statistics.median(h for (h, _), count in sizes.items() for _ in range(count))
+    width = statistics.median(w for (_, w), count in sizes.items() for _ in range(count))
+    tiled = Geometry("tiled", geometry.aspect)
+    canvas = tiled.shape(256)
+    if height >= canvas[0] and width >= canvas[1]:  # the files hold the detail tiles would see
+        line += f"; or --geometry tiled: {tiled.describe(256)}, about {tiled.tiles(256)}x the cost an image"
+    return line
 
 
 def format_report(report: CheckReport) -> str:

@@ -63,6 +63,8 @@ def predict(method: Method, images: Tensor, device: torch.device, batch_size: in
     is raised when it says yes."""
     method.eval()
     graph = inference_graph(method)  # a tiled method scores whole images through its tiles
+    # ``batch_size`` model inputs at a time: a tiled image is several (memory grows with them)
+    batch_size = max(1, batch_size // (method.tiling.count if method.tiling is not None else 1))
     maps, scores = [], []
     for start in range(0, len(images), batch_size):
         if should_stop is not None and start > 0 and should_stop():
