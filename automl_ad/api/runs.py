@@ -81,7 +81,9 @@ def search(category: str, budget: str, *, data: PathLike | None = None, methods:
     (``@register`` / ``@register_family``), imported here and in every trial.
     ``geometry``: "auto" keeps the images' aspect when they are clearly not square
     (same pixel count per size), "square" squashes every image to a square,
-    "keep_aspect" always keeps the aspect (``automl_ad.data.geometry``).
+    "keep_aspect" always keeps the aspect, "tiled" cuts each image, resized about twice
+    as fine per side, into 2 x 2 overlapping tiles of keep_aspect's shape (about 4x the
+    cost an image; ``automl_ad.data.geometry``, ``automl_ad.data.tiling``).
     ``texture_dir``: a folder of texture images (e.g. DTD) that perlin synthesis (DRAEM)
     pastes as anomaly sources; default: a procedural texture bank.
 

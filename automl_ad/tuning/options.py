@@ -47,7 +47,8 @@ class SearchOptions:
     # (automl_ad.plugins), imported by the driver and by every trial.
     plugins: tuple[str, ...] = ()
     # How images become the input (automl_ad.data.geometry): "auto" keeps the aspect of a
-    # product whose images are clearly not square; "square" or "keep_aspect" force one.
+    # product whose images are clearly not square; "square" or "keep_aspect" force one;
+    # "tiled" cuts larger images into tiles of keep_aspect's shape (automl_ad.data.tiling).
     geometry: str = "auto"
     # A folder of texture images (DTD-style) that perlin-family synthesis (DRAEM) pastes
     # as anomaly sources; None: its procedural texture bank. Must be readable by every
