@@ -115,3 +115,19 @@ def test_the_count_leaves_out_draws_the_searcher_passes_over_behind_its_pace():
                      **options)
     assert mild.entries[0].sampled_factor == pytest.approx((1.0 + PACE_MIN_FACTOR) / 2)
     assert mild.expected_trials < plain.expected_trials
+
+
+def test_tiled_trials_learn_apart_from_untiled_ones(tmp_path: Path, monkeypatch):
+    from automl_ad.tuning.planning import _with_learned_costs
+
+    path = tmp_path / "learned.json"
+    monkeypatch.setenv(learned_costs.LEARNED_ENV, str(path))
+    machine = learned_costs.machine_key("cpu", 1)
+    tiled = learned_costs.cost_key("patchcore", 4)
+    assert tiled != "patchcore" and learned_costs.cost_key("patchcore", 1) == "patchcore"
+    learned_costs.record(machine, [(tiled, 100.0, 215.0, "e/t1"), (tiled, 100.0, 215.0, "e/t2"),
+                                   ("patchcore", 20.0, 35.0, "e/t3"), ("patchcore", 20.0, 36.0, "e/t4")])
+    entry = MethodInput(name="patchcore", trainable=False, recipe=recipe_for("patchcore"), sizes=(256,))
+    (untiled,) = _with_learned_costs([entry], "cpu", 1)
+    (four,) = _with_learned_costs([entry], "cpu", 1, tiles=4)
+    assert untiled.learned == pytest.approx(71 / 40) and four.learned == pytest.approx(2.15)

@@ -82,7 +82,7 @@ def plan_schedule(opts: SearchOptions, budget: Budget, space: SearchSpace, data_
     tiles = geometry.tiles(max(space.all_image_sizes())) if geometry is not None else 1
     if tiles > 1:  # every image is that many model inputs: fit, scored and tested tile by tile
         counts = DataCounts(fit=counts.fit * tiles, val_good=counts.val_good * tiles, test=counts.test * tiles)
-    methods = _with_learned_costs(method_inputs(space, counts.val_good), device, threads)
+    methods = _with_learned_costs(method_inputs(space, counts.val_good), device, threads, tiles)
     bounds = space.fidelity
     speeds = SpeedBook(kind, device, threads, trainable={m.name: m.trainable for m in methods})
     # Speeds decide nothing when the steps are fixed and every method has one size.
@@ -112,12 +112,12 @@ def plan_schedule(opts: SearchOptions, budget: Budget, space: SearchSpace, data_
     return plan
 
 
-def _with_learned_costs(methods: list[Any], device: str | None, threads: int) -> list[Any]:
+def _with_learned_costs(methods: list[Any], device: str | None, threads: int, tiles: int = 1) -> list[Any]:
     """``methods`` with what earlier searches' trials cost on this machine against their
-    plans (learned_costs)."""
+    plans (learned_costs), at this geometry's tiles per image."""
     learned = learned_costs.factors(learned_costs.machine_key(device, threads)) if device else {}
-    return [dataclasses.replace(m, learned=learned.get(m.name, (1.0, 0))[0],
-                                learned_trials=learned.get(m.name, (1.0, 0))[1]) for m in methods]
+    found = {m.name: learned.get(learned_costs.cost_key(m.name, tiles), (1.0, 0)) for m in methods}
+    return [dataclasses.replace(m, learned=found[m.name][0], learned_trials=found[m.name][1]) for m in methods]
 
 
 def learn_costs(folder: Path, opts: SearchOptions, devices_gpu: bool) -> None:
@@ -136,6 +136,8 @@ def learn_costs(folder: Path, opts: SearchOptions, devices_gpu: bool) -> None:
         return
     plan = Plan.from_dict(plan_dict)
     default_size = plan.all_sizes()[0] if plan.entries else 128
+    geometry = Geometry.from_dict(layout.read_record(folder).get("geometry"))
+    tiles = geometry.tiles(max(plan.all_sizes())) if plan.entries else 1
     seen = []
     for row in store.read_table(folder).to_pylist():
         if row.get("status") != "finished" or not row.get("wall_s") or not row.get("params"):
@@ -149,7 +151,8 @@ def learn_costs(folder: Path, opts: SearchOptions, devices_gpu: bool) -> None:
         seconds = plan.seconds_at(split.method, split.image_size, str(backbone) if backbone else None,
                                   int(row.get("epochs") or plan.rounds), factor)
         if seconds:
-            seen.append((split.method, seconds / max(entry.learned_factor, 1e-9), float(row["wall_s"]),
+            seen.append((learned_costs.cost_key(split.method, tiles), seconds / max(entry.learned_factor, 1e-9),
+                         float(row["wall_s"]),
                          f"{row.get('experiment')}/{row.get('trial_id')}"))
     try:
         learned_costs.record(learned_costs.machine_key(device, threads), seen)
