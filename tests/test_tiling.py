@@ -148,3 +148,27 @@ def test_data_check_offers_tiles_only_where_the_files_hold_the_detail(tmp_path, 
     big = format_report(check_category(tmp_path / "big", "part"))
     assert "or --geometry tiled: tiled (4 tiles of 416x160 px" in big and "from each image at 736x288 px" in big
     assert "--geometry tiled" not in format_report(check_category(wide_mvtec, "screw")), "80 x 32 px: nothing to gain"
+
+
+def test_a_pixel_budget_beyond_memory_is_one_line_before_anything_runs(large_mvtec, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import automl_ad.data.geometry as geometry_module
+    from automl_ad.cli import main
+    from automl_ad.data.geometry import check_memory, data_memory_bytes
+
+    kolektor = Geometry("tiled", 500 / 1260)
+    needed = data_memory_bytes(kolektor, 256, 347, 157)  # KolektorSDD's counts at its 736 x 288 canvas
+    assert 1.5 * 2**30 < needed < 2.5 * 2**30
+    assert data_memory_bytes(Geometry("keep_aspect", 500 / 1260), 256, 347, 157) < needed / 4
+    check_memory(kolektor, 256, 347, 157, available=24 * 2**30)  # this VM: fine
+    with pytest.raises(UserError, match="more than half of this machine's 2.0 GB; pass a smaller --image-size or "
+                                        "--geometry keep_aspect"):
+        check_memory(kolektor, 256, 347, 157, available=2 * 2**30)
+    monkeypatch.setattr(geometry_module, "machine_memory_bytes", lambda: 2**20)
+    result = CliRunner().invoke(main, ["train", "-m", "patchcore", "-c", "screw", "--data", str(large_mvtec),
+                                       "--image-size", "64", "--geometry", "tiled", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "before any model" in result.output and not (tmp_path / "x").exists()
+    plan = CliRunner().invoke(main, ["search", "-c", "screw", "--data", str(large_mvtec), "--budget", "2m",
+                                     "--image-size", "64", "--geometry", "tiled", "--plan"])
+    assert plan.exit_code == 2 and "before any model" in plan.output

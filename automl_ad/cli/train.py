@@ -92,7 +92,7 @@ def command(method, category, data, image_size, geometry, epochs, steps, batch_s
       automl-ad train -m draem -c screw --device cuda --precision fp16
     """
     from automl_ad.data.dataset import load_category, resolve_data_root
-    from automl_ad.data.geometry import resolve as resolve_geometry, shape_text
+    from automl_ad.data.geometry import check_memory, resolve as resolve_geometry, shape_text
     from automl_ad.data.layout import discover_category
     from automl_ad.data.minimum import check_product
     from automl_ad.experiment import checkpoint_file, has_checkpoint, read_checkpoint
@@ -115,7 +115,9 @@ def command(method, category, data, image_size, geometry, epochs, steps, batch_s
         raise UserError(f"{out} already holds a run: pass --resume to continue it or --out for a new folder")
     root = resolve_data_root(data, category)
     check_product(root, category, needed_for="training")  # before any folder is made
-    chosen = resolve_geometry(geometry, discover_category(root, category).train, image_size)
+    found = discover_category(root, category)
+    chosen = resolve_geometry(geometry, found.train, image_size)
+    check_memory(chosen, image_size, len(found.train), len(found.test))
     shape, tiling = chosen.shape(image_size), chosen.tiling(image_size)
     loaded = load_category(root, category, image_size, shape=shape, seed=seed)
     steps_per_epoch = math.ceil(steps / epochs) if steps else None

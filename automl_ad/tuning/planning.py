@@ -13,6 +13,7 @@ from typing import Any, Callable
 from automl_ad import experiment as layout
 from automl_ad.data.dataset import resolve_data_root
 from automl_ad.data.geometry import Geometry, shape_text
+from automl_ad.data.geometry import check_memory
 from automl_ad.data.geometry import resolve as resolve_geometry
 from automl_ad.data.layout import discover_category
 from automl_ad.errors import UserError
@@ -186,8 +187,9 @@ def preview_plan(opts: SearchOptions) -> Plan:
     devices = plan_devices(budget, resources, max_gpus=max_gpus, gpus_per_trial=opts.gpus_per_trial,
                            cpus_per_trial=opts.cpus_per_trial, use_train=opts.use_train,
                            max_concurrent=opts.max_concurrent)
-    geometry = resolve_geometry(opts.geometry, discover_category(data_root, opts.category).train,
-                                    max(space.all_image_sizes()))
+    found = discover_category(data_root, opts.category)
+    geometry = resolve_geometry(opts.geometry, found.train, max(space.all_image_sizes()))
+    check_memory(geometry, max(space.all_image_sizes()), len(found.train), len(found.test))
     return plan_schedule(opts, budget, space, data_root, devices, calibrate=opts.calibrate, log=_log,
                          geometry=geometry)
 

@@ -26,6 +26,7 @@ from typing import Any
 from automl_ad import experiment as layout
 from automl_ad.data.dataset import load_category, resolve_data_root
 from automl_ad.data.geometry import Geometry
+from automl_ad.data.geometry import check_memory
 from automl_ad.data.geometry import resolve as resolve_geometry
 from automl_ad.data.geometry import stored as stored_geometry
 from automl_ad.data.images import image_files_in
@@ -214,8 +215,9 @@ def _prepare(opts: SearchOptions) -> _Prepared:
     elif layout.has_record(folder):
         raise UserError(f"experiment {experiment!r} exists in {spec.local}; pass --resume or a new --experiment")
     else:
-        geometry = resolve_geometry(opts.geometry, discover_category(data_root, opts.category).train,
-                                    max(space.all_image_sizes()))
+        found = discover_category(data_root, opts.category)
+        geometry = resolve_geometry(opts.geometry, found.train, max(space.all_image_sizes()))
+        check_memory(geometry, max(space.all_image_sizes()), len(found.train), len(found.test))
     record["geometry"] = geometry.to_dict()
     opts = _with_texture_dir(opts, layout.read_record(folder) if opts.resume else None)
     record["texture_dir"] = str(opts.texture_dir) if opts.texture_dir else None
