@@ -334,28 +334,25 @@ def tiny_mvtec(tmp_path_factory) -> Path:
 def wide_mvtec(tiny_mvtec, tmp_path_factory) -> Path:
     """``tiny_mvtec``'s screw with every image and mask stretched to 80 x 32 px (width x
     height): a product whose parts are not square (data.geometry)."""
-    import shutil
-
-    root = tmp_path_factory.mktemp("wide")
-    shutil.copytree(tiny_mvtec / "screw", root / "screw")
-    for path in (root / "screw").rglob("*.png"):
-        image = Image.open(path)
-        image.resize((80, 32), Image.Resampling.NEAREST if "ground_truth" in path.parts else
-                     Image.Resampling.BILINEAR).save(path)
-    return root
+    return _resized_screw(tiny_mvtec, tmp_path_factory.mktemp("wide"), (80, 32))
 
 
 @pytest.fixture(scope="session")
 def large_mvtec(tiny_mvtec, tmp_path_factory) -> Path:
     """``tiny_mvtec``'s screw at 320 x 128 px (width x height): wide parts photographed at
     a higher resolution than a 64 px budget keeps, the case tiling is for (data.tiling)."""
+    return _resized_screw(tiny_mvtec, tmp_path_factory.mktemp("large"), (320, 128))
+
+
+def _resized_screw(source: Path, root: Path, size: tuple[int, int]) -> Path:
+    """A copy of ``source``'s screw under ``root`` with every image and mask at ``size``
+    (width, height); masks resized nearest, so they stay binary."""
     import shutil
 
-    root = tmp_path_factory.mktemp("large")
-    shutil.copytree(tiny_mvtec / "screw", root / "screw")
+    shutil.copytree(source / "screw", root / "screw")
     for path in (root / "screw").rglob("*.png"):
         image = Image.open(path)
-        image.resize((320, 128), Image.Resampling.NEAREST if "ground_truth" in path.parts else
+        image.resize(size, Image.Resampling.NEAREST if "ground_truth" in path.parts else
                      Image.Resampling.BILINEAR).save(path)
     return root
 

@@ -131,3 +131,5 @@ def test_tiled_trials_learn_apart_from_untiled_ones(tmp_path: Path, monkeypatch)
     (untiled,) = _with_learned_costs([entry], "cpu", 1)
     (four,) = _with_learned_costs([entry], "cpu", 1, tiles=4)
     assert untiled.learned == pytest.approx(71 / 40) and four.learned == pytest.approx(2.15)
+    (nine,) = _with_learned_costs([entry], "cpu", 1, tiles=9)
+    assert nine.learned == untiled.learned, "nothing learnt at 3 x 3 tiles yet: the untiled ratio"
