@@ -130,6 +130,9 @@ def test_the_plan_costs_every_tile(large_mvtec, tmp_path):
                            storage=tmp_path / "r", geometry=mode, calibrate=False) for mode in ("keep_aspect", "tiled")}
     assert "geometry tiled: every image is 4 model inputs" in plans["tiled"].text()
     assert "4 tiles of 32x96 px" in plans["tiled"].text()
+    assert ("geometries that can help these images at 64 px (--geometry; setup and inference a trial against this "
+            "search's keep_aspect): square 64 px (1x), keep_aspect 32x96 px (1x), tiled 4 x 32x96 px of 64x160 px "
+            "(4x)") in plans["keep_aspect"].text()
     for flat, tiled in zip(plans["keep_aspect"].entries, plans["tiled"].entries):
         for backbone, costs in flat.costs.items():  # a validation scores four times the inputs
             assert tiled.costs[backbone]["val"] == pytest.approx(4 * costs["val"], rel=0.15), flat.key

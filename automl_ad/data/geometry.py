@@ -127,6 +127,13 @@ class Geometry:
         return (f"keep_aspect (aspect {self.aspect:.2f} width/height; {image_size} px budget -> "
                 f"{shape_text(self.shape(image_size))})")
 
+    def label(self, image_size: int) -> str:
+        """Short: ``square 256 px``, ``keep_aspect 416x160 px``, ``tiled 4 x 416x160 px of 736x288 px``."""
+        tiling = self.tiling(image_size)
+        if tiling is None:
+            return f"{self.mode} {shape_text(self.shape(image_size))}"
+        return f"tiled {tiling.count} x {shape_text(tiling.tile)} of {shape_text(tiling.canvas)}"
+
     def to_dict(self) -> dict[str, Any]:
         kept = {"mode": self.mode, "aspect": round(float(self.aspect), 4)}
         return {**kept, "per_side": self.per_side} if self.mode == "tiled" else kept
@@ -213,13 +220,33 @@ def check_memory(geometry: Geometry, image_size: int, train: int, test: int,
                         + (" or --geometry keep_aspect" if geometry.mode == "tiled" else ""))
 
 
-def check_tiles_fit(geometry: Geometry, image_size: int, paths: Sequence[Path]) -> None:
-    """UserError when a tile at ``image_size`` is larger than the product's (median) images."""
+def median_shape(paths: Sequence[Path]) -> Shape:
+    """(height, width) medians of these images, from their file headers."""
     from automl_ad.data.images import image_size_of
 
     sizes = [image_size_of(path) for path in paths]
-    height = statistics.median(h for h, _ in sizes)
-    width = statistics.median(w for _, w in sizes)
+    if not sizes:
+        raise UserError("geometry: no image sizes to take a shape from")
+    return int(statistics.median(h for h, _ in sizes)), int(statistics.median(w for _, w in sizes))
+
+
+def offered(aspect: float, native: Shape, image_size: int) -> list[Geometry]:
+    """The geometries that can help a product at ``image_size``: square; keep_aspect when
+    the parts are clearly not square; tiled when the files hold at least the canvas' pixels
+    (on smaller files tiles would only upsample)."""
+    choices = [Geometry()]
+    if suggest(aspect).mode == "keep_aspect":
+        choices.append(Geometry("keep_aspect", aspect))
+    tiled = Geometry("tiled", aspect)
+    canvas = tiled.shape(image_size)
+    if native[0] >= canvas[0] and native[1] >= canvas[1]:
+        choices.append(tiled)
+    return choices
+
+
+def check_tiles_fit(geometry: Geometry, image_size: int, paths: Sequence[Path]) -> None:
+    """UserError when a tile at ``image_size`` is larger than the product's (median) images."""
+    height, width = median_shape(paths)
     tile = geometry.input_shape(image_size)
     if tile[0] > height or tile[1] > width:
         raise UserError(f"--geometry tiled: a tile of {shape_text(tile)} at image size {image_size} is larger than "

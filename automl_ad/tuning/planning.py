@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from automl_ad import experiment as layout
 from automl_ad.data.dataset import resolve_data_root
-from automl_ad.data.geometry import Geometry, shape_text
+from automl_ad.data.geometry import Geometry, median_shape, offered, shape_text
 from automl_ad.data.geometry import check_memory
 from automl_ad.data.geometry import resolve as resolve_geometry
 from automl_ad.data.layout import discover_category
@@ -110,7 +110,22 @@ def plan_schedule(opts: SearchOptions, budget: Budget, space: SearchSpace, data_
         shapes = ", ".join(f"{size} -> {shape_text(geometry.shape(size))}" for size in plan.all_sizes())
         plan.notes.append(f"geometry {geometry.mode}: the images' aspect ({geometry.aspect:.2f} width/height) "
                           f"at each size's pixel count: {shapes}")
+    if geometry is not None:
+        note = _geometries_note(geometry, discover_category(data_root, opts.category).train, max(plan.all_sizes()))
+        if note:
+            plan.notes.append(note)
     return plan
+
+
+def _geometries_note(chosen: Geometry, paths: list[Path], size: int) -> str | None:
+    """What each geometry that can help this product costs against this search's, or None
+    for a product of small square images (nothing but square can help it)."""
+    choices = offered(chosen.aspect, median_shape(paths), size)
+    if len(choices) == 1:
+        return None
+    described = ", ".join(f"{g.label(size)} ({g.tiles(size) / chosen.tiles(size):.3g}x)" for g in choices)
+    return (f"geometries that can help these images at {size} px (--geometry; setup and inference a trial against "
+            f"this search's {chosen.mode}): {described}")
 
 
 def _with_learned_costs(methods: list[Any], device: str | None, threads: int, tiles: int = 1) -> list[Any]:
