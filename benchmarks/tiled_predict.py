@@ -4,7 +4,8 @@ For each image: its own size, the bundle's input (the canvas of a tiled geometry
 and overlay sizes, the bundle's score (ONNX Runtime, what ``predict`` runs) and the eager
 model's (the members rebuilt from their trial checkpoints, normalised and fused as the
 manifest says, tiled by ``data.tiling`` in PyTorch), their difference, and the median
-latency of one image (read + resize + graph) over ``--repeats`` runs for each.
+latency of one image (read + resize + graph) over ``--repeats`` runs for each (ONNX
+Runtime at its default thread count, as ``predict`` runs it; PyTorch at one thread).
 
     python benchmarks/tiled_predict.py --bundle models/kolektor \\
         --experiment results/kolektor/<experiment> /work/data/kolektor/test/crack/*.png
@@ -88,7 +89,8 @@ def main() -> None:
               f"overlay {overlay.shape[0]}x{overlay.shape[1]}; score onnx {float(scores[0]):.5f} eager "
               f"{float(eager_scores[0]):.5f} |diff| {diff:.2e} (max |map diff| "
               f"{float(np.abs(maps - eager_maps.numpy()).max()):.2e}); latency onnx {onnx_ms:.1f} ms, "
-              f"eager {eager_ms:.1f} ms (1 thread, read + resize + graph)", flush=True)
+              f"eager {eager_ms:.1f} ms (read + resize + graph; ONNX Runtime at its default threads, this machine's "
+              f"cores; PyTorch at 1 thread)", flush=True)
     print(f"max |score diff| onnx vs eager over {len(diffs)} images: {max(diffs):.2e}")
 
 
