@@ -173,8 +173,10 @@ def test_sizes_are_dropped_per_method_when_unaffordable():
     # A budget too small for the floor keeps only the smallest sizes.
     poor = make_plan(parse_budget("30s"), methods, Fidelity(), book, BUILTIN, devices_per_trial=1, concurrency=1,
                      use_train=False, keep_all=True)
-    assert poor.sizes("draem") == poor.sizes("_tiny_bank") == (128,)
-    assert all("too small" in d["reason"] for d in poor.dropped) and poor.notes
+    assert poor.sizes("draem") == (128,)
+    assert all("too small" in d["reason"] or "may block" in d["reason"] for d in poor.dropped) and poor.notes
+    # ... and the bank, whose setup + validation alone is more than 30 s / min_trials, none
+    assert poor.sizes("_tiny_bank") == () and any("one trial may block" in d["reason"] for d in poor.dropped)
     # Unless named, DRAEM leaves such a budget to the method that needs no training.
     spent = make_plan(parse_budget("30s"), methods, Fidelity(), book, BUILTIN, devices_per_trial=1, concurrency=1,
                       use_train=False)
@@ -478,3 +480,24 @@ def test_searcher_passes_over_a_heavy_draw_only_while_it_runs_behind_the_plan(tm
     # Ahead of the plan (it has run every trial it expected): the same draw runs.
     searcher._planned = {f"t{i}": ("patchcore", size, None, 1.0) for i in range(int(plan.expected_trials) + 1)}
     assert searcher._behind_pace(heavy) is None
+
+
+def test_a_size_or_method_whose_default_the_searcher_would_refuse_is_not_planned():
+    """The plan counts only trials the searcher runs: a size whose default setup + one
+    validation is more than budget / min_trials (Plan.too_heavy, what the searcher
+    refuses) leaves with that reason, and a method whose smallest size is that heavy leaves
+    the plan (stop 35: a tiled KolektorSDD plan counted 3.3 trials at 256 px, the search
+    refused every one and ran the 128 px ones)."""
+    book = FakeBook({"_tiny_conv": 0.001}, {"_tiny_bank": 0.3})  # bank setup 48 s at 128 px, 192 s at 256
+    plan = make_plan(parse_budget("10m"), [method("_tiny_bank")], Fidelity(), book, BUILTIN, use_train=False)
+    limit = plan.heavy_limit_s
+    assert plan.sizes("_tiny_bank") == (128,), plan.text()
+    assert plan.too_heavy("_tiny_bank", 128, None, 1.0) is None
+    dropped = {(d["method"], d["image_size"]): d["reason"] for d in plan.dropped}
+    assert "one trial may block" in dropped[("_tiny_bank", 256)]
+    roomy = make_plan(parse_budget("1h"), [method("_tiny_bank")], Fidelity(), book, BUILTIN, use_train=False)
+    assert roomy.sizes("_tiny_bank") == (128, 256) and roomy.heavy_limit_s > 192 > limit
+    both = make_plan(parse_budget("10m"), [method("_tiny_bank", sizes=(256,)), method("_tiny_conv")], Fidelity(),
+                     book, BUILTIN, use_train=False, keep_all=True)
+    assert both.sizes("_tiny_bank") == () and both.sizes("_tiny_conv"), both.text()
+    assert any(d["method"] == "_tiny_bank" and "one trial may block" in d["reason"] for d in both.dropped)

@@ -73,8 +73,15 @@ def _make_plan(budget: Budget, methods: list[MethodInput], bounds: Fidelity, spe
     if not methods:
         raise ValueError("no methods to plan")
     planner = _Planner(budget, methods, bounds, speeds, data, **options)
+    heavy = {m.name: planner.too_heavy(m, min(m.sizes)) for m in methods}
+    left_out = [{"method": name, "image_size": "any", "reason": reason} for name, reason in heavy.items() if reason]
+    if left_out and len(left_out) < len(methods):  # the searcher would refuse every draw of these
+        methods = [m for m in methods if not heavy[m.name]]
+        planner = _Planner(budget, methods, bounds, speeds, data, **options)
+    else:
+        left_out = []
     chosen, phi, dropped = planner.choose_sizes()
-    return planner.plan(chosen, phi, dropped)
+    return planner.plan(chosen, phi, left_out + dropped)
 
 
 class _Planner:
@@ -97,6 +104,8 @@ class _Planner:
         self.n_req = max(math.ceil(bounds.min_trials / len(methods)), round(self.eta ** self.promotions), 1)
         self.total_s = trial_seconds(budget, self.devices_per_trial, self.concurrency)
         self.cap = math.inf if self.total_s is None else self.total_s / self.n_req
+        # what one trial may block (Plan.heavy_limit_s; the searcher refuses the rest)
+        self.heavy_limit = None if self.total_s is None else self.total_s / max(1, bounds.min_trials)
         self.overhead = (OVERHEAD_S[(speeds.device_kind, bool(options["use_train"]))] if overhead_s is None
                          else overhead_s)
         # without a gradient phase a trial skips the TorchTrainer (trainable.runs_direct)
@@ -195,15 +204,35 @@ class _Planner:
         for *_, size, name in sorted(candidates):
             trial = {k: sorted(v + [size]) if k == name else v for k, v in chosen.items()}
             phi_new, feasible = self.solve(trial)
-            reason = self._why_not(by_name[name], phi, phi_new, feasible)
+            reason = self._why_not(by_name[name], size, phi, phi_new, feasible)
             if reason is None:
                 chosen, phi = trial, phi_new
             else:
                 dropped.append({"method": name, "image_size": size, "reason": reason})
         return chosen, phi, dropped
 
-    def _why_not(self, m: MethodInput, phi: float, phi_new: float, feasible: bool) -> str | None:
+    def blocking_s(self, m: MethodInput, size: int) -> float:
+        """Setup + one validation of ``m``'s default configuration at ``size`` (its
+        cheapest backbone): what the budget deadline cannot interrupt (Plan.too_heavy)."""
+        return min(c["fixed"] + c["val"] for c in self.costs(m, size, 0).values()) - self.overhead_of(m)
+
+    def too_heavy(self, m: MethodInput, size: int) -> str | None:
+        """Why the searcher would refuse even ``m``'s default at ``size``, or None."""
+        if self.heavy_limit is None:
+            return None
+        blocking = self.blocking_s(m, size)
+        if blocking <= self.heavy_limit:
+            return None
+        return (f"its default's setup + one validation, about {blocking:.0f} s, is more than the "
+                f"{self.heavy_limit:.0f} s one trial may block (budget / min_trials)")
+
+    def _why_not(self, m: MethodInput, size: int, phi: float, phi_new: float, feasible: bool) -> str | None:
         """Why a larger size of ``m`` that leaves schedule share ``phi_new`` cannot join."""
+        heavy = self.too_heavy(m, size)
+        if heavy is not None:
+            # counted, it would be planned trials the searcher never runs (stop 35: a tiled
+            # KolektorSDD plan counted 3.3 trials at 256 px; every draw there was refused)
+            return heavy
         if not self.feasible0:
             return "the budget is too small even for the smallest sizes"
         if not feasible:
@@ -253,7 +282,11 @@ class _Planner:
             for _ in range(3):
                 pace = self.total_s / max(1.0, sum(e.expected_trials for e in entries))
                 for e in entries:
-                    e.sampled_factor = by_name[e.method].sampled_factor(e.image_size, self._factor_at(e, PACE * pace))
+                    m = by_name[e.method]
+                    limit = self._factor_at(e, PACE * pace)
+                    if self.heavy_limit is not None:  # draws the searcher refuses at any pace
+                        limit = min(limit, self.heavy_limit / max(self.blocking_s(m, e.image_size), 1e-9))
+                    e.sampled_factor = m.sampled_factor(e.image_size, limit)
                 self.count_trials(chosen, entries)
         bounds, speeds = self.bounds, self.speeds
         return Plan(
@@ -311,11 +344,14 @@ class _Planner:
                 continue  # no warm start for a method that costly (search.warm_start_points)
             if not m.trainable:
                 entry = entries[schedule_key(m.name, max(sizes))]
+                overhead = entry.overhead_s or 0.0
                 for b in m.backbones:
                     seconds = trial_cost(entry.costs.get(b or "-") or entry.mean_costs(), 1, 1, False)
                     factor = config_cost_factor(m.name, {"backbone": b} if b else {}, entry.image_size,
                                                 asdict(self.data))
-                    out.append((entry.key, _scale_work(seconds, factor, entry.overhead_s or 0.0)))
+                    if limit is not None and factor * (seconds - overhead) > limit:
+                        continue  # the searcher refuses it (Plan.too_heavy)
+                    out.append((entry.key, _scale_work(seconds, factor, overhead)))
             else:
                 size = min(sizes, key=lambda size: (abs(size - m.recipe.image_size), size))
                 out.append((schedule_key(m.name, size), entries[schedule_key(m.name, size)].expected_s))
