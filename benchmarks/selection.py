@@ -17,6 +17,8 @@ Rules (all val-only):
                   ties; the best and the tied (of the 5 best) whose val scores agree least
                   with those in, 3 in all, ensembled (evaluation/diversity.py)
   tied-top3       the rule of stop 29-32: the 3 tied candidates best on val
+  tied-feat3      of the tied candidates, the best on val of each method + backbone (3 at most)
+  plaus-feat3     the same over every plausible trial at that size, tied or not
   plaus-div3      the same diversity pick over every plausible trial at that size, tied or not
   tied-all        the rule before it: every tied candidate (at most 5) ensembled, unless the
                   best alone is significantly better
@@ -65,6 +67,23 @@ class Trial:
     se: float | None
     val: dict[str, float]  # val image id -> score
     test: torch.Tensor
+    features: str = ""  # method and backbone: what a member's scores are made of
+
+
+def _features(row: dict) -> str:
+    params = json.loads(row.get("params") or "{}")
+    backbone = next((v for k, v in params.items() if k.endswith(".backbone")), "")
+    return f"{row['method']}:{backbone}"
+
+
+def _one_per_features(candidates: list["Trial"], k: int = 3) -> list["Trial"]:
+    """The first (best on val) candidate of each method + backbone, ``k`` at most."""
+    seen, out = set(), []
+    for t in candidates:
+        if t.features not in seen:
+            seen.add(t.features)
+            out.append(t)
+    return out[:k]
 
 
 def _spearman(a: list[float], b: list[float]) -> float | None:
@@ -93,7 +112,8 @@ class Experiment:
                 continue
             self.trials.append(Trial(str(row["trial_id"]), str(row["method"]), int(row["image_size"]),
                                      float(row["objective"]), row.get("objective_se"),
-                                     dict(zip(stored["paths"], stored["scores"])), tested[0].float()))
+                                     dict(zip(stored["paths"], stored["scores"])), tested[0].float(),
+                                     _features(row)))
         self.trials.sort(key=lambda t: (-t.objective, t.trial_id))
         size = self.trials[0].size if self.trials else 256
         data = load_category(Path(record["data"]), self.category, size, shape=record_shape(record, size),
@@ -189,6 +209,8 @@ class Experiment:
             "wf-top3-size": by_worst[:3],
             "shipped": self.diverse(tied, 3),
             "tied-top3": tied[:3],
+            "tied-feat3": _one_per_features(tied),
+            "plaus-feat3": _one_per_features(at_size),
             "plaus-div3": self.diverse(at_size, 3),
             "tied-wf3": sorted(tied, key=lambda t: (-worst[t.trial_id], -t.objective))[:3],
             "tied-wf2": sorted(tied, key=lambda t: (-worst[t.trial_id], -t.objective))[:2],
