@@ -13,12 +13,19 @@ are read to *report* the rules, which is what this benchmark is for (issue 21, p
 
 Rules (all val-only):
   best-val        the trial with the largest val objective
-  shipped         choice.py's rule (stop 33): plausible trials, largest size, paired-bootstrap
-                  ties; the best and the tied (of the 5 best) whose val scores agree least
-                  with those in, 3 in all, ensembled (evaluation/diversity.py)
+  shipped         choice.py's rule (stop 37): plausible trials, largest size, the 10 best
+                  there, paired-bootstrap ties; the best, the best of each other backbone
+                  of its method, then of other methods, then the tied (of the 5 best) whose
+                  val scores agree least with those in, 3 in all, ensembled
+                  (evaluation/diversity.py)
+  least-agree3    the rule of stops 33-36: the best and the tied (of the 5 best) whose val
+                  scores agree least with those in, 3 in all
   tied-top3       the rule of stop 29-32: the 3 tied candidates best on val
   tied-feat3      of the tied candidates, the best on val of each method + backbone (3 at most)
   plaus-feat3     the same over every plausible trial at that size, tied or not
+  tiedall-feat3   of every tied candidate (the 10 best at that size), one per method + backbone
+  tiedall-bb3     the same, the best's method first (= shipped, without the fill)
+  plaus-bb3       the same over every plausible trial at that size
   plaus-div3      the same diversity pick over every plausible trial at that size, tied or not
   tied-all        the rule before it: every tied candidate (at most 5) ensembled, unless the
                   best alone is significantly better
@@ -49,7 +56,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from automl_ad.data.dataset import load_category  # noqa: E402
-from automl_ad.evaluation.diversity import least_agreeing  # noqa: E402
+from automl_ad.evaluation.diversity import least_agreeing, other_extractors_first  # noqa: E402
 from automl_ad.evaluation.metrics import image_auroc  # noqa: E402
 from automl_ad.evaluation.normalisation import robust_center_scale  # noqa: E402
 from automl_ad.evaluation.uncertainty import CONFIDENCE, paired_bootstrap, within_noise  # noqa: E402
@@ -84,6 +91,16 @@ def _one_per_features(candidates: list["Trial"], k: int = 3) -> list["Trial"]:
             seen.add(t.features)
             out.append(t)
     return out[:k]
+
+
+def _one_per_backbone(candidates: list["Trial"], k: int = 3) -> list["Trial"]:
+    """The first candidate, then the best on val of each other backbone of its method,
+    then of each other method + backbone, ``k`` at most."""
+    if not candidates:
+        return []
+    method = candidates[0].method
+    same = [t for t in candidates if t.method == method]
+    return _one_per_features(same + [t for t in candidates if t.method != method], k)
 
 
 def _spearman(a: list[float], b: list[float]) -> float | None:
@@ -157,9 +174,9 @@ class Experiment:
         best = self.trials[0]
         return [t for t in self.trials if within_noise(best.objective, best.se, t.objective, t.se)]
 
-    def tied(self, candidates: list[Trial]) -> list[Trial]:
+    def tied(self, candidates: list[Trial], cap: int | None = 5) -> list[Trial]:
         scores, labels, _ = self.shared(candidates)
-        return [candidates[i] for i in paired_bootstrap(scores, labels, seed=0).tied_with_best()][:5]
+        return [candidates[i] for i in paired_bootstrap(scores, labels, seed=0).tied_with_best()][:cap]
 
     def worst_family_ids(self, candidates: list[Trial]) -> set[str]:
         """val-good + the anomalies of the family the first candidate finds hardest."""
@@ -181,11 +198,19 @@ class Experiment:
         scores, _, _ = self.shared(candidates)
         return [candidates[i] for i in least_agreeing(scores, k)]
 
+    def extractors_first(self, candidates: list[Trial], k: int = 3) -> list[Trial]:
+        """``diversity.other_extractors_first``, what ``choice.py`` ships (stop 37)."""
+        if len(candidates) <= 1:
+            return candidates[:1]
+        scores, _, _ = self.shared(candidates)
+        return [candidates[i] for i in other_extractors_first([t.features for t in candidates], scores, k)]
+
     def rules(self) -> dict[str, list[Trial]]:
         plausible = self.plausible()
         size = max(t.size for t in plausible)
         at_size = [t for t in plausible if t.size == size]
         tied = self.tied(at_size)
+        tied_all = self.tied(at_size[:10], cap=None)
         shipped = tied  # the rule of stop 26: every tied candidate (at most 5)
         if len(tied) > 1:
             scores, labels, _ = self.shared(tied)
@@ -207,10 +232,14 @@ class Experiment:
         return {
             "best-val": self.trials[:1],
             "wf-top3-size": by_worst[:3],
-            "shipped": self.diverse(tied, 3),
+            "shipped": self.extractors_first(tied_all, 3),
+            "least-agree3": self.diverse(tied, 3),
             "tied-top3": tied[:3],
             "tied-feat3": _one_per_features(tied),
             "plaus-feat3": _one_per_features(at_size),
+            "tiedall-feat3": _one_per_features(tied_all),
+            "tiedall-bb3": _one_per_backbone(tied_all),
+            "plaus-bb3": _one_per_backbone(at_size),
             "plaus-div3": self.diverse(at_size, 3),
             "tied-wf3": sorted(tied, key=lambda t: (-worst[t.trial_id], -t.objective))[:3],
             "tied-wf2": sorted(tied, key=lambda t: (-worst[t.trial_id], -t.objective))[:2],

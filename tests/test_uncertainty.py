@@ -166,3 +166,40 @@ def test_ensemble_members_are_the_best_and_the_tied_candidates_that_disagree_mos
     # equal agreement: the better on val joins
     same = torch.stack([order, order, order])
     assert least_agreeing(same, 2) == [0, 1]
+
+
+def test_other_feature_extractors_join_before_disagreement_and_the_best_ones_method_first():
+    from automl_ad.deploy.choice import ensemble_members
+    from automl_ad.deploy.ensemble import MemberPredictions
+    from automl_ad.evaluation.diversity import other_extractors_first
+
+    order = torch.arange(12, dtype=torch.float32)
+    names = ["best", "same-bb", "cfa", "lite2", "lite2-b", "lite0"]
+    scores = torch.stack([order, -order, order.flip(0), order + 0.5, -order, order.sqrt()])
+    kinds = ["patchcore:lite1", "patchcore:lite1", "cfa:lite0", "patchcore:lite2", "patchcore:lite2",
+             "patchcore:lite0"]
+    # the best; then the best of each other backbone of patchcore, in val order; cfa (another
+    # method) and the second lite1 (which disagrees most with the best) wait
+    assert other_extractors_first(kinds, scores, 3) == [0, 3, 5]
+    # one backbone of the best's method besides its own: then another method's best
+    assert other_extractors_first(kinds[:4], scores[:4], 3) == [0, 3, 2]
+    # a single extractor: disagreement on val decides, as least_agreeing does
+    assert other_extractors_first(["m:a"] * 3, scores[:3], 2) == [0, 1]
+    assert other_extractors_first(kinds, scores, 1) == [0]
+    tied = [MemberPredictions(name, row, None) for name, row in zip(names, scores)]
+    assert [m.name for m in ensemble_members(tied, 3, dict(zip(names, kinds)))] == ["best", "lite2", "lite0"]
+    # without extractors the rule of stop 33: disagreement among the first five
+    assert [m.name for m in ensemble_members(tied, 2)] == ["best", "same-bb"]
+
+
+def test_a_candidates_feature_extractor_is_its_method_and_backbone():
+    from pathlib import Path
+
+    from automl_ad.deploy.candidates import Candidate
+
+    def candidate(method, params):
+        return Candidate("t", method, None, 64, 0.9, Path("x"), params)
+
+    assert candidate("patchcore", {"patchcore.backbone": "efficientnet_lite2", "patchcore.k": 1}).extractor \
+        == "patchcore:efficientnet_lite2"
+    assert candidate("nsa", {"nsa.lr": 0.1}).extractor == "nsa:"

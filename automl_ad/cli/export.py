@@ -34,7 +34,8 @@ def _progress() -> DeployProgress:
 @_EXPERIMENT
 @_STORAGE
 @click.option("--k", default=3, show_default=True, type=click.IntRange(1),
-              help="Most members: the best on val, then the trials tied with it whose val scores agree least with those in.")
+              help="Most members: the best on val, then of the trials tied with it the best of each other backbone "
+                   "(its method first), then those whose val scores agree least with those in.")
 @click.option("--top", default=10, show_default=True, type=click.IntRange(1), help="Candidates: the best trials by val objective.")
 @click.option("--fusion", type=click.Choice(["mean", "max"]), default="mean", show_default=True)
 @click.option("--max-latency-ms", type=click.FloatRange(0, min_open=True), help="Only models whose measured CPU latency (batch 1) fits.")

@@ -38,6 +38,13 @@ class Candidate:
     params: dict[str, Any]
     objective_se: float | None = None
 
+    @property
+    def extractor(self) -> str:
+        """``"method:backbone"``: what the candidate's scores are made of (the method
+        alone for one without a backbone), ``evaluation.diversity``'s feature extractor."""
+        backbone = next((v for k, v in self.params.items() if k == "backbone" or k.endswith(".backbone")), "")
+        return f"{self.method}:{backbone}"
+
 
 def load_candidate_model(candidate: Candidate, category: str) -> Any | None:
     """The candidate's model from its newest usable checkpoint, or None (left out) when

@@ -15,19 +15,20 @@ solar-cell photographs such a choice cost 0.055 test AUROC). The rule
    anomalies of the families *no* candidate trained with (when the candidates together
    cover every family, all of them, and the manifest says so).
 4. **Ties**: a paired bootstrap over those val images (the same resample for every
-   candidate) keeps the candidates not significantly worse than the best. The best joins,
-   then, one at a time, the tied candidate among the five best on val whose val scores
-   agree least with those already in (mean Spearman correlation over the shared val
-   images, ``evaluation.diversity``), ``k`` (default 3) in all. With two or more, the
-   export is their equal-weight ensemble (robust z-score per member on val-good), unless
-   the best single one is significantly better than that ensemble. Averaging detectors
-   the val set cannot tell apart needs no label and does not bet on one of them; TPE's
-   later trials sit next to the best one, so the three best on val were often three
-   copies of one detector, and members that rank the images differently are what an
-   ensemble buys. Replayed by ``benchmarks/selection.py`` (docs/search.md "Choosing the
-   model"): chosen on stop 32's five searches (regret 0.006 mean / 0.015 max against
-   0.012 / 0.031 for the three best on val), then checked on stop 33's five, run before
-   the rule existed (see the docs for the numbers).
+   candidate) keeps the candidates not significantly worse than the best. The best joins;
+   then the best on val of each other feature extractor among the tied (method +
+   backbone; the best's method first); then, while places are left, the tied candidate
+   among the five best on val whose val scores agree least with those already in (mean
+   Spearman correlation over the shared val images), ``k`` (default 3) in all
+   (``evaluation.diversity``). With two or more, the export is their equal-weight
+   ensemble (robust z-score per member on val-good), unless the best single one is
+   significantly better than that ensemble. Averaging detectors the val set cannot tell
+   apart needs no label and does not bet on one of them; TPE's later trials sit next to
+   the best one, so the three best on val were often three copies of one detector.
+   Members built on other features err on other images (the PatchCore paper's
+   three-backbone ensemble), a prior that does not rest on the small val set; rank
+   disagreement on val fills the places left. Replayed by ``benchmarks/selection.py``
+   (docs/search.md "Choosing the model", where the numbers are).
 
 Test metrics are computed for the exported model only, reported, never used. Rules 1-3
 and the candidates' models and stored scores: ``deploy/candidates.py``.
@@ -41,7 +42,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
@@ -59,7 +60,7 @@ from automl_ad.deploy.ensemble import (
 )
 from automl_ad.deploy.export import calibrate_threshold, export_bundle
 from automl_ad.errors import UserError
-from automl_ad.evaluation.diversity import least_agreeing
+from automl_ad.evaluation.diversity import other_extractors_first
 from automl_ad.evaluation.metrics import evaluate, f1_max, image_auroc
 from automl_ad.evaluation.normalisation import robust_center_scale
 from automl_ad.evaluation.uncertainty import CONFIDENCE, paired_bootstrap
@@ -162,7 +163,8 @@ def choose_model(
     bootstrap = paired_bootstrap(torch.stack([p.val_scores for p in predictions]), val.labels, seed=seed)
     everyone_tied = [predictions[i] for i in bootstrap.tied_with_best()]
     best = everyone_tied[0]
-    tied = ensemble_members(everyone_tied, k)
+    extractors = {c.trial_id: c.extractor for c in candidates}
+    tied = ensemble_members(everyone_tied, k, extractors)
     single = _result([best], val, masks, good, fusion, pixel_stats)
     kind, chosen, rule = "single", single, ("the best candidate is significantly better than the others on val"
                                             if len(everyone_tied) == 1 else "k=1: the best on val alone")
@@ -176,8 +178,8 @@ def choose_model(
         else:
             kind, chosen = "ensemble", ensemble
             rule = (f"{len(everyone_tied)} candidates tied with the best on val (paired bootstrap, "
-                    f"{int(CONFIDENCE * 100)} %); the best and the {len(tied) - 1} of them whose val scores agree "
-                    "least with it: their equal-weight ensemble")
+                    f"{int(CONFIDENCE * 100)} %); the best and {len(tied) - 1} of them, other backbones first, "
+                    "then those whose val scores agree least: their equal-weight ensemble")
     if len(data.test):
         with progress.step(f"test metrics of the {kind} (reported, never used)", total=len(chosen.scalers)) as step:
             by_name = {p.name: p for p in predictions}
@@ -217,13 +219,16 @@ def choose_model(
     )
 
 
-def ensemble_members(tied: Sequence[MemberPredictions], k: int) -> list[MemberPredictions]:
+def ensemble_members(tied: Sequence[MemberPredictions], k: int,
+                     extractors: Mapping[str, str] | None = None) -> list[MemberPredictions]:
     """Of the candidates tied with the best, in their val order (the best first): the best,
-    then those of the first ``diversity.POOL`` whose val scores agree least with the ones
-    picked, ``k`` in all (module doc, 4). ``k`` = 1: the best alone."""
+    the best of each other feature extractor (``extractors``: trial id -> method:backbone;
+    the best's method first), then those of the first ``diversity.POOL`` whose val scores
+    agree least with the ones picked, ``k`` in all (module doc, 4). ``k`` = 1: the best alone."""
     if len(tied) <= 1 or k <= 1:
         return list(tied[:1])
-    picked = least_agreeing(torch.stack([m.val_scores for m in tied]), k)
+    kinds = [(extractors or {}).get(m.name, "") for m in tied]  # unknown: one extractor, disagreement decides
+    picked = other_extractors_first(kinds, torch.stack([m.val_scores for m in tied]), k)
     return [tied[i] for i in picked]
 
 
