@@ -56,7 +56,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from automl_ad.data.dataset import load_category  # noqa: E402
-from automl_ad.evaluation.diversity import least_agreeing, other_extractors_first  # noqa: E402
+from automl_ad.evaluation.diversity import feature_extractor, least_agreeing, other_extractors_first  # noqa: E402
 from automl_ad.evaluation.metrics import image_auroc  # noqa: E402
 from automl_ad.evaluation.normalisation import robust_center_scale  # noqa: E402
 from automl_ad.evaluation.uncertainty import CONFIDENCE, paired_bootstrap, within_noise  # noqa: E402
@@ -78,9 +78,7 @@ class Trial:
 
 
 def _features(row: dict) -> str:
-    params = json.loads(row.get("params") or "{}")
-    backbone = next((v for k, v in params.items() if k.endswith(".backbone")), "")
-    return f"{row['method']}:{backbone}"
+    return feature_extractor(str(row["method"]), json.loads(row.get("params") or "{}"))
 
 
 def _one_per_features(candidates: list["Trial"], k: int = 3) -> list["Trial"]:

@@ -20,6 +20,7 @@ import torch
 from automl_ad.data.tiling import inference_graph
 from automl_ad.data.types import ImageSet
 from automl_ad.errors import DamagedCheckpoint, UserError
+from automl_ad.evaluation.diversity import feature_extractor
 from automl_ad.evaluation.uncertainty import within_noise
 from automl_ad.evaluation.validation import val_set_for
 from automl_ad.experiment import checkpoints_newest_first, read_val_scores
@@ -42,8 +43,7 @@ class Candidate:
     def extractor(self) -> str:
         """``"method:backbone"``: what the candidate's scores are made of (the method
         alone for one without a backbone), ``evaluation.diversity``'s feature extractor."""
-        backbone = next((v for k, v in self.params.items() if k == "backbone" or k.endswith(".backbone")), "")
-        return f"{self.method}:{backbone}"
+        return feature_extractor(self.method, self.params)
 
 
 def load_candidate_model(candidate: Candidate, category: str) -> Any | None:

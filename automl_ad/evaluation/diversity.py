@@ -18,12 +18,19 @@ mean error less their ambiguity). Two sources of it need no label:
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 POOL = 5  # the tied candidates best on val that may join by disagreement (a long tie's tail stays out)
+
+
+def feature_extractor(method: str, params: Mapping[str, Any]) -> str:
+    """``"method:backbone"`` of a trial from its method and params (keys ``backbone`` or
+    ``<method>.backbone``; the method alone, ``"method:"``, for one without a backbone)."""
+    backbone = next((v for k, v in params.items() if k == "backbone" or k.endswith(".backbone")), "")
+    return f"{method}:{backbone}"
 
 
 def rank_agreement(scores: Tensor) -> Tensor:
