@@ -31,13 +31,13 @@ def test_factor_is_used_over_planned_of_the_recent_trials(tmp_path: Path):
                                            ("patchcore", 10.0, 30.0, "e/t2"),
                                            ("cfa", 100.0, 0.0, "e/t3")], path)  # no wall time: ignored
     assert added == 1
-    (factor, trials), = learned_costs.factors(machine, path).values()
-    assert trials == 2 and factor == pytest.approx(90 / 40)
+    (cost,) = learned_costs.factors(machine, path).values()
+    assert cost.trials == 2 and cost.factor == pytest.approx(90 / 40) and cost.start_up is None
     assert learned_costs.factors(learned_costs.machine_key("cpu", 2, host="box"), path) == {}, "per thread count"
     # Only the most recent KEEP trials count, and a factor is clamped to a sane range.
     learned_costs.record(machine, [("patchcore", 1.0, 100.0, f"f/t{i}") for i in range(learned_costs.KEEP)], path)
-    factor, trials = learned_costs.factors(machine, path)["patchcore"]
-    assert trials == learned_costs.KEEP and factor == learned_costs.FACTOR_RANGE[1]
+    cost = learned_costs.factors(machine, path)["patchcore"]
+    assert cost.trials == learned_costs.KEEP and cost.factor == learned_costs.FACTOR_RANGE[1]
     assert not list(tmp_path.glob(".*.tmp")), "the write is atomic: no temporary file left"
 
 
@@ -48,7 +48,7 @@ def test_a_damaged_or_foreign_file_reads_as_empty_and_is_replaced(tmp_path: Path
         path.write_text(content)
         assert learned_costs.factors(machine, path) == {}
     learned_costs.record(machine, [("cfa", 10.0, 12.0, "e/a"), ("cfa", 10.0, 14.0, "e/b")], path)
-    assert learned_costs.factors(machine, path)["cfa"] == (pytest.approx(1.3), 2)
+    assert learned_costs.factors(machine, path)["cfa"] == learned_costs.LearnedCost(pytest.approx(1.3), 2)
 
 
 def test_ratios_planned_by_another_calibration_are_not_used(tmp_path: Path, monkeypatch):
@@ -57,11 +57,92 @@ def test_ratios_planned_by_another_calibration_are_not_used(tmp_path: Path, monk
     path = tmp_path / "learned.json"
     machine = learned_costs.machine_key("cpu", 1, host="box")
     learned_costs.record(machine, [("cfa", 10.0, 6.0, "e/a"), ("cfa", 10.0, 5.0, "e/b")], path)
-    assert learned_costs.factors(machine, path)["cfa"] == (pytest.approx(0.55), 2)
+    assert learned_costs.factors(machine, path)["cfa"] == learned_costs.LearnedCost(pytest.approx(0.55), 2)
     monkeypatch.setattr(learned_costs, "CALIBRATION_VERSION", learned_costs.CALIBRATION_VERSION + 1)
     assert learned_costs.factors(machine, path) == {}
     learned_costs.record(machine, [("cfa", 10.0, 20.0, "f/a"), ("cfa", 10.0, 22.0, "f/b")], path)
-    assert learned_costs.factors(machine, path)["cfa"] == (pytest.approx(2.1), 2), "the old ratios are gone"
+    assert learned_costs.factors(machine, path)["cfa"].factor == pytest.approx(2.1), "the old ratios are gone"
+
+
+def test_trials_of_several_sizes_learn_a_start_up_apart_from_a_factor_on_the_work(tmp_path: Path):
+    # Stop 37: one ratio per method made PatchCore's 128 px trials cost 0.3-0.5 of their
+    # plan (its 6 s start-up, which a warm worker does not pay, was scaled like the work).
+    path = tmp_path / "learned.json"
+    machine = learned_costs.machine_key("cpu", 1, host="box")
+    work = (2.0, 5.0, 10.0, 20.0)  # calibrated seconds after a planned start-up of 6 s
+    learned_costs.record(machine, [("patchcore", 6.0 + w, 4.0 + 1.8 * w, f"e/t{i}", 6.0)
+                                   for i, w in enumerate(work)], path)
+    cost = learned_costs.factors(machine, path)["patchcore"]
+    assert cost.trials == 4 and cost.factor == pytest.approx(1.8) and cost.start_up == pytest.approx(4.0)
+    # Trials all of one size cannot tell a start-up from work: one ratio, as before.
+    same = tmp_path / "same.json"
+    learned_costs.record(machine, [("patchcore", 16.0, 22.0, f"e/t{i}", 6.0) for i in range(5)], same)
+    cost = learned_costs.factors(machine, same)["patchcore"]
+    assert cost.start_up is None and cost.factor == pytest.approx(22 / 16)
+    # The planner puts the learnt start-up in place of its own, scaled one.
+    budget, book = parse_budget("10m"), SpeedBook("cpu", None)
+    options = dict(devices_per_trial=1, concurrency=1, use_train=False)
+    (plain,) = make_plan(budget, [_bank()], Fidelity(), book, BUILTIN, **options).entries
+    fitted = make_plan(budget, [_bank(learned=1.8, learned_trials=4, learned_start_up=4.0)], Fidelity(), book,
+                       BUILTIN, **options)
+    (entry,) = fitted.entries
+    assert entry.overhead_s == pytest.approx(4.0) and entry.start_up_s == plain.overhead_s
+    assert entry.full_s == pytest.approx(4.0 + 1.8 * (plain.full_s - plain.overhead_s))
+    assert any("patchcore 4.0 s start-up + x1.80 (4 trials)" in note for note in fitted.notes)
+
+
+def test_drawn_trials_scale_the_next_tpe_plans_draws_by_what_they_cost_against_the_spaces_mean(tmp_path: Path):
+    path = tmp_path / "learned.json"
+    machine = learned_costs.machine_key("cpu", 1, host="box")
+    draws = [("patchcore", 1.5, 3.0, f"e/t{i}") for i in range(learned_costs.MIN_DRAWS - 1)]
+    learned_costs.record(machine, [], path, draws=draws)
+    assert learned_costs.draw_ratios(machine, path) == {}, "too few drawn trials to move a plan"
+    learned_costs.record(machine, [], path, draws=draws + [("patchcore", 1.5, 3.0, "e/last")])
+    assert learned_costs.draw_ratios(machine, path) == {"patchcore": (pytest.approx(0.5), learned_costs.MIN_DRAWS)}
+    budget, book = parse_budget("10m"), SpeedBook("cpu", None)
+    options = dict(devices_per_trial=1, concurrency=1, use_train=False)
+    space_mean = make_plan(budget, [_bank(sampled_cost=((128, 3.0),))], Fidelity(), book, BUILTIN, **options)
+    learnt = make_plan(budget, [_bank(sampled_cost=((128, 3.0),), draw_ratio=0.5)], Fidelity(), book, BUILTIN,
+                       **options)
+    assert learnt.entries[0].sampled_factor == pytest.approx(1.5) and learnt.entries[0].draw_ratio == 0.5
+    assert learnt.expected_trials > space_mean.expected_trials
+    assert any("patchcore x0.50" in note for note in learnt.notes)
+
+
+def test_a_search_keeps_its_trials_start_up_and_its_drawn_trials_factors(tmp_path: Path, own_learned_costs: Path):
+    import datetime as dt
+
+    from automl_ad import experiment as layout
+    from automl_ad.param_keys import METHOD, size_key
+    from automl_ad.results import store
+    from automl_ad.tuning.options import SearchOptions
+    from automl_ad.tuning.planning import learn_costs
+
+    budget, book = parse_budget("10m"), SpeedBook("cpu", "cpu", 1)
+    plan = make_plan(budget, [_bank(sampled_cost=((128, 3.0),), draw_ratio=0.5)], Fidelity(), book, BUILTIN,
+                     devices_per_trial=1, concurrency=1, use_train=False)
+    folder = tmp_path / "exp"
+    folder.mkdir()
+    layout.write_record(folder, {"category": "c", "data": str(tmp_path), "plan": plan.to_dict()})
+    start = dt.datetime(2026, 12, 7, tzinfo=dt.timezone.utc)
+    configs = [{}, {}, {"patchcore.coreset_ratio": 0.05}, {"patchcore.feature_strides": "4+8"}]
+    for index, extra in enumerate(configs):  # a warm start, then three drawn trials
+        params = {METHOD: "patchcore", size_key("patchcore"): 128, **extra}
+        store.write_trial(folder, {"experiment": "exp", "trial_id": f"t{index}", "method": "patchcore",
+                                   "params": json.dumps(params), "status": "finished", "wall_s": 10.0 + index,
+                                   "epochs": 1, "started": start + dt.timedelta(minutes=index)})
+    learn_costs(folder, SearchOptions(category="c", budget="10m", cpus_per_trial=1), False, warm_starts=1)
+    kept = json.loads(own_learned_costs.read_text())
+    machine = learned_costs.machine_key("cpu", 1)
+    trials = kept["machines"][machine]["patchcore"]
+    assert [t[2] for t in trials] == ["exp/t0", "exp/t1", "exp/t2", "exp/t3"]
+    (entry,) = plan.entries
+    assert all(t[3] == pytest.approx(entry.start_up_s) for t in trials), "each trial keeps its planned start-up"
+    assert trials[0][0] == pytest.approx(plan.seconds_at("patchcore", 128, None, 1) / entry.learned_factor, rel=1e-3)
+    drawn = kept["draws"][machine]["patchcore"]
+    assert [d[2] for d in drawn] == ["exp/t1", "exp/t2", "exp/t3"], "the warm start is no draw"
+    assert all(d[1] == pytest.approx(3.0) for d in drawn), "against the space's mean, before the learnt ratio"
+    assert drawn[0][0] == pytest.approx(1.0) and drawn[2][0] > 1.5, "each draw's own cost factor"
 
 
 def _bank(**kwargs) -> MethodInput:

@@ -142,7 +142,7 @@ class _Planner:
             per_image = s.infer_s + s.metrics_s
             scale = m.learned
             out[backbone or "-"] = {
-                "fixed": scale * (self.start_up(m) + s.build_s + s.setup_s(self.data.fit)),
+                "fixed": self.overhead_of(m) + scale * (s.build_s + s.setup_s(self.data.fit)),
                 "round": scale * (steps / self.rounds) * s.step_s if m.trainable else 0.0,
                 "val": scale * m.val_images * per_image,
                 "test": scale * self.data.test * per_image,
@@ -153,7 +153,10 @@ class _Planner:
         return self.overhead if m.trainable else self.direct_overhead
 
     def overhead_of(self, m: MethodInput) -> float:
-        """The start-up in an entry's fixed cost (as the costs carry it: learnt factor included)."""
+        """The start-up in an entry's fixed cost (as the costs carry it: the learnt one, or
+        the plan's times the learnt factor)."""
+        if m.learned_start_up is not None:
+            return m.learned_start_up
         return m.learned * self.start_up(m)
 
     def mean_expected(self, m: MethodInput, size: int, steps: int) -> float:
@@ -264,6 +267,7 @@ class _Planner:
             rungs=[r * (steps // rounds) for r in self.rungs] if m.trainable else [],
             costs=self.costs(m, size, steps), source="/".join(sources), trainable=m.trainable,
             overhead_s=self.overhead_of(m), learned_factor=m.learned, sampled_factor=m.sampled_factor(size),
+            draw_ratio=m.draw_ratio, start_up_s=self.start_up(m),
         )
         mean = entry.mean_costs()
         entry.expected_s = self.mean_expected(m, size, steps)
@@ -365,10 +369,16 @@ class _Planner:
                          "every method trains at the floor")
         if self.speeds.device is None:
             notes.append(self.speeds.prior_note())
-        learned = {m.name: (m.learned, m.learned_trials) for m in self.methods if m.learned_trials}
+        learned = {m.name: m for m in self.methods if m.learned_trials}
         if learned:
-            parts = ", ".join(f"{name} x{f:.2f} ({n} trials)" for name, (f, n) in sorted(learned.items()))
+            parts = ", ".join((f"{name} {m.learned_start_up:.1f} s start-up + " if m.learned_start_up is not None
+                               else f"{name} ") + f"x{m.learned:.2f} ({m.learned_trials} trials)"
+                              for name, m in sorted(learned.items()))
             notes.append(f"costs scaled by what earlier searches' trials cost on this machine: {parts}")
+        drawn = {m.name: m.draw_ratio for m in self.methods if m.draw_ratio != 1.0 and m.sampled_cost}
+        if drawn:
+            parts = ", ".join(f"{name} x{ratio:.2f}" for name, ratio in sorted(drawn.items()))
+            notes.append(f"drawn trials counted at what earlier searches' draws cost against the space's mean: {parts}")
         factors: dict[str, list[float]] = {}
         for e in entries:
             if by_name[e.method].sampled_cost:

@@ -98,7 +98,9 @@ def plan_schedule(opts: SearchOptions, budget: Budget, space: SearchSpace, data_
     # plan: it is worked out for the methods that joined (costing one takes ~0.4 s).
     planned = {e.method for e in plan.entries}
     data = dataclasses.asdict(counts)
-    methods = [dataclasses.replace(m, sampled_cost=sampled_cost_factors(space, m.name, data))
+    ratios = _draw_ratios(device, threads, tiles, planned) if opts.searcher == "tpe" else {}
+    methods = [dataclasses.replace(m, sampled_cost=sampled_cost_factors(space, m.name, data),
+                                   draw_ratio=ratios.get(m.name, 1.0))
                if m.name in planned else m for m in methods]
     plan = make_plan(budget, methods, bounds, speeds, counts, **options)
     if geometry is not None and tiles > 1:
@@ -134,14 +136,27 @@ def _with_learned_costs(methods: list[Any], device: str | None, threads: int, ti
     learnt tiled yet starts from the untiled ratio, nearer its own than 1 (KolektorSDD:
     2.15 tiled, 1.77 untiled)."""
     learned = learned_costs.factors(learned_costs.machine_key(device, threads)) if device else {}
-    found = {m.name: learned.get(learned_costs.cost_key(m.name, tiles)) or learned.get(m.name, (1.0, 0))
-             for m in methods}
-    return [dataclasses.replace(m, learned=found[m.name][0], learned_trials=found[m.name][1]) for m in methods]
+    out = []
+    for m in methods:
+        found = learned.get(learned_costs.cost_key(m.name, tiles)) or learned.get(m.name)
+        out.append(m if found is None else dataclasses.replace(
+            m, learned=found.factor, learned_trials=found.trials, learned_start_up=found.start_up))
+    return out
 
 
-def learn_costs(folder: Path, opts: SearchOptions, devices_gpu: bool) -> None:
+def _draw_ratios(device: str | None, threads: int, tiles: int, names: set[str]) -> dict[str, float]:
+    """``{method: realized / planned cost factor of earlier TPE searches' drawn trials}``
+    of ``names`` (at this geometry's tiles, else untiled), as learned_costs keeps them."""
+    found = learned_costs.draw_ratios(learned_costs.machine_key(device, threads)) if device else {}
+    hits = {name: found.get(learned_costs.cost_key(name, tiles)) or found.get(name) for name in names}
+    return {name: hit[0] for name, hit in hits.items() if hit}
+
+
+def learn_costs(folder: Path, opts: SearchOptions, devices_gpu: bool, warm_starts: int = 0) -> None:
     """Keep what this search's finished trials cost against their plan (learned_costs),
-    for the next plan on this machine; a plan without a measured device learns nothing."""
+    and, for a TPE search, what its drawn trials (those after the ``warm_starts`` first)
+    cost against the space's mean the plan counted, for the next plan on this machine; a
+    plan without a measured device learns nothing."""
     plan_dict = (layout.read_record(folder) if layout.has_record(folder) else {}).get("plan")
     if not plan_dict or plan_dict.get("budget_kind") == "trials":
         return
@@ -157,24 +172,31 @@ def learn_costs(folder: Path, opts: SearchOptions, devices_gpu: bool) -> None:
     default_size = plan.all_sizes()[0] if plan.entries else 128
     geometry = Geometry.from_dict(layout.read_record(folder).get("geometry"))
     tiles = geometry.tiles(max(plan.all_sizes())) if plan.entries else 1
-    seen = []
-    for row in store.read_table(folder).to_pylist():
-        if row.get("status") != "finished" or not row.get("wall_s") or not row.get("params"):
-            continue
+    rows = sorted((r for r in store.read_table(folder).to_pylist() if r.get("params")),
+                  key=lambda r: (r.get("started") is None, r.get("started") or 0, str(r.get("trial_id"))))
+    seen, drawn = [], []
+    for index, row in enumerate(rows):
         split = split_config(json.loads(row["params"]), default_size)
         entry = plan.entry(split.method, split.image_size)
         if entry is None:
             continue
-        backbone = split.method_params.get("backbone")
+        key, name = learned_costs.cost_key(split.method, tiles), f"{row.get('experiment')}/{row.get('trial_id')}"
         factor = config_cost_factor(split.method, split.method_params, split.image_size, plan.data)
+        if opts.searcher == "tpe" and index >= warm_starts and entry.sampled_factor > 0:
+            drawn.append((key, factor, entry.sampled_factor / max(entry.draw_ratio, 1e-9), name))
+        if row.get("status") != "finished" or not row.get("wall_s"):
+            continue
+        backbone = split.method_params.get("backbone")
         seconds = plan.seconds_at(split.method, split.image_size, str(backbone) if backbone else None,
                                   int(row.get("epochs") or plan.rounds), factor)
         if seconds:
-            seen.append((learned_costs.cost_key(split.method, tiles), seconds / max(entry.learned_factor, 1e-9),
-                         float(row["wall_s"]),
-                         f"{row.get('experiment')}/{row.get('trial_id')}"))
+            overhead = entry.overhead_s or 0.0
+            start_up = entry.start_up_s if entry.start_up_s is not None else overhead / max(entry.learned_factor, 1e-9)
+            # the calibrated seconds: the plan's start-up + its work before any learnt factor
+            planned = start_up + (seconds - overhead) / max(entry.learned_factor, 1e-9)
+            seen.append((key, planned, float(row["wall_s"]), name, start_up))
     try:
-        learned_costs.record(learned_costs.machine_key(device, threads), seen)
+        learned_costs.record(learned_costs.machine_key(device, threads), seen, draws=drawn)
     except OSError as error:  # a read-only home: the next plan keeps the calibrated costs
         print(f"notice: trial costs not kept for later plans ({error})", file=sys.stderr)
 

@@ -120,24 +120,29 @@ class MethodInput:
     backbones: tuple[str | None, ...] = (None,)  # searched backbones (None: no backbone field)
     val_images: int = 0  # images in one validation round
     # used / planned seconds of this method's trials in earlier searches on this machine
-    # (learned_costs): multiplies every cost the calibration gives
+    # (learned_costs): multiplies every cost the calibration gives, the start-up too
+    # unless ``learned_start_up`` (seconds, learnt apart) replaces it
     learned: float = 1.0
     learned_trials: int = 0
+    learned_start_up: float | None = None
     # ((size, costs of configurations sampled from the space / the default's), ...), one
     # number or a tuple of draws per size: what the expected trial count assumes a drawn
     # configuration costs
     sampled_cost: tuple[tuple[int, float | tuple[float, ...]], ...] = ()
+    # what the searcher's drawn trials cost against that mean in earlier searches
+    # (learned_costs.draw_ratios: TPE samples nearer the defaults than random draws)
+    draw_ratio: float = 1.0
 
     def sampled_factor(self, size: int, limit: float | None = None) -> float:
         """Mean cost factor of a drawn configuration at ``size``; with ``limit``, of the
         draws the searcher runs when it paces (factor at most ``limit`` or within
-        PACE_MIN_FACTOR), the cheapest draw when none is."""
+        PACE_MIN_FACTOR), the cheapest draw when none is; times ``draw_ratio``."""
         draws = dict(self.sampled_cost).get(int(size))
         if draws is None:
             return 1.0
         values = tuple(draws) if isinstance(draws, (tuple, list)) else (float(draws),)
         kept = [f for f in values if limit is None or f <= max(limit, PACE_MIN_FACTOR)]
-        return sum(kept) / len(kept) if kept else min(values)
+        return self.draw_ratio * (sum(kept) / len(kept) if kept else min(values))
 
     @property
     def measured_backbone(self) -> str | None:
@@ -208,6 +213,8 @@ class Entry:
     overhead_s: float | None = None  # start-up in ``fixed`` (None: the plan's, in older plans)
     learned_factor: float = 1.0  # costs are the calibration's times this (learned_costs)
     sampled_factor: float = 1.0  # mean cost of a sampled configuration / the default's
+    draw_ratio: float = 1.0  # the learnt share of the space's mean in sampled_factor
+    start_up_s: float | None = None  # the start-up before anything learnt (None: older plans)
 
     @property
     def key(self) -> str:

@@ -163,7 +163,8 @@ def run_search(opts: SearchOptions) -> SearchSummary:
         device_kind = "gpu" if devices.use_gpu else "cpu"
         results = _tune(prep, context, schedule, space, ledger, devices, fingerprints)
         interrupt.raise_if_stopped(prep.folder)  # a stopped search is resumed, never collected as done
-        return _collect(prep, context, results, ledger, device_kind, fingerprints)
+        warm = len(warm_start_points(space, schedule)) if opts.searcher == "tpe" else 0
+        return _collect(prep, context, results, ledger, device_kind, fingerprints, warm)
     except BaseException:
         if started_ray:  # a refused or failed search leaves no Ray instance behind in the caller
             import ray
@@ -368,11 +369,12 @@ def _new_tuner(prep: _Prepared, context: TrialContext, schedule: Plan, space: Se
 
 
 def _collect(prep: _Prepared, context: TrialContext, results: Any, ledger: Ledger, device_kind: str,
-             fingerprints: dict[int, str]) -> SearchSummary:
-    """Store what no callback stored, push to the bucket, and sum the search up."""
+             fingerprints: dict[int, str], warm_starts: int = 0) -> SearchSummary:
+    """Store what no callback stored, push to the bucket, and sum the search up
+    (``warm_starts``: the first trials, the TPE search's warm starts)."""
     folder = prep.folder
     store_missing(folder, context, prep.opts.category, results, ledger, device_kind, fingerprints, prep.remote)
-    learn_costs(folder, prep.opts, device_kind == "gpu")
+    learn_costs(folder, prep.opts, device_kind == "gpu", warm_starts=warm_starts)
     evaluate_tests(folder, context, log=_log)
     if prep.remote is not None:
         prep.remote.push(prep.experiment)
