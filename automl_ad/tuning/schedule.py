@@ -36,7 +36,8 @@ own schedule. The rule (docs/search.md, "Schedule"):
    with the reason).
 6. Expected trials: the warm starts, then configurations drawn uniformly over methods and
    sizes, each at the mean cost of the space's draws (``sampled_costs.py``) less those the
-   searcher passes over while it runs behind the plan (``PACE``).
+   searcher passes over while it runs behind the plan (``PACE``), times what earlier TPE
+   searches' drawn trials cost against that mean (``learned_costs.draw_ratios``).
 
 ``fidelity.steps_per_epoch`` in a space file overrides (1)-(4) with a fixed
 ``F = R x steps_per_epoch`` for every method, and ``fidelity.batch_size`` one batch size.
