@@ -79,6 +79,11 @@ def test_trials_of_several_sizes_learn_a_start_up_apart_from_a_factor_on_the_wor
     learned_costs.record(machine, [("patchcore", 16.0, 22.0, f"e/t{i}", 6.0) for i in range(5)], same)
     cost = learned_costs.factors(machine, same)["patchcore"]
     assert cost.start_up is None and cost.factor == pytest.approx(22 / 16)
+    # ... and trials planned with different start-ups (with and without a TorchTrainer) too.
+    mixed = tmp_path / "mixed.json"
+    learned_costs.record(machine, [("cfa", s + w, 4.0 + 1.8 * w, f"e/t{i}", s)
+                                   for i, (w, s) in enumerate(zip(work, (15.0, 3.0, 15.0, 3.0)))], mixed)
+    assert learned_costs.factors(machine, mixed)["cfa"].start_up is None
     # The planner puts the learnt start-up in place of its own, scaled one.
     budget, book = parse_budget("10m"), SpeedBook("cpu", None)
     options = dict(devices_per_trial=1, concurrency=1, use_train=False)
@@ -89,6 +94,20 @@ def test_trials_of_several_sizes_learn_a_start_up_apart_from_a_factor_on_the_wor
     assert entry.overhead_s == pytest.approx(4.0) and entry.start_up_s == plain.overhead_s
     assert entry.full_s == pytest.approx(4.0 + 1.8 * (plain.full_s - plain.overhead_s))
     assert any("patchcore 4.0 s start-up + x1.80 (4 trials)" in note for note in fitted.notes)
+    # learnt against a 12 s start-up, it scales to this plan's own (a trial without a TorchTrainer, say)
+    other = make_plan(budget, [_bank(learned=1.8, learned_trials=4, learned_start_up=4.0,
+                                     learned_start_up_planned=2 * plain.overhead_s)], Fidelity(), book, BUILTIN,
+                      **options)
+    assert other.entries[0].overhead_s == pytest.approx(2.0)
+
+
+def test_a_version_2_file_keeps_its_trials_as_one_ratio(tmp_path: Path):
+    path = tmp_path / "learned.json"
+    machine = learned_costs.machine_key("cpu", 1, host="box")
+    path.write_text(json.dumps({"version": 2, "calibration_version": learned_costs.CALIBRATION_VERSION,
+                                "machines": {machine: {"cfa": [[10.0, 12.0, "e/a"], [10.0, 14.0, "e/b"]]}}}))
+    assert learned_costs.factors(machine, path)["cfa"] == learned_costs.LearnedCost(pytest.approx(1.3), 2)
+    assert learned_costs.draw_ratios(machine, path) == {}
 
 
 def test_drawn_trials_scale_the_next_tpe_plans_draws_by_what_they_cost_against_the_spaces_mean(tmp_path: Path):
@@ -125,24 +144,26 @@ def test_a_search_keeps_its_trials_start_up_and_its_drawn_trials_factors(tmp_pat
     folder.mkdir()
     layout.write_record(folder, {"category": "c", "data": str(tmp_path), "plan": plan.to_dict()})
     start = dt.datetime(2026, 12, 7, tzinfo=dt.timezone.utc)
-    configs = [{}, {}, {"patchcore.coreset_ratio": 0.05}, {"patchcore.feature_strides": "4+8"}]
-    for index, extra in enumerate(configs):  # a warm start, then three drawn trials
-        params = {METHOD: "patchcore", size_key("patchcore"): 128, **extra}
+    warm = {**load_space(["patchcore"]).defaults("patchcore"), size_key("patchcore"): 128}  # the defaults
+    configs = [{}, {"patchcore.coreset_ratio": 0.02}, {"patchcore.coreset_ratio": 0.05},
+               {"patchcore.feature_strides": "4+8"}, {}]
+    for index, extra in enumerate(configs):  # a warm start, three drawn trials, the warm start again (a resume)
+        params = {**warm, **extra}
         store.write_trial(folder, {"experiment": "exp", "trial_id": f"t{index}", "method": "patchcore",
                                    "params": json.dumps(params), "status": "finished", "wall_s": 10.0 + index,
                                    "epochs": 1, "started": start + dt.timedelta(minutes=index)})
-    learn_costs(folder, SearchOptions(category="c", budget="10m", cpus_per_trial=1), False, warm_starts=1)
+    learn_costs(folder, SearchOptions(category="c", budget="10m", cpus_per_trial=1), False, warm_starts=[warm])
     kept = json.loads(own_learned_costs.read_text())
     machine = learned_costs.machine_key("cpu", 1)
     trials = kept["machines"][machine]["patchcore"]
-    assert [t[2] for t in trials] == ["exp/t0", "exp/t1", "exp/t2", "exp/t3"]
+    assert [t[2] for t in trials] == ["exp/t0", "exp/t1", "exp/t2", "exp/t3", "exp/t4"]
     (entry,) = plan.entries
     assert all(t[3] == pytest.approx(entry.start_up_s) for t in trials), "each trial keeps its planned start-up"
     assert trials[0][0] == pytest.approx(plan.seconds_at("patchcore", 128, None, 1) / entry.learned_factor, rel=1e-3)
     drawn = kept["draws"][machine]["patchcore"]
-    assert [d[2] for d in drawn] == ["exp/t1", "exp/t2", "exp/t3"], "the warm start is no draw"
-    assert all(d[1] == pytest.approx(3.0) for d in drawn), "against the space's mean, before the learnt ratio"
-    assert drawn[0][0] == pytest.approx(1.0) and drawn[2][0] > 1.5, "each draw's own cost factor"
+    assert [d[2] for d in drawn] == ["exp/t1", "exp/t2", "exp/t3"], "a warm start is no draw, run again or not"
+    assert all(d[1] == pytest.approx(3.0) for d in drawn), "against the factor counted, before the learnt ratio"
+    assert drawn[0][0] < drawn[1][0] and drawn[2][0] > 1.5, "each draw's own cost factor"
 
 
 def _bank(**kwargs) -> MethodInput:

@@ -10,7 +10,8 @@ cost about twice its plan (planned 30 s, measured 57-77 s) and a 10-minute searc
 trials where it planned 11. Within a search ``BudgetedOptunaSearch._correction`` learns
 that ratio from the trials that finished; this module keeps it for the next search, per
 machine, device and method: ``factor`` is the sum of used over the sum of planned seconds
-of the last ``KEEP`` finished trials, and the planner multiplies the method's costs by it.
+of the last ``KEEP`` finished trials, and the planner multiplies the method's costs by it
+(or, with enough trials of different sizes, a fitted start-up + factor: below).
 
 The file (``learned_costs.json`` beside the calibration cache) is owned here; writes are
 atomic (temporary file + rename), and a damaged or foreign file reads as empty. A ratio is
@@ -29,7 +30,8 @@ method's cost is fitted as ``start-up + factor x work`` (least squares; PatchCor
 drawn trial at the mean over random draws of the space, but TPE samples where the good
 trials were, nearer the defaults: PatchCore's drawn trials cost 0.5x that mean. The
 realized cost factor of every drawn (not warm-start) trial against the factor its plan
-counted is kept too, and ``draw_ratio`` scales the next TPE plan's drawn trials by it.
+counted for it (the space's mean less the draws the pace passes over, before any learnt
+ratio) is kept too, and ``draw_ratios`` scales the next TPE plan's drawn trials by it.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ from typing import Any, Iterable, Sequence
 from automl_ad.tuning.calibration import CALIBRATION_VERSION, cache_path
 
 LEARNED_VERSION = 3  # 3: each trial keeps its planned start-up; drawn trials' cost factors
+# a version 2 file's trials mean the same (without their start-up: one ratio, until they
+# are out of the last KEEP); its draws section did not exist
+READABLE_VERSIONS = (2, 3)
 KEEP = 24  # the most recent finished trials a method's factor rests on
 MIN_TRIALS = 2  # fewer than this and the plan keeps the calibrated cost
 MIN_FIT = 4  # trials a start-up + factor fit needs (else one ratio)
@@ -64,6 +69,9 @@ class LearnedCost:
     factor: float
     trials: int
     start_up: float | None = None
+    # the start-up the trials' plans counted (a plan with another one, as with or
+    # without a TorchTrainer, scales the learnt one by their ratio: planner.overhead_of)
+    planned_start_up: float | None = None
 
 
 LEARNED_ENV = "AUTOML_AD_LEARNED_COSTS"  # another file (the tests give each test its own)
@@ -88,7 +96,8 @@ def _load(path: Path, section: str = "machines") -> dict[str, dict[str, list[lis
         content = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    if (not isinstance(content, dict) or content.get("version") != LEARNED_VERSION
+    versions = READABLE_VERSIONS if section == "machines" else (LEARNED_VERSION,)
+    if (not isinstance(content, dict) or content.get("version") not in versions
             or content.get("calibration_version") != CALIBRATION_VERSION):
         return {}
     found = content.get(section)
@@ -123,9 +132,10 @@ def _fit(trials: Sequence[tuple[float, float, float]]) -> LearnedCost:
     plain = LearnedCost(min(high, max(low, ratio)), len(trials))
     work = [p - s for p, _, s in trials]
     used = [u for _, u, _ in trials]
-    if len(trials) < MIN_FIT or any(s <= 0 for *_, s in trials) or min(work) <= 0 \
+    start_ups = {round(s, 3) for *_, s in trials}
+    if len(trials) < MIN_FIT or len(start_ups) > 1 or min(start_ups) <= 0 or min(work) <= 0 \
             or max(work) < FIT_SPREAD * min(work):
-        return plain
+        return plain  # too few trials, trials planned with different start-ups, or work of one size
     mean_w, mean_u = sum(work) / len(work), sum(used) / len(used)
     slope = (sum((w - mean_w) * (u - mean_u) for w, u in zip(work, used))
              / sum((w - mean_w) ** 2 for w in work))
@@ -135,11 +145,11 @@ def _fit(trials: Sequence[tuple[float, float, float]]) -> LearnedCost:
     if start_up > min(used):  # no trial costs less than its start-up: refit through the cap
         start_up = min(used)
         slope = min(high, max(low, sum((u - start_up) * w for w, u in zip(work, used)) / sum(w * w for w in work)))
-    return LearnedCost(slope, len(trials), start_up)
+    return LearnedCost(slope, len(trials), start_up, trials[0][2])
 
 
 def draw_ratios(machine: str, path: Path | None = None) -> dict[str, tuple[float, int]]:
-    """``{method: (realized / planned cost factor of its drawn trials, drawn trials)}``
+    """``{method: (realized / counted cost factor of its drawn trials, drawn trials)}``
     over the last ``KEEP`` drawn trials (at least ``MIN_DRAWS``), clamped to DRAW_RANGE."""
     out = {}
     for method, seen in _load(Path(path or learned_path()), "draws").get(machine, {}).items():

@@ -156,7 +156,8 @@ class _Planner:
         """The start-up in an entry's fixed cost (as the costs carry it: the learnt one, or
         the plan's times the learnt factor)."""
         if m.learned_start_up is not None:
-            return m.learned_start_up
+            planned = m.learned_start_up_planned or self.start_up(m)
+            return m.learned_start_up * self.start_up(m) / max(planned, 1e-9)
         return m.learned * self.start_up(m)
 
     def mean_expected(self, m: MethodInput, size: int, steps: int) -> float:
@@ -267,7 +268,7 @@ class _Planner:
             rungs=[r * (steps // rounds) for r in self.rungs] if m.trainable else [],
             costs=self.costs(m, size, steps), source="/".join(sources), trainable=m.trainable,
             overhead_s=self.overhead_of(m), learned_factor=m.learned, sampled_factor=m.sampled_factor(size),
-            draw_ratio=m.draw_ratio, start_up_s=self.start_up(m),
+            draw_ratio=m.draw_ratio if int(size) in dict(m.sampled_cost) else 1.0, start_up_s=self.start_up(m),
         )
         mean = entry.mean_costs()
         entry.expected_s = self.mean_expected(m, size, steps)
@@ -378,7 +379,8 @@ class _Planner:
         drawn = {m.name: m.draw_ratio for m in self.methods if m.draw_ratio != 1.0 and m.sampled_cost}
         if drawn:
             parts = ", ".join(f"{name} x{ratio:.2f}" for name, ratio in sorted(drawn.items()))
-            notes.append(f"drawn trials counted at what earlier searches' draws cost against the space's mean: {parts}")
+            notes.append(f"drawn trials counted at what earlier searches' draws cost against the mean the plan "
+                         f"counted: {parts}")
         factors: dict[str, list[float]] = {}
         for e in entries:
             if by_name[e.method].sampled_cost:

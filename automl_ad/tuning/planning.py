@@ -8,7 +8,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 from automl_ad import experiment as layout
 from automl_ad.data.dataset import resolve_data_root
@@ -140,7 +140,8 @@ def _with_learned_costs(methods: list[Any], device: str | None, threads: int, ti
     for m in methods:
         found = learned.get(learned_costs.cost_key(m.name, tiles)) or learned.get(m.name)
         out.append(m if found is None else dataclasses.replace(
-            m, learned=found.factor, learned_trials=found.trials, learned_start_up=found.start_up))
+            m, learned=found.factor, learned_trials=found.trials, learned_start_up=found.start_up,
+            learned_start_up_planned=found.planned_start_up))
     return out
 
 
@@ -152,11 +153,12 @@ def _draw_ratios(device: str | None, threads: int, tiles: int, names: set[str]) 
     return {name: hit[0] for name, hit in hits.items() if hit}
 
 
-def learn_costs(folder: Path, opts: SearchOptions, devices_gpu: bool, warm_starts: int = 0) -> None:
+def learn_costs(folder: Path, opts: SearchOptions, devices_gpu: bool,
+                warm_starts: Sequence[Mapping[str, Any]] = ()) -> None:
     """Keep what this search's finished trials cost against their plan (learned_costs),
-    and, for a TPE search, what its drawn trials (those after the ``warm_starts`` first)
-    cost against the space's mean the plan counted, for the next plan on this machine; a
-    plan without a measured device learns nothing."""
+    and, for a TPE search, what its drawn trials (all but its ``warm_starts``
+    configurations) cost against the factor the plan counted for a draw, for the next
+    plan on this machine; a plan without a measured device learns nothing."""
     plan_dict = (layout.read_record(folder) if layout.has_record(folder) else {}).get("plan")
     if not plan_dict or plan_dict.get("budget_kind") == "trials":
         return
@@ -175,14 +177,15 @@ def learn_costs(folder: Path, opts: SearchOptions, devices_gpu: bool, warm_start
     rows = sorted((r for r in store.read_table(folder).to_pylist() if r.get("params")),
                   key=lambda r: (r.get("started") is None, r.get("started") or 0, str(r.get("trial_id"))))
     seen, drawn = [], []
-    for index, row in enumerate(rows):
-        split = split_config(json.loads(row["params"]), default_size)
+    for row in rows:
+        params = json.loads(row["params"])
+        split = split_config(params, default_size)
         entry = plan.entry(split.method, split.image_size)
         if entry is None:
             continue
         key, name = learned_costs.cost_key(split.method, tiles), f"{row.get('experiment')}/{row.get('trial_id')}"
         factor = config_cost_factor(split.method, split.method_params, split.image_size, plan.data)
-        if opts.searcher == "tpe" and index >= warm_starts and entry.sampled_factor > 0:
+        if opts.searcher == "tpe" and not _is_warm_start(params, warm_starts) and entry.sampled_factor > 0:
             drawn.append((key, factor, entry.sampled_factor / max(entry.draw_ratio, 1e-9), name))
         if row.get("status") != "finished" or not row.get("wall_s"):
             continue
@@ -199,6 +202,12 @@ def learn_costs(folder: Path, opts: SearchOptions, devices_gpu: bool, warm_start
         learned_costs.record(learned_costs.machine_key(device, threads), seen, draws=drawn)
     except OSError as error:  # a read-only home: the next plan keeps the calibrated costs
         print(f"notice: trial costs not kept for later plans ({error})", file=sys.stderr)
+
+
+def _is_warm_start(params: Mapping[str, Any], warm_starts: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether a trial ran one of the warm-start configurations (by value: a warm start
+    the searcher refused leaves no trial, and a resume may run one again)."""
+    return any(all(params.get(key) == value for key, value in point.items()) for point in warm_starts)
 
 
 def preview_plan(opts: SearchOptions) -> Plan:

@@ -122,10 +122,12 @@ class MethodInput:
     val_images: int = 0  # images in one validation round
     # used / planned seconds of this method's trials in earlier searches on this machine
     # (learned_costs): multiplies every cost the calibration gives, the start-up too
-    # unless ``learned_start_up`` (seconds, learnt apart) replaces it
+    # unless ``learned_start_up`` (seconds, fitted apart, against a plan's start-up of
+    # ``learned_start_up_planned``) replaces it; with one, ``learned`` is the fitted factor
     learned: float = 1.0
     learned_trials: int = 0
     learned_start_up: float | None = None
+    learned_start_up_planned: float | None = None
     # ((size, costs of configurations sampled from the space / the default's), ...), one
     # number or a tuple of draws per size: what the expected trial count assumes a drawn
     # configuration costs
@@ -212,9 +214,9 @@ class Entry:
     expected_trials: float = 0.0
     expected_full: float = 0.0
     overhead_s: float | None = None  # start-up in ``fixed`` (None: the plan's, in older plans)
-    learned_factor: float = 1.0  # costs are the calibration's times this (learned_costs)
+    learned_factor: float = 1.0  # costs are the calibration's times this, but a learnt start-up (overhead_s)
     sampled_factor: float = 1.0  # mean cost of a sampled configuration / the default's
-    draw_ratio: float = 1.0  # the learnt share of the space's mean in sampled_factor
+    draw_ratio: float = 1.0  # what sampled_factor was multiplied by (learned_costs.draw_ratios)
     start_up_s: float | None = None  # the start-up before anything learnt (None: older plans)
 
     @property

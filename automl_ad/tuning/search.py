@@ -163,7 +163,7 @@ def run_search(opts: SearchOptions) -> SearchSummary:
         device_kind = "gpu" if devices.use_gpu else "cpu"
         results = _tune(prep, context, schedule, space, ledger, devices, fingerprints)
         interrupt.raise_if_stopped(prep.folder)  # a stopped search is resumed, never collected as done
-        warm = len(warm_start_points(space, schedule)) if opts.searcher == "tpe" else 0
+        warm = warm_start_points(space, schedule) if opts.searcher == "tpe" else []
         return _collect(prep, context, results, ledger, device_kind, fingerprints, warm)
     except BaseException:
         if started_ray:  # a refused or failed search leaves no Ray instance behind in the caller
@@ -369,12 +369,12 @@ def _new_tuner(prep: _Prepared, context: TrialContext, schedule: Plan, space: Se
 
 
 def _collect(prep: _Prepared, context: TrialContext, results: Any, ledger: Ledger, device_kind: str,
-             fingerprints: dict[int, str], warm_starts: int = 0) -> SearchSummary:
+             fingerprints: dict[int, str], warm_starts: list[dict[str, Any]] | None = None) -> SearchSummary:
     """Store what no callback stored, push to the bucket, and sum the search up
-    (``warm_starts``: the first trials, the TPE search's warm starts)."""
+    (``warm_starts``: the TPE search's warm-start configurations)."""
     folder = prep.folder
     store_missing(folder, context, prep.opts.category, results, ledger, device_kind, fingerprints, prep.remote)
-    learn_costs(folder, prep.opts, device_kind == "gpu", warm_starts=warm_starts)
+    learn_costs(folder, prep.opts, device_kind == "gpu", warm_starts=warm_starts or ())
     evaluate_tests(folder, context, log=_log)
     if prep.remote is not None:
         prep.remote.push(prep.experiment)
