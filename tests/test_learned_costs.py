@@ -101,6 +101,39 @@ def test_trials_of_several_sizes_learn_a_start_up_apart_from_a_factor_on_the_wor
     assert other.entries[0].overhead_s == pytest.approx(2.0)
 
 
+def test_damaged_rows_are_passed_over_and_the_rest_kept(tmp_path: Path):
+    path = tmp_path / "learned.json"
+    machine = learned_costs.machine_key("cpu", 1, host="box")
+    path.write_text(json.dumps({
+        "version": learned_costs.LEARNED_VERSION, "calibration_version": learned_costs.CALIBRATION_VERSION,
+        "machines": {machine: {"cfa": [[10.0, 12.0, "e/a"], "junk", ["x", 1, "e/b"], [10.0, 14.0, "e/c"]],
+                               "nsa": "junk"}, "other": 3},
+        "draws": {machine: {"cfa": [[1.0, 2.0, f"e/{i}"] for i in range(4)] + [[None, 2.0, "e/x"]]}}}))
+    assert learned_costs.factors(machine, path) == {"cfa": learned_costs.LearnedCost(pytest.approx(1.3), 2)}
+    assert learned_costs.draw_ratios(machine, path) == {"cfa": (pytest.approx(0.5), 4)}
+    assert learned_costs.record(machine, [("cfa", 10.0, 16.0, "e/d")], path) == 1, "a new trial is still kept"
+    assert learned_costs.factors(machine, path)["cfa"].factor == pytest.approx(42 / 30)
+
+
+def test_a_tpe_plan_scales_its_draws_by_the_learnt_ratio_and_a_random_search_does_not(tmp_path: Path, monkeypatch):
+    from automl_ad.tuning.options import SearchOptions
+    from automl_ad.tuning.planning import preview_plan
+
+    monkeypatch.setenv("AUTOML_AD_CALIBRATION", str(tmp_path / "calibration.json"))
+    machine = learned_costs.machine_key("cpu", 1)
+    learned_costs.record(machine, [], draws=[("patchcore", 1.0, 4.0, f"e/t{i}") for i in range(4)])
+
+    def plan(searcher: str):
+        return preview_plan(SearchOptions(category="screw", budget="10m", methods=["patchcore"], searcher=searcher,
+                                          calibrate=False))
+
+    tpe, random = plan("tpe"), plan("random")
+    assert {e.draw_ratio for e in tpe.entries} == {0.25} and {e.draw_ratio for e in random.entries} == {1.0}
+    assert tpe.expected_trials > random.expected_trials
+    assert any("patchcore x0.25" in note for note in tpe.notes)
+    assert not any("drawn trials counted" in note for note in random.notes)
+
+
 def test_a_version_2_file_keeps_its_trials_as_one_ratio(tmp_path: Path):
     path = tmp_path / "learned.json"
     machine = learned_costs.machine_key("cpu", 1, host="box")

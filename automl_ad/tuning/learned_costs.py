@@ -26,7 +26,7 @@ their plan while those at 256 px cost 0.9-1.1, because the ratio also multiplied
 start-up of 6 s that a trial in a warm Ray worker does not pay. Each kept trial also
 carries the start-up its plan counted, and with enough trials of different sizes the
 method's cost is fitted as ``start-up + factor x work`` (least squares; PatchCore on the
-2-core VM: about 4 s + 1.8x). (2) Which configurations a search draws: the plan counts a
+2-core VM: 2.6 s + 1.88x after stop 37's searches). (2) Which configurations a search draws: the plan counts a
 drawn trial at the mean over random draws of the space, but TPE samples where the good
 trials were, nearer the defaults: PatchCore's drawn trials cost 0.5x that mean. The
 realized cost factor of every drawn (not warm-start) trial against the factor its plan
@@ -101,7 +101,12 @@ def _load(path: Path, section: str = "machines") -> dict[str, dict[str, list[lis
             or content.get("calibration_version") != CALIBRATION_VERSION):
         return {}
     found = content.get(section)
-    return found if isinstance(found, dict) else {}
+    if not isinstance(found, dict):
+        return {}
+    # a damaged part (hand-edited, another tool's) is left out, the rest kept
+    return {machine: {method: [row for row in rows if isinstance(row, list)]
+                      for method, rows in methods.items() if isinstance(rows, list)}
+            for machine, methods in found.items() if isinstance(methods, dict)}
 
 
 def cost_key(method: str, tiles: int = 1) -> str:
@@ -117,12 +122,25 @@ def factors(machine: str, path: Path | None = None) -> dict[str, LearnedCost]:
     recorded trials is left out (its plan keeps the calibrated cost)."""
     out = {}
     for method, seen in _load(Path(path or learned_path())).get(machine, {}).items():
-        usable = [(float(t[0]), float(t[1]), float(t[3]) if len(t) > 3 else 0.0)
-                  for t in seen if t[0] > 0 and t[1] > 0][-KEEP:]
+        usable = [(t[0], t[1], t[3] if len(t) > 3 else 0.0) for t in _positive_rows(seen)]
         if len(usable) < MIN_TRIALS:
             continue
         out[method] = _fit(usable)
     return out
+
+
+def _positive_rows(seen: list[list[Any]]) -> list[list[Any]]:
+    """The last ``KEEP`` rows ``[a, b, name, *numbers]`` with ``a`` and ``b`` positive,
+    numbers as floats; a damaged row (hand-edited, truncated) is passed over, not fatal."""
+    out = []
+    for row in seen:
+        try:
+            numbers = [float(v) for i, v in enumerate(row) if i != 2]
+        except (TypeError, ValueError):
+            continue
+        if len(numbers) >= 2 and numbers[0] > 0 and numbers[1] > 0:
+            out.append([numbers[0], numbers[1], row[2] if len(row) > 2 else "", *numbers[2:]])
+    return out[-KEEP:]
 
 
 def _fit(trials: Sequence[tuple[float, float, float]]) -> LearnedCost:
@@ -153,7 +171,7 @@ def draw_ratios(machine: str, path: Path | None = None) -> dict[str, tuple[float
     over the last ``KEEP`` drawn trials (at least ``MIN_DRAWS``), clamped to DRAW_RANGE."""
     out = {}
     for method, seen in _load(Path(path or learned_path()), "draws").get(machine, {}).items():
-        usable = [(float(t[0]), float(t[1])) for t in seen if t[0] > 0 and t[1] > 0][-KEEP:]
+        usable = [(t[0], t[1]) for t in _positive_rows(seen)]
         if len(usable) < MIN_DRAWS:
             continue
         ratio = sum(r for r, _ in usable) / sum(p for _, p in usable)
